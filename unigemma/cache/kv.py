@@ -1,0 +1,130 @@
+"""Preallocated KV cache: full layers sized to the request, sliding layers as ring buffers.
+
+Every layer's K/V live in a fixed buffer `[B, kv_heads, capacity, head_dim]`. A token at
+sequence index `i` is stored in slot `i % capacity`. Full layers get `capacity = max_len`, so
+they never wrap; sliding layers get `window - 1 + reserve` slots, so their memory is capped
+however long the conversation. `reserve` is how many tokens can be written in one step without
+a copy, and how many can be rolled back (`trim`) while every query still sees its whole window
+(speculative decoding rolls back rejected drafts).
+
+Bookkeeping is per layer *type* (all layers of a type are written identically): `slot_idx[s]`
+is the sequence index held by slot `s`, or -1. Masks are built from it (models/masks.py), so
+the attention never needs the ring in order. The cache knows nothing about the model's math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import FULL, SLIDING, TextConfig
+
+
+@dataclass
+class Step:
+    """What one forward of S new tokens does to the slots of one layer type."""
+
+    concat: bool  # attend over cat(old slots, new K/V): writing first would evict needed keys
+    new_idx: torch.Tensor  # [n] sequence indices of the last n = min(S, capacity) new tokens
+    write_slots: torch.Tensor  # [n] their slots (new_idx % capacity)
+    write_start: int | None  # first slot when they are contiguous (a plain slice write)
+    num_keys: int  # slots attended after writing (when not concat)
+    k_idx: torch.Tensor  # [K] sequence index of each attended key, -1 for an empty slot
+    k_valid: torch.Tensor  # [B, K] False for padding keys
+
+
+class KVCache:
+    def __init__(self, config: TextConfig, batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", reserve: int = 16):
+        self.config, self.batch, self.max_len = config, batch, max_len
+        self.length = 0  # tokens written so far (sequence index of the next token)
+        self.reserve = reserve
+        self.window = config.sliding_window
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # padding mask by index
+        self.capacity = {FULL: max_len, SLIDING: min(max_len, self.window - 1 + reserve)}
+        self.slot_idx = {t: torch.full((c,), -1, dtype=torch.long, device=device) for t, c in self.capacity.items()}
+        self.layers = []
+        for i, t in enumerate(config.layer_types):
+            shape = (batch, config.layer_kv_heads[i], self.capacity[t], config.layer_head_dims[i])
+            self.layers.append((torch.zeros(shape, dtype=dtype, device=device),
+                                torch.zeros(shape, dtype=dtype, device=device)))
+        self.steps: dict[str, Step] = {}
+        self._pending = 0
+
+    # -- one forward: begin → update per layer → end -------------------------------------
+    def begin(self, valid_new: torch.Tensor) -> dict[str, Step]:
+        """Plan writing S new tokens (valid_new [B, S]: False for left padding) for every type."""
+        S = valid_new.shape[1]
+        if self.length + S > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {self.length} used, {S} more requested")
+        start, device = self.length, valid_new.device
+        self.valid[:, start:start + S] = valid_new
+        self.steps, self._pending = {}, S
+        for t, cap in self.capacity.items():
+            n = min(S, cap)
+            first = start + S - n
+            new_idx = torch.arange(first, start + S, device=device)
+            contiguous = first // cap == (start + S - 1) // cap
+            # Writing first is safe unless the step overwrites a slot that the first new query
+            # still needs (its window reaches back window-1 tokens). Full layers never wrap.
+            concat = t == SLIDING and start + S > cap and S > cap - (self.window - 1)
+            slots = self.slot_idx[t]
+            if concat:
+                k_idx = torch.cat([slots, torch.arange(start, start + S, device=device)])
+                num_keys = cap
+            else:
+                num_keys = min(cap, start + S)
+                after = slots.clone()
+                after[new_idx % cap] = new_idx
+                k_idx = after[:num_keys]
+            k_valid = self.valid[:, k_idx.clamp(min=0)] & (k_idx >= 0)
+            self.steps[t] = Step(concat, new_idx, new_idx % cap, first % cap if contiguous else None,
+                                 num_keys, k_idx, k_valid)
+        return self.steps
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v [B, H, S, D] for `layer`; return the keys/values to attend."""
+        step = self.steps[self.config.layer_types[layer]]
+        ck, cv = self.layers[layer]
+        n = step.new_idx.shape[0]
+        if step.concat:
+            keys, values = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+        if step.write_start is not None:
+            ck[:, :, step.write_start:step.write_start + n] = k[:, :, -n:]
+            cv[:, :, step.write_start:step.write_start + n] = v[:, :, -n:]
+        else:
+            ck[:, :, step.write_slots] = k[:, :, -n:]
+            cv[:, :, step.write_slots] = v[:, :, -n:]
+        if step.concat:
+            return keys, values
+        return ck[:, :, :step.num_keys], cv[:, :, :step.num_keys]
+
+    def end(self) -> None:
+        """Commit the slot bookkeeping once every layer has written."""
+        for t, step in self.steps.items():
+            self.slot_idx[t][step.write_slots] = step.new_idx
+        self.length += self._pending
+        self.steps, self._pending = {}, 0
+
+    # -- rollback ----------------------------------------------------------------------
+    def can_trim(self, n: int) -> bool:
+        """A ring can give back at most `reserve` tokens and still hold a full window."""
+        if n > self.length:
+            return False
+        cap = self.capacity[SLIDING]
+        return self.length <= cap or n <= cap - (self.window - 1)
+
+    def trim(self, n: int) -> None:
+        """Forget the last n tokens (rejected speculative drafts)."""
+        if not self.can_trim(n):
+            raise ValueError(f"cannot roll back {n} tokens (length {self.length}, ring reserve {self.reserve})")
+        self.length -= n
+        for slots in self.slot_idx.values():
+            slots[slots >= self.length] = -1
+        self.valid[:, self.length:] = False
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """[B] RoPE position of the next token of each row: count of its real tokens so far."""
+        return self.valid[:, :self.length].sum(-1)

@@ -1,0 +1,21 @@
+"""The exceptions unigemma raises for bad input: each names what is wrong and where.
+
+Everything derives from `UnigemmaError`, so a caller (the CLI, the server) can catch
+one type and show the message; no user mistake should surface as a crash deep inside.
+"""
+
+
+class UnigemmaError(Exception):
+    """Base class of every error unigemma raises on purpose."""
+
+
+class ConfigError(UnigemmaError, ValueError):
+    """A model config is invalid, inconsistent or of an unknown type."""
+
+
+class CheckpointError(UnigemmaError):
+    """A checkpoint is missing, truncated, corrupt, or does not fit the model."""
+
+
+class InputError(UnigemmaError, ValueError):
+    """A request's inputs are malformed: media, messages, sizes, token counts."""

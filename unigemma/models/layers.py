@@ -1,0 +1,49 @@
+"""Shared primitives of the Gemma 4 text stack: RMSNorm, the gated GELU MLP, logit softcap.
+
+Numerics follow the reference exactly (spec §3.2): statistics in float32, the weight
+multiplies directly (no `1 + w` as in Gemma 2/3), the reciprocal root is a power.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in float32, cast back to x's dtype after the weight."""
+    x32 = x.float()
+    # a power, not rsqrt: the reference does this to match JAX bit for bit
+    y = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        y = y * weight.float()
+    return y.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    """down(gelu_tanh(gate(x)) * up(x)); gate and up are separate checkpoint tensors."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap), in x's dtype (the reference does not upcast the logits)."""
+    if cap is None:
+        return x
+    return torch.tanh(x / cap) * cap
