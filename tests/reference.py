@@ -79,7 +79,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
         elif name.endswith("bias"):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         elif "embed_tokens" in name or "pos_embedding" in name:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
         else:
             p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
 

@@ -32,5 +32,5 @@ def greedy_generate(model: Gemma4Unified, input_ids, attention_mask=None, max_ne
         done |= torch.isin(tok, stop)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        h = model(tok[:, None], cache.positions[:, None], cache=cache)
+        h = model(tok[:, None], cache.positions[:, None], cache=cache, require_media=False)
     return torch.stack(out, dim=1)

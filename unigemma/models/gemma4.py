@@ -73,8 +73,14 @@ class Gemma4Unified(nn.Module):
 
     # -- inputs → embeddings -----------------------------------------------------------
     def embed(self, input_ids, pixel_values=None, image_position_ids=None, input_features=None,
-              input_features_mask=None, pixel_values_videos=None, video_position_ids=None) -> torch.Tensor:
-        """Token ids [B, S] plus media → input embeddings [B, S, hidden] with soft tokens in place."""
+              input_features_mask=None, pixel_values_videos=None, video_position_ids=None,
+              require_media: bool = True) -> torch.Tensor:
+        """Token ids [B, S] plus media → input embeddings [B, S, hidden] with soft tokens in place.
+
+        require_media: a prompt's placeholders must come with their media. Generated tokens
+        may be placeholder ids (the model can emit them); those embed as the pad row, as in
+        the reference.
+        """
         c = self.config
         kinds = [("image", c.image_token_id, pixel_values), ("video", c.video_token_id, pixel_values_videos),
                  ("audio", c.audio_token_id, input_features)]
@@ -84,7 +90,7 @@ class Gemma4Unified(nn.Module):
         h = self.text.embed(torch.where(placeholder, c.text.pad_token_id, input_ids))
         for kind, _, media in kinds:
             if media is None:
-                if bool(slots[kind].any()):
+                if require_media and bool(slots[kind].any()):
                     raise InputError(f"the prompt has {int(slots[kind].sum())} {kind} placeholder tokens "
                                      f"but no {kind} inputs were given")
                 continue
@@ -138,14 +144,14 @@ class Gemma4Unified(nn.Module):
     # -- forward -----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, *, attention_mask=None,
                 mm_token_type_ids=None, cache: KVCache | None = None, block_mask: str | None = None,
-                **media) -> torch.Tensor:
+                require_media: bool = True, **media) -> torch.Tensor:
         """One forward over new tokens. Returns the final normed hidden states [B, S, hidden].
 
         positions [B, S]: RoPE positions. attention_mask [B, S] (new tokens only when a cache is
         given): 0 marks left padding. With a cache the new tokens are appended to it.
         """
         block_mask = block_mask or self.block_mask
-        h = self.embed(input_ids, **media)
+        h = self.embed(input_ids, require_media=require_media, **media)
         B, S = input_ids.shape
         valid = (torch.ones(B, S, dtype=torch.bool, device=h.device) if attention_mask is None
                  else attention_mask.to(h.device).bool())
