@@ -87,3 +87,23 @@ def test_ring_slots_hold_the_latest_window():
     assert cache.slot_idx[FULL][:10].tolist() == list(range(10))
     with pytest.raises(ValueError, match="holds 50 tokens"):
         cache.begin(torch.ones(1, 41, dtype=torch.bool))
+
+
+def test_failed_forward_marks_the_cache_unusable(ckpt_root, monkeypatch):
+    """A forward that dies mid-way (e.g. out of memory) leaves ring slots half overwritten:
+    the cache must refuse further use rather than attend over mixed K/V."""
+    shape = Shape(window=4, seed=13)
+    model = unigemma.load(write_checkpoint(shape, ckpt_root), dtype="float32")
+    cache = model.make_cache(1, 20)
+    ids = torch.randint(3, 900, (1, 6))
+    model(ids, torch.arange(6)[None], cache=cache)
+
+    def boom(*a, **k):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(model.text.layers[2], "forward", boom)
+    with pytest.raises(MemoryError):
+        model(ids[:, :1], torch.tensor([[6]]), cache=cache)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="start a new one"):
+        model(ids[:, :1], torch.tensor([[6]]), cache=cache)

@@ -51,11 +51,14 @@ class KVCache:
                                 torch.zeros(shape, dtype=dtype, device=device)))
         self.steps: dict[str, Step] = {}
         self._pending = 0
+        self.broken = False
 
     # -- one forward: begin → update per layer → end -------------------------------------
     def begin(self, valid_new: torch.Tensor) -> dict[str, Step]:
         """Plan writing S new tokens (valid_new [B, S]: False for left padding) for every type."""
         S = valid_new.shape[1]
+        if self.broken:
+            raise RuntimeError("this KV cache was left half-written by a failed forward; start a new one")
         if self.length + S > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; {self.length} used, {S} more requested")
         start, device = self.length, valid_new.device
@@ -106,6 +109,11 @@ class KVCache:
             self.slot_idx[t][step.write_slots] = step.new_idx
         self.length += self._pending
         self.steps, self._pending = {}, 0
+
+    def abort(self) -> None:
+        """A forward failed between begin() and end(): some layers may have overwritten ring
+        slots that the bookkeeping still lists, so the cache can no longer be trusted."""
+        self.steps, self._pending, self.broken = {}, 0, True
 
     # -- rollback ----------------------------------------------------------------------
     def can_trim(self, n: int) -> bool:

@@ -169,7 +169,7 @@ class Gemma4Unified(nn.Module):
         try:
             out = self.text(h, positions.to(h.device), masks, cache)
         except BaseException:
-            cache.steps = {}  # nothing committed: the cache is as it was before this call
+            cache.abort()
             raise
         cache.end()
         return out
