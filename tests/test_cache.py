@@ -31,7 +31,7 @@ def test_chunked_prefill_through_ring_equals_one_shot(ckpt_root, chunks, reserve
     g = torch.Generator().manual_seed(30)
     shape = Shape(window=6, seed=11)
     ids, _ = build_prompt(shape, [("text", 39)], g)
-    model = unigemma.load(write_checkpoint(shape, ckpt_root), dtype="float32")
+    model = unigemma.load_model(write_checkpoint(shape, ckpt_root), dtype="float32")
     got, cache = run_chunks(model, ids, chunks, reserve)
     assert cache.layers[0][0].shape[2] == 6 - 1 + reserve  # sliding memory capped at the window
     assert cache.layers[-1][0].shape[2] == 40  # full layers sized to the request
@@ -43,7 +43,7 @@ def test_image_block_inside_one_chunk_matches_one_shot(ckpt_root):
     shape = Shape(window=5, seed=12)
     pv, pos = patches([(2, 4)], 8, g)
     ids, types = build_prompt(shape, [("text", 7), ("image", 8), ("text", 9)], g)
-    model = unigemma.load(write_checkpoint(shape, ckpt_root), dtype="float32")
+    model = unigemma.load_model(write_checkpoint(shape, ckpt_root), dtype="float32")
     media = dict(pixel_values=pv, image_position_ids=pos)
     want = model.logits(ids, mm_token_type_ids=types, **media)
     # the chunk [0, 18) holds the whole image block (indices 9..16)
@@ -55,7 +55,7 @@ def test_trim_rolls_back_exactly(ckpt_root):
     g = torch.Generator().manual_seed(32)
     shape = Shape(window=4, seed=13)
     ids, _ = build_prompt(shape, [("text", 29)], g)
-    model = unigemma.load(write_checkpoint(shape, ckpt_root), dtype="float32")
+    model = unigemma.load_model(write_checkpoint(shape, ckpt_root), dtype="float32")
     cache = model.make_cache(1, 30, reserve=4)
     with torch.inference_mode():
         model(ids[:, :20], torch.arange(20)[None], cache=cache)
@@ -93,7 +93,7 @@ def test_failed_forward_marks_the_cache_unusable(ckpt_root, monkeypatch):
     """A forward that dies mid-way (e.g. out of memory) leaves ring slots half overwritten:
     the cache must refuse further use rather than attend over mixed K/V."""
     shape = Shape(window=4, seed=13)
-    model = unigemma.load(write_checkpoint(shape, ckpt_root), dtype="float32")
+    model = unigemma.load_model(write_checkpoint(shape, ckpt_root), dtype="float32")
     cache = model.make_cache(1, 20)
     ids = torch.randint(3, 900, (1, 6))
     model(ids, torch.arange(6)[None], cache=cache)

@@ -87,4 +87,4 @@ def test_invalid_config_fails_with_a_clear_message(mutate, message):
 def test_unreadable_config_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="config.json: not valid JSON"):
-        unigemma.load(tmp_path)
+        unigemma.load_model(tmp_path)

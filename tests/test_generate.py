@@ -26,7 +26,7 @@ def test_text_greedy_equals_transformers(ckpt_root):
     ids, _ = build_prompt(shape, [("text", 12)], g)  # 64 new tokens run far past the window
     path = write_checkpoint(shape, ckpt_root)
     want = hf_greedy(load_reference(path), ids)
-    got = greedy_generate(unigemma.load(path, dtype="float32"), ids, max_new_tokens=N, stop_ids=[])
+    got = greedy_generate(unigemma.load_model(path, dtype="float32"), ids, max_new_tokens=N, stop_ids=[])
     print(f"\n[generate] text: {int((want == got).all(-1).sum())}/1 rows equal; {want[0, :16].tolist()}")
     assert torch.equal(got, want)
     assert len(set(got[0].tolist())) > 3  # a real continuation, not one token repeated
@@ -43,7 +43,7 @@ def test_image_audio_greedy_equals_transformers(ckpt_root, block_mask, cache):
     media = dict(pixel_values=pv, image_position_ids=pos, input_features=feats, input_features_mask=fmask)
     path = write_checkpoint(shape, ckpt_root)
     want = hf_greedy(load_reference(path), ids, mm_token_type_ids=types, cache_implementation=cache, **media)
-    model = unigemma.load(path, dtype="float32", block_mask=block_mask)
+    model = unigemma.load_model(path, dtype="float32", block_mask=block_mask)
     got = greedy_generate(model, ids, max_new_tokens=N, stop_ids=[], mm_token_type_ids=types, **media)
     assert torch.equal(got, want)
 
@@ -64,7 +64,7 @@ def test_cached_decode_equals_full_recompute_past_the_window(ckpt_root):
     g = torch.Generator().manual_seed(22)
     shape = Shape(window=4, seed=9)
     ids, _ = build_prompt(shape, [("text", 6)], g)
-    model = unigemma.load(write_checkpoint(shape, ckpt_root), dtype="float32")
+    model = unigemma.load_model(write_checkpoint(shape, ckpt_root), dtype="float32")
     assert torch.equal(greedy_generate(model, ids, max_new_tokens=24, stop_ids=[]),
                        full_recompute_greedy(model, ids, 24))
 
@@ -72,7 +72,7 @@ def test_cached_decode_equals_full_recompute_past_the_window(ckpt_root):
 def test_left_padded_batch_generates_like_single_rows(ckpt_root):
     g = torch.Generator().manual_seed(23)
     shape = Shape(window=5, seed=7)
-    model = unigemma.load(write_checkpoint(shape, ckpt_root), dtype="float32")
+    model = unigemma.load_model(write_checkpoint(shape, ckpt_root), dtype="float32")
     rows = [build_prompt(shape, [("text", n)], g)[0][0] for n in (9, 4, 13)]
     L = max(len(r) for r in rows)
     ids, mask = torch.zeros(3, L, dtype=torch.long), torch.zeros(3, L, dtype=torch.long)
@@ -86,7 +86,7 @@ def test_left_padded_batch_generates_like_single_rows(ckpt_root):
 def test_stops_at_stop_id_and_pads_finished_rows(ckpt_root):
     g = torch.Generator().manual_seed(24)
     shape = Shape(seed=7)
-    model = unigemma.load(write_checkpoint(shape, ckpt_root), dtype="float32")
+    model = unigemma.load_model(write_checkpoint(shape, ckpt_root), dtype="float32")
     ids, _ = build_prompt(shape, [("text", 8)], g)
     free = greedy_generate(model, ids, max_new_tokens=12, stop_ids=[])
     stop = int(free[0, 5])

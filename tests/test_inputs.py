@@ -11,7 +11,7 @@ from unigemma.errors import InputError
 
 @pytest.fixture(scope="module")
 def model(ckpt_root):
-    return unigemma.load(write_checkpoint(Shape(), ckpt_root), dtype="float32")
+    return unigemma.load_model(write_checkpoint(Shape(), ckpt_root), dtype="float32")
 
 
 def test_placeholder_count_mismatch(model):
@@ -55,7 +55,7 @@ def test_ids(model):
 
 def test_media_for_a_text_only_checkpoint(ckpt_root):
     shape = Shape(vision=False, audio=False, layers=(S, F), seed=6)
-    text_only = unigemma.load(write_checkpoint(shape, ckpt_root), dtype="float32")
+    text_only = unigemma.load_model(write_checkpoint(shape, ckpt_root), dtype="float32")
     g = torch.Generator().manual_seed(42)
     pv, pos = patches([(1, 2)], 2, g)
     ids, types = build_prompt(shape, [("image", 2)], g)

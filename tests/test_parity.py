@@ -109,7 +109,7 @@ def test_block_mask_compositions_differ(ckpt_root):
     shape = Shape()
     pv, pos = patches([(2, 2)], 4, g)
     ids, types = build_prompt(shape, [("text", 3), ("image", 4), ("text", 3)], g)
-    model = unigemma.load(write_checkpoint(shape, ckpt_root), dtype="float32")
+    model = unigemma.load_model(write_checkpoint(shape, ckpt_root), dtype="float32")
     a = model.logits(ids, mm_token_type_ids=types, pixel_values=pv, image_position_ids=pos, block_mask="all")
     s = model.logits(ids, mm_token_type_ids=types, pixel_values=pv, image_position_ids=pos, block_mask="sliding")
     assert (a - s).abs().max() > 1e-3
@@ -166,7 +166,7 @@ def test_left_padded_batch(ckpt_root):
     report("left-padded batch of 3", diff)
     assert diff <= TOL
     # and each row equals the row run alone (RoPE is relative: only rounding differs)
-    model = unigemma.load(write_checkpoint(shape, ckpt_root), dtype="float32")
+    model = unigemma.load_model(write_checkpoint(shape, ckpt_root), dtype="float32")
     for i, r in enumerate(rows):
         alone = model.logits(r[None])[0]
         assert (alone - got[i, L - len(r):]).abs().max() < TOL

@@ -63,7 +63,7 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[leaf] = tensor
 
 
-def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: str = "sliding",
+def load_model(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: str = "sliding",
          progress: bool = False) -> Gemma4Unified:
     """Load a Gemma 4 unified checkpoint directory. dtype: float32 or bfloat16 (or float16)."""
     root = Path(path)
