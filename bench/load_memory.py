@@ -33,7 +33,7 @@ engine, path = sys.argv[1], sys.argv[2]
 import time; t = time.perf_counter()
 if engine == "unigemma":
     import unigemma
-    m = unigemma.load(path, dtype="bfloat16")
+    m = unigemma.load_model(path, dtype="bfloat16")
 else:
     import transformers
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

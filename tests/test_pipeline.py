@@ -95,7 +95,7 @@ def test_bad_requests_raise_input_error(checkpoint, tmp_path):
     hi = [{"role": "user", "content": "hi"}]
     with pytest.raises(InputError, match="non-empty"):
         gemma.chat([])
-    with pytest.raises(InputError, match="max_new_tokens"):
+    with pytest.raises(InputError, match="max_tokens"):
         gemma.chat(hi, max_new_tokens=0)
     with pytest.raises(InputError, match="one conversation"):
         gemma.chat([hi, hi])

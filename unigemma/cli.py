@@ -1,15 +1,15 @@
-"""Command line: `unigemma demo`, `unigemma chat` and `unigemma generate`.
+"""Command line: `unigemma demo | run | chat | generate`.
 
-`demo` needs no model download: it writes a small checkpoint with random weights, the real
-262,144-token vocabulary and the real on-disk layout, loads it through the loader a released
-checkpoint uses, and answers a multimodal chat (a picture, a tone and a question) with it.
-Random weights make the answer gibberish; every step on the way is the real one.
+`run` answers one message and streams it; `chat` is an interactive session that keeps the
+history (and its KV cache, so a turn prefills only the new message). Without `--model` both use
+the demo checkpoint: small, random weights, the real 262,144-token vocabulary and the real
+on-disk layout, written on first use (no model download). Random weights make its answers
+gibberish; every step on the way to them is the real one.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -33,13 +33,139 @@ DEMO_CONFIG = {
                       "mm_posemb_size": 1120},
     "audio_config": {"model_type": "gemma4_unified_audio", "audio_embed_dim": 640},
 }
+HELP = """commands: /image PATH, /audio PATH, /video PATH (attach to your next message),
+          /think (toggle thinking), /reset (forget the conversation), /quit"""
 
 
-def _ids(text: str) -> torch.Tensor:
-    try:
-        return torch.tensor([[int(x) for x in text.replace(",", " ").split()]])
-    except ValueError:
-        raise UnigemmaError(f"--ids must be whitespace- or comma-separated integers, got {text!r}") from None
+def demo_checkpoint(directory: str | None = None) -> Path:
+    from .weights.save import random_checkpoint
+
+    root = Path(directory) if directory else Path(tempfile.gettempdir()) / "unigemma-demo"
+    if not (root / "config.json").exists():
+        print(f"writing a random {DEMO_CONFIG['text_config']['num_hidden_layers']}-layer checkpoint with the "
+              f"real vocabulary and layout to {root}", file=sys.stderr)
+        random_checkpoint(DEMO_CONFIG, root, seed=0)
+    return root
+
+
+def load_for(args):
+    from .pipeline import load
+    from .vocab import gemma4_vocab_gguf
+
+    if args.model:
+        return load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, progress=True)
+    print("no --model: using the demo checkpoint (random weights: expect gibberish)", file=sys.stderr)
+    return load(demo_checkpoint(getattr(args, "dir", None)), dtype=args.dtype,
+                tokenizer=args.tokenizer or gemma4_vocab_gguf(), progress=True)
+
+
+def sampling_params(args):
+    from .generate.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=tuple(args.stop or ()))
+
+
+def _parts(images, audios, videos, text) -> list[dict]:
+    media = [("image", images), ("audio", audios), ("video", videos)]
+    return [{"type": kind, kind: src} for kind, sources in media for src in sources or []] + [
+        {"type": "text", "text": text}]
+
+
+def stream_reply(gemma, messages, args, session=None) -> str:
+    """Print a reply as it is generated; return its content (for the history)."""
+    thinking, content = False, ""
+    t0 = time.perf_counter()
+    for delta in gemma.stream(messages, params=sampling_params(args), enable_thinking=args.think,
+                              image_budget=args.image_budget, session=session):
+        if delta.reasoning:
+            if not thinking:
+                print("[thinking] ", end="")
+                thinking = True
+            print(delta.reasoning, end="", flush=True)
+        if delta.content:
+            if thinking:
+                print("\n[answer] ", end="")
+                thinking = False
+            print(delta.content, end="", flush=True)
+            content += delta.content
+        for call in delta.tool_calls:
+            print(f"\n[tool call] {call['function']['name']}({call['function']['arguments']})", end="")
+        if delta.timings:
+            t = delta.timings
+            print(f"\n({t.prompt_tokens} prompt tokens, {t.cached_tokens} cached; first token after {t.ttft_s:.2f} s; "
+                  f"{t.completion_tokens} tokens at {t.decode_tokens_per_s:.1f} tok/s; finish: {delta.finish_reason}; "
+                  f"{time.perf_counter() - t0:.2f} s)", file=sys.stderr)
+    return content
+
+
+def cmd_run(args) -> None:
+    gemma = load_for(args)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": _parts(args.image, args.audio, args.video, args.prompt)}]
+    stream_reply(gemma, messages, args)
+
+
+def cmd_demo(args) -> None:
+    from .vocab import gemma4_vocab_gguf
+
+    root = demo_checkpoint(args.dir)
+    args.model, args.tokenizer = str(root), str(gemma4_vocab_gguf())
+    import soundfile
+    from PIL import Image
+
+    y, x = np.mgrid[0:240, 0:320]
+    rgb = np.stack([x * 255 // 319, y * 255 // 239, np.full_like(x, 96)], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(root / "demo.png")
+    soundfile.write(root / "demo.wav", 0.3 * np.sin(2 * np.pi * 440 * np.arange(44100) / 44100), 44100)
+    args.image, args.audio, args.video, args.system = [str(root / "demo.png")], [str(root / "demo.wav")], [], None
+    print(f"user: [image {root / 'demo.png'}] [audio {root / 'demo.wav'}] {args.prompt}\n"
+          "(random weights: the reply below is gibberish; the path to it is real)", file=sys.stderr)
+    cmd_run(args)
+
+
+def cmd_chat(args) -> None:
+    gemma = load_for(args)
+    session, history, pending = gemma.session(), [], {"image": [], "audio": [], "video": []}
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    print(HELP, file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line:
+            continue
+        word, _, rest = line.partition(" ")
+        if word in ("/quit", "/exit"):
+            return
+        if word == "/reset":
+            session, history = gemma.session(), history[:1] if args.system else []
+            print("(conversation cleared)", file=sys.stderr)
+        elif word == "/think":
+            args.think = not args.think
+            print(f"(thinking {'on' if args.think else 'off'})", file=sys.stderr)
+        elif word in ("/image", "/audio", "/video"):
+            if not Path(rest).is_file():
+                print(f"(no such file: {rest!r})", file=sys.stderr)
+            else:
+                pending[word[1:]].append(rest)
+                print(f"({word[1:]} attached to your next message)", file=sys.stderr)
+        elif word.startswith("/"):
+            print(HELP, file=sys.stderr)
+        else:
+            message = {"role": "user", "content": _parts(pending["image"], pending["audio"], pending["video"], line)}
+            try:
+                print("gemma> ", end="")
+                reply = stream_reply(gemma, history + [message], args, session)
+            except UnigemmaError as e:
+                print(f"\nerror: {e}", file=sys.stderr)
+                continue
+            history += [message, {"role": "assistant", "content": reply}]
+            pending = {"image": [], "audio": [], "video": []}
 
 
 def cmd_generate(args) -> None:
@@ -49,99 +175,61 @@ def cmd_generate(args) -> None:
     t0 = time.perf_counter()
     model = load_model(args.model, dtype=args.dtype, progress=True)
     t1 = time.perf_counter()
-    ids = _ids(args.ids)
-    out = greedy_generate(model, ids, max_new_tokens=args.max_new_tokens)
-    t2 = time.perf_counter()
-    print(f"prompt ids: {ids[0].tolist()}")
-    print(f"greedy ids: {out[0].tolist()}")
-    print(f"loaded in {t1 - t0:.2f} s; generated {out.shape[1]} tokens in {t2 - t1:.2f} s", file=sys.stderr)
-
-
-def _user_message(args) -> dict:
-    parts = [{"type": kind, kind: src} for kind in ("image", "audio", "video") for src in getattr(args, kind, None) or []]
-    return {"role": "user", "content": parts + [{"type": "text", "text": args.prompt}]}
-
-
-def _show(gemma, messages, args) -> None:
-    t0 = time.perf_counter()
-    reply = gemma.chat(messages, enable_thinking=args.think, max_new_tokens=args.max_new_tokens,
-                       image_budget=args.image_budget)
-    dt = time.perf_counter() - t0
-    if reply.reasoning:
-        print(f"[thinking] {reply.reasoning}")
-    print(reply.content)
-    for call in reply.tool_calls:
-        print(f"[tool call] {call['function']['name']}({call['function']['arguments']})")
-    print(f"({reply.prompt_tokens} prompt tokens, {reply.completion_tokens} generated in {dt:.2f} s, "
-          f"finish: {reply.finish_reason})", file=sys.stderr)
-
-
-def cmd_chat(args) -> None:
-    from .pipeline import load
-
-    gemma = load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, progress=True)
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [_user_message(args)]
-    _show(gemma, messages, args)
-
-
-def _demo_media(root: Path) -> tuple[Path, Path]:
-    """A 320×240 picture and a one-second 440 Hz tone, written as ordinary files."""
-    import soundfile
-    from PIL import Image
-
-    y, x = np.mgrid[0:240, 0:320]
-    rgb = np.stack([x * 255 // 319, y * 255 // 239, np.full_like(x, 96)], -1).astype(np.uint8)
-    Image.fromarray(rgb).save(root / "demo.png")
-    soundfile.write(root / "demo.wav", 0.3 * np.sin(2 * np.pi * 440 * np.arange(44100) / 44100), 44100)
-    return root / "demo.png", root / "demo.wav"
-
-
-def cmd_demo(args) -> None:
-    from .pipeline import load
-    from .vocab import gemma4_vocab_gguf
-    from .weights.save import random_checkpoint
-
-    root = Path(args.dir or tempfile.mkdtemp(prefix="unigemma-demo-"))
-    if not (root / "config.json").exists():
-        print(f"writing a random {DEMO_CONFIG['text_config']['num_hidden_layers']}-layer checkpoint with the "
-              f"real vocabulary and layout to {root}", file=sys.stderr)
-        random_checkpoint(DEMO_CONFIG, root, seed=0)
-    gemma = load(root, dtype=args.dtype, tokenizer=gemma4_vocab_gguf(), progress=True)
-    image, audio = _demo_media(root)
-    args.image, args.audio = [str(image)], [str(audio)]
-    messages = [_user_message(args)]
-    shown = json.dumps(messages, ensure_ascii=False)
-    print(f"messages: {shown}\n(random weights: the reply below is gibberish; the path to it is real)\n",
+    try:
+        ids = torch.tensor([[int(x) for x in args.ids.replace(",", " ").split()]])
+    except ValueError:
+        raise UnigemmaError(f"--ids must be whitespace- or comma-separated integers, got {args.ids!r}") from None
+    out = greedy_generate(model, ids, max_new_tokens=args.max_tokens)
+    print(f"prompt ids: {ids[0].tolist()}\ngreedy ids: {out[0].tolist()}")
+    print(f"loaded in {t1 - t0:.2f} s; generated {out.shape[1]} tokens in {time.perf_counter() - t1:.2f} s",
           file=sys.stderr)
-    _show(gemma, messages, args)
+
+
+def _model_flags(p, model_required=False) -> None:
+    p.add_argument("--model", required=model_required, help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
+
+
+def _chat_flags(p) -> None:
+    p.add_argument("--tokenizer", help="tokenizer directory or .gguf (default: the checkpoint's)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--think", action="store_true", help="enable thinking")
+    p.add_argument("--image-budget", type=int, default=280, choices=[70, 140, 280, 560, 1120], help="soft tokens per image")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=64, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="unigemma", description="Run Gemma 4 unified models.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="random small checkpoint with the real vocabulary → multimodal chat (no download)")
-    d.add_argument("--dir", help="where to write the demo checkpoint (default: a temporary directory)")
+    d = sub.add_parser("demo", help="random small checkpoint with the real vocabulary → multimodal answer (no download)")
+    d.add_argument("--dir", help="where to write the demo checkpoint")
     d.add_argument("prompt", nargs="?", default="What do you see and hear?")
-    c = sub.add_parser("chat", help="answer one message, with optional images, audio and video")
-    c.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
-    c.add_argument("--tokenizer", help="tokenizer directory or .gguf (default: the checkpoint's)")
-    c.add_argument("--system", help="system prompt")
+    r = sub.add_parser("run", help="answer one message (streamed), with optional images, audio and video")
     for kind in ("image", "audio", "video"):
-        c.add_argument(f"--{kind}", action="append", help=f"{kind} file (repeatable)")
-    c.add_argument("prompt")
-    for s in (d, c):
-        s.add_argument("--think", action="store_true", help="enable thinking")
-        s.add_argument("--image-budget", type=int, default=280, choices=[70, 140, 280, 560, 1120],
-                       help="soft tokens per image")
+        r.add_argument(f"--{kind}", action="append", help=f"{kind} file (repeatable)")
+    r.add_argument("prompt")
+    c = sub.add_parser("chat", help="interactive chat with history; /image, /audio, /video attach files")
+    for s in (d, r, c):
+        _model_flags(s)
+        _chat_flags(s)
+    d.set_defaults(max_tokens=24)
     g = sub.add_parser("generate", help="greedy continuation of token ids")
-    g.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
+    _model_flags(g, model_required=True)
     g.add_argument("--ids", default="2 818 5279 529 7001 563", help="prompt token ids")
-    for s in (d, c, g):
-        s.add_argument("--max-new-tokens", type=int, default=24)
-        s.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    g.add_argument("--max-tokens", type=int, default=24)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
-        {"generate": cmd_generate, "demo": cmd_demo, "chat": cmd_chat}[args.cmd](args)
+        {"generate": cmd_generate, "demo": cmd_demo, "run": cmd_run, "chat": cmd_chat}[args.cmd](args)
     except UnigemmaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,25 +5,28 @@
         {"type": "image", "image": "cat.jpg"}, {"type": "text", "text": "What is this?"}]}])
     reply.content, reply.reasoning, reply.tool_calls
 
-Messages are OpenAI-style (text, image, audio, video parts; tools and tool results). Decoding
-is the slow greedy oracle (`generate/greedy.py`) until the engine lands. `gemma.logits(...)`
-is the model's reference forward, unchanged, and `gemma.model` the bare `Gemma4Unified`.
+Messages are OpenAI-style (text, image, audio, video parts; tools and tool results). Generation
+runs on `generate/engine.py` (`stream` for deltas; a `session()` keeps a chat's KV cache between
+turns). `gemma.logits(...)` is the model's reference forward, unchanged, and `gemma.model` the
+bare `Gemma4Unified`.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from .errors import CheckpointError, InputError
-from .generate.greedy import greedy_generate
+from .generate.engine import Delta, Engine, Session, Timings
+from .generate.sampling import SamplingParams
 from .models.gemma4 import Gemma4Unified
 from .processing.chat import Processor
-from .processing.parse import ToolCallError, parse_output
+from .processing.parse import ToolCallError
 from .processing.tokenizer import Tokenizer
 from .weights.loader import load_model
 
@@ -39,6 +42,7 @@ class ChatReply:
     completion_tokens: int
     token_ids: list[int] = field(repr=False)
     errors: list[ToolCallError] = field(default_factory=list)  # tool calls that did not parse
+    timings: Timings | None = field(default=None, repr=False)
 
 
 def load_tokenizer(source: str | os.PathLike | Tokenizer) -> Tokenizer:
@@ -60,14 +64,24 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
     model = load_model(path, dtype=dtype, device=device, block_mask=block_mask, progress=progress)
     if tokenizer is None and (Path(path) / "tokenizer.json").is_file():
         tokenizer = path
-    return Gemma(model, load_tokenizer(tokenizer) if tokenizer is not None else None)
+    gen = Path(path) / "generation_config.json"
+    defaults = None
+    if gen.is_file():
+        try:
+            defaults = SamplingParams.from_generation_config(json.loads(gen.read_text()))
+        except ValueError as e:  # json errors; InputError is a ValueError too
+            raise CheckpointError(f"{gen}: {e}") from e
+    return Gemma(model, load_tokenizer(tokenizer) if tokenizer is not None else None, defaults)
 
 
 class Gemma:
     """A loaded model with its tokenizer: messages in, text out."""
 
-    def __init__(self, model: Gemma4Unified, tokenizer: Tokenizer | None = None):
+    def __init__(self, model: Gemma4Unified, tokenizer: Tokenizer | None = None,
+                 default_params: SamplingParams | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.default_params = default_params or SamplingParams(temperature=0.0)
+        self._engine: Engine | None = None
         if tokenizer is not None and tokenizer.vocab_size > model.config.text.vocab_size:
             raise CheckpointError(f"the tokenizer ({tokenizer.name}) has {tokenizer.vocab_size} tokens but the "
                                   f"model's vocabulary has {model.config.text.vocab_size}")
@@ -91,27 +105,43 @@ class Gemma:
         """The model inputs for a conversation: what the reference processor returns."""
         return self.processor(image_budget)(messages, tools=tools, enable_thinking=enable_thinking)
 
-    def chat(self, messages: list[dict], *, tools: list[dict] | None = None, enable_thinking: bool = False,
-             max_new_tokens: int = 256, image_budget: int = 280) -> ChatReply:
-        """Greedy reply to one conversation."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            if self.tokenizer is None:
+                self.processor()  # raises the "no tokenizer" error
+            self._engine = Engine(self.model, self.tokenizer)
+        return self._engine
+
+    def session(self) -> Session:
+        """A chat whose KV cache carries over between turns: pass it to each `chat`/`stream` call."""
+        return self.engine.session()
+
+    def _prepare(self, messages, tools, enable_thinking, image_budget) -> dict:
         if messages and isinstance(messages, (list, tuple)) and isinstance(messages[0], (list, tuple)):
             raise InputError("chat takes one conversation (a list of messages), not a batch of them")
         inputs = self.inputs(messages, tools=tools, enable_thinking=enable_thinking, image_budget=image_budget)
-        n_prompt = inputs["input_ids"].shape[1]
-        context = self.config.text.max_position_embeddings
-        if n_prompt >= context:
-            raise InputError(f"the prompt is {n_prompt} tokens; the model's context is {context} tokens")
-        max_new_tokens = min(max_new_tokens, context - n_prompt)
         inputs.pop("num_frames_per_video", None)  # frames are embedded one by one: the flat list is enough
-        stop = set(self.tokenizer.eos_ids) | set(self.config.stop_token_ids)
-        ids = greedy_generate(self.model, inputs.pop("input_ids"), max_new_tokens=max_new_tokens,
-                              stop_ids=sorted(stop), **inputs)[0].tolist()
-        stopped = bool(ids) and ids[-1] in stop
-        text = self.tokenizer.decode(ids[:-1] if stopped else ids)
-        parsed = parse_output(text)
-        finish = "tool_calls" if parsed.tool_calls else ("stop" if stopped else "length")
-        return ChatReply(content=parsed.content, reasoning=parsed.reasoning, tool_calls=parsed.tool_calls,
-                         finish_reason=finish, prompt_tokens=n_prompt, completion_tokens=len(ids), token_ids=ids,
-                         errors=parsed.errors)
+        return inputs
+
+    def stream(self, messages: list[dict], *, tools: list[dict] | None = None, enable_thinking: bool = False,
+               image_budget: int = 280, params: SamplingParams | None = None,
+               session: Session | None = None) -> Iterator[Delta]:
+        """Reply deltas (content, reasoning, tool calls); the last carries finish_reason and timings."""
+        inputs = self._prepare(messages, tools, enable_thinking, image_budget)
+        return self.engine.stream(inputs, params or self.default_params, session)
+
+    def chat(self, messages: list[dict], *, tools: list[dict] | None = None, enable_thinking: bool = False,
+             max_new_tokens: int | None = None, image_budget: int = 280, params: SamplingParams | None = None,
+             session: Session | None = None) -> ChatReply:
+        """The whole reply to one conversation. Sampling follows the checkpoint's
+        generation_config.json unless `params` says otherwise (greedy when it has none)."""
+        params = params or self.default_params
+        if max_new_tokens is not None:
+            params = replace(params, max_tokens=max_new_tokens)
+        inputs = self._prepare(messages, tools, enable_thinking, image_budget)
+        done = self.engine.generate(inputs, params, session)
+        return ChatReply(content=done.content, reasoning=done.reasoning, tool_calls=done.tool_calls,
+                         finish_reason=done.finish_reason, prompt_tokens=done.timings.prompt_tokens,
+                         completion_tokens=len(done.token_ids), token_ids=done.token_ids, errors=done.errors,
+                         timings=done.timings)

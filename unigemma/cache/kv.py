@@ -115,6 +115,31 @@ class KVCache:
         slots that the bookkeeping still lists, so the cache can no longer be trusted."""
         self.steps, self._pending, self.broken = {}, 0, True
 
+    def grow(self, max_len: int) -> None:
+        """Make room for `max_len` tokens in all (a chat's next turn), keeping what is cached."""
+        if max_len <= self.max_len:
+            return
+        valid = torch.zeros(self.batch, max_len, dtype=torch.bool, device=self.valid.device)
+        valid[:, :self.max_len] = self.valid
+        capacity = {FULL: max_len, SLIDING: min(max_len, self.window - 1 + self.reserve)}
+        for i, t in enumerate(self.config.layer_types):
+            old = self.capacity[t]
+            if capacity[t] != old:
+                # A capacity only changes while it was >= the length (no slot has wrapped), so
+                # slot s still holds token s in the bigger buffer.
+                grown = []
+                for buf in self.layers[i]:
+                    new = buf.new_zeros(*buf.shape[:2], capacity[t], buf.shape[3])
+                    new[:, :, :old] = buf
+                    grown.append(new)
+                self.layers[i] = tuple(grown)
+        for t in self.slot_idx:
+            if capacity[t] != self.capacity[t]:
+                slots = torch.full((capacity[t],), -1, dtype=torch.long, device=self.valid.device)
+                slots[:self.capacity[t]] = self.slot_idx[t]
+                self.slot_idx[t] = slots
+        self.capacity, self.valid, self.max_len = capacity, valid, max_len
+
     # -- rollback ----------------------------------------------------------------------
     def can_trim(self, n: int) -> bool:
         """A ring can give back at most `reserve` tokens and still hold a full window."""

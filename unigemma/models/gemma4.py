@@ -144,14 +144,16 @@ class Gemma4Unified(nn.Module):
     # -- forward -----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, *, attention_mask=None,
                 mm_token_type_ids=None, cache: KVCache | None = None, block_mask: str | None = None,
-                require_media: bool = True, **media) -> torch.Tensor:
+                require_media: bool = True, embeds: torch.Tensor | None = None, **media) -> torch.Tensor:
         """One forward over new tokens. Returns the final normed hidden states [B, S, hidden].
 
         positions [B, S]: RoPE positions. attention_mask [B, S] (new tokens only when a cache is
         given): 0 marks left padding. With a cache the new tokens are appended to it.
+        embeds: precomputed input embeddings of these tokens (`embed`), e.g. a slice of a
+        prompt embedded once and prefilled in chunks; media are then not needed.
         """
         block_mask = block_mask or self.block_mask
-        h = self.embed(input_ids, require_media=require_media, **media)
+        h = embeds if embeds is not None else self.embed(input_ids, require_media=require_media, **media)
         B, S = input_ids.shape
         valid = (torch.ones(B, S, dtype=torch.bool, device=h.device) if attention_mask is None
                  else attention_mask.to(h.device).bool())

@@ -1,0 +1,401 @@
+"""Sampling: per-request parameters and a batched sampler that stays on the device.
+
+    sampler = Sampler([SamplingParams(temperature=0.7, seed=1), SamplingParams(temperature=0)],
+                      vocab_size, device, eos_ids=[1, 106])
+    sampler.observe_prompt(0, prompt0); sampler.observe_prompt(1, prompt1)
+    out = sampler.sample(logits)      # [B, V] -> out.tokens [B]
+    sampler.observe(out.tokens)       # before the next step: penalties and min_tokens count it
+
+`sample` never reads a tensor back to the host (no .item(), .tolist(), or branches on tensor
+values): every choice it makes on the host comes from the requests' parameters, so it can sit
+inside a decode step without a sync (it is not made for CUDA-graph capture: each sampled row
+draws its noise from its own generator, one small kernel per row). Per step it applies, in order:
+suppress_tokens and min_tokens' stop-id mask -> repetition/presence/frequency penalties ->
+temperature -> top-k -> top-p -> min-p -> one draw per row.
+
+Logprobs are "processed-before-temperature": log_softmax of the logits after the masks and
+penalties, before temperature and truncation. That is what the model scores under the
+request's hard constraints; temperature and top-k/p/min-p only shape the draw (applying them
+would make most alternatives -inf and the numbers depend on T). With no penalties or masks they
+are the model's raw log-probabilities.
+
+Continuous batching: row r of the sampler is row r of the decode batch. `add(params,
+prompt_ids)` appends a row and returns its index; `remove(row)` drops one and shifts the rows
+after it down by one, as `batch[keep]` does to the KV cache. Both run between steps; per-row
+state on the device (step counts, token counts, masks) is concatenated or indexed, the small
+parameter tensors are rebuilt from the host list.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
+
+import torch
+
+from ..errors import InputError
+
+__all__ = ["SamplingParams", "SampleOutput", "Sampler", "apply_penalties", "apply_temperature",
+           "apply_top_k", "apply_top_p", "apply_min_p"]
+
+NEG_INF = float("-inf")
+# Below this temperature logits / T can overflow float32; such a row is greedy in all but name.
+MIN_TEMPERATURE = 1e-5
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+# --- per-request parameters --------------------------------------------------------------
+def _int(name, v, lo=None, hi=None):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise InputError(f"{name} must be an int, got {v!r}")
+    v = int(v)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise InputError(f"{name} must be in [{lo}, {'inf' if hi is None else hi}], got {v}")
+    return v
+
+
+def _float(name, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise InputError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _seq(name, v, kind):
+    """A list/tuple of ints or of strings, as a tuple (a lone string counts as one stop string)."""
+    if kind is str and isinstance(v, str):
+        v = (v,)
+    if not isinstance(v, (list, tuple)):
+        raise InputError(f"{name} must be a list of {kind.__name__}, got {v!r}")
+    if kind is int:
+        return tuple(_int(f"{name}[{i}]", x, lo=0) for i, x in enumerate(v))
+    for i, x in enumerate(v):
+        if not isinstance(x, str) or not x:
+            raise InputError(f"{name}[{i}] must be a non-empty string, got {x!r}")
+    return tuple(v)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples. Validated on construction: bad values raise InputError."""
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0: greedy (argmax); the seed is then ignored
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # in (0, 1]; 1: off
+    min_p: float = 0.0  # in [0, 1], relative to the most likely token's probability; 0: off
+    repetition_penalty: float = 1.0  # > 0, CTRL/HF style over prompt + output tokens; 1: off
+    presence_penalty: float = 0.0  # [-2, 2], OpenAI style over output tokens
+    frequency_penalty: float = 0.0  # [-2, 2], OpenAI style over output tokens
+    seed: int | None = None  # None: a fresh nondeterministic generator
+    stop: tuple[str, ...] = ()  # stop strings (not part of the output)
+    stop_token_ids: tuple[int, ...] = ()  # stop ids on top of the model's eos ids
+    ignore_eos: bool = False  # the model's eos ids do not stop (stop_token_ids still do)
+    suppress_tokens: tuple[int, ...] = ()  # never sampled
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token, 0..20; needs logprobs
+    min_tokens: int = 0  # stop ids cannot be sampled before this many tokens
+
+    def __post_init__(self):
+        put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise in place)
+        put("max_tokens", _int("max_tokens", self.max_tokens, lo=1))
+        put("min_tokens", _int("min_tokens", self.min_tokens, lo=0, hi=self.max_tokens))
+        put("top_k", _int("top_k", self.top_k, lo=0))
+        put("top_logprobs", _int("top_logprobs", self.top_logprobs, lo=0, hi=MAX_TOP_LOGPROBS))
+        for name, ok, rule in (("temperature", lambda v: v >= 0, ">= 0"),
+                               ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+                               ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
+                               ("repetition_penalty", lambda v: v > 0, "> 0"),
+                               ("presence_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]"),
+                               ("frequency_penalty", lambda v: -2 <= v <= 2, "in [-2, 2]")):
+            v = _float(name, getattr(self, name))
+            if not ok(v):
+                raise InputError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+            put(name, v)
+        if self.seed is not None:
+            put("seed", _int("seed", self.seed, lo=0, hi=2**64 - 1))
+        for name in ("logprobs", "ignore_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.top_logprobs and not self.logprobs:
+            raise InputError(f"top_logprobs={self.top_logprobs} needs logprobs=True")
+        put("stop", _seq("stop", self.stop, str))
+        put("stop_token_ids", _seq("stop_token_ids", self.stop_token_ids, int))
+        put("suppress_tokens", _seq("suppress_tokens", self.suppress_tokens, int))
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @classmethod
+    def from_generation_config(cls, d: dict, **overrides) -> "SamplingParams":
+        """Params from a checkpoint's generation_config.json; `overrides` win. As in
+        transformers, do_sample absent or false means greedy; keys absent take this class's
+        defaults (not transformers' implicit top_k=50)."""
+        if not isinstance(d, dict):
+            raise InputError(f"generation config must be a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise InputError(f"unknown sampling parameter {unknown[0]!r}")
+        kw = {}
+        for key, name in (("temperature", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"),
+                          ("min_p", "min_p"), ("repetition_penalty", "repetition_penalty"),
+                          ("max_new_tokens", "max_tokens"), ("min_new_tokens", "min_tokens")):
+            if d.get(key) is not None:
+                kw[name] = d[key]
+        if not d.get("do_sample", False):
+            kw["temperature"] = 0.0
+        if d.get("suppress_tokens"):
+            kw["suppress_tokens"] = tuple(d["suppress_tokens"])
+        eos = d.get("eos_token_id")
+        if eos is not None and not overrides.get("ignore_eos", False):
+            kw["stop_token_ids"] = (eos,) if isinstance(eos, numbers.Integral) else tuple(eos)
+        return cls(**{**kw, **overrides})
+
+
+# --- pure helpers on [B, V] float32 logits, per-row parameters as [B] tensors ---------------
+def apply_penalties(logits, counts, seen, repetition, presence, frequency):
+    """Repetition (CTRL/HF: divide positive, multiply negative logits of every token `seen` in
+    the prompt or the output) then OpenAI presence/frequency over output `counts` [B, V]."""
+    rep = repetition[:, None]
+    seen = seen | (counts > 0)
+    x = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    c = counts.to(x.dtype)
+    return x - frequency[:, None] * c - presence[:, None] * (c > 0).to(x.dtype)
+
+
+def apply_temperature(logits, temperature):
+    """Divide by T; rows at T == 0 (greedy, decided elsewhere) are left unscaled."""
+    t = torch.where(temperature > 0, temperature.clamp(min=MIN_TEMPERATURE), 1.0)
+    return logits / t[:, None]
+
+
+def apply_top_k(logits, k, max_k: int | None = None):
+    """Keep each row's k largest logits (ties with the k-th are kept too); k <= 0 keeps all.
+    max_k: a known bound on k (every row on): a top-k of that size replaces the full sort."""
+    V = logits.shape[-1]
+    k = torch.where(k <= 0, V, k).clamp(max=V)
+    if max_k is not None and 0 < max_k < V:
+        ranked = logits.topk(max_k, dim=-1).values
+        k = k.clamp(max=max_k)
+    else:
+        ranked = logits.sort(dim=-1, descending=True).values
+    kth = ranked.gather(1, (k - 1)[:, None])
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def apply_top_p(logits, p):
+    """Keep the smallest set of most likely tokens whose probability reaches p (the nucleus);
+    the most likely token always stays, and p >= 1 keeps everything."""
+    ranked, order = logits.sort(dim=-1, descending=True)
+    probs = ranked.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass strictly above each token
+    drop = (before >= p[:, None]) & (p < 1)[:, None]  # p == 1 must not lose to rounding
+    drop[:, 0] = False
+    return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), NEG_INF)
+
+
+def apply_min_p(logits, min_p):
+    """Drop tokens whose probability is below min_p times the row's largest probability."""
+    probs = logits.softmax(-1)
+    floor = probs.amax(-1, keepdim=True) * min_p[:, None]
+    return logits.masked_fill(probs < floor, NEG_INF)
+
+
+# --- the sampler ------------------------------------------------------------------------
+@dataclass
+class SampleOutput:
+    """One step's draw. logprobs/top_* are None when no row asked for logprobs; top_* hold
+    the batch's largest top_logprobs columns (rows asking fewer use a prefix)."""
+    tokens: torch.Tensor  # [B] long
+    logprobs: torch.Tensor | None = None  # [B] float32, of the sampled token
+    top_ids: torch.Tensor | None = None  # [B, K] long, most likely first
+    top_logprobs: torch.Tensor | None = None  # [B, K] float32
+    wants: tuple = ()  # per row: None (no logprobs) or how many alternatives it asked for
+
+    def host_logprobs(self) -> list[dict | None]:
+        """Per row {"token_id", "logprob", "top": [(id, logprob)]}, or None: one host sync."""
+        if self.logprobs is None:
+            return [None] * len(self.wants)
+        tokens, lps = self.tokens.tolist(), self.logprobs.tolist()
+        ids, tops = self.top_ids.tolist(), self.top_logprobs.tolist()
+        return [None if k is None else {"token_id": tokens[r], "logprob": lps[r],
+                                        "top": list(zip(ids[r][:k], tops[r][:k]))}
+                for r, k in enumerate(self.wants)]
+
+
+class Sampler:
+    """Samples a batch of rows, each with its own SamplingParams, seed and token history.
+
+    eos_ids: the model's stop ids; with each row's stop_token_ids (and without them where it
+    sets ignore_eos) they are what min_tokens keeps from being sampled."""
+
+    def __init__(self, params_list, vocab_size: int, device="cpu", eos_ids=()):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise InputError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        self.vocab_size, self.device = vocab_size, torch.device(device)
+        self.eos_ids = tuple(self._check_ids("eos_ids", eos_ids))
+        self.params: list[SamplingParams] = []
+        self._generators: list[torch.Generator | None] = []
+        self.steps = torch.zeros(0, dtype=torch.long, device=self.device)  # tokens observed per row
+        # [B, V] state, allocated only once some row needs it (most requests need none):
+        self.counts = self.seen = None  # output token counts (int32), prompt tokens seen (bool)
+        self.banned = self.stops = None  # suppress_tokens, stop ids masked before min_tokens (bool)
+        for p in params_list:
+            self._append(p)
+        self._refresh()
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    # -- rows joining and leaving ----------------------------------------------------------
+    def add(self, params: SamplingParams, prompt_ids=None) -> int:
+        """Append a row (between steps); returns its index."""
+        self._append(params)
+        self._refresh()
+        row = len(self.params) - 1
+        if prompt_ids is not None:
+            self.observe_prompt(row, prompt_ids)
+        return row
+
+    def remove(self, row: int) -> None:
+        """Drop a row; the rows after it move down by one."""
+        self._check_row(row)
+        keep = torch.tensor([r for r in range(len(self.params)) if r != row], dtype=torch.long,
+                            device=self.device)
+        for name in ("steps", "counts", "seen", "banned", "stops"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, keep))
+        del self.params[row], self._generators[row]
+        self._refresh()
+
+    def _check_row(self, row) -> None:
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < len(self.params):
+            raise InputError(f"row must be in [0, {len(self.params)}), got {row!r}")
+
+    def _check_ids(self, field: str, ids) -> list[int]:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise InputError(f"{field} must be token ids in [0, {self.vocab_size}), got {bad[0]}")
+        return ids
+
+    def _grow(self, name: str, dtype) -> torch.Tensor:
+        """The [B, V] tensor `name`, created as zeros for the rows so far if absent."""
+        if getattr(self, name) is None:
+            setattr(self, name, torch.zeros(len(self.params), self.vocab_size, dtype=dtype, device=self.device))
+        return getattr(self, name)
+
+    def _append(self, p: SamplingParams) -> None:
+        if not isinstance(p, SamplingParams):
+            raise InputError(f"params must be SamplingParams, got {type(p).__name__}")
+        suppress = self._check_ids("suppress_tokens", p.suppress_tokens)
+        stop_ids = self._check_ids("stop_token_ids", p.stop_token_ids)
+        if p.has_penalties:
+            self._grow("counts", torch.int32), self._grow("seen", torch.bool)
+        if suppress:
+            self._grow("banned", torch.bool)
+        if p.min_tokens > 0:
+            self._grow("stops", torch.bool)
+        stops = stop_ids + ([] if p.ignore_eos else list(self.eos_ids))
+        for name, ids in (("counts", []), ("seen", []), ("banned", suppress), ("stops", stops)):
+            t = getattr(self, name)
+            if t is not None:  # every [B, V] tensor that exists gets the new row
+                row = t.new_zeros(1, self.vocab_size)
+                row[0, ids] = 1
+                setattr(self, name, torch.cat([t, row]))
+        self.steps = torch.cat([self.steps, self.steps.new_zeros(1)])
+        gen = None
+        if not p.is_greedy:  # greedy rows draw no noise, so they need no generator
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(p.seed) if p.seed is not None else gen.seed()
+        self.params.append(p)
+        self._generators.append(gen)
+
+    def _refresh(self) -> None:
+        """Rebuild the per-row parameter tensors and the host-side flags from self.params."""
+        ps, dev = self.params, self.device
+
+        def col(attr, dtype=torch.float32):
+            return torch.tensor([getattr(p, attr) for p in ps], dtype=dtype, device=dev)
+
+        self.temperature, self.top_k, self.top_p, self.min_p = (
+            col("temperature"), col("top_k", torch.long), col("top_p"), col("min_p"))
+        self.repetition, self.presence, self.frequency = (
+            col("repetition_penalty"), col("presence_penalty"), col("frequency_penalty"))
+        self.min_tokens = col("min_tokens", torch.long)
+        self.greedy = torch.tensor([p.is_greedy for p in ps], dtype=torch.bool, device=dev)
+        sampled = [p for p in ps if not p.is_greedy]
+        self._any_sampled = bool(sampled)
+        self._any_top_k = any(p.top_k > 0 for p in sampled)
+        self._max_k = max(p.top_k for p in sampled) if sampled and all(p.top_k > 0 for p in sampled) else None
+        self._any_top_p = any(p.top_p < 1 for p in sampled)
+        self._any_min_p = any(p.min_p > 0 for p in sampled)
+        self._wants = tuple(p.top_logprobs if p.logprobs else None for p in ps)
+        self._max_top = max((k for k in self._wants if k is not None), default=None)
+
+    # -- history ------------------------------------------------------------------------
+    def observe_prompt(self, row: int, prompt_ids) -> None:
+        """Record a row's prompt tokens for its repetition penalty (a no-op for other rows)."""
+        self._check_row(row)
+        if self.params[row].repetition_penalty == 1.0:
+            return
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long).to(self.device).reshape(-1)
+        self.seen[row].index_fill_(0, ids, True)
+
+    def observe(self, tokens: torch.Tensor) -> None:
+        """Count one step's tokens [B] (the ones fed back to the model)."""
+        self.steps += 1
+        if self.counts is not None:
+            tokens = tokens.to(self.device, torch.long)[:, None]
+            self.counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=torch.int32))
+
+    # -- the draw -----------------------------------------------------------------------
+    def process(self, logits: torch.Tensor) -> torch.Tensor:
+        """Masks and penalties: the float32 logits that logprobs and greedy rows use."""
+        x = logits.float()
+        if self.banned is not None or self.stops is not None:
+            mask = self.banned if self.banned is not None else torch.zeros_like(self.stops)
+            if self.stops is not None:
+                mask = mask | (self.stops & (self.steps < self.min_tokens)[:, None])
+            x = x.masked_fill(mask, NEG_INF)
+        if self.counts is not None:
+            x = apply_penalties(x, self.counts, self.seen, self.repetition, self.presence, self.frequency)
+        return x
+
+    def sample(self, logits: torch.Tensor) -> SampleOutput:
+        """logits [B, V], any float dtype -> SampleOutput (tokens [B] long)."""
+        if logits.dim() != 2 or logits.shape != (len(self.params), self.vocab_size):
+            raise InputError(f"logits must be [{len(self.params)}, {self.vocab_size}], got {list(logits.shape)}")
+        x = self.process(logits)
+        tokens = x.argmax(-1)
+        if self._any_sampled:
+            y = apply_temperature(x, self.temperature)
+            if self._any_top_k:
+                y = apply_top_k(y, self.top_k, self._max_k)
+            if self._any_top_p:
+                y = apply_top_p(y, self.top_p)
+            if self._any_min_p:
+                y = apply_min_p(y, self.min_p)
+            # Exponential race: argmax(p / E), E ~ Exp(1) i.i.d., picks token i with probability
+            # p_i (Gumbel-max in another guise). Each row's noise comes from its own generator,
+            # so a row draws the same tokens whatever else shares the batch.
+            noise = torch.ones_like(y)
+            for r, gen in enumerate(self._generators):
+                if gen is not None:
+                    noise[r].exponential_(generator=gen)
+            race = y.softmax(-1) / noise.clamp(min=torch.finfo(torch.float32).tiny)
+            tokens = torch.where(self.greedy, tokens, race.argmax(-1))
+        out = SampleOutput(tokens=tokens, wants=self._wants)
+        if self._max_top is not None:
+            lp = x.log_softmax(-1)
+            out.logprobs = lp.gather(1, tokens[:, None])[:, 0]
+            out.top_logprobs, out.top_ids = lp.topk(self._max_top, dim=-1)
+        return out
