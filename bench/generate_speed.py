@@ -1,0 +1,140 @@
+"""Generation speed: unigemma vs transformers vs llama.cpp, on the same random weights.
+
+Writes (once) the random mid-size checkpoint of bench/checkpoint.py (real vocabulary, 12B layout
+scaled down: hidden 1536, 8 layers, ~730 M parameters) and its GGUF conversions, then measures
+each engine in its own process (so peak RSS figures do not mix; every process runs with
+torch.set_num_threads(threads) / n_threads=threads):
+
+  ttft_text_s     time to first token, P-token random text prompt (prefill_tok_s = P / ttft_text_s)
+  decode_tok_s    (D - 1) / (t(D tokens) - t(1 token)), greedy, end-of-sequence never stops it
+  ttft_media_s    time to first token, prompt with one 280-token image and 10 s of audio (250 tokens)
+                  (unigemma and transformers; llama.cpp runs the text model only)
+  peak_rss_mib    peak resident memory of the measuring process
+
+Figures are best of --repeats. One JSON line on stdout, keys `<engine>_<dtype>_<figure>`
+(engine: ours, transformers, llama; llama's dtype is the GGUF type: f32 for float32, bf16 for
+bfloat16, plus --llama-quant e.g. q8_0), and ratios `ratio_<figure>_<dtype>_vs_<peer>` =
+ours / peer (for tok/s above 1 means we are faster; for seconds below 1 means we are faster).
+
+    python -m bench.generate_speed [--dtype float32,bfloat16] [--prompt-tokens 512]
+        [--decode-tokens 64] [--threads 2] [--skip-llama] [--skip-transformers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from bench.peers import best, media_prompt, rss_mib, run_child, run_peer, summarize, text_ids
+
+GGUF_OF = {"float32": "f32", "bfloat16": "bf16"}
+
+
+def measure_unigemma(path: str, dtype: str, P: int = 512, D: int = 64, threads: int = 2, repeats: int = 2,
+                     media: bool = True) -> dict:
+    """Our engine, in this process. The one place to switch to the new engine's API."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import unigemma
+
+    base = rss_mib()
+    t = time.perf_counter()
+    model = unigemma.load_model(path, dtype=dtype)
+    load_s = time.perf_counter() - t
+    ids = torch.tensor([text_ids(P)])
+
+    def gen(n, input_ids, **kw):
+        return unigemma.greedy_generate(model, input_ids, max_new_tokens=n, stop_ids=[], **kw)[0].tolist()
+
+    gen(2, ids[:, :64])  # warm-up
+    ttft, _ = best(lambda: gen(1, ids), repeats)
+    total, toks = best(lambda: gen(D, ids), repeats)
+    out = dict(engine="unigemma", dtype=dtype, threads=threads, load_s=load_s, **summarize(P, D, ttft, total),
+               tokens=toks[:16], distinct_tokens=len(set(toks)))
+    if media:
+        mids, types, mm = media_prompt()
+        out["media_prompt_tokens"] = mids.shape[1]
+        out["ttft_media_s"], first = best(lambda: gen(1, mids, mm_token_type_ids=types, **mm), repeats)
+        out["media_first_token"] = first[0]
+    out.update(base_rss_mib=base, peak_rss_mib=rss_mib())
+    return out
+
+
+FIGURES = ("ttft_text_s", "prefill_tok_s", "decode_tok_s", "ttft_media_s", "peak_rss_mib", "load_s", "distinct_tokens")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--skip-ours", action="store_true")
+    ap.add_argument("--no-media", action="store_true", help="skip the image + audio time to first token")
+    ap.add_argument("--llama-quant", default="q8_0", help="extra GGUF types for llama.cpp, comma-separated ('' for none)")
+    ap.add_argument("--hidden", type=int, default=1536)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--child-ours", metavar="CKPT", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    dtypes = [d for d in a.dtype.split(",") if d]
+    P, D, T, R = a.prompt_tokens, a.decode_tokens, a.threads, a.repeats
+
+    if a.child_ours:  # one measurement of our engine, in a fresh process
+        print(json.dumps(measure_unigemma(a.child_ours, dtypes[0], P, D, T, R, not a.no_media)))
+        return
+
+    from bench.checkpoint import make_checkpoint, to_gguf
+
+    t0 = time.perf_counter()
+    ckpt = make_checkpoint(hidden=a.hidden, layers=a.layers)
+    common = ["--prompt-tokens", P, "--decode-tokens", D, "--threads", T, "--repeats", R]
+    media = ["--no-media"] if a.no_media else []
+    result = dict(bench="generate_speed", checkpoint=ckpt.name, prompt_tokens=P, decode_tokens=D, threads=T,
+                  repeats=R)
+    raw = {}
+
+    def record(name: str, out: dict):
+        raw[name] = out
+        if "error" in out:
+            result[f"{name}_error"] = out["error"]
+            print(f"[generate_speed] {name}: {out['error']}", file=sys.stderr)
+            return
+        for k in FIGURES:
+            if k in out:
+                result[f"{name}_{k}"] = out[k]
+        print(f"[generate_speed] {name}: {json.dumps(out)}", file=sys.stderr)
+
+    for dtype in dtypes:
+        if not a.skip_ours:
+            record(f"ours_{dtype}", run_child("bench.generate_speed", ["--child-ours", ckpt, "--dtype", dtype, *common, *media]))
+        if not a.skip_transformers:
+            record(f"transformers_{dtype}", run_peer("transformers", "--ckpt", ckpt, "--dtype", dtype, *common, *media))
+    if not a.skip_llama:
+        quants = [GGUF_OF[d] for d in dtypes] + [q for q in a.llama_quant.split(",") if q]
+        for q in dict.fromkeys(quants):
+            try:
+                gguf = to_gguf(ckpt, q)
+            except Exception as e:  # noqa: BLE001 - report, measure the others
+                record(f"llama_{q}", {"error": f"conversion failed: {e}"})
+                continue
+            record(f"llama_{q}", run_peer("llama", "--gguf", gguf, *common))
+
+    for dtype in dtypes:
+        ours = raw.get(f"ours_{dtype}", {})
+        peers = {"transformers": raw.get(f"transformers_{dtype}", {}), "llama": raw.get(f"llama_{GGUF_OF[dtype]}", {})}
+        for peer, theirs in peers.items():
+            for k in ("ttft_text_s", "decode_tok_s", "ttft_media_s", "peak_rss_mib"):
+                if k in ours and k in theirs:
+                    result[f"ratio_{k}_{dtype}_vs_{peer}"] = ours[k] / theirs[k]
+    result["wall_s"] = time.perf_counter() - t0
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
