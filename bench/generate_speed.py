@@ -132,6 +132,16 @@ def main():
             for k in ("ttft_text_s", "decode_tok_s", "ttft_media_s", "peak_rss_mib"):
                 if k in ours and k in theirs:
                     result[f"ratio_{k}_{dtype}_vs_{peer}"] = ours[k] / theirs[k]
+            if "tokens" in ours and "tokens" in theirs:  # greedy agreement: leading tokens in common (of 16)
+                n = next((i for i, (x, y) in enumerate(zip(ours["tokens"], theirs["tokens"])) if x != y),
+                         min(len(ours["tokens"]), len(theirs["tokens"])))
+                result[f"same_first_tokens_{dtype}_vs_{peer}"] = n
+    for q in [q for q in a.llama_quant.split(",") if q]:  # quantized llama.cpp vs our best dtype
+        theirs = raw.get(f"llama_{q}", {})
+        for dtype in dtypes:
+            ours = raw.get(f"ours_{dtype}", {})
+            if "decode_tok_s" in ours and "decode_tok_s" in theirs:
+                result[f"ratio_decode_tok_s_{dtype}_vs_llama_{q}"] = ours["decode_tok_s"] / theirs["decode_tok_s"]
     result["wall_s"] = time.perf_counter() - t0
     print(json.dumps(result))
 
