@@ -19,3 +19,7 @@ class CheckpointError(UnigemmaError):
 
 class InputError(UnigemmaError, ValueError):
     """A request's inputs are malformed: media, messages, sizes, token counts."""
+
+
+class QueueFull(UnigemmaError):
+    """The scheduler's queue is full; the request was not taken (a server answers 429/503)."""

@@ -86,6 +86,10 @@ class KVCache:
                                  num_keys, k_idx, k_valid)
         return self.steps
 
+    def query_index(self, S: int) -> torch.Tensor:
+        """[S] sequence indices of the tokens this step writes (call between begin and end)."""
+        return torch.arange(self.length, self.length + S, device=self.valid.device)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k, v [B, H, S, D] for `layer`; return the keys/values to attend."""
         step = self.steps[self.config.layer_types[layer]]

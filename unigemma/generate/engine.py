@@ -198,13 +198,24 @@ class Engine:
     @torch.inference_mode()
     def prefill(self, inputs: dict, params: list[SamplingParams], session: Session | None = None):
         """Run the prompt (minus what the session already holds) -> (cache, last hidden [B, hidden], cached)."""
+        steps = self.prefill_steps(inputs, params, session)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def prefill_steps(self, inputs: dict, params: list[SamplingParams], session: Session | None = None,
+                      max_len: int | None = None):
+        """`prefill` one chunk per `next()` (the scheduler interleaves chunks with decode steps);
+        returns what `prefill` returns. max_len: the cache's size (default: prompt + max_tokens)."""
         m = self.model
         ids = inputs["input_ids"].to(m.device)
         B, S = ids.shape
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask.to(m.device)
         types = inputs.get("mm_token_type_ids")
-        max_len = self._check_length(S, params)
+        max_len = max_len or self._check_length(S, params)
         cached = 0
         if session is not None:
             if B != 1:
@@ -227,14 +238,18 @@ class Engine:
             cache = session.cache
             session.keys = keys[:cached]  # extended below once the prefill succeeded
         else:
-            cache = m.make_cache(B, max_len)
+            cache = m.make_cache(B, max_len, reserve=self.reserve)
         media = {k: inputs[k] for k in MEDIA_KEYS if inputs.get(k) is not None}
-        embeds = m.embed(ids, **media)  # once for the whole prompt: chunks take slices
+        with torch.inference_mode():
+            embeds = m.embed(ids, **media)  # once for the whole prompt: chunks take slices
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         h = None
         for a, b in chunk_bounds(types, cached, S, self.prefill_chunk):
-            h = m(ids[:, a:b], positions[:, a:b], attention_mask=mask[:, a:b], embeds=embeds[:, a:b],
-                  mm_token_type_ids=None if types is None else types[:, a:b].to(m.device), cache=cache)
+            with torch.inference_mode():
+                h = m(ids[:, a:b], positions[:, a:b], attention_mask=mask[:, a:b], embeds=embeds[:, a:b],
+                      mm_token_type_ids=None if types is None else types[:, a:b].to(m.device), cache=cache)
+            if b < S:
+                yield
         if session is not None:
             session.keys = keys
         return cache, h[:, -1], cached

@@ -164,8 +164,9 @@ class Gemma4Unified(nn.Module):
                                 mm_token_type_ids, block_mask)
             return self.text(h, positions.to(h.device), masks)
         steps = cache.begin(valid)
-        start = cache.length
-        idx = torch.arange(start, start + S, device=h.device)
+        idx = cache.query_index(S)  # [S], or [B, S] when each row is its own sequence
+        if idx.dim() == 2 and mm_token_type_ids is not None:
+            raise ValueError("media tokens are prefilled one sequence at a time, not in a decode batch")
         masks = self._masks(idx, {t: s.k_idx for t, s in steps.items()}, {t: s.k_valid for t, s in steps.items()},
                             mm_token_type_ids, block_mask)
         try:

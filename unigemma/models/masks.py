@@ -41,19 +41,23 @@ def block_ids(mm_token_type_ids: torch.Tensor) -> torch.Tensor:
 
 
 def make_mask(
-    q_idx: torch.Tensor,  # [Q] sequence index of each query
-    k_idx: torch.Tensor,  # [K] sequence index of each key slot, -1 for an empty slot
+    q_idx: torch.Tensor,  # [Q] or [B, Q] sequence index of each query
+    k_idx: torch.Tensor,  # [K] or [B, K] sequence index of each key slot, -1 for an empty slot
     key_valid: torch.Tensor | None,  # [B, K] False for padding keys
     q_block: torch.Tensor | None,  # [B, Q] vision block id per query (-1: none)
     k_block: torch.Tensor | None,  # [B, K] vision block id per key (-1: none)
     window: int | None,  # sliding window (a query sees itself and window-1 earlier tokens)
     composition: str = "sliding",
 ) -> torch.Tensor:
+    """Indices are per row ([B, ·]) when the rows of a batch are independent sequences of
+    different lengths (continuous batching), else shared ([·])."""
     if composition not in COMPOSITIONS:
         raise ValueError(f"block mask composition must be one of {COMPOSITIONS}, got {composition!r}")
-    q, k = q_idx[:, None], k_idx[None, :]
-    causal = ((k <= q) & (k >= 0))[None]  # [1, Q, K]
-    in_window = torch.ones_like(causal) if window is None else (k > q - window)[None]
+    q, k = q_idx.unsqueeze(-1), k_idx.unsqueeze(-2)
+    if q.dim() == 2:
+        q, k = q[None], k[None]  # a batch dimension of 1 that broadcasts
+    causal = (k <= q) & (k >= 0)  # [B or 1, Q, K]
+    in_window = torch.ones_like(causal) if window is None else k > q - window
     m = causal & in_window
     if q_block is not None and k_block is not None:
         same = (q_block[:, :, None] == k_block[:, None, :]) & (q_block[:, :, None] >= 0)  # [B, Q, K]
@@ -65,5 +69,5 @@ def make_mask(
         m = m & key_valid[:, None, :]
         # Rows of padding queries would see no key at all and softmax to NaN; let them see
         # themselves (their outputs are never used).
-        m = m | (q == k)[None]
+        m = m | (q == k)
     return m[:, None]  # [B or 1, 1, Q, K]

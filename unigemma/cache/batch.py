@@ -1,0 +1,177 @@
+"""The decode batch's KV cache: up to `rows` independent sequences, each with its own length.
+
+Continuous batching needs rows that join and leave between decode steps. A row is prefilled
+alone in a one-sequence `KVCache` (chunked, media-safe; see generate/engine.py), then copied in
+with `insert`; it leaves with `remove`, which moves the last row into its place so the active
+rows are always `[0, n)` and a step runs on views of the buffers, never on copies.
+
+Per row the layout is the one of `KVCache`: token `i` lives in slot `i % capacity`; full layers
+hold `max_len` slots, sliding layers a ring of `window - 1 + reserve`. Bookkeeping is per row:
+`slot_idx[type][r, s]` is the sequence index in slot `s` of row `r` (-1: empty). Rows hold no
+padding, so a row's RoPE position is its length and every filled slot is a valid key.
+
+A step writes S tokens per row (S = 1 when decoding; a few when verifying speculative drafts,
+at most `reserve`, so a ring never overwrites a key that a new query still needs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import FULL, SLIDING, TextConfig
+from .kv import KVCache, Step
+
+
+def bytes_per_row(config: TextConfig, max_len: int, dtype: torch.dtype, reserve: int = 16) -> int:
+    """KV bytes one row of `max_len` tokens takes (K and V of every layer)."""
+    cap = {FULL: max_len, SLIDING: min(max_len, config.sliding_window - 1 + reserve)}
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(2 * config.layer_kv_heads[i] * cap[t] * config.layer_head_dims[i] * size
+               for i, t in enumerate(config.layer_types))
+
+
+class BatchCache:
+    def __init__(self, config: TextConfig, rows: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", reserve: int = 16):
+        self.config, self.rows, self.max_len, self.reserve = config, rows, max_len, reserve
+        self.window = config.sliding_window
+        self.device = torch.device(device)
+        self.n = 0  # active rows: [0, n)
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.host_lengths = [0] * rows  # the same on the host: planning a step needs no sync
+        self.capacity = {FULL: max_len, SLIDING: min(max_len, self.window - 1 + reserve)}
+        self.slot_idx = {t: torch.full((rows, c), -1, dtype=torch.long, device=self.device)
+                         for t, c in self.capacity.items()}
+        self.layers = []
+        for i, t in enumerate(config.layer_types):
+            shape = (rows, config.layer_kv_heads[i], self.capacity[t], config.layer_head_dims[i])
+            self.layers.append((torch.zeros(shape, dtype=dtype, device=self.device),
+                                torch.zeros(shape, dtype=dtype, device=self.device)))
+        self.steps: dict[str, Step] = {}
+        self._pending = 0
+        self.broken = False
+
+    # -- rows joining and leaving ---------------------------------------------------------
+    def can_insert(self, length: int) -> bool:
+        return self.n < self.rows and length <= self.max_len
+
+    @torch.inference_mode()  # the buffers are inference tensors
+    def insert(self, src: KVCache) -> int:
+        """Copy a prefilled one-sequence cache (no padding) into a new row; returns its index."""
+        if src.batch != 1 or not bool(src.valid[0, :src.length].all()):
+            raise ValueError("insert takes a one-sequence cache without padding")
+        if src.broken:
+            raise ValueError("insert got a cache left half-written by a failed forward")
+        if not self.can_insert(src.length):
+            raise ValueError(f"no room for a row of {src.length} tokens ({self.n}/{self.rows} rows used, "
+                             f"{self.max_len} tokens per row)")
+        r, L = self.n, src.length
+        for t, cap in self.capacity.items():
+            held = src.slot_idx[t]
+            keep = held >= max(0, L - cap)  # the newest `cap` tokens: what a ring of ours holds
+            src_slots, idx = keep.nonzero()[:, 0], held[keep]
+            dst_slots = idx % cap  # fewer than `cap` consecutive indices: no collisions
+            self.slot_idx[t][r].fill_(-1)
+            self.slot_idx[t][r, dst_slots] = idx
+            for i, lt in enumerate(self.config.layer_types):
+                if lt == t:
+                    for dst, s in zip(self.layers[i], src.layers[i]):
+                        dst[r, :, dst_slots] = s[0, :, src_slots]
+        self.lengths[r], self.host_lengths[r] = L, L
+        self.n += 1
+        return r
+
+    @torch.inference_mode()  # the buffers are inference tensors
+    def remove(self, row: int) -> None:
+        """Drop a row; the last row moves into its place (the caller mirrors this move)."""
+        if not 0 <= row < self.n:
+            raise ValueError(f"row must be in [0, {self.n}), got {row}")
+        last = self.n - 1
+        if row != last:
+            for t, cap in self.capacity.items():
+                used = min(cap, self.host_lengths[last])  # a row fills slots from 0 until it wraps
+                self.slot_idx[t][row] = self.slot_idx[t][last]
+                for i, lt in enumerate(self.config.layer_types):
+                    if lt == t:
+                        for buf in self.layers[i]:
+                            buf[row, :, :used] = buf[last, :, :used]
+            self.lengths[row], self.host_lengths[row] = self.lengths[last], self.host_lengths[last]
+        self.slot_idx[FULL][last].fill_(-1)
+        self.slot_idx[SLIDING][last].fill_(-1)
+        self.lengths[last], self.host_lengths[last] = 0, 0
+        self.n = last
+
+    # -- one forward over the active rows: begin → update per layer → end ------------------
+    @property
+    def length(self) -> int:
+        """The longest row (how many slots a step may attend)."""
+        return max(self.host_lengths[:self.n], default=0)
+
+    def begin(self, valid_new: torch.Tensor) -> dict[str, Step]:
+        n, S = valid_new.shape
+        if self.broken:
+            raise RuntimeError("this KV cache was left half-written by a failed forward")
+        if n != self.n:
+            raise ValueError(f"a step over {n} rows; the batch has {self.n} active rows")
+        if S > self.reserve:
+            raise ValueError(f"a decode batch writes at most {self.reserve} tokens per row per step, got {S}")
+        if not bool(valid_new.all()):
+            raise ValueError("rows of a decode batch hold no padding")
+        lengths = self.lengths[:n]
+        if self.length + S > self.max_len:
+            raise ValueError(f"KV cache rows hold {self.max_len} tokens; a row has {self.length}, {S} more requested")
+        new_idx = lengths[:, None] + torch.arange(S, device=self.device)  # [n, S]
+        longest = self.length + S
+        self.steps, self._pending = {}, S
+        for t, cap in self.capacity.items():
+            slots = new_idx % cap
+            after = self.slot_idx[t][:n].clone()
+            after.scatter_(1, slots, new_idx)
+            num_keys = min(cap, longest)
+            k_idx = after[:, :num_keys]
+            self.steps[t] = Step(False, new_idx, slots, None, num_keys, k_idx, k_idx >= 0)
+        return self.steps
+
+    def query_index(self, S: int) -> torch.Tensor:
+        return self.steps[FULL].new_idx if FULL in self.steps else self.steps[SLIDING].new_idx
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [n, H, S, D] at each row's own slots; return the keys/values to attend."""
+        step = self.steps[self.config.layer_types[layer]]
+        ck, cv = self.layers[layer]
+        n = k.shape[0]
+        rows = torch.arange(n, device=self.device)[:, None]
+        ck[rows, :, step.write_slots] = k.transpose(1, 2)  # [n, S, H, D] at (row, slot)
+        cv[rows, :, step.write_slots] = v.transpose(1, 2)
+        return ck[:n, :, :step.num_keys], cv[:n, :, :step.num_keys]
+
+    def end(self) -> None:
+        for t, step in self.steps.items():
+            self.slot_idx[t][:self.n].scatter_(1, step.write_slots, step.new_idx)
+        self.lengths[:self.n] += self._pending
+        for r in range(self.n):
+            self.host_lengths[r] += self._pending
+        self.steps, self._pending = {}, 0
+
+    def abort(self) -> None:
+        self.steps, self._pending, self.broken = {}, 0, True
+
+    # -- rollback (speculative decoding) ----------------------------------------------------
+    def can_trim(self, row: int, n: int) -> bool:
+        length, cap = self.host_lengths[row], self.capacity[SLIDING]
+        return n <= length and (length <= cap or n <= cap - (self.window - 1))
+
+    @torch.inference_mode()  # the buffers are inference tensors
+    def trim(self, row: int, n: int) -> None:
+        """Forget the last n tokens of one row."""
+        if not self.can_trim(row, n):
+            raise ValueError(f"cannot roll back {n} tokens of row {row} (length {self.host_lengths[row]})")
+        self.host_lengths[row] -= n
+        self.lengths[row] = self.host_lengths[row]
+        for slots in self.slot_idx.values():
+            slots[row][slots[row] >= self.host_lengths[row]] = -1
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """[n] RoPE position of each active row's next token: its length (rows hold no padding)."""
+        return self.lengths[:self.n].clone()

@@ -1,0 +1,263 @@
+"""Continuous batching: requests join and leave the decode batch between steps.
+
+    scheduler = Scheduler(engine, max_seqs=8, max_len=8192)
+    scheduler.start()                                          # a thread runs step() while there is work
+    request = scheduler.submit(inputs, SamplingParams(...))    # from any thread
+    for delta in request: ...                                  # blocks for each delta
+    request.cancel()                                           # its row is freed at the next step
+
+One `step()`: drop cancelled requests; advance the oldest waiting request's prefill by one chunk
+(prefill interleaves with decoding, so a long prompt delays the running streams by one chunk per
+step, not by its whole length) and, once its prompt is in, copy its cache into a free row of the
+batch; then one decode step for every running row: logits → sampler → deltas → finished rows
+leave → one forward of the rest. Each row decodes exactly as it would alone: its own cache
+row, positions, sampler row and generator.
+
+Limits: `max_seqs` rows decode at once, each up to `max_len` tokens (prompt + reply); their KV
+memory is allocated once (`kv_bytes`). `max_queue` requests may wait; more are refused with
+`QueueFull` (a server answers 429/503).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from ..cache.batch import BatchCache, bytes_per_row
+from ..errors import InputError, QueueFull
+from .engine import Completion, Delta, Engine, Timings, _collect, _Row
+from .sampling import Sampler, SamplingParams
+
+
+class Request:
+    """One submitted conversation: iterate it for its deltas (the last has finish_reason)."""
+
+    def __init__(self, rid: int, inputs: dict, params: SamplingParams, prompt_tokens: int):
+        self.id, self.inputs, self.params = rid, inputs, params
+        self.prompt_tokens = prompt_tokens
+        self.submitted = time.perf_counter()
+        self.cancelled = False
+        self._deltas: queue.SimpleQueue = queue.SimpleQueue()
+
+    def cancel(self) -> None:
+        """Stop generating (a client went away); the row and its cache are freed at the next step."""
+        self.cancelled = True
+
+    def __iter__(self):
+        while True:
+            item = self._deltas.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    def result(self) -> Completion:
+        return _collect(iter(self))
+
+
+@dataclass
+class _Running:
+    request: Request
+    row: _Row
+    timings: Timings
+    first: float | None = None
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, *, max_seqs: int = 8, max_len: int | None = None,
+                 max_queue: int = 64, reserve: int = 16):
+        self.engine = engine
+        m = engine.model
+        self.max_len = min(max_len or engine.context, engine.context)
+        self.max_seqs, self.max_queue = max_seqs, max_queue
+        with torch.inference_mode():
+            self.cache = BatchCache(m.config.text, max_seqs, self.max_len, m.dtype, m.device, reserve)
+        self.kv_bytes = max_seqs * bytes_per_row(m.config.text, self.max_len, m.dtype, reserve)
+        self.sampler = Sampler([], m.config.text.vocab_size, m.device, eos_ids=sorted(engine.base_stop_ids))
+        self.running: list[_Running] = []
+        self.h = torch.zeros(0, m.config.text.hidden_size, dtype=m.dtype, device=m.device)  # [n, hidden]
+        self.waiting: deque[Request] = deque()
+        self.prefilling: tuple[Request, object] | None = None
+        self.tokens_out = 0  # completion tokens produced so far (metrics)
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    # -- submitting (any thread) -------------------------------------------------------------
+    def submit(self, inputs: dict, params: SamplingParams | None = None) -> Request:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InputError(f"params must be SamplingParams, got {type(params).__name__}")
+        ids = inputs["input_ids"]
+        if ids.dim() != 2 or ids.shape[0] != 1:
+            raise InputError(f"submit takes one conversation (input_ids [1, S]), got {list(ids.shape)}")
+        n = ids.shape[1]
+        if n >= self.max_len:
+            raise InputError(f"the prompt is {n} tokens; at most {self.max_len - 1} fit with room for a reply")
+        with self._lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting; try again later")
+            request = Request(next(self._ids), inputs, params, n)
+            self.waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def stats(self) -> dict:
+        """Queue depth, running rows, KV use: what a metrics endpoint shows."""
+        used = sum(self.cache.host_lengths[:self.cache.n])
+        return {"waiting": len(self.waiting), "prefilling": int(self.prefilling is not None),
+                "running": len(self.running), "max_seqs": self.max_seqs,
+                "kv_tokens_used": used, "kv_tokens_total": self.max_seqs * self.max_len,
+                "kv_bytes": self.kv_bytes, "completion_tokens": self.tokens_out}
+
+    # -- the background thread ---------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="unigemma-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self.has_work():
+                    self._wake.wait()
+                if self._stop:
+                    return
+            self.step()
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.prefilling)
+
+    def run_until_done(self) -> None:
+        """Step on this thread until nothing is waiting or running (tests, offline batches)."""
+        while self.has_work():
+            self.step()
+
+    # -- one scheduler step --------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> None:
+        self._drop_cancelled()
+        self._advance_prefill()
+        if self.running:
+            try:
+                self._decode_step()
+            except Exception as e:  # the batch's cache can no longer be trusted: fail its rows, start afresh
+                for run in self.running:
+                    run.request._deltas.put(e)
+                self._reset()
+
+    def _reset(self) -> None:
+        c = self.cache
+        with torch.inference_mode():
+            self.cache = BatchCache(c.config, c.rows, c.max_len, self.h.dtype, self.h.device, c.reserve)
+        self.sampler = Sampler([], self.sampler.vocab_size, self.sampler.device, eos_ids=self.sampler.eos_ids)
+        self.running, self.h = [], self.h[:0]
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            for r in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(r)
+                r._deltas.put(Delta(finish_reason="cancelled"))
+        if self.prefilling is not None and self.prefilling[0].cancelled:
+            self.prefilling[0]._deltas.put(Delta(finish_reason="cancelled"))
+            self.prefilling = None
+        gone = [i for i, run in enumerate(self.running) if run.request.cancelled]
+        for i in gone:
+            self.running[i].request._deltas.put(Delta(finish_reason="cancelled"))
+        self._remove_rows(gone)
+
+    def _advance_prefill(self) -> None:
+        if self.prefilling is None:
+            if len(self.running) >= self.max_seqs:
+                return
+            with self._lock:
+                if not self.waiting:
+                    return
+                request = self.waiting.popleft()
+            steps = self.engine.prefill_steps(request.inputs, [request.params], None,
+                                              max_len=request.prompt_tokens)
+            self.prefilling = (request, steps)
+        request, steps = self.prefilling
+        try:
+            next(steps)
+            return  # one chunk per step
+        except StopIteration as done:
+            cache, h, _ = done.value
+        except Exception as e:  # bad media, ...: this request fails, the others go on
+            self.prefilling = None
+            request._deltas.put(e)
+            return
+        self.prefilling = None
+        self._admit(request, cache, h)
+
+    def _admit(self, request: Request, cache, h: torch.Tensor) -> None:
+        self.cache.insert(cache)
+        ids = request.inputs["input_ids"][0]
+        mask = request.inputs.get("attention_mask")
+        self.sampler.add(request.params, ids if mask is None else ids[mask[0].bool()])
+        row = _Row(self.engine.tokenizer, request.params, self.engine._stop_ids(request.params))
+        self.running.append(_Running(request, row, Timings(prompt_tokens=request.prompt_tokens,
+                                                             prefill_s=time.perf_counter() - request.submitted)))
+        self.h = torch.cat([self.h, h.to(self.h.dtype)])
+
+    def _decode_step(self) -> None:
+        m = self.engine.model
+        out = self.sampler.sample(m.head(self.h))
+        host = out.tokens.tolist()  # the one host sync per step: text is built on the host
+        wants = any(run.request.params.logprobs for run in self.running)
+        lps = out.host_logprobs() if wants else [None] * len(host)
+        now = time.perf_counter()
+        self.sampler.observe(out.tokens)
+        finished = []
+        for r, run in enumerate(self.running):
+            delta = run.row.push(host[r], lps[r] if run.request.params.logprobs else None)
+            t = run.timings
+            t.completion_tokens += 1
+            self.tokens_out += 1
+            if run.first is None:
+                run.first, t.ttft_s = now, now - run.request.submitted
+            if run.row.finish is None and self.cache.host_lengths[r] >= self.max_len:
+                run.request._deltas.put(delta)  # the row is full: this token is its last
+                delta = run.row.end(Delta(), "", "length")
+            if run.row.finish is not None:
+                t.decode_s = now - run.first
+                delta.timings = t
+                finished.append(r)
+            run.request._deltas.put(delta)
+        keep = self._remove_rows(finished)
+        if self.running:
+            tokens = out.tokens[keep]
+            self.h = m(tokens[:, None], self.cache.positions[:, None], cache=self.cache, require_media=False)[:, -1]
+
+    def _remove_rows(self, rows: list[int]) -> list[int]:
+        """Free these rows: each is filled by the last row, in the cache, the sampler and the
+        host lists alike. Returns the old index of each remaining row."""
+        keep = list(range(len(self.running)))
+        for r in sorted(rows, reverse=True):
+            self.cache.remove(r)
+            keep[r] = keep[-1]
+            keep.pop()
+        if rows:
+            self.sampler.select(keep)
+            self.running = [self.running[k] for k in keep]
+            self.h = self.h[keep]
+        return keep
