@@ -2,14 +2,18 @@
 
 Writes (once) the random mid-size checkpoint of bench/checkpoint.py (real vocabulary, 12B layout
 scaled down: hidden 1536, 8 layers, ~730 M parameters) and its GGUF conversions, then measures
-each engine in its own process (so peak RSS figures do not mix; every process runs with
-torch.set_num_threads(threads) / n_threads=threads):
+each engine in its own process (so peak RSS figures do not mix; ours runs `unigemma.load`, the
+packed CPU fast path, and its Engine; every process runs with torch.set_num_threads(threads) /
+n_threads=threads):
 
   ttft_text_s     time to first token, P-token random text prompt (prefill_tok_s = P / ttft_text_s)
   decode_tok_s    (D - 1) / (t(D tokens) - t(1 token)), greedy, end-of-sequence never stops it
   ttft_media_s    time to first token, prompt with one 280-token image and 10 s of audio (250 tokens)
                   (unigemma and transformers; llama.cpp runs the text model only)
   peak_rss_mib    peak resident memory of the measuring process
+  batch1_decode_tok_s, batch8_decode_tok_s   (ours) aggregate decode tokens/s of 1 and 8 streams
+                  of P/4-token prompts in the continuous-batching Scheduler, while all of them
+                  decode; batch_ratio = batch8 / batch1
 
 Figures are best of --repeats. One JSON line on stdout, keys `<engine>_<dtype>_<figure>`
 (engine: ours, transformers, llama; llama's dtype is the GGUF type: f32 for float32, bf16 for
@@ -33,21 +37,25 @@ GGUF_OF = {"float32": "f32", "bfloat16": "bf16"}
 
 
 def measure_unigemma(path: str, dtype: str, P: int = 512, D: int = 64, threads: int = 2, repeats: int = 2,
-                     media: bool = True) -> dict:
-    """Our engine, in this process. The one place to switch to the new engine's API."""
+                     media: bool = True, batch: int = 8) -> dict:
+    """Our engine (`unigemma.load`: the packed CPU fast path; Engine; Scheduler), in this process."""
     import torch
 
     torch.set_num_threads(threads)
     import unigemma
+    from unigemma.generate.sampling import SamplingParams
+    from unigemma.vocab import gemma4_vocab_gguf
 
     base = rss_mib()
     t = time.perf_counter()
-    model = unigemma.load_model(path, dtype=dtype)
+    gemma = unigemma.load(path, dtype=dtype, tokenizer=gemma4_vocab_gguf())
     load_s = time.perf_counter() - t
+    engine = gemma.engine
     ids = torch.tensor([text_ids(P)])
 
     def gen(n, input_ids, **kw):
-        return unigemma.greedy_generate(model, input_ids, max_new_tokens=n, stop_ids=[], **kw)[0].tolist()
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        return engine.generate({"input_ids": input_ids, **kw}, params).token_ids
 
     gen(2, ids[:, :64])  # warm-up
     ttft, _ = best(lambda: gen(1, ids), repeats)
@@ -60,10 +68,38 @@ def measure_unigemma(path: str, dtype: str, P: int = 512, D: int = 64, threads: 
         out["ttft_media_s"], first = best(lambda: gen(1, mids, mm_token_type_ids=types, **mm), repeats)
         out["media_first_token"] = first[0]
     out.update(base_rss_mib=base, peak_rss_mib=rss_mib())
+    if batch > 1:  # aggregate decode tokens/s of `batch` streams in the continuous batcher vs 1
+        for n in (1, batch):
+            out[f"batch{n}_decode_tok_s"] = max(scheduler_decode_rate(engine, n, P // 4, D) for _ in range(repeats))
+        out["batch_ratio"] = out[f"batch{batch}_decode_tok_s"] / out["batch1_decode_tok_s"]
     return out
 
 
-FIGURES = ("ttft_text_s", "prefill_tok_s", "decode_tok_s", "ttft_media_s", "peak_rss_mib", "load_s", "distinct_tokens")
+def scheduler_decode_rate(engine, n: int, P: int, D: int) -> float:
+    """n requests of P-token prompts in the Scheduler: tokens/s of all rows decoding together,
+    from the step after the last one joined to the step where the first one ends."""
+    import torch
+
+    from unigemma.generate.sampling import SamplingParams
+    from unigemma.generate.scheduler import Scheduler
+
+    s = Scheduler(engine, max_seqs=n, max_len=P + D + 1)
+    params = SamplingParams(temperature=0.0, max_tokens=D, ignore_eos=True)
+    for i in range(n):
+        s.submit({"input_ids": torch.tensor([text_ids(P, seed=i + 1)])}, params)
+    while len(s.running) < n:
+        s.step()
+    s.step()
+    made, t = s.tokens_out, time.perf_counter()
+    while len(s.running) == n:
+        s.step()
+    rate = (s.tokens_out - made) / (time.perf_counter() - t)
+    s.run_until_done()
+    return rate
+
+
+FIGURES = ("ttft_text_s", "prefill_tok_s", "decode_tok_s", "ttft_media_s", "peak_rss_mib", "load_s", "distinct_tokens",
+           "batch1_decode_tok_s", "batch8_decode_tok_s", "batch_ratio")
 
 
 def main():

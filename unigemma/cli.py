@@ -1,4 +1,4 @@
-"""Command line: `unigemma demo | run | chat | generate`.
+"""Command line: `unigemma demo | run | chat | generate | quantize`.
 
 `run` answers one message and streams it; `chat` is an interactive session that keeps the
 history (and its KV cache, so a turn prefills only the new message). Without `--model` both use
@@ -53,10 +53,12 @@ def load_for(args):
     from .vocab import gemma4_vocab_gguf
 
     if args.model:
-        return load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, progress=True)
+        return load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, progress=True, quant=args.quant,
+                    mmproj=args.mmproj, draft=getattr(args, "draft", None), draft_tokens=getattr(args, "draft_tokens", None))
     print("no --model: using the demo checkpoint (random weights: expect gibberish)", file=sys.stderr)
     return load(demo_checkpoint(getattr(args, "dir", None)), dtype=args.dtype,
-                tokenizer=args.tokenizer or gemma4_vocab_gguf(), progress=True)
+                tokenizer=args.tokenizer or gemma4_vocab_gguf(), progress=True, quant=getattr(args, "quant", None),
+                draft=getattr(args, "draft", None), draft_tokens=getattr(args, "draft_tokens", None))
 
 
 def sampling_params(args):
@@ -97,11 +99,22 @@ def stream_reply(gemma, messages, args, session=None) -> str:
             print(f"\n({t.prompt_tokens} prompt tokens, {t.cached_tokens} cached; first token after {t.ttft_s:.2f} s; "
                   f"{t.completion_tokens} tokens at {t.decode_tokens_per_s:.1f} tok/s; finish: {delta.finish_reason}; "
                   f"{time.perf_counter() - t0:.2f} s)", file=sys.stderr)
+            if t.verify_forwards:
+                print(f"(drafter: {t.accepted}/{t.drafted} drafts accepted ({t.acceptance:.0%}), "
+                      f"{t.tokens_per_forward:.2f} tokens per target forward)", file=sys.stderr)
     return content
 
 
 def cmd_run(args) -> None:
     gemma = load_for(args)
+    if args.raw:  # a base model (no chat template): continue the text itself
+        if args.image or args.audio or args.video:
+            raise UnigemmaError("--raw continues plain text: it takes no media")
+        ids = torch.tensor([gemma.processor().tokenizer.encode(args.prompt)])
+        for delta in gemma.engine.stream({"input_ids": ids}, sampling_params(args)):
+            print(delta.content, end="", flush=True)
+        print()
+        return
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": _parts(args.image, args.audio, args.video, args.prompt)}]
     stream_reply(gemma, messages, args)
@@ -173,7 +186,7 @@ def cmd_generate(args) -> None:
     from .weights.loader import load_model
 
     t0 = time.perf_counter()
-    model = load_model(args.model, dtype=args.dtype, progress=True)
+    model = load_model(args.model, dtype=args.dtype, progress=True, quant=args.quant, mmproj=args.mmproj)
     t1 = time.perf_counter()
     try:
         ids = torch.tensor([[int(x) for x in args.ids.replace(",", " ").split()]])
@@ -185,10 +198,29 @@ def cmd_generate(args) -> None:
           file=sys.stderr)
 
 
+def cmd_quantize(args) -> None:
+    from .weights.save import save_quantized
+
+    if not args.quant:
+        raise UnigemmaError("quantize needs --quant (int8, int8-g32, int4-g32 or int4-g128)")
+    t0 = time.perf_counter()
+    try:
+        out = save_quantized(args.model, args.out, args.quant, dtype=args.dtype)
+    except ValueError as e:
+        raise UnigemmaError(str(e)) from None
+    print(f"wrote {out} ({args.quant}) in {time.perf_counter() - t0:.1f} s")
+
+
 def _model_flags(p, model_required=False) -> None:
-    p.add_argument("--model", required=model_required, help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--model", required=model_required,
+                   help="checkpoint directory (config.json + safetensors) or a .gguf file (gemma3 / gemma4)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--quant", choices=["int8", "int8-g32", "int4-g32", "int4-g128"],
+                   help="quantize the weights as they load (default: as stored)")
+    p.add_argument("--mmproj", help="a .gguf model's mmproj file (gemma4uv / gemma4ua embedders)")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--draft", help="an MTP drafter checkpoint directory: speculative decoding (same output)")
+    p.add_argument("--draft-tokens", type=int, help="tokens drafted per round (default: adaptive)")
 
 
 def _chat_flags(p) -> None:
@@ -215,6 +247,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="answer one message (streamed), with optional images, audio and video")
     for kind in ("image", "audio", "video"):
         r.add_argument(f"--{kind}", action="append", help=f"{kind} file (repeatable)")
+    r.add_argument("--raw", action="store_true", help="continue the prompt as plain text (base models), no chat template")
     r.add_argument("prompt")
     c = sub.add_parser("chat", help="interactive chat with history; /image, /audio, /video attach files")
     for s in (d, r, c):
@@ -225,11 +258,15 @@ def main(argv=None) -> int:
     _model_flags(g, model_required=True)
     g.add_argument("--ids", default="2 818 5279 529 7001 563", help="prompt token ids")
     g.add_argument("--max-tokens", type=int, default=24)
+    q = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (safetensors + config entry)")
+    _model_flags(q, model_required=True)
+    q.add_argument("--out", required=True, help="directory to write")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        {"generate": cmd_generate, "demo": cmd_demo, "run": cmd_run, "chat": cmd_chat}[args.cmd](args)
+        {"generate": cmd_generate, "demo": cmd_demo, "run": cmd_run, "chat": cmd_chat,
+         "quantize": cmd_quantize}[args.cmd](args)
     except UnigemmaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
-ROPE_TYPES = ("default", "proportional")
+ROPE_TYPES = ("default", "proportional", "linear")
 
 
 def _from_dict(cls, d: dict[str, Any], where: str):
@@ -168,6 +168,73 @@ class TextConfig:
 
 
 @dataclass
+class Gemma3TextConfig:
+    """Gemma 3 text (`gemma3_text`): one head dim and KV head count on every layer, sliding
+    layers every 5 of 6, attention scaled by query_pre_attn_scalar^-0.5, no logit softcap by
+    default. Exposes the per-layer fields the KV cache and RoPE tables read from TextConfig."""
+    vocab_size: int = 262_144
+    hidden_size: int = 640
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 18
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 1
+    head_dim: int = 256
+    query_pre_attn_scalar: float = 256
+    layer_types: list[str] | None = None
+    sliding_window: int = 512
+    rope_parameters: dict | None = None
+    rms_norm_eps: float = 1e-6
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+    hidden_activation: str = "gelu_pytorch_tanh"
+    attention_bias: bool = False
+    tie_word_embeddings: bool = True
+    use_bidirectional_attention: bool | None = False
+    max_position_embeddings: int = 32_768
+    pad_token_id: int = 0
+    bos_token_id: int = 2
+    eos_token_id: int | list[int] | None = 1
+
+    layer_head_dims: list[int] = field(init=False)
+    layer_kv_heads: list[int] = field(init=False)
+
+    def __post_init__(self):
+        w = "config (gemma3_text)"
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, w,
+                   f"{name} must be a positive integer, got {v!r}")
+        _check(self.hidden_activation in ("gelu_pytorch_tanh", "gelu_tanh"), w,
+               f"hidden_activation {self.hidden_activation!r} is not supported")
+        _check(self.attn_logit_softcapping is None, w, "attn_logit_softcapping is a Gemma 2 feature, not supported")
+        _check(not self.use_bidirectional_attention, w, "bidirectional attention (EmbeddingGemma) is not supported")
+        _check(self.num_attention_heads % self.num_key_value_heads == 0, w,
+               f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
+               f"{self.num_key_value_heads}")
+        if self.layer_types is None:  # transformers' default: every 6th layer is full attention
+            self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(self.num_hidden_layers)]
+        _check(isinstance(self.layer_types, list) and len(self.layer_types) == self.num_hidden_layers
+               and all(t in LAYER_TYPES for t in self.layer_types), w,
+               f"layer_types must list {self.num_hidden_layers} of {list(LAYER_TYPES)}")
+        if self.rope_parameters is None:
+            self.rope_parameters = {SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+                                    FULL: {"rope_type": "default", "rope_theta": 1_000_000.0}}
+        for t in set(self.layer_types):
+            p = self.rope_parameters.get(t) if isinstance(self.rope_parameters, dict) else None
+            _check(isinstance(p, dict) and p.get("rope_type", "default") in ("default", "linear"), w,
+                   f"rope_parameters[{t!r}] must be a default or linear RoPE, got {p!r}")
+        self.layer_head_dims = [self.head_dim] * self.num_hidden_layers
+        self.layer_kv_heads = [self.num_key_value_heads] * self.num_hidden_layers
+
+    def head_dim_of(self, layer_type: str) -> int:
+        return self.head_dim
+
+    def kv_heads_of(self, layer_type: str) -> int:
+        return self.num_key_value_heads
+
+
+@dataclass
 class VisionConfig:
     patch_size: int = 16
     pooling_kernel_size: int = 3
@@ -228,15 +295,30 @@ class ModelConfig:
     eoa_token_index: int = 258_883
     eos_token_id: int | list[int] | None = None
     dtype: str | None = None
+    quantization: dict | None = None  # how the stored weights are quantized (quant/apply.py)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         mt = d.get("model_type")
+        q = d.get("quantization")
+        _check(q is None or isinstance(q, dict), "config", "quantization must be an object")
+        cfg = cls._from_dict(d, mt)
+        cfg.quantization = q
+        return cfg
+
+    @classmethod
+    def _from_dict(cls, d: dict[str, Any], mt: str | None) -> "ModelConfig":
+        if mt == "gemma3_text":  # Gemma3ForCausalLM: text only, no media token ids
+            none = dict.fromkeys(("image_token_id", "video_token_id", "audio_token_id", "boi_token_id",
+                                  "eoi_token_id", "boa_token_id", "eoa_token_index"))
+            return cls(text=_from_dict(Gemma3TextConfig, d, "config"), model_type=mt,
+                       eos_token_id=d.get("eos_token_id"), dtype=d.get("dtype") or d.get("torch_dtype"), **none)
         if mt == "gemma4_unified_text":  # Gemma4UnifiedForCausalLM: the text config is the top level
             return cls(text=_from_dict(TextConfig, d, "config"), model_type=mt, eos_token_id=d.get("eos_token_id"),
                        dtype=d.get("dtype") or d.get("torch_dtype"))
         if mt != "gemma4_unified":
-            raise ConfigError(f"config: unknown model_type {mt!r}; expected 'gemma4_unified' or 'gemma4_unified_text'")
+            raise ConfigError(f"config: unknown model_type {mt!r}; expected 'gemma4_unified', "
+                              "'gemma4_unified_text' or 'gemma3_text'")
         if not isinstance(d.get("text_config"), dict):
             raise ConfigError("config: model_type gemma4_unified needs a text_config object")
         text = _from_dict(TextConfig, d["text_config"], "text_config")

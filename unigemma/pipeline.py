@@ -24,7 +24,9 @@ import torch
 from .errors import CheckpointError, InputError
 from .generate.engine import Delta, Engine, Session, Timings
 from .generate.sampling import SamplingParams
+from .generate.speculative import DraftLength
 from .models.gemma4 import Gemma4Unified
+from .models.packed import pack_linears
 from .processing.chat import Processor
 from .processing.parse import ToolCallError
 from .processing.tokenizer import Tokenizer
@@ -54,31 +56,51 @@ def load_tokenizer(source: str | os.PathLike | Tokenizer) -> Tokenizer:
 
 
 def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: str = "sliding",
-         tokenizer: str | os.PathLike | Tokenizer | None = None, progress: bool = False) -> "Gemma":
-    """Load a checkpoint directory for chat and for the reference forward.
+         tokenizer: str | os.PathLike | Tokenizer | None = None, progress: bool = False,
+         fast: bool = True, quant: str | None = None, mmproj: str | os.PathLike | None = None,
+         draft: str | os.PathLike | None = None, draft_tokens: int | None = None) -> "Gemma":
+    """Load a checkpoint directory or a GGUF file for chat and for the reference forward.
 
     The tokenizer and chat template come from the checkpoint (`tokenizer.json`,
-    `chat_template.jinja`) unless `tokenizer` names another directory, a GGUF file or a
-    Tokenizer. A checkpoint without one still loads: `logits` works and `chat` says what is missing.
+    `chat_template.jinja`, or a GGUF file's own vocabulary) unless `tokenizer` names another
+    directory, a GGUF file or a Tokenizer. A checkpoint without one still loads: `logits` works
+    and `chat` says what is missing. quant: "int8", "int8-g32", "int4-g32" or "int4-g128", each
+    weight quantized as it loads (`load_model`). mmproj: a GGUF model's image/audio embedders.
     """
-    model = load_model(path, dtype=dtype, device=device, block_mask=block_mask, progress=progress)
-    if tokenizer is None and (Path(path) / "tokenizer.json").is_file():
+    model = load_model(path, dtype=dtype, device=device, block_mask=block_mask, progress=progress, quant=quant,
+                       mmproj=mmproj)
+    is_gguf = Path(path).is_file()
+    if fast:  # CPU: prepacked oneDNN weights, ~2x faster decoding (models/packed.py); fast=False is the plain path
+        pack_linears(model)
+    if tokenizer is None and (is_gguf or (Path(path) / "tokenizer.json").is_file()):
         tokenizer = path
     gen = Path(path) / "generation_config.json"
     defaults = None
-    if gen.is_file():
+    if not is_gguf and gen.is_file():
         try:
             defaults = SamplingParams.from_generation_config(json.loads(gen.read_text()))
         except ValueError as e:  # json errors; InputError is a ValueError too
             raise CheckpointError(f"{gen}: {e}") from e
-    return Gemma(model, load_tokenizer(tokenizer) if tokenizer is not None else None, defaults)
+    drafter = None
+    if draft is not None:  # an MTP drafter: one conversation at a time decodes speculatively
+        from .weights.drafter import load_drafter
+
+        drafter = load_drafter(draft, dtype=dtype, device=device)
+    return Gemma(model, load_tokenizer(tokenizer) if tokenizer is not None else None, defaults,
+                 drafter=drafter, draft_tokens=draft_tokens)
 
 
 class Gemma:
     """A loaded model with its tokenizer: messages in, text out."""
 
     def __init__(self, model: Gemma4Unified, tokenizer: Tokenizer | None = None,
-                 default_params: SamplingParams | None = None):
+                 default_params: SamplingParams | None = None, drafter=None, draft_tokens: int | None = None):
+        """drafter: an MTP drafter (models/drafter.py); draft_tokens: a fixed draft length
+        (default: adaptive, generate/speculative.py)."""
+        self.drafter = drafter
+        self.draft = DraftLength(k=draft_tokens, adaptive=False) if draft_tokens else DraftLength()
+        if drafter is not None:
+            drafter.config.check_target(model.config.text)
         self.model, self.tokenizer = model, tokenizer
         self.default_params = default_params or SamplingParams(temperature=0.0)
         self._engine: Engine | None = None
@@ -110,7 +132,7 @@ class Gemma:
         if self._engine is None:
             if self.tokenizer is None:
                 self.processor()  # raises the "no tokenizer" error
-            self._engine = Engine(self.model, self.tokenizer)
+            self._engine = Engine(self.model, self.tokenizer, drafter=self.drafter, draft=self.draft)
         return self._engine
 
     def session(self) -> Session:

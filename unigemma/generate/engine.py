@@ -25,11 +25,13 @@ import torch
 
 from ..cache.kv import KVCache
 from ..errors import InputError
+from ..models.drafter import Drafter
 from ..models.gemma4 import Gemma4Unified
 from ..models.masks import VISION_TYPES
 from ..processing.parse import ParsedOutput, StreamParser, ToolCallError
 from ..processing.tokenizer import StreamDecoder, Tokenizer
 from .sampling import Sampler, SamplingParams
+from .speculative import DraftLength, MTPProposer, accept, timed
 from .stops import StopChecker
 
 MEDIA_KEYS = ("pixel_values", "image_position_ids", "input_features", "input_features_mask",
@@ -44,6 +46,17 @@ class Timings:
     prefill_s: float = 0.0
     ttft_s: float = 0.0  # call start -> first token sampled
     decode_s: float = 0.0  # first token -> last token
+    drafted: int = 0  # speculative decoding: tokens the drafter proposed
+    accepted: int = 0  # ... of which the target kept
+    verify_forwards: int = 0  # ... target forwards that checked them
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return (self.accepted + self.verify_forwards) / self.verify_forwards if self.verify_forwards else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -173,11 +186,15 @@ class _Row:
 # --- the engine -----------------------------------------------------------------------
 class Engine:
     def __init__(self, model: Gemma4Unified, tokenizer: Tokenizer, *, prefill_chunk: int = 512,
-                 reserve: int = 64):
+                 reserve: int = 64, drafter: Drafter | None = None, draft: DraftLength | None = None):
         """reserve: tokens a session's sliding-layer rings can roll back (a new turn that
-        rewrites the end of the last one, e.g. dropping its thoughts, reuses the rest)."""
+        rewrites the end of the last one, e.g. dropping its thoughts, reuses the rest; rejected
+        speculative drafts). drafter: an MTP drafter; one conversation at a time then decodes
+        speculatively (`draft`: the draft length, fixed or adaptive)."""
         self.model, self.tokenizer = model, tokenizer
         self.prefill_chunk, self.reserve = prefill_chunk, reserve
+        self.proposer = MTPProposer(model, drafter) if drafter is not None else None
+        self.draft = draft or DraftLength()
         c = model.config
         self.context = c.text.max_position_embeddings
         self.media_ids = {"image": c.image_token_id, "video": c.video_token_id, "audio": c.audio_token_id}
@@ -259,6 +276,9 @@ class Engine:
     def _decode(self, inputs: dict, params: list[SamplingParams], session: Session | None
                 ) -> Iterator[tuple[int, Delta]]:
         """Yield (row, delta) for every sampled token until every row has finished."""
+        if self.proposer is not None and len(params) == 1:
+            yield from ((0, d) for d in self._decode_speculative(inputs, params[0], session))
+            return
         t0 = time.perf_counter()
         m = self.model
         ids = inputs["input_ids"]
@@ -309,6 +329,73 @@ class Engine:
                 timings[r].decode_s = time.perf_counter() - first
                 delta.timings = timings[r]
                 yield r, delta
+
+    @torch.inference_mode()
+    def _decode_speculative(self, inputs: dict, p: SamplingParams, session: Session | None) -> Iterator[Delta]:
+        """One conversation, decoded in speculative rounds (generate/speculative.py)."""
+        t0 = time.perf_counter()
+        m = self.model
+        ids = inputs["input_ids"]
+        cache, h, cached = self.prefill(inputs, [p], session)
+        sampler = Sampler([p], m.config.text.vocab_size, m.device, eos_ids=sorted(self.base_stop_ids))
+        mask = inputs.get("attention_mask")
+        sampler.observe_prompt(0, ids[0] if mask is None else ids[0][mask[0].bool()])
+        row = _Row(self.tokenizer, p, self._stop_ids(p))
+        t = Timings(prompt_tokens=int(ids.shape[1] if mask is None else mask[0].sum()), cached_tokens=cached,
+                    prefill_s=time.perf_counter() - t0)
+        top = p.top_logprobs if p.logprobs else None
+        first = sampler.sample(m.head(h))
+        sampler.observe(first.tokens)
+        x = int(first.tokens[0])
+        pending = [(x, first.host_logprobs()[0] if p.logprobs else None)]
+        h_prev = h
+        while True:
+            for j, (tok, lp) in enumerate(pending):  # emit; a stop may come before the run's end
+                delta = row.push(tok, lp)
+                t.completion_tokens += 1
+                now = time.perf_counter()
+                if t.completion_tokens == 1:
+                    t.ttft_s, t_first = now - t0, now
+                if row.finish is not None:
+                    cache.trim(len(pending) - 1 - j)  # keep the cache = everything but the last token
+                    if session is not None:
+                        del session.keys[cache.length:]
+                    t.decode_s = now - t_first
+                    delta.timings = t
+                    yield delta
+                    return
+                yield delta
+            room = cache.max_len - cache.length - 1  # drafts that fit behind x
+            if room < 0:
+                break
+            k = min(self.draft.next(), room, self.reserve - 2)
+            if session is not None:
+                session.keys.append(x)
+            if k == 0:  # no room to draft: one plain step
+                h_prev = m(torch.tensor([[x]], device=m.device), cache.positions[:, None], cache=cache,
+                           require_media=False)[:, -1]
+                out = sampler.sample(m.head(h_prev))
+                sampler.observe(out.tokens)
+                x = int(out.tokens[0])
+                pending = [(x, out.host_logprobs()[0] if p.logprobs else None)]
+                continue
+            proposal, draft_s = timed(self.proposer.propose, cache, x, h_prev, k, sampler)
+            run = torch.tensor([[x] + proposal.tokens], device=m.device)
+            positions = cache.positions[:, None] + torch.arange(k + 1, device=m.device)
+            H, verify_s = timed(lambda: m(run, positions, cache=cache, require_media=False)[0])
+            got = accept(sampler, m.head(H), proposal, top)
+            kept = len(got.tokens) - 1
+            cache.trim(k - kept)
+            self.draft.update(k, kept, draft_s, verify_s)
+            t.drafted, t.accepted, t.verify_forwards = t.drafted + k, t.accepted + kept, t.verify_forwards + 1
+            if session is not None:
+                session.keys.extend(got.tokens[:kept])
+            x, h_prev = got.tokens[-1], H[kept:kept + 1]
+            pending = list(zip(got.tokens, got.logprobs))
+        delta = row.end(Delta(), "", "length")  # context exhausted
+        t.decode_s = time.perf_counter() - t_first
+        delta.timings = t
+        yield delta
 
     def stream(self, inputs: dict, params: SamplingParams | None = None,
                session: Session | None = None) -> Iterator[Delta]:

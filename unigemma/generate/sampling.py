@@ -260,6 +260,39 @@ class Sampler:
             x = apply_penalties(x, self.counts, self.seen, self.repetition, self.presence, self.frequency)
         return x
 
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The distribution each sampled row draws from, given processed logits x [B, V]:
+        temperature -> top-k -> top-p -> min-p -> softmax (greedy rows: the same transforms,
+        their draw is the argmax anyway). Speculative decoding compares these."""
+        y = apply_temperature(x, self.temperature)
+        if self._any_top_k:
+            y = apply_top_k(y, self.top_k, self._max_k)
+        if self._any_top_p:
+            y = apply_top_p(y, self.top_p)
+        if self._any_min_p:
+            y = apply_min_p(y, self.min_p)
+        return y.softmax(-1)
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One token per sampled row from probs [B, V] (greedy rows: argmax).
+
+        Exponential race: argmax(p / E), E ~ Exp(1) i.i.d., picks token i with probability
+        p_i (Gumbel-max in another guise). Each row's noise comes from its own generator, so a
+        row draws the same tokens whatever else shares the batch."""
+        noise = torch.ones_like(probs)
+        for r, gen in enumerate(self._generators):
+            if gen is not None:
+                noise[r].exponential_(generator=gen)
+        return (probs / noise.clamp(min=torch.finfo(torch.float32).tiny)).argmax(-1)
+
+    def uniform(self) -> torch.Tensor:
+        """[B] uniform draws in [0, 1) from each sampled row's generator (greedy rows: 0)."""
+        u = torch.zeros(len(self.params), device=self.device)
+        for r, gen in enumerate(self._generators):
+            if gen is not None:
+                u[r : r + 1].uniform_(generator=gen)
+        return u
+
     def sample(self, logits: torch.Tensor) -> SampleOutput:
         """logits [B, V], any float dtype -> SampleOutput (tokens [B] long)."""
         if logits.dim() != 2 or logits.shape != (len(self.params), self.vocab_size):
@@ -267,22 +300,7 @@ class Sampler:
         x = self.process(logits)
         tokens = x.argmax(-1)
         if self._any_sampled:
-            y = apply_temperature(x, self.temperature)
-            if self._any_top_k:
-                y = apply_top_k(y, self.top_k, self._max_k)
-            if self._any_top_p:
-                y = apply_top_p(y, self.top_p)
-            if self._any_min_p:
-                y = apply_min_p(y, self.min_p)
-            # Exponential race: argmax(p / E), E ~ Exp(1) i.i.d., picks token i with probability
-            # p_i (Gumbel-max in another guise). Each row's noise comes from its own generator,
-            # so a row draws the same tokens whatever else shares the batch.
-            noise = torch.ones_like(y)
-            for r, gen in enumerate(self._generators):
-                if gen is not None:
-                    noise[r].exponential_(generator=gen)
-            race = y.softmax(-1) / noise.clamp(min=torch.finfo(torch.float32).tiny)
-            tokens = torch.where(self.greedy, tokens, race.argmax(-1))
+            tokens = torch.where(self.greedy, tokens, self.draw(self.probs(x)))
         out = SampleOutput(tokens=tokens, wants=self._wants)
         if self._max_top is not None:
             lp = x.log_softmax(-1)

@@ -18,6 +18,7 @@ from ..embed.audio import MultimodalEmbedder, embed_audio
 from ..embed.merge import scatter_features
 from ..embed.vision import VisionEmbedder, embed_patches
 from ..errors import InputError
+from .layers import softcap
 from .masks import COMPOSITIONS, block_ids, make_mask
 from .text import TextModel
 
@@ -55,6 +56,7 @@ class Gemma4Unified(nn.Module):
         self.model = _Backbone(config)
         if not config.text.tie_word_embeddings:
             self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.packed_head = None  # models/packed.py: the head weight prepacked for fast decoding
 
     @property
     def text(self) -> TextModel:
@@ -62,11 +64,11 @@ class Gemma4Unified(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text.embed_tokens.weight.dtype
+        return self.text.norm.weight.dtype  # a float weight even when the matrices are quantized
 
     @property
     def device(self) -> torch.device:
-        return self.text.embed_tokens.weight.device
+        return self.text.norm.weight.device
 
     def make_cache(self, batch: int, max_len: int, reserve: int = 16) -> KVCache:
         return KVCache(self.config.text, batch, max_len, self.dtype, self.device, reserve)
@@ -177,8 +179,15 @@ class Gemma4Unified(nn.Module):
         cache.end()
         return out
 
+    def head_weight(self) -> torch.Tensor | None:
+        """The LM head's float weight (None when it is quantized)."""
+        w = getattr(self.text.embed_tokens if self.config.text.tie_word_embeddings else self.lm_head, "weight", None)
+        return w if isinstance(w, torch.Tensor) and w.is_floating_point() else None
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.text.head(h, None if self.config.text.tie_word_embeddings else self.lm_head.weight)
+        if self.packed_head is not None:
+            return softcap(self.packed_head(h), self.config.text.final_logit_softcapping)
+        return self.text.head(h, None if self.config.text.tie_word_embeddings else self.lm_head)
 
     @torch.inference_mode()
     def logits(self, input_ids, attention_mask=None, mm_token_type_ids=None, pixel_values=None,

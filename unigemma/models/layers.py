@@ -1,4 +1,4 @@
-"""Shared primitives of the Gemma 4 text stack: RMSNorm, the gated GELU MLP, logit softcap.
+"""Shared primitives of the Gemma text stacks: RMSNorm, the gated GELU MLP, tied embedding, logit softcap.
 
 Numerics follow the reference exactly (spec §3.2): statistics in float32, the weight
 multiplies directly (no `1 + w` as in Gemma 2/3), the reciprocal root is a power.
@@ -40,6 +40,14 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding that can also act as the tied LM head; quant.linear.QuantEmbedding is its
+    quantized twin (lookup via forward, head via `linear`), so the model never asks which."""
+
+    def linear(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight)
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:

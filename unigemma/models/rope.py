@@ -1,6 +1,7 @@
 """Rotary position embeddings, one table per layer type (spec §3.5).
 
-Sliding layers use the default RoPE over the whole head dim. Full layers use Gemma 4's
+Gemma 3 uses the default RoPE (or "linear" scaling) on both layer types. Gemma 4's sliding
+layers use the default RoPE over the whole head dim. Full layers use Gemma 4's
 "proportional" RoPE: only the first `partial_rotary_factor * head_dim / 2` frequency pairs
 rotate, with the exponent's denominator the *full* head dim; the remaining pairs get
 frequency 0 (cos 1, sin 0), so those dims pass through unchanged.
@@ -16,8 +17,10 @@ def inv_freq(config: TextConfig, layer_type: str, device=None) -> torch.Tensor:
     p = config.rope_parameters[layer_type]
     head_dim = config.head_dim_of(layer_type)
     base = float(p["rope_theta"])
-    if p.get("rope_type", "default") == "default":
-        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+    kind = p.get("rope_type", "default")
+    if kind in ("default", "linear"):  # linear (Gemma 3 4B+ full layers): positions / factor
+        f = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+        return f / float(p["factor"]) if kind == "linear" else f
     rope_angles = int(p.get("partial_rotary_factor", 1.0) * head_dim // 2)
     rotated = 1.0 / (base ** (torch.arange(0, 2 * rope_angles, 2, dtype=torch.float, device=device) / head_dim))
     return torch.cat([rotated, torch.zeros(head_dim // 2 - rope_angles, dtype=torch.float, device=device)])

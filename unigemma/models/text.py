@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import TextConfig
 from .attention import Attention
-from .layers import MLP, RMSNorm, softcap
+from .layers import MLP, Embedding, RMSNorm, softcap
 from .rope import Rope
 
 
@@ -42,16 +42,15 @@ class TextModel(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ropes = {t: Rope(config, t) for t in set(config.layer_types)}
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings × sqrt(hidden); the scale is cast to the weight dtype first (62.0 in bf16)."""
-        w = self.embed_tokens.weight
-        scale = torch.tensor(math.sqrt(self.config.hidden_size), dtype=torch.float32).to(w.dtype)
-        return F.embedding(ids, w) * scale
+        e = self.embed_tokens(ids)  # [.., hidden] in the model dtype (quantized tables dequantize rows)
+        return e * torch.tensor(math.sqrt(self.config.hidden_size), dtype=torch.float32).to(e.dtype)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, masks: dict, cache=None) -> torch.Tensor:
         """h [B, S, hidden] input embeddings; positions [B, S] RoPE positions; masks per layer type."""
@@ -61,7 +60,14 @@ class TextModel(nn.Module):
             h = layer(h, cos, sin, masks[layer.layer_type], cache)
         return self.norm(h)
 
-    def head(self, h: torch.Tensor, lm_head: torch.Tensor | None = None) -> torch.Tensor:
-        """Final hidden [.., hidden] → softcapped logits [.., vocab] in the weight dtype."""
-        w = self.embed_tokens.weight if lm_head is None else lm_head
-        return softcap(F.linear(h, w), self.config.final_logit_softcapping)
+    def head(self, h: torch.Tensor, lm_head: torch.Tensor | nn.Module | None = None) -> torch.Tensor:
+        """Final hidden [.., hidden] → softcapped logits [.., vocab] in the model dtype.
+        lm_head: an untied head (weight or module); None or the embedding's own weight uses the
+        tied table through `linear`, which also serves a quantized (int8) table."""
+        if lm_head is None or lm_head is self.embed_tokens.weight:
+            logits = self.embed_tokens.linear(h)
+        elif isinstance(lm_head, torch.Tensor):
+            logits = F.linear(h, lm_head)
+        else:
+            logits = lm_head(h)
+        return softcap(logits, self.config.final_logit_softcapping)

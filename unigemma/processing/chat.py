@@ -260,7 +260,8 @@ class Processor:
 
     def _render(self, messages, tools, enable_thinking, add_generation_prompt, template_kwargs) -> str:
         if not self.chat_template:
-            raise InputError(f"{self.tokenizer.name} has no chat template; pass chat_template= to Processor")
+            raise InputError(f"{self.tokenizer.name} has no chat template (a base model? `unigemma run --raw` "
+                             "continues plain text); pass chat_template= to Processor")
         return render(self.chat_template, messages, tools=_check_tools(tools) if tools is not None else None,
                       add_generation_prompt=add_generation_prompt, special_tokens=self.tokenizer.special_tokens_map,
                       enable_thinking=enable_thinking, **template_kwargs)

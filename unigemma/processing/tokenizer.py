@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import codecs
 import json
-import mmap
 import re
-import struct
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -24,6 +22,7 @@ from tokenizers import AddedToken, decoders, models, normalizers, processors
 from tokenizers import Tokenizer as Backend
 
 from unigemma.errors import CheckpointError, InputError
+from unigemma.gguf.reader import read_gguf_metadata  # noqa: F401  (re-exported: its old home)
 
 # Marker tokens of the unified model, by the names transformers' tokenizer config uses.
 MEDIA_TOKENS = {
@@ -36,71 +35,6 @@ END_OF_TURN_TOKENS = ("<turn|>", "<|tool_response>", "<end_of_turn>")
 # llama.cpp / gguf-py `TokenType` values.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-# --- GGUF metadata ----------------------------------------------------------------------
-# gguf-py's GGUFReader builds a numpy view per array element (1.3 M of them for this
-# vocabulary: ~25 s); reading only the key/value section with struct takes ~0.5 s.
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-
-
-def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """The key/value metadata of a GGUF file (v2/v3, either byte order); tensors are not read.
-
-    Strings become `str`, string arrays `list[str]`, numeric arrays numpy arrays.
-    """
-    try:
-        with open(path, "rb") as f:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read GGUF file {path}: {e}") from e
-    try:
-        if buf[:4] != b"GGUF":
-            raise CheckpointError(f"{path} is not a GGUF file (magic {bytes(buf[:4])!r})")
-        end = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"  # byte-swapped version
-        version, _, num_kv = struct.unpack_from(end + "IQQ", buf, 4)
-        if version < 2:
-            raise CheckpointError(f"{path}: GGUF version {version} is not supported (need 2 or 3)")
-        u32, u64 = struct.Struct(end + "I"), struct.Struct(end + "Q")
-
-        def string(off: int) -> tuple[str, int]:
-            (n,) = u64.unpack_from(buf, off)
-            return buf[off + 8:off + 8 + n].decode("utf-8", "replace"), off + 8 + n
-
-        def value(vtype: int, off: int) -> tuple[Any, int]:
-            if vtype == _STRING:
-                return string(off)
-            if vtype != _ARRAY:
-                s = struct.Struct(end + _SCALARS[vtype])
-                return s.unpack_from(buf, off)[0], off + s.size
-            (etype,), (n,) = u32.unpack_from(buf, off), u64.unpack_from(buf, off + 4)
-            off += 12
-            if etype in _SCALARS:
-                dtype = np.dtype(end + _SCALARS[etype])
-                return np.frombuffer(buf, dtype, n, off).copy(), off + n * dtype.itemsize
-            items = []
-            if etype == _STRING:  # the hot loop: 777k strings in a Gemma 4 vocabulary
-                for _ in range(n):
-                    (size,) = u64.unpack_from(buf, off)
-                    items.append(buf[off + 8:off + 8 + size].decode("utf-8", "replace"))
-                    off += 8 + size
-                return items, off
-            for _ in range(n):
-                item, off = value(etype, off)
-                items.append(item)
-            return items, off
-
-        meta, off = {}, 24
-        for _ in range(num_kv):
-            key, off = string(off)
-            (vtype,) = u32.unpack_from(buf, off)
-            meta[key], off = value(vtype, off + 4)
-        return meta
-    except (struct.error, KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: truncated or malformed GGUF metadata ({e!r})") from e
-    finally:
-        buf.close()
 
 
 def _merges_from_scores(tokens: list[str], scores: np.ndarray, types: np.ndarray) -> list[tuple[str, str]]:

@@ -1,17 +1,20 @@
-"""Checkpoint loading: build on the meta device, stream tensors in from safetensors.
+"""Checkpoint loading: build on the meta device, stream tensors in from safetensors (or GGUF).
 
 A checkpoint is a directory with `config.json` and either `model.safetensors` or a sharded
 `model.safetensors.index.json`. The model is built without memory (meta device); each tensor
 is read from the memory-mapped file, cast to the requested dtype and assigned, so peak memory
 stays near the model's own size. Loading is strict: a missing, unexpected or wrongly shaped
 tensor, a truncated or corrupt file, or an unknown model type is a `CheckpointError` /
-`ConfigError` naming the file and the tensor. Pickle files are never opened.
+`ConfigError` naming the file and the tensor. Pickle files are never opened. With `quant`
+the decoder's Linear layers are swapped for quantized ones before loading and each float
+weight is quantized as it is read (quant/apply.py); `Placer` is shared with the GGUF loader.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -20,7 +23,9 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from ..models.gemma4 import Gemma4Unified, checkpoint_name_to_module
+from ..models import model_class, renames
+from ..quant.apply import QuantScheme, load_float, load_float_rows, plan_for, prepare, swap_modules
+from ..quant.linear import QuantLinear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,56 +68,183 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[leaf] = tensor
 
 
+def build_model(config: ModelConfig, block_mask: str = "sliding", scheme: QuantScheme | None = None,
+                dtype: torch.dtype = torch.bfloat16, plan: dict | None = None) -> nn.Module:
+    """The model for `config` on the meta device, its modules swapped for quantized ones if asked
+    (by a scheme, or by an explicit plan: module name → (bits, group))."""
+    with torch.device("meta"):
+        model = model_class(config)(config, block_mask=block_mask)
+    if scheme is not None or plan:
+        try:
+            swap_modules(model, plan if plan is not None else plan_for(model, scheme), dtype)
+        except ValueError as e:
+            raise CheckpointError(f"cannot quantize this model as {scheme.name if scheme else 'planned'}: {e}") from e
+    model.quant_scheme = scheme
+    return model
+
+
+class Placer:
+    """Puts checkpoint tensors into a meta-built model one at a time, strictly: every expected
+    tensor once, with its shape. A float weight arriving for a quantized module is quantized
+    right there, so the float model never exists as a whole."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device, where: str):
+        self.model, self.dtype, self.device, self.where = model, dtype, device, where
+        self.expected = dict(model.state_dict(keep_vars=True))
+        self.seen: dict[str, str] = {}
+
+    def quantized_owner(self, name: str) -> QuantLinear | None:
+        prefix, _, leaf = name.rpartition(".")
+        m = self.model.get_submodule(prefix) if prefix else self.model
+        return m if isinstance(m, QuantLinear) and leaf == "weight" else None
+
+    def check(self, name: str, key: str, shape: tuple, is_float: bool, source: str) -> None:
+        if name not in self.expected:
+            raise CheckpointError(f"{source}: unexpected tensor {key!r}: the {self.model.config.model_type} model "
+                                  f"described by {self.where} has no such weight")
+        if name in self.seen:
+            raise CheckpointError(f"{source}: tensor {key!r} also appears in {self.seen[name]}")
+        q = self.quantized_owner(name)
+        want = (q.out_features, q.in_features) if q is not None and is_float else tuple(self.expected[name].shape)
+        if tuple(shape) != want:
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(shape)}, the config implies {want}")
+
+    def place(self, name: str, t: torch.Tensor, source: str) -> None:
+        q = self.quantized_owner(name)
+        if q is not None and t.is_floating_point():
+            load_float(q, t.to(self.device))
+            self.seen[name[:-len("weight")] + "scales"] = source
+        else:
+            prefix, _, leaf = name.rpartition(".")
+            owner = self.model.get_submodule(prefix) if prefix else self.model
+            if t.is_floating_point():
+                if isinstance(owner, QuantLinear) and leaf == "scales":
+                    t = t.to(torch.float16)  # a quantized checkpoint's scales, as stored
+                elif getattr(owner, "keeps_float32", False):
+                    t = t.float()
+                else:
+                    t = t.to(self.dtype)
+            _assign(self.model, name, t.to(self.device))
+        self.seen[name] = source
+
+    def place_rows(self, name: str, read_rows, source: str) -> None:
+        """A float weight for a quantized module, quantized a block of rows at a time."""
+        q = self.quantized_owner(name)
+        load_float_rows(q, lambda a, b: read_rows(a, b).to(self.device))
+        self.seen[name] = self.seen[name[:-len("weight")] + "scales"] = source
+
+    def place_quantized(self, name: str, q: torch.Tensor, scales: torch.Tensor, source: str) -> None:
+        """Already-quantized bits in our layout (a GGUF Q8_0 / Q4_0 repack)."""
+        self.quantized_owner(name).set_weight(q.to(self.device), scales.to(self.device))
+        self.seen[name] = self.seen[name[:-len("weight")] + "scales"] = source
+
+    def finish(self) -> nn.Module:
+        missing = [n for n in self.expected if n not in self.seen]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise CheckpointError(f"{self.where}: checkpoint is missing {len(missing)} tensors: {missing[:5]}{more}")
+        prepare(self.model, self.dtype)
+        return self.model.eval()
+
+
+def _scheme(config: ModelConfig, quant, where: str) -> QuantScheme | None:
+    stored = None
+    if config.quantization is not None:
+        try:
+            stored = QuantScheme.from_config(config.quantization, where)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from e
+    asked = None if quant is None else QuantScheme.parse(quant)
+    if stored is not None and asked is not None and asked.name != stored.name:
+        raise CheckpointError(f"{where}: the checkpoint is already quantized as {stored.name}; "
+                              f"requantizing it as {asked.name} is not supported (load it as it is)")
+    return stored or asked
+
+
 def load_model(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: str = "sliding",
-         progress: bool = False) -> Gemma4Unified:
-    """Load a Gemma 4 unified checkpoint directory. dtype: float32 or bfloat16 (or float16)."""
+               progress: bool = False, quant: str | QuantScheme | None = None, mmproj=None) -> nn.Module:
+    """Load a checkpoint directory (safetensors) or a GGUF file.
+
+    dtype: float32 or bfloat16 (or float16), the activations' dtype. quant: None (as stored),
+    "int8" (per channel), "int8-g32", "int4-g32" or "int4-g128": each decoder weight is
+    quantized as it is read. A quantized checkpoint loads as it was saved. mmproj: a GGUF
+    file's image/audio embedders (GGUF only)."""
     root = Path(path)
+    dtype = _resolve_dtype(dtype)
+    if root.suffix == ".gguf" or (root.is_file() and _is_gguf(root)):
+        from ..gguf.load import load_gguf
+
+        return load_gguf(root, dtype=dtype, device=device, quant=quant, mmproj=mmproj, block_mask=block_mask)
+    if mmproj is not None:
+        raise CheckpointError("mmproj is a GGUF projector file: pass it with a .gguf model")
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a checkpoint directory" + ("" if root.exists() else " (it does not exist)"))
-    dtype = _resolve_dtype(dtype)
     config = ModelConfig.from_file(root / "config.json")
+    scheme = _scheme(config, quant, str(root / "config.json"))
     shards = _shards(root)
-    with torch.device("meta"):
-        model = Gemma4Unified(config, block_mask=block_mask)
-    expected = dict(model.state_dict(keep_vars=True))
-    seen: dict[str, str] = {}
-    bar = _progress(shards, expected, progress)
+    model = build_model(config, block_mask, scheme, dtype)
+    rename, transform = renames(config)
+    placer = Placer(model, dtype, device, "config.json")
+    bar = _progress(shards, placer.expected, progress)
     for shard in shards:
         try:
             f = safe_open(str(shard), framework="pt", device="cpu")
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{shard}: not a readable safetensors file ({e})") from e
-        with f:
+        with f, open(shard, "rb") as raw:
+            offsets = _data_offsets(raw, shard) if scheme is not None else {}
             for key in f.keys():
-                name = checkpoint_name_to_module(key, config)
+                name = rename(key, config)
                 if name is None:
                     continue
-                if name not in expected:
-                    raise CheckpointError(f"{shard}: unexpected tensor {key!r}: the {config.model_type} model "
-                                          "described by config.json has no such weight")
-                if name in seen:
-                    raise CheckpointError(f"{shard}: tensor {key!r} also appears in {seen[name]}")
-                want = tuple(expected[name].shape)
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != want:
-                    raise CheckpointError(f"{shard}: tensor {key!r} has shape {shape}, the config implies {want}")
+                sl = f.get_slice(key)
+                is_float = sl.get_dtype() in _FLOAT_DTYPES
+                placer.check(name, key, tuple(sl.get_shape()), is_float, str(shard))
                 try:
-                    t = f.get_tensor(key)
-                except (SafetensorError, OSError, RuntimeError) as e:
+                    if is_float and placer.quantized_owner(name) is not None:
+                        span, dt, shape = offsets[key], sl.get_dtype(), sl.get_shape()
+                        placer.place_rows(name, lambda a, b: _pread_rows(raw, span, dt, shape, a, b), shard.name)
+                    else:
+                        placer.place(name, transform(name, f.get_tensor(key)), shard.name)
+                except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as e:
                     raise CheckpointError(f"{shard}: cannot read tensor {key!r} ({e})") from e
-                if t.is_floating_point():
-                    t = t.to(device=device, dtype=dtype)
-                _assign(model, name, t.to(device))
-                seen[name] = shard.name
                 if bar is not None:
                     bar.update(1)
     if bar is not None:
         bar.close()
-    missing = [n for n in expected if n not in seen]
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(f"{root}: checkpoint is missing {len(missing)} tensors: {missing[:5]}{more}")
-    return model.eval()
+    try:
+        return placer.finish()
+    except CheckpointError as e:
+        raise CheckpointError(f"{root}: {e}") from None
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+# Weights about to be quantized are read with pread into memory of their own, not through the
+# mapping safe_open uses: every mapped page read stays in the process's RSS until the file is
+# closed, so a mapped 24 GB bf16 checkpoint would count whole in the RSS of an 8 GB int4 load.
+def _data_offsets(raw, shard: Path) -> dict[str, tuple[int, int]]:
+    """Tensor name → (start, end) byte offsets in the file, from the safetensors header."""
+    (n,) = struct.unpack("<Q", raw.read(8))
+    header = json.loads(raw.read(n))
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def _pread_rows(raw, span: tuple[int, int], dtype: str, shape, a: int, b: int) -> torch.Tensor:
+    """Rows a..b of a 2-D tensor stored at `span` (row-major), read into memory of their own."""
+    row = (span[1] - span[0]) // shape[0]
+    buf = torch.empty((b - a) * row, dtype=torch.uint8)
+    if os.preadv(raw.fileno(), [buf.numpy()], span[0] + a * row) != len(buf):
+        raise ValueError("the file ends inside the tensor (truncated?)")
+    return buf.view(_TORCH_DTYPES[dtype]).reshape(b - a, *shape[1:])
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _progress(shards, expected, enabled):

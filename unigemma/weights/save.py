@@ -1,7 +1,9 @@
 """Write a model as a checkpoint directory in the on-disk layout the loader reads.
 
-Used for small random checkpoints (the demo, tests without transformers); the names are the
-released checkpoint's, the inverse of `checkpoint_name_to_module`.
+Used for small random checkpoints (the demo, tests without transformers) and for quantized
+checkpoints (`save_quantized`); the names are the released checkpoint's, the inverse of
+`checkpoint_name_to_module`. Quantized modules write our layouts (quant/pack.py) through
+their state_dict.
 """
 
 from __future__ import annotations
@@ -46,3 +48,30 @@ def random_checkpoint(config_dict: dict, path: str | Path, seed: int = 0, dtype=
         else:
             p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
     return save_checkpoint(model.to(dtype), {**config_dict, "dtype": str(dtype).removeprefix("torch.")}, path)
+
+
+# Files a checkpoint directory carries besides its weights and config.
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+               "special_tokens_map.json", "processor_config.json")
+
+
+def save_quantized(src: str | Path, dst: str | Path, quant: str, dtype="bfloat16") -> Path:
+    """Quantize checkpoint `src` (streamed: never the whole float model) into `dst`: the bits and
+    scales in safetensors, the scheme in config.json's "quantization", tokenizer files copied.
+    Loading `dst` then reads the quantized tensors as they are."""
+    import shutil
+
+    from ..weights.loader import load_model
+
+    src, dst = Path(src), Path(dst)
+    model = load_model(src, dtype=dtype, quant=quant)
+    if model.config.model_type not in ("gemma4_unified", "gemma4_unified_text"):
+        raise ValueError(f"saving quantized {model.config.model_type} checkpoints is not supported")
+    config_dict = json.loads((src / "config.json").read_text())
+    config_dict["quantization"] = model.quant_scheme.to_config()
+    config_dict["dtype"] = str(model.dtype).removeprefix("torch.")
+    save_checkpoint(model, config_dict, dst)
+    for name in _SIDE_FILES:
+        if (src / name).is_file() and src != dst:
+            shutil.copyfile(src / name, dst / name)
+    return dst

@@ -1,0 +1,195 @@
+"""Speculative decoding: a drafter proposes k tokens, the target checks them in one forward.
+
+One round, for one conversation whose cache holds every token but the last sampled one, x:
+
+    1. propose   d1..dk: the MTP drafter runs k steps at x's position over the target's own
+                 K/V (models/drafter.py), each step reading the token the last one proposed
+    2. verify    one target forward over [x, d1..dk] -> logits L0..Lk
+    3. accept    greedy: keep d_i while it is the target's argmax after L_{i-1}; the first
+                 mismatch is replaced by the target's token. Sampling: keep d_i with
+                 probability min(1, p_i(d_i) / q_i(d_i)), else draw from norm(max(0, p_i - q_i))
+                 and stop (Leviathan et al. 2023): the output is distributed exactly as the
+                 target's own samples. All k kept -> one more token from L_k.
+    4. roll back the rejected drafts' K/V (cache.trim; sliding rings keep `reserve` spare
+                 slots for this, and the drafter's next round only reads accepted tokens)
+
+p_i is the target's distribution after the request's own processing (penalties, masks,
+temperature, top-k/p, min-p: the Sampler's), q_i the drafter's through the same processing.
+Each emitted token is counted in the sampler's history before the next position is judged, so
+penalties see exactly what plain decoding would. `DraftLength` picks k per round from the
+measured acceptance and the measured cost of a draft step relative to a verify forward.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache.kv import KVCache
+from ..config import FULL, SLIDING
+from ..errors import InputError
+from ..models.drafter import Drafter
+from ..models.gemma4 import Gemma4Unified
+from .sampling import Sampler
+
+
+@dataclass
+class Proposal:
+    tokens: list[int]
+    q: torch.Tensor | None  # [k, V] the drafter's distributions (None: greedy drafting)
+
+
+class MTPProposer:
+    """Drafts with the MTP drafter over the target's KV cache."""
+
+    def __init__(self, target: Gemma4Unified, drafter: Drafter):
+        drafter.config.check_target(target.config.text)
+        self.target, self.drafter = target, drafter
+        types = target.config.text.layer_types
+        # the target layer each drafter layer type reads: the last one of that type
+        self.source = {t: max(i for i, lt in enumerate(types) if lt == t) for t in (SLIDING, FULL)}
+        self.window = target.config.text.sliding_window
+
+    def shared_kv(self, cache: KVCache) -> dict:
+        """The target's K/V the drafter's query at position p = cache.length may see: every
+        cached token on full layers, the last window + 1 on sliding ones (as the reference's
+        bidirectional window mask lets it), and never a rolled-back draft (those slots are -1)."""
+        p = cache.length
+        kv = {}
+        for t, layer in self.source.items():
+            k, v = cache.layers[layer]
+            idx = cache.slot_idx[t]
+            seen = idx >= 0
+            if t == SLIDING:
+                seen &= idx >= p - 1 - self.window
+            kv[t] = (k, v, seen.view(1, 1, 1, -1))
+        return kv
+
+    @torch.inference_mode()
+    def propose(self, cache: KVCache, x: int, h: torch.Tensor, k: int, sampler: Sampler) -> Proposal:
+        """k draft tokens after x; h [1, hidden] the target's hidden that produced x."""
+        kv = self.shared_kv(cache)
+        pos = torch.full((1, 1), cache.length, device=h.device)
+        greedy = bool(sampler.greedy[0])
+        tokens, qs = [], []
+        tok = torch.tensor([[x]], device=h.device)
+        hid = h.view(1, 1, -1)
+        for _ in range(k):
+            emb = self.target.text.embed(tok)  # the target's table, ×√hidden
+            logits, hid = self.drafter(emb, hid, pos, kv)
+            z = sampler.process(logits[:, -1].float())
+            if greedy:
+                tok = z.argmax(-1, keepdim=True)
+            else:
+                q = sampler.probs(z)
+                qs.append(q[0])
+                tok = sampler.draw(q)[:, None]
+            tokens.append(int(tok))
+        return Proposal(tokens, torch.stack(qs) if qs else None)
+
+
+@dataclass
+class Accepted:
+    tokens: list[int]  # the drafts kept, then the target's own token
+    logprobs: list[dict | None]
+    drafted: int
+
+
+def accept(sampler: Sampler, logits: torch.Tensor, proposal: Proposal, top: int | None) -> Accepted:
+    """Judge a proposal against the target's logits [k + 1, V] (one conversation).
+    Every emitted token is observed by the sampler before the next position is judged."""
+    drafts = proposal.tokens
+    greedy = bool(sampler.greedy[0])
+    out, lps = [], []
+    for i in range(len(drafts) + 1):
+        x = sampler.process(logits[i:i + 1].float())
+        if greedy:
+            t = int(x.argmax(-1))
+            stop = i == len(drafts) or t != drafts[i]
+        else:
+            p = sampler.probs(x)
+            if i == len(drafts):
+                t, stop = int(sampler.draw(p)), True
+            else:
+                d, q = drafts[i], proposal.q[i]
+                ratio = (p[0, d] / q[d].clamp(min=torch.finfo(torch.float32).tiny)).clamp(max=1.0)
+                if float(sampler.uniform()[0]) < float(ratio):
+                    t, stop = d, False
+                else:
+                    residual = (p[0] - q).clamp(min=0)
+                    if float(residual.sum()) <= 0:  # p == q up to rounding: p itself is the residual
+                        residual = p[0]
+                    t, stop = int(sampler.draw((residual / residual.sum())[None])), True
+        out.append(t)
+        lps.append(_logprob(x, t, top))
+        sampler.observe(torch.tensor([t], device=sampler.device))
+        if stop:
+            break
+    return Accepted(out, lps, len(drafts))
+
+
+def _logprob(x: torch.Tensor, t: int, top: int | None) -> dict | None:
+    if top is None:
+        return None
+    lp = x[0].log_softmax(-1)
+    vals, ids = lp.topk(top) if top else (lp[:0], lp[:0].long())
+    return {"token_id": t, "logprob": float(lp[t]), "top": list(zip(ids.tolist(), vals.tolist()))}
+
+
+@dataclass
+class DraftLength:
+    """k per round. Fixed (`adaptive=False`), or chosen to maximise expected tokens per unit
+    of time: with acceptance a per draft (running estimate) a round of k drafts yields
+    (1 - a^(k+1)) / (1 - a) tokens and costs 1 + k * c verify-forwards, c the measured cost
+    of one draft step relative to one verify forward."""
+    k: int = 4
+    adaptive: bool = True
+    max_k: int = 8
+    rate: float = 0.6  # running acceptance per drafted token
+    cost: float = 0.1  # draft step time / verify time
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    history: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        for name in ("k", "max_k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"draft {name} must be a positive integer, got {v!r}")
+
+    def next(self) -> int:
+        if not self.adaptive:
+            return self.k
+        a = min(max(self.rate, 0.01), 0.99)
+        best = max(range(1, self.max_k + 1), key=lambda k: (1 - a ** (k + 1)) / (1 - a) / (1 + k * self.cost))
+        self.history.append(best)
+        return best
+
+    def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        self.rounds += 1
+        if drafted:
+            self.rate = 0.8 * self.rate + 0.2 * (accepted / drafted)
+            if verify_s > 0:
+                self.cost = 0.8 * self.cost + 0.2 * (draft_s / drafted / verify_s)
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+
+def timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t
+
+
+__all__ = ["MTPProposer", "Proposal", "Accepted", "accept", "DraftLength", "timed"]

@@ -1,0 +1,1 @@
+"""GGUF import: reader (metadata, tensor table), dequantizers, and the gemma3 / gemma4 loaders."""

@@ -1,0 +1,1 @@
+"""Weight-only quantization: int8 per channel or group-wise, int4 group-wise (see pack.py)."""

@@ -1,0 +1,149 @@
+"""Quantized Linear and Embedding modules: int8 / int4 weights, activations in the model dtype.
+
+State (what a quantized checkpoint stores, layouts in pack.py):
+    weight  int8 [N, K] (8 bit) or uint8 [N, K // 2] (4 bit)
+    scales  float16 [N, K // group]
+
+Matmul paths, picked per module from its shape (`kernel`) and per call from the activations:
+  "int8"  torch's `_weight_int8pack_mm`: per-channel int8 (one group per row).
+  "int4"  torch's `_weight_int4pack_mm_for_cpu`: group-wise int4 with N % 64 == 0. The module
+          then keeps only the kernel's nibble order in memory (a permutation of ours, undone
+          by a state_dict hook), so the weight exists once.
+  None    plain dequantize + matmul, a block of rows at a time so the float copy stays in
+          cache: group-wise int8 (GGUF Q8_0), odd shapes, other devices. Also the oracle.
+The kernels are fast only for bfloat16 activations (AVX512-BF16; in float32 / float16 they
+are 2-50x slower than dequantizing, bench/quant_kernels.py), so float32 models always take the
+plain path, and so do calls with many rows (prefill, KERNEL_MAX_ROWS). The kernels take scales
+in the activation dtype: the float16 scales round to bfloat16 (a relative 2^-9 per group).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .pack import dequantize, from_cpu_int4pack, to_cpu_int4pack
+
+USE_KERNELS = True  # False: every module takes the dequantize path (tests compare the two)
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+# Above this many rows (prefill) dequantize + a bf16/fp32 GEMM beats the packed kernels,
+# which run at ~190 GFLOP/s against the GEMM's ~480 (bench/quant_kernels.py, one core).
+KERNEL_MAX_ROWS = {"int8": 48, "int4": 192}
+# rows dequantized per block on the plain path: ~1 MiB of float32 weights
+_BLOCK_BYTES = 1 << 20
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None,
+                 bias: bool = False, device=None):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        g = group_size or in_features
+        if in_features % g or (bits == 4 and g % 2):
+            raise ValueError(f"in-features {in_features} do not split into groups of {g}")
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, g
+        wshape = (out_features, in_features if bits == 8 else in_features // 2)
+        self.register_buffer("weight", torch.empty(wshape, dtype=torch.int8 if bits == 8 else torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, in_features // g, dtype=torch.float16, device=device))
+        self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
+        self.is_kernel_layout = False  # weight holds torch's int4 kernel order (see pack.py)
+        self._kernel_scales: dict[torch.dtype, torch.Tensor] = {}
+        self._register_state_dict_hook(_our_layout_hook)
+
+    @property
+    def kernel(self) -> str | None:
+        """The packed kernel this module's shape allows (used for bfloat16 activations)."""
+        if not USE_KERNELS or self.weight.device.type != "cpu":
+            return None
+        if self.bits == 8:
+            return "int8" if self.scales.shape[1] == 1 else None
+        ok = self.out_features % 64 == 0 and self.group_size in INT4_KERNEL_GROUPS
+        return "int4" if ok else None
+
+    def set_weight(self, q: torch.Tensor, scales: torch.Tensor) -> None:
+        """Our layout in (from a checkpoint, a quantizer or a GGUF repack)."""
+        if tuple(q.shape) != tuple(self.weight.shape) or tuple(scales.shape) != tuple(self.scales.shape):
+            raise ValueError(f"quantized weight {tuple(q.shape)} / scales {tuple(scales.shape)} do not fit "
+                             f"{tuple(self.weight.shape)} / {tuple(self.scales.shape)}")
+        self.weight, self.scales = q.to(self.weight.dtype), scales.to(torch.float16)
+        self.is_kernel_layout = False
+        self._kernel_scales.clear()
+
+    def our_weight(self) -> torch.Tensor:
+        return from_cpu_int4pack(self.weight) if self.is_kernel_layout else self.weight
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """The float weight [N, K] these bits stand for (the reference for every path)."""
+        return dequantize(self.our_weight(), self.scales, self.bits, dtype)
+
+    def _scales_for(self, dtype: torch.dtype) -> torch.Tensor:
+        s = self._kernel_scales.get(dtype)
+        if s is None:
+            if self.bits == 8:
+                s = self.scales[:, 0].to(dtype)
+            else:  # [K // g, N, 2]: scale and an additive zero (0: symmetric)
+                sc = self.scales.t().to(dtype)
+                s = torch.stack([sc, torch.zeros_like(sc)], dim=-1).contiguous()
+            self._kernel_scales[dtype] = s
+        return s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        kernel = self.kernel
+        if kernel is not None and (x.dtype != torch.bfloat16 or x2.shape[0] > KERNEL_MAX_ROWS[kernel]):
+            kernel = None
+        if kernel == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self._scales_for(x.dtype))
+        elif kernel == "int4":
+            if not self.is_kernel_layout:
+                self.weight, self.is_kernel_layout = to_cpu_int4pack(self.weight), True
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.group_size,
+                                                           self._scales_for(x.dtype))
+        else:
+            y = self._dequantize_matmul(x2)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _dequantize_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.our_weight()
+        rows = max(64, _BLOCK_BYTES // (4 * self.in_features))
+        outs = [F.linear(x, dequantize(q[r:r + rows], self.scales[r:r + rows], self.bits, x.dtype))
+                for r in range(0, self.out_features, rows)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
+                f"kernel={self.kernel}")
+
+
+class QuantEmbedding(QuantLinear):
+    """A quantized [vocab, hidden] table used two ways: row lookup (`forward`, gather then
+    dequantize only the rows asked for) and, when the LM head is tied, `linear` (the matmul)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 8, group_size: int | None = None,
+                 dtype=torch.bfloat16, device=None):
+        super().__init__(embedding_dim, num_embeddings, bits, group_size, device=device)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.dtype = dtype  # the model's dtype: rows come out in it
+
+    @property
+    def kernel(self) -> str | None:
+        # the int4 kernel would permute the rows the lookup gathers from; only int8 tables use a kernel
+        return super().kernel if self.bits == 8 else None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = dequantize(self.weight[flat], self.scales[flat], self.bits, self.dtype)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def linear(self, h: torch.Tensor) -> torch.Tensor:
+        return super().forward(h)
+
+
+def _our_layout_hook(module: QuantLinear, state: dict, prefix: str, local_metadata) -> None:
+    if module.is_kernel_layout:
+        state[prefix + "weight"] = module.our_weight()

@@ -1,0 +1,76 @@
+"""Load an MTP drafter checkpoint (`google/gemma-4-12B-it-assistant` layout).
+
+A directory with `config.json` (model_type `gemma4_unified_assistant`) and safetensors
+(`model.safetensors` or a sharded index). Its tensor names are the module names of
+models/drafter.py; `lm_head.weight`, tied to `model.embed_tokens.weight`, is skipped when the
+checkpoint stores it anyway. Strict like the model loader: a missing, unexpected or misshapen
+tensor is a CheckpointError naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import CheckpointError, ConfigError
+from ..models.drafter import Drafter, DrafterConfig
+from .loader import _assign, _resolve_dtype, _shards
+
+
+def load_drafter(path: str | os.PathLike, dtype="bfloat16", device="cpu") -> Drafter:
+    root = Path(path)
+    if not (root / "config.json").is_file():
+        raise CheckpointError(f"{root}: not a drafter checkpoint directory (no config.json)")
+    try:
+        config = DrafterConfig.from_dict(json.loads((root / "config.json").read_text()))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{root / 'config.json'}: not valid JSON ({e})") from e
+    dtype = _resolve_dtype(dtype)
+    with torch.device("meta"):
+        model = Drafter(config)
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    seen: set[str] = set()
+    for shard in _shards(root):
+        try:
+            f = safe_open(str(shard), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{shard}: not a readable safetensors file ({e})") from e
+        with f:
+            for key in f.keys():
+                if key == "lm_head.weight" and config.tie_word_embeddings:
+                    continue
+                if key not in expected:
+                    raise CheckpointError(f"{shard}: unexpected tensor {key!r} for a drafter")
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(expected[key].shape):
+                    raise CheckpointError(f"{shard}: tensor {key!r} has shape {shape}, the config implies "
+                                          f"{tuple(expected[key].shape)}")
+                try:
+                    t = f.get_tensor(key)
+                except (SafetensorError, OSError, RuntimeError) as e:
+                    raise CheckpointError(f"{shard}: cannot read tensor {key!r} ({e})") from e
+                _assign(model, key, (t.to(dtype) if t.is_floating_point() else t).to(device))
+                seen.add(key)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise CheckpointError(f"{root}: drafter checkpoint is missing {len(missing)} tensors: {missing[:5]}")
+    return model.eval()
+
+
+def save_drafter(model: Drafter, path: str | os.PathLike, config: dict) -> Path:
+    """Write a drafter in the released layout (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(root / "model.safetensors"), metadata={"format": "pt"})
+    return root
+
+
+__all__ = ["load_drafter", "save_drafter"]
