@@ -167,3 +167,28 @@ def test_270m_five_prompts_64_tokens_agree_with_llama_cpp_up_to_numerics(gemma27
         lg = margins(gemma270.model, ids, a)[first]
         top = lg.topk(2)
         assert top.indices[1].item() == b[first] and (top.values[0] - top.values[1]).item() < 0.1
+
+
+def test_gemma3_rows_in_the_continuous_batcher_equal_each_alone(tmp_path):
+    """Rows of different lengths joining mid-flight (past the window of 5) decode as alone."""
+    from unigemma.generate.engine import Engine
+    from unigemma.generate.scheduler import Scheduler
+
+    write_gemma3(tmp_path)
+    model = unigemma.load_model(tmp_path, dtype="float32")
+    from unigemma.processing.tokenizer import Tokenizer
+    from unigemma.vocab import gemma4_vocab_gguf
+
+    engine = Engine(model, Tokenizer.from_gguf(gemma4_vocab_gguf()))  # any Gemma vocabulary covers ids < 512
+    prompts = [[2, 5, 9, 11, 300, 7, 8, 21, 40], [2, 77, 3], [2] + list(range(100, 130))]
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=3, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)]
+    alone = [engine.generate({"input_ids": torch.tensor([p])}, q).token_ids for p, q in zip(prompts, params)]
+    s = Scheduler(engine, max_seqs=3, max_len=64)
+    requests = []
+    for p, q in zip(prompts, params):
+        requests.append(s.submit({"input_ids": torch.tensor([p])}, q))
+        s.step(), s.step()
+    s.run_until_done()
+    assert [r.result().token_ids for r in requests] == alone

@@ -61,3 +61,17 @@ def test_packed_head_in_blocks_equals_one_matmul():
     with torch.inference_mode():
         got = PackedHead.from_weight(w)(h)
     assert got.shape == (3, w.shape[0]) and torch.equal(got, torch.nn.functional.linear(h, w))
+
+
+def test_loader_packs_as_it_reads(ckpt_root):
+    """load_model(pack=True) packs each decoder weight from the file (and the head block by
+    block): the same logits as packing a loaded model, bit for bit in bf16."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no bf16 support in oneDNN")
+    path = write_checkpoint(Shape(window=5, seed=7), ckpt_root)
+    streamed = unigemma.load_model(path, dtype="bfloat16", pack=True)
+    after = pack_linears(unigemma.load_model(path, dtype="bfloat16"))
+    assert isinstance(streamed.packed_head, PackedHead)
+    assert not any(type(m) is nn.Linear for m in streamed.text.layers.modules())
+    ids = torch.tensor([[2, 10, 20, 30, 40, 50, 60, 70]])
+    assert torch.equal(streamed.logits(ids), after.logits(ids))

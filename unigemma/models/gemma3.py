@@ -177,7 +177,7 @@ class Gemma3ForCausalLM(nn.Module):
             return self.model(h, positions.to(h.device), self._masks(idx, {SLIDING: idx, FULL: idx},
                                                                     {SLIDING: kv_valid, FULL: kv_valid}))
         steps = cache.begin(valid)
-        idx = torch.arange(cache.length, cache.length + S, device=h.device)
+        idx = cache.query_index(S)  # [S], or [B, S] when each row is its own sequence (a decode batch)
         masks = self._masks(idx, {t: s.k_idx for t, s in steps.items()}, {t: s.k_valid for t, s in steps.items()})
         try:
             out = self.model(h, positions.to(h.device), masks, cache)

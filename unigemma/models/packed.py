@@ -19,13 +19,16 @@ import torch
 from torch import nn
 
 
-def can_pack(model: nn.Module) -> bool:
-    p = next(model.parameters())
-    if p.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+def device_can_pack(device, dtype: torch.dtype) -> bool:
+    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    if p.dtype == torch.bfloat16:
+    if dtype == torch.bfloat16:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return p.dtype == torch.float32
+    return dtype == torch.float32
+
+
+def can_pack(model: nn.Module) -> bool:
+    return device_can_pack(model.device, model.dtype)
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
