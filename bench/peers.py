@@ -33,6 +33,14 @@ AUDIO_TOKENS = 250  # 10 s at 640 samples (40 ms) per token
 
 
 def rss_mib() -> float:
+    """Peak resident memory of this process so far. VmHWM belongs to the process's own memory
+    map; ru_maxrss is kept across exec on Linux, so a child would report its parent's peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -192,3 +192,11 @@ def test_gemma3_rows_in_the_continuous_batcher_equal_each_alone(tmp_path):
         s.step(), s.step()
     s.run_until_done()
     assert [r.result().token_ids for r in requests] == alone
+
+
+def test_demo_command_continues_with_the_real_270m(capsys):
+    gemma3_270m()  # skips without the package
+    from unigemma.cli import main
+
+    assert main(["demo", "--max-tokens", "8"]) == 0
+    assert "telephone" in capsys.readouterr().out

