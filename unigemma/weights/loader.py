@@ -12,6 +12,7 @@ weight is quantized as it is read (quant/apply.py); `Placer` is shared with the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -210,53 +211,53 @@ def load_model(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_ma
     rename, transform = renames(config)
     placer = Placer(model, dtype, device, "config.json")
     pack = pack and device_can_pack(device, dtype)
-    if pack or scheme is not None:
-        _return_freed_memory()
     if pack:
         placer.pack = {id(m) for m in model.text.layers.modules() if type(m) is nn.Linear}
-    head_source = None  # (shard, key) of the tied head's table, packed from the file at the end
-    bar = _progress(shards, placer.expected, progress)
-    for shard in shards:
+    head_name = _head_name(model) if pack else None
+    head_source = None  # where the tied head's table is in the file: packed from there at the end
+    with _return_freed_memory() if pack or scheme is not None else contextlib.nullcontext():
+        bar = _progress(shards, placer.expected, progress)
+        for shard in shards:
+            try:
+                f = safe_open(str(shard), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{shard}: not a readable safetensors file ({e})") from e
+            with f, open(shard, "rb") as raw:
+                offsets = _data_offsets(raw, shard) if scheme is not None or pack else {}
+                for key in f.keys():
+                    name = rename(key, config)
+                    if name is None:
+                        continue
+                    sl = f.get_slice(key)
+                    is_float = sl.get_dtype() in _FLOAT_DTYPES
+                    placer.check(name, key, tuple(sl.get_shape()), is_float, str(shard))
+                    try:
+                        if is_float and placer.quantized_owner(name) is not None:
+                            span, dt, shape = offsets[key], sl.get_dtype(), sl.get_shape()
+                            placer.place_rows(name, lambda a, b: _pread_rows(raw, span, dt, shape, a, b), shard.name)
+                        elif is_float and placer.packed_owner(name) is not None:
+                            span, dt, shape = offsets[key], sl.get_dtype(), sl.get_shape()
+                            placer.place_packed(name, _pread_rows(raw, span, dt, shape, 0, shape[0]), shard.name)
+                        else:
+                            placer.place(name, transform(name, f.get_tensor(key)), shard.name)
+                            if is_float and name == head_name:
+                                head_source = (shard, key, offsets[key], sl.get_dtype(), sl.get_shape())
+                    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as e:
+                        raise CheckpointError(f"{shard}: cannot read tensor {key!r} ({e})") from e
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
         try:
-            f = safe_open(str(shard), framework="pt", device="cpu")
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{shard}: not a readable safetensors file ({e})") from e
-        with f, open(shard, "rb") as raw:
-            offsets = _data_offsets(raw, shard) if scheme is not None or pack else {}
-            for key in f.keys():
-                name = rename(key, config)
-                if name is None:
-                    continue
-                sl = f.get_slice(key)
-                is_float = sl.get_dtype() in _FLOAT_DTYPES
-                placer.check(name, key, tuple(sl.get_shape()), is_float, str(shard))
-                try:
-                    if is_float and placer.quantized_owner(name) is not None:
-                        span, dt, shape = offsets[key], sl.get_dtype(), sl.get_shape()
-                        placer.place_rows(name, lambda a, b: _pread_rows(raw, span, dt, shape, a, b), shard.name)
-                    elif is_float and placer.packed_owner(name) is not None:
-                        span, dt, shape = offsets[key], sl.get_dtype(), sl.get_shape()
-                        placer.place_packed(name, _pread_rows(raw, span, dt, shape, 0, shape[0]), shard.name)
-                    else:
-                        placer.place(name, transform(name, f.get_tensor(key)), shard.name)
-                        if pack and is_float and name == _head_name(model):
-                            head_source = (shard, key, offsets[key], sl.get_dtype(), sl.get_shape())
-                except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as e:
-                    raise CheckpointError(f"{shard}: cannot read tensor {key!r} ({e})") from e
-                if bar is not None:
-                    bar.update(1)
-    if bar is not None:
-        bar.close()
-    try:
-        model = placer.finish()
-    except CheckpointError as e:
-        raise CheckpointError(f"{root}: {e}") from None
-    if head_source is not None:
-        shard, key, span, dt, shape = head_source
-        rows = PackedHead.ROWS
-        with open(shard, "rb") as raw:  # read apart from the table's mapping, which stays untouched
-            model.packed_head = PackedHead(_pread_rows(raw, span, dt, shape, a, min(a + rows, shape[0])).to(dtype)
-                                           for a in range(0, shape[0], rows))
+            model = placer.finish()
+        except CheckpointError as e:
+            raise CheckpointError(f"{root}: {e}") from None
+        if head_source is not None:
+            shard, key, span, dt, shape = head_source
+            rows = PackedHead.ROWS
+            with open(shard, "rb") as raw:  # read apart from the table's mapping, which stays untouched
+                model.packed_head = PackedHead(_pread_rows(raw, span, dt, shape, a, min(a + rows, shape[0])).to(dtype)
+                                               for a in range(0, shape[0], rows))
     return model
 
 
@@ -295,21 +296,32 @@ def _pread_rows(raw, span: tuple[int, int], dtype: str, shape, a: int, b: int) -
     return buf.view(_TORCH_DTYPES[dtype]).reshape(b - a, *shape[1:])
 
 
-def _return_freed_memory() -> None:
-    """Make glibc give big freed buffers back to the system at once.
+@contextlib.contextmanager
+def _return_freed_memory():
+    """While loading, make glibc give big freed buffers back to the system at once.
 
     Packing and quantizing read every weight into a buffer of its own and free it right after.
     glibc serves allocations below its *dynamic* mmap threshold (which climbs to 32 MiB after
     the first big free) from the heap and keeps them when freed, so the process would hold
     hundreds of MB of dead weight buffers (measured: +150 MB peak, +190 MB after loading the
-    730M bench model). A fixed 1 MiB threshold maps such buffers and unmaps them on free.
-    Process-wide and harmless elsewhere; a no-op off glibc."""
+    730M bench model). A fixed 1 MiB threshold maps such buffers and unmaps them on free. It
+    must not stay: every activation buffer would then be a fresh mapping, page-faulted anew
+    (prefill measured 40% slower). Afterwards the thresholds go to where the dynamic scheme
+    settles (32 MiB, trim at 64 MiB) and the heap is trimmed. A no-op off glibc."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
-        pass
+        libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(-3, 32 << 20)
+            libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+            libc.malloc_trim(0)
 
 
 def _is_gguf(path: Path) -> bool:
