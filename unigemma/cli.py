@@ -237,6 +237,27 @@ def cmd_plan(args) -> None:
     print(render(config, memory, plan(config, memory)))
 
 
+def cmd_serve(args) -> None:
+    """The OpenAI-compatible server and chat page (unigemma/server/)."""
+    import uvicorn
+
+    from .server import ServerConfig, create_app
+    from .server.convert import Limits
+
+    if min(args.max_seqs, args.max_queue, args.max_body_mb) < 1 or args.max_len < 16:
+        raise UnigemmaError("--max-seqs, --max-queue and --max-body-mb must be at least 1, --max-len at least 16")
+    gemma = load_for(args)
+    config = ServerConfig(model_name=args.served_name or (Path(args.model).name if args.model else "unigemma-demo"),
+                          api_key=args.api_key, max_seqs=args.max_seqs, max_len=args.max_len,
+                          max_queue=args.max_queue, max_body_bytes=args.max_body_mb << 20,
+                          limits=Limits(allow_url_fetch=args.allow_url_fetch))
+    app = create_app(gemma, config)
+    print(f"serving {config.model_name} on http://{args.host}:{args.port}/ (chat page at /, API at /v1); "
+          f"{args.max_seqs} rows x {app.state.scheduler.max_len} tokens, KV cache "
+          f"{app.state.scheduler.kv_bytes / 2**30:.2f} GiB", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def _model_flags(p, model_required=False) -> None:
     p.add_argument("--model", required=model_required,
                    help="checkpoint directory (config.json + safetensors) or a .gguf file (gemma3 / gemma4)")
@@ -292,12 +313,26 @@ def main(argv=None) -> int:
     pl = sub.add_parser("plan", help="weight and KV memory per quantization, and the longest context that fits")
     pl.add_argument("--model", required=True, help="checkpoint directory or its config.json (no weights needed)")
     pl.add_argument("--memory", default="16GB", help="memory to plan for, e.g. 16GB, 8GB (default 16GB)")
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, ...) and a chat page at /")
+    _model_flags(sv)
+    sv.add_argument("--tokenizer", help="tokenizer directory or .gguf (default: the checkpoint's)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
+    sv.add_argument("--max-seqs", type=int, default=8, help="sequences decoded together (continuous batching)")
+    sv.add_argument("--max-len", type=int, default=8192,
+                    help="tokens per sequence, prompt + reply; KV for max-seqs of them is allocated at start (default 8192)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
+    sv.add_argument("--max-body-mb", type=int, default=32, help="largest request body in MiB (413 above)")
+    sv.add_argument("--allow-url-fetch", action="store_true",
+                    help="fetch http(s) image/video URLs (public addresses only)")
+    sv.add_argument("--served-name", help="model name reported by /v1/models (default: the checkpoint's)")
     args = p.parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
         {"generate": cmd_generate, "demo": cmd_demo, "run": cmd_run, "chat": cmd_chat,
-         "quantize": cmd_quantize, "plan": cmd_plan}[args.cmd](args)
+         "quantize": cmd_quantize, "plan": cmd_plan, "serve": cmd_serve}[args.cmd](args)
     except UnigemmaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

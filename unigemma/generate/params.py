@@ -68,7 +68,7 @@ class SamplingParams:
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise in place)
         put("max_tokens", _int("max_tokens", self.max_tokens, lo=1))
         put("min_tokens", _int("min_tokens", self.min_tokens, lo=0, hi=self.max_tokens))
-        put("top_k", _int("top_k", self.top_k, lo=0))
+        put("top_k", _int("top_k", self.top_k, lo=0, hi=2**31 - 1))  # a device int; any k >= vocab keeps all
         put("top_logprobs", _int("top_logprobs", self.top_logprobs, lo=0, hi=MAX_TOP_LOGPROBS))
         for name, ok, rule in (("temperature", lambda v: v >= 0, ">= 0"),
                                ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),

@@ -248,9 +248,12 @@ class Sampler:
             self.counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=torch.int32))
 
     # -- the draw -----------------------------------------------------------------------
-    def process(self, logits: torch.Tensor) -> torch.Tensor:
-        """Masks and penalties: the float32 logits that logprobs and greedy rows use."""
+    def process(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """Masks and penalties: the float32 logits that logprobs and greedy rows use.
+        allowed: [B, V] bool, the tokens each row may take (a grammar's mask), or None."""
         x = logits.float()
+        if allowed is not None:
+            x = x.masked_fill(~allowed.to(x.device), NEG_INF)
         if self.banned is not None or self.stops is not None:
             mask = self.banned if self.banned is not None else torch.zeros_like(self.stops)
             if self.stops is not None:
@@ -293,11 +296,15 @@ class Sampler:
                 u[r : r + 1].uniform_(generator=gen)
         return u
 
-    def sample(self, logits: torch.Tensor) -> SampleOutput:
-        """logits [B, V], any float dtype -> SampleOutput (tokens [B] long)."""
+    def sample(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> SampleOutput:
+        """logits [B, V], any float dtype -> SampleOutput (tokens [B] long). allowed: optional
+        [B, V] bool of the tokens each row may take (constrained decoding), built on the host
+        from earlier steps' tokens, so applying it needs no sync."""
         if logits.dim() != 2 or logits.shape != (len(self.params), self.vocab_size):
             raise InputError(f"logits must be [{len(self.params)}, {self.vocab_size}], got {list(logits.shape)}")
-        x = self.process(logits)
+        if allowed is not None and allowed.shape != logits.shape:
+            raise InputError(f"allowed must be [{len(self.params)}, {self.vocab_size}], got {list(allowed.shape)}")
+        x = self.process(logits, allowed)
         tokens = x.argmax(-1)
         if self._any_sampled:
             tokens = torch.where(self.greedy, tokens, self.draw(self.probs(x)))

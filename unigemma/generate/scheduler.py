@@ -38,8 +38,9 @@ from .sampling import Sampler, SamplingParams
 class Request:
     """One submitted conversation: iterate it for its deltas (the last has finish_reason)."""
 
-    def __init__(self, rid: int, inputs: dict, params: SamplingParams, prompt_tokens: int):
+    def __init__(self, rid: int, inputs: dict, params: SamplingParams, prompt_tokens: int, constraint=None):
         self.id, self.inputs, self.params = rid, inputs, params
+        self.constraint = constraint  # a grammar (generate/grammar.py: allowed(), advance()) or None
         self.prompt_tokens = prompt_tokens
         self.submitted = time.perf_counter()
         self.cancelled = False
@@ -93,7 +94,8 @@ class Scheduler:
         self._stop = False
 
     # -- submitting (any thread) -------------------------------------------------------------
-    def submit(self, inputs: dict, params: SamplingParams | None = None) -> Request:
+    def submit(self, inputs: dict, params: SamplingParams | None = None, constraint=None) -> Request:
+        """Queue one conversation. constraint: a grammar whose mask each of its steps samples under."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InputError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -106,7 +108,7 @@ class Scheduler:
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting; try again later")
-            request = Request(next(self._ids), inputs, params, n)
+            request = Request(next(self._ids), inputs, params, n, constraint)
             self.waiting.append(request)
             self._wake.notify()
         return request
@@ -207,7 +209,14 @@ class Scheduler:
             request._deltas.put(e)
             return
         self.prefilling = None
-        self._admit(request, cache, h)
+        try:
+            self._admit(request, cache, h)
+        except Exception as e:  # the batch is half-updated: fail its rows (and this one), start afresh
+            for run in self.running:
+                if run.request is not request:
+                    run.request._deltas.put(e)
+            request._deltas.put(e)
+            self._reset()
 
     def _admit(self, request: Request, cache, h: torch.Tensor) -> None:
         self.cache.insert(cache)
@@ -221,8 +230,18 @@ class Scheduler:
 
     def _decode_step(self) -> None:
         m = self.engine.model
-        out = self.sampler.sample(m.head(self.h))
+        constraints = [run.request.constraint for run in self.running]
+        allowed = None
+        if any(c is not None for c in constraints):  # grammar masks come from the host's token history
+            allowed = torch.ones(len(constraints), self.sampler.vocab_size, dtype=torch.bool)
+            for r, c in enumerate(constraints):
+                if c is not None:
+                    allowed[r] = c.allowed()
+        out = self.sampler.sample(m.head(self.h), allowed)
         host = out.tokens.tolist()  # the one host sync per step: text is built on the host
+        for c, token in zip(constraints, host):
+            if c is not None:
+                c.advance(token)
         wants = any(run.request.params.logprobs for run in self.running)
         lps = out.host_logprobs() if wants else [None] * len(host)
         now = time.perf_counter()

@@ -1,0 +1,222 @@
+"""Turning running scheduler requests into OpenAI responses: one JSON body or an SSE stream.
+
+Both watch the connection: when the client goes away, every request of the response is
+cancelled (the scheduler frees the rows at its next step). A stream's first chunk carries the
+role; content and `reasoning_content` deltas follow as the engine parses them; tool calls
+come whole; each choice ends with a chunk holding its finish_reason; with
+`stream_options.include_usage` a last chunk has the usage and no choices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..errors import InputError
+from . import convert
+from .schema import error_body
+from .sse import DONE, END, Pump, chunk, new_id, usage
+
+
+async def _watch(request: Request, pump: Pump, meter) -> None:
+    """Cancel the pump's requests when the client disconnects."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            pump.cancel()
+            meter.count("disconnected")
+            return
+
+
+@contextlib.asynccontextmanager
+async def _pumping(request: Request, requests: list, meter):
+    pump = Pump(requests, asyncio.get_running_loop())
+    watcher = asyncio.create_task(_watch(request, pump, meter))
+    outcome = "failed"
+    try:
+        yield pump
+        outcome = "ok"
+    except asyncio.CancelledError:
+        outcome = "cancelled"
+        raise
+    finally:
+        watcher.cancel()
+        pump.cancel()  # a no-op for finished requests; frees the rows of any still running
+        meter.count(outcome)
+
+
+def _failure(e: BaseException) -> tuple[int, dict]:
+    if isinstance(e, InputError):
+        return 400, error_body(str(e))
+    return 500, error_body(f"generation failed: {type(e).__name__}: {e}", "server_error")
+
+
+class _Choice:
+    """What one choice accumulated (non-streaming), or just its counts (streaming)."""
+
+    def __init__(self):
+        self.content, self.reasoning, self.calls, self.logprobs = [], [], [], []
+        self.tokens, self.reasoning_tokens, self.finish = 0, 0, None
+
+
+def _absorb(c: _Choice, delta) -> None:
+    c.tokens += len(delta.token_ids)
+    if delta.reasoning:
+        c.reasoning_tokens += len(delta.token_ids)
+    c.content.append(delta.content)
+    c.reasoning.append(delta.reasoning)
+    c.calls += delta.tool_calls
+    c.logprobs += delta.logprobs
+    if delta.finish_reason is not None:
+        c.finish = delta.finish_reason
+
+
+async def chat(request: Request, requests: list, body, model: str, tokenizer, meter):
+    n = len(requests)
+    prompt_tokens = requests[0].prompt_tokens
+    cid = new_id("chatcmpl")
+    if not body.stream:
+        choices = [_Choice() for _ in range(n)]
+        async with _pumping(request, requests, meter) as pump:
+            open_ = n
+            while open_:
+                i, item = await pump.get()
+                if item is END:
+                    open_ -= 1
+                elif isinstance(item, BaseException):
+                    status, err = _failure(item)
+                    return JSONResponse(err, status_code=status)
+                else:
+                    _absorb(choices[i], item)
+        out = []
+        for i, c in enumerate(choices):
+            msg = {"role": "assistant", "content": "".join(c.content)}
+            reasoning = "".join(c.reasoning)
+            if reasoning:
+                msg["reasoning_content"] = reasoning
+            if c.calls:
+                msg["tool_calls"] = [{k: v for k, v in t.items() if k != "index"}
+                                     for t in convert.openai_tool_calls(c.calls)]
+                msg["content"] = msg["content"] or None
+            choice = {"index": i, "message": msg, "finish_reason": c.finish,
+                      "logprobs": {"content": convert.logprobs_chat(tokenizer, c.logprobs)} if body.logprobs else None}
+            out.append(choice)
+        return {"id": cid, "object": "chat.completion", "created": pump.created, "model": model, "choices": out,
+                "usage": usage(prompt_tokens, sum(c.tokens for c in choices),
+                               sum(c.reasoning_tokens for c in choices))}
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events():
+        async with _pumping(request, requests, meter) as pump:
+            choices = [_Choice() for _ in range(n)]
+            for i in range(n):
+                yield chunk(cid, model, pump.created, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                        "logprobs": None, "finish_reason": None}])
+            open_ = n
+            while open_:
+                i, item = await pump.get()
+                if item is END:
+                    open_ -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    yield sse_error(item)
+                    break
+                c = choices[i]
+                calls_before = len(c.calls)
+                _absorb(c, item)
+                delta = {}
+                if item.content:
+                    delta["content"] = item.content
+                if item.reasoning:
+                    delta["reasoning_content"] = item.reasoning
+                if item.tool_calls:
+                    delta["tool_calls"] = convert.openai_tool_calls(item.tool_calls, calls_before)
+                lp = None
+                if body.logprobs and item.logprobs:
+                    lp = {"content": convert.logprobs_chat(tokenizer, item.logprobs)}
+                if delta or lp:
+                    yield chunk(cid, model, pump.created, [{"index": i, "delta": delta, "logprobs": lp,
+                                                            "finish_reason": None}])
+                if item.finish_reason is not None:
+                    yield chunk(cid, model, pump.created, [{"index": i, "delta": {}, "logprobs": None,
+                                                            "finish_reason": item.finish_reason}])
+            if include_usage:
+                yield chunk(cid, model, pump.created, [], usage=usage(
+                    prompt_tokens, sum(c.tokens for c in choices), sum(c.reasoning_tokens for c in choices)))
+            yield DONE
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def sse_error(e: BaseException) -> bytes:
+    from .sse import sse
+
+    return sse(_failure(e)[1])
+
+
+def _completion_logprobs(tokenizer, entries: list[dict]) -> dict:
+    tokens = [tokenizer.token_bytes(e["token_id"]).decode("utf-8", "replace") for e in entries]
+    top = [{tokenizer.token_bytes(t).decode("utf-8", "replace"): convert.finite(lp) for t, lp in e["top"]}
+           for e in entries]
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": [convert.finite(e["logprob"]) for e in entries], "top_logprobs": top,
+            "text_offset": offsets}
+
+
+async def completion(request: Request, requests: list, body, model: str, tokenizer, meter):
+    n = len(requests)
+    prompt_tokens = sum(r.prompt_tokens for r in requests[::body.n])
+    cid = new_id("cmpl")
+    want_lp = body.logprobs is not None
+    if not body.stream:
+        choices = [_Choice() for _ in range(n)]
+        async with _pumping(request, requests, meter) as pump:
+            open_ = n
+            while open_:
+                i, item = await pump.get()
+                if item is END:
+                    open_ -= 1
+                elif isinstance(item, BaseException):
+                    status, err = _failure(item)
+                    return JSONResponse(err, status_code=status)
+                else:
+                    _absorb(choices[i], item)
+        return {"id": cid, "object": "text_completion", "created": pump.created, "model": model,
+                "choices": [{"index": i, "text": "".join(c.reasoning) + "".join(c.content), "finish_reason": c.finish,
+                             "logprobs": _completion_logprobs(tokenizer, c.logprobs) if want_lp else None}
+                            for i, c in enumerate(choices)],
+                "usage": usage(prompt_tokens, sum(c.tokens for c in choices))}
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events():
+        async with _pumping(request, requests, meter) as pump:
+            total, open_ = 0, n
+            while open_:
+                i, item = await pump.get()
+                if item is END:
+                    open_ -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    yield sse_error(item)
+                    break
+                total += len(item.token_ids)
+                text = item.reasoning + item.content
+                lp = _completion_logprobs(tokenizer, item.logprobs) if want_lp and item.logprobs else None
+                if text or lp or item.finish_reason is not None:
+                    yield chunk(cid, model, pump.created, [{"index": i, "text": text, "logprobs": lp,
+                                                            "finish_reason": item.finish_reason}],
+                                obj="text_completion")
+            if include_usage:
+                yield chunk(cid, model, pump.created, [], obj="text_completion", usage=usage(prompt_tokens, total))
+            yield DONE
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,111 @@
+"""OpenAI request bodies as pydantic models: what FastAPI validates and the OpenAPI document shows.
+
+Field-level checks live here (types, ranges, enums); what needs the model or the tokenizer
+(media, the prompt's length, grammars) is checked in `convert.py`. Unknown fields are ignored,
+as OpenAI's API does. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_N = 8  # choices per request: each is one more request through the batcher
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class Function(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+
+
+class Tool(_Body):
+    type: Literal["function"] = "function"
+    function: Function
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Body):
+    name: str = "response"
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # a string, or a list of parts: {"type": "text"|"image_url"|"input_audio"|"video_url", ...}
+    content: Union[str, list[dict[str, Any]], None] = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
+    tool_call_id: Optional[str] = None
+    reasoning_content: Optional[str] = None
+
+
+class _Sampling(_Body):
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    top_k: Optional[int] = Field(default=None, ge=0, le=2**31 - 1, description="extension: 0 = off")
+    min_p: Optional[float] = Field(default=None, ge=0, le=1, description="extension")
+    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0, description="extension")
+    ignore_eos: bool = Field(default=False, description="extension: end-of-turn does not stop (benchmarks)")
+    seed: Optional[int] = Field(default=None, ge=0, le=2**63 - 1)
+    stop: Union[str, list[str], None] = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    tools: Optional[list[Tool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
+    response_format: Optional[ResponseFormat] = None
+    # thinking: chat_template_kwargs={"enable_thinking": true} (vLLM / SGLang style) or
+    # reasoning_effort (OpenAI style: "none" / "minimal" = off; "low" / "medium" / "high" = on)
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = None
+    image_budget: Optional[Literal[70, 140, 280, 560, 1120]] = Field(
+        default=None, description="extension: soft tokens per image (default 280)")
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str]]
+    logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    echo: bool = False
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
