@@ -74,23 +74,32 @@ def _absorb(c: _Choice, delta) -> None:
         c.finish = delta.finish_reason
 
 
+async def _collect(request: Request, requests: list, meter):
+    """Every request's whole reply (non-streamed answers): (choices, created), or the error
+    response of the first request that failed."""
+    choices = [_Choice() for _ in requests]
+    async with _pumping(request, requests, meter) as pump:
+        open_ = len(requests)
+        while open_:
+            i, item = await pump.get()
+            if item is END:
+                open_ -= 1
+            elif isinstance(item, BaseException):
+                status, err = _failure(item)
+                return JSONResponse(err, status_code=status), pump.created
+            else:
+                _absorb(choices[i], item)
+    return choices, pump.created
+
+
 async def chat(request: Request, requests: list, body, model: str, tokenizer, meter):
     n = len(requests)
     prompt_tokens = requests[0].prompt_tokens
     cid = new_id("chatcmpl")
     if not body.stream:
-        choices = [_Choice() for _ in range(n)]
-        async with _pumping(request, requests, meter) as pump:
-            open_ = n
-            while open_:
-                i, item = await pump.get()
-                if item is END:
-                    open_ -= 1
-                elif isinstance(item, BaseException):
-                    status, err = _failure(item)
-                    return JSONResponse(err, status_code=status)
-                else:
-                    _absorb(choices[i], item)
+        choices, created = await _collect(request, requests, meter)
+        if isinstance(choices, JSONResponse):
+            return choices
         out = []
         for i, c in enumerate(choices):
             msg = {"role": "assistant", "content": "".join(c.content)}
@@ -104,7 +113,7 @@ async def chat(request: Request, requests: list, body, model: str, tokenizer, me
             choice = {"index": i, "message": msg, "finish_reason": c.finish,
                       "logprobs": {"content": convert.logprobs_chat(tokenizer, c.logprobs)} if body.logprobs else None}
             out.append(choice)
-        return {"id": cid, "object": "chat.completion", "created": pump.created, "model": model, "choices": out,
+        return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": out,
                 "usage": usage(prompt_tokens, sum(c.tokens for c in choices),
                                sum(c.reasoning_tokens for c in choices))}
 
@@ -177,19 +186,10 @@ async def completion(request: Request, requests: list, body, model: str, tokeniz
     cid = new_id("cmpl")
     want_lp = body.logprobs is not None
     if not body.stream:
-        choices = [_Choice() for _ in range(n)]
-        async with _pumping(request, requests, meter) as pump:
-            open_ = n
-            while open_:
-                i, item = await pump.get()
-                if item is END:
-                    open_ -= 1
-                elif isinstance(item, BaseException):
-                    status, err = _failure(item)
-                    return JSONResponse(err, status_code=status)
-                else:
-                    _absorb(choices[i], item)
-        return {"id": cid, "object": "text_completion", "created": pump.created, "model": model,
+        choices, created = await _collect(request, requests, meter)
+        if isinstance(choices, JSONResponse):
+            return choices
+        return {"id": cid, "object": "text_completion", "created": created, "model": model,
                 "choices": [{"index": i, "text": "".join(c.reasoning) + "".join(c.content), "finish_reason": c.finish,
                              "logprobs": _completion_logprobs(tokenizer, c.logprobs) if want_lp else None}
                             for i, c in enumerate(choices)],
