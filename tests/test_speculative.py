@@ -120,3 +120,146 @@ def test_rejection_rule_samples_the_target_distribution(params):
     assert counts[~keep].sum() <= max(10, expected[~keep].sum() * 3)
     # 99.9% quantile of chi-square with <= 7 degrees of freedom is 24.3
     assert chi2 < 24.3, (chi2, counts, expected)
+
+
+# -- the scheduler (the server's path): a request alone speculates, others join batched -----
+def _scheduled(engine, inputs, params, steps_between=0, max_len=512):
+    from unigemma.generate.scheduler import Scheduler
+
+    s = Scheduler(engine, max_seqs=3, max_len=max_len)
+    requests = []
+    for x, p in zip(inputs, params):
+        requests.append(s.submit(x, p))
+        for _ in range(steps_between):
+            s.step()
+    s.run_until_done()
+    assert s.cache.n == 0 and s.solo is None
+    return s, [r.result() for r in requests]
+
+
+def test_scheduler_speculates_for_a_request_alone(gemma):  # noqa: F811
+    p = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=True, top_logprobs=2)
+    inputs = gemma.processor(70)(PROMPTS[1])
+    plain = gemma.engine.generate(inputs, p)
+    engine = Engine(gemma.model, gemma.tokenizer, drafter=random_drafter(), draft=DraftLength(k=3, adaptive=False))
+    engine.proposer = Oracle(gemma.model, engine.proposer.drafter, inputs["input_ids"].shape[1], plain.token_ids)
+    s, (got,) = _scheduled(engine, [inputs], [p])
+    assert got.token_ids == plain.token_ids and got.content == plain.content
+    assert [x["token_id"] for x in got.logprobs] == got.token_ids
+    assert got.timings.acceptance > 0.9 and got.timings.tokens_per_forward > 3
+    assert s.stats()["drafted_tokens"] == got.timings.drafted > 0
+
+
+def test_scheduler_leaves_speculation_when_others_join(gemma):  # noqa: F811
+    convs = [PROMPTS[0], [user("Count: one, two,")], PROMPTS[1]]
+    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_k=20, seed=5, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=10, stop=(".",))]
+    inputs = [gemma.processor(70)(c) for c in convs]
+    alone = [gemma.engine.generate(x, q) for x, q in zip(inputs, params)]
+    engine = Engine(gemma.model, gemma.tokenizer, drafter=random_drafter(), draft=DraftLength(k=2, adaptive=False))
+    _, got = _scheduled(engine, inputs, params, steps_between=6)
+    assert got[0].token_ids == alone[0].token_ids and got[2].content == alone[2].content
+    assert got[0].timings.drafted > 0  # it speculated before the others came
+    assert len(got[1].token_ids) == 30  # sampled: its own seed, not the same stream as alone
+
+
+def test_scheduler_speculating_up_to_the_end_of_the_row(gemma):  # noqa: F811
+    inputs = gemma.processor(70)(PROMPTS[0])
+    n = inputs["input_ids"].shape[1]
+    p = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    _, (plain,) = _scheduled(gemma.engine, [inputs], [p], max_len=n + 20)
+    engine = Engine(gemma.model, gemma.tokenizer, drafter=random_drafter(), draft=DraftLength(k=4, adaptive=False))
+    engine.proposer = Oracle(gemma.model, engine.proposer.drafter, n, plain.token_ids)
+    _, (got,) = _scheduled(engine, [inputs], [p], max_len=n + 20)
+    assert got.token_ids == plain.token_ids and got.finish_reason == plain.finish_reason == "length"
+    assert got.timings.accepted > 10
+
+
+def test_scheduler_cancel_while_speculating(gemma):  # noqa: F811
+    from unigemma.generate.scheduler import Scheduler
+
+    engine = Engine(gemma.model, gemma.tokenizer, drafter=random_drafter())
+    s = Scheduler(engine, max_seqs=2, max_len=512)
+    r = s.submit(gemma.processor(70)(PROMPTS[0]), SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
+    while s.solo is None:
+        s.step()
+    r.cancel()
+    s.run_until_done()
+    assert r.result().finish_reason == "cancelled" and s.cache.n == 0 and s.solo is None
+
+
+# -- bf16: the fast path is batch-invariant, so drafting changes nothing, bit for bit ---------
+@pytest.fixture(scope="module")
+def gemma3_bf16(tmp_path_factory):
+    import unigemma
+    from test_gemma3 import write_gemma3
+
+    from unigemma.models.packed import device_can_pack
+
+    if not device_can_pack("cpu", torch.bfloat16):
+        pytest.skip("needs oneDNN bf16 (AVX512-BF16): the packed kernels are what make bf16 batch-invariant")
+    path = tmp_path_factory.mktemp("gemma3-bf16")
+    # head dim 256 as the real models: PyTorch's bf16 SDPA sums differently below 4 queries there
+    write_gemma3(path, hidden_size=256, intermediate_size=1024, head_dim=256, num_attention_heads=4,
+                 num_key_value_heads=1, sliding_window=24, query_pre_attn_scalar=256)  # 7 layers: 6 sliding, 1 full
+    return unigemma.load_model(path, dtype="bfloat16")  # fast: packed
+
+
+def steps_equal_verify(model, vocab: int):
+    """8 one-token steps after a 60-token prompt (crossing the 64-key block) against verify
+    forwards of their first 2..8 tokens: logits bit-equal."""
+    g = torch.Generator().manual_seed(0)
+    prompt, extra = torch.randint(0, vocab, (1, 60), generator=g), torch.randint(0, vocab, (1, 8), generator=g)
+    with torch.inference_mode():
+        cache = model.make_cache(1, 256)
+        model(prompt, torch.arange(60)[None], cache=cache)
+        singles = torch.cat([model.head(model(extra[:, j:j + 1], torch.tensor([[60 + j]]), cache=cache))
+                             for j in range(8)], 1)
+        for n in range(2, 9):
+            cache.trim(cache.length - 60)
+            verify = model.head(model(extra[:, :n], torch.arange(60, 60 + n)[None], cache=cache))
+            assert torch.equal(singles[:, :n], verify), n
+
+
+def test_bf16_one_token_steps_equal_a_verify_forward_bit_for_bit(gemma3_bf16):
+    steps_equal_verify(gemma3_bf16, 512)
+
+
+def test_bf16_greedy_with_a_drafter_is_identical_on_the_packed_gemma3(gemma3_bf16):
+    from unigemma.processing.tokenizer import Tokenizer
+    from unigemma.vocab import gemma4_vocab_gguf
+
+    model, tok = gemma3_bf16, Tokenizer.from_gguf(gemma4_vocab_gguf())  # any Gemma vocabulary covers ids < 512
+    cfg = dict(DRAFTER, backbone_hidden_size=256, text_config=dict(
+        DRAFTER["text_config"], vocab_size=512, num_key_value_heads=1, head_dim=256, global_head_dim=256,
+        num_global_key_value_heads=1, attention_k_eq_v=False, sliding_window=24))
+    torch.manual_seed(1)
+    drafter = Drafter(DrafterConfig.from_dict(cfg)).to(torch.bfloat16).eval()
+    p = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    for prompt in ([2, 5, 9, 11, 300, 7], [2] + list(range(100, 170))):
+        x = {"input_ids": torch.tensor([prompt])}
+        plain = Engine(model, tok).generate(x, p)
+        for k in (1, 3, 6):
+            engine = Engine(model, tok, drafter=drafter, draft=DraftLength(k=k, adaptive=False))
+            engine.proposer = Oracle(model, drafter, len(prompt), plain.token_ids, wrong=2)
+            got = engine.generate(x, p)
+            assert got.token_ids == plain.token_ids, (prompt[:3], k)
+            assert got.timings.accepted > 0
+
+
+def test_bf16_gemma4_one_token_steps_equal_a_verify_forward_bit_for_bit(tmp_path):
+    """The Gemma 4 decoder too: packed linears, decode_attention padded to 8 rows per KV head,
+    keys in whole blocks — whatever the number of tokens in a step."""
+    import unigemma
+    from unigemma.models.packed import device_can_pack
+    from unigemma.weights.save import random_checkpoint
+
+    if not device_can_pack("cpu", torch.bfloat16):
+        pytest.skip("needs oneDNN bf16 (AVX512-BF16): the packed kernels are what make bf16 batch-invariant")
+    text = dict(model_type="gemma4_unified_text", vocab_size=1024, hidden_size=256, intermediate_size=512,
+                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=128, global_head_dim=256,
+                num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=24,
+                layer_types=[SLIDING, SLIDING, SLIDING, FULL])
+    random_checkpoint(dict(model_type="gemma4_unified", text_config=text), tmp_path / "g4", seed=0)
+    steps_equal_verify(unigemma.load_model(tmp_path / "g4", dtype="bfloat16", pack=True), 1024)

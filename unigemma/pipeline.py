@@ -64,7 +64,10 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
     `chat_template.jinja`, or a GGUF file's own vocabulary) unless `tokenizer` names another
     directory, a GGUF file or a Tokenizer. A checkpoint without one still loads: `logits` works
     and `chat` says what is missing. quant: "int8", "int8-g32", "int4-g32" or "int4-g128", each
-    weight quantized as it loads (`load_model`). mmproj: a GGUF model's image/audio embedders.
+    weight quantized as it loads (`load_model`); "float" dequantizes a GGUF's quantized tensors.
+    mmproj: a GGUF model's image/audio embedders. draft: an MTP drafter's directory, or the name
+    of one shipped with unigemma (unigemma/drafters: "gemma-3-270m"); draft_tokens: a fixed
+    draft length (default adaptive).
     """
     # fast: the CPU fast path, prepacked oneDNN weights (~2x faster decoding, models/packed.py),
     # packed as they load; fast=False keeps the plain modules (the tests' oracle)
@@ -82,9 +85,10 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
             raise CheckpointError(f"{gen}: {e}") from e
     drafter = None
     if draft is not None:  # an MTP drafter: one conversation at a time decodes speculatively
+        from .drafters import drafter_path
         from .weights.drafter import load_drafter
 
-        drafter = load_drafter(draft, dtype=dtype, device=device)
+        drafter = load_drafter(drafter_path(draft), dtype=dtype, device=device)
     return Gemma(model, load_tokenizer(tokenizer) if tokenizer is not None else None, defaults,
                  drafter=drafter, draft_tokens=draft_tokens)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..config import FULL, SLIDING, TextConfig
-from .kv import KVCache, Step
+from .kv import KEY_BLOCK, KVCache, Step
 
 
 def bytes_per_row(config: TextConfig, max_len: int, dtype: torch.dtype, reserve: int = 16) -> int:
@@ -127,7 +127,7 @@ class BatchCache:
             slots = new_idx % cap
             after = self.slot_idx[t][:n].clone()
             after.scatter_(1, slots, new_idx)
-            num_keys = min(cap, longest)
+            num_keys = min(cap, -(-longest // KEY_BLOCK) * KEY_BLOCK)  # whole key blocks (cache/kv.py)
             k_idx = after[:, :num_keys]
             self.steps[t] = Step(False, new_idx, slots, None, num_keys, k_idx, k_idx >= 0)
         return self.steps

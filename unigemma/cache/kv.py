@@ -21,6 +21,9 @@ import torch
 from ..config import FULL, SLIDING, TextConfig
 
 
+KEY_BLOCK = 64
+
+
 @dataclass
 class Step:
     """What one forward of S new tokens does to the slots of one layer type."""
@@ -77,7 +80,11 @@ class KVCache:
                 k_idx = torch.cat([slots, torch.arange(start, start + S, device=device)])
                 num_keys = cap
             else:
-                num_keys = min(cap, start + S)
+                # Attend a whole number of KEY_BLOCKs (the rest masked): attention kernels sum
+                # in an order that depends on the key count, so with it fixed, a token's output
+                # does not depend on how many tokens share its forward (a one-token step equals
+                # the same token in a verify forward, bit for bit).
+                num_keys = min(cap, -(-(start + S) // KEY_BLOCK) * KEY_BLOCK)
                 after = slots.clone()
                 after[new_idx % cap] = new_idx
                 k_idx = after[:num_keys]

@@ -31,7 +31,7 @@ from ..models.masks import VISION_TYPES
 from ..processing.parse import ParsedOutput, StreamParser, ToolCallError
 from ..processing.tokenizer import StreamDecoder, Tokenizer
 from .sampling import Sampler, SamplingParams
-from .speculative import DraftLength, MTPProposer, accept, timed
+from .speculative import DraftLength, MTPProposer, speculative_round
 from .stops import StopChecker
 
 MEDIA_KEYS = ("pixel_values", "image_position_ids", "input_features", "input_features_mask",
@@ -379,18 +379,12 @@ class Engine:
                 x = int(out.tokens[0])
                 pending = [(x, out.host_logprobs()[0] if p.logprobs else None)]
                 continue
-            proposal, draft_s = timed(self.proposer.propose, cache, x, h_prev, k, sampler)
-            run = torch.tensor([[x] + proposal.tokens], device=m.device)
-            positions = cache.positions[:, None] + torch.arange(k + 1, device=m.device)
-            H, verify_s = timed(lambda: m(run, positions, cache=cache, require_media=False)[0])
-            got = accept(sampler, m.head(H), proposal, top)
+            got, h_prev = speculative_round(m, self.proposer, self.draft, cache, sampler, x, h_prev, k, top)
             kept = len(got.tokens) - 1
-            cache.trim(k - kept)
-            self.draft.update(k, kept, draft_s, verify_s)
             t.drafted, t.accepted, t.verify_forwards = t.drafted + k, t.accepted + kept, t.verify_forwards + 1
             if session is not None:
                 session.keys.extend(got.tokens[:kept])
-            x, h_prev = got.tokens[-1], H[kept:kept + 1]
+            x = got.tokens[-1]
             pending = list(zip(got.tokens, got.logprobs))
         delta = row.end(Delta(), "", "length")  # context exhausted
         t.decode_s = time.perf_counter() - t_first

@@ -248,6 +248,11 @@ class Sampler:
             self.counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=torch.int32))
 
     # -- the draw -----------------------------------------------------------------------
+    @property
+    def plain(self) -> bool:
+        """No row masks or penalises tokens: process() only casts to float32."""
+        return self.banned is None and self.stops is None and self.counts is None
+
     def process(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """Masks and penalties: the float32 logits that logprobs and greedy rows use.
         allowed: [B, V] bool, the tokens each row may take (a grammar's mask), or None."""

@@ -13,6 +13,12 @@ batch; then one decode step for every running row: logits → sampler → deltas
 leave → one forward of the rest. Each row decodes exactly as it would alone: its own cache
 row, positions, sampler row and generator.
 
+With a drafter on the engine (Engine(drafter=...)), a request decoding alone (nothing waiting,
+no grammar) runs speculative rounds (generate/speculative.py) in the batch's row 0: its last
+token is then emitted but not yet fed, and when another request arrives (or a grammar row),
+one forward of that token brings the row back to the batch's step and decoding goes on
+batched. Greedy output is the same either way.
+
 Limits: `max_seqs` rows decode at once, each up to `max_len` tokens (prompt + reply); their KV
 memory is allocated once (`kv_bytes`). `max_queue` requests may wait; more are refused with
 `QueueFull` (a server answers 429/503).
@@ -33,6 +39,7 @@ from ..cache.batch import BatchCache, bytes_per_row
 from ..errors import InputError, QueueFull
 from .engine import Completion, Delta, Engine, Timings, _collect, _Row
 from .sampling import Sampler, SamplingParams
+from .speculative import speculative_round
 
 
 class Request:
@@ -87,6 +94,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.prefilling: tuple[Request, object] | None = None
         self.tokens_out = 0  # completion tokens produced so far (metrics)
+        self.solo: tuple[int, torch.Tensor] | None = None  # speculating: (emitted token not yet fed, its hidden)
+        self.drafted = self.accepted = 0  # speculative totals (metrics)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -119,7 +128,8 @@ class Scheduler:
         return {"waiting": len(self.waiting), "prefilling": int(self.prefilling is not None),
                 "running": len(self.running), "max_seqs": self.max_seqs,
                 "kv_tokens_used": used, "kv_tokens_total": self.max_seqs * self.max_len,
-                "kv_bytes": self.kv_bytes, "completion_tokens": self.tokens_out}
+                "kv_bytes": self.kv_bytes, "completion_tokens": self.tokens_out,
+                "drafted_tokens": self.drafted, "accepted_tokens": self.accepted}
 
     # -- the background thread ---------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -158,11 +168,16 @@ class Scheduler:
     @torch.inference_mode()
     def step(self) -> None:
         self._drop_cancelled()
-        self._advance_prefill()
-        if self.running:
-            try:
-                self._decode_step()
-            except Exception as e:  # the batch's cache can no longer be trusted: fail its rows, start afresh
+        try:
+            if self.solo is not None and not self._can_speculate():
+                self._leave_solo()  # before a new row joins: the batch step wants every row fed
+            self._advance_prefill()
+            if self.running:
+                if self._can_speculate():
+                    self._speculative_step()
+                else:
+                    self._decode_step()
+        except Exception as e:  # the batch's cache can no longer be trusted: fail its rows, start afresh
                 for run in self.running:
                     run.request._deltas.put(e)
                 self._reset()
@@ -172,7 +187,7 @@ class Scheduler:
         with torch.inference_mode():
             self.cache = BatchCache(c.config, c.rows, c.max_len, self.h.dtype, self.h.device, c.reserve)
         self.sampler = Sampler([], self.sampler.vocab_size, self.sampler.device, eos_ids=self.sampler.eos_ids)
-        self.running, self.h = [], self.h[:0]
+        self.running, self.h, self.solo = [], self.h[:0], None
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -229,6 +244,15 @@ class Scheduler:
         self.h = torch.cat([self.h, h.to(self.h.dtype)])
 
     def _decode_step(self) -> None:
+        keep = self._sample_and_emit()
+        if self.running:
+            m = self.engine.model
+            tokens = self._last[keep]
+            self.h = m(tokens[:, None], self.cache.positions[:, None], cache=self.cache, require_media=False)[:, -1]
+
+    def _sample_and_emit(self) -> list[int]:
+        """Sample every row's next token from self.h, hand out the deltas, free finished rows.
+        Returns the old index of each remaining row (their tokens: self._last[keep])."""
         m = self.engine.model
         constraints = [run.request.constraint for run in self.running]
         allowed = None
@@ -262,10 +286,61 @@ class Scheduler:
                 delta.timings = t
                 finished.append(r)
             run.request._deltas.put(delta)
-        keep = self._remove_rows(finished)
+        self._last = out.tokens
+        return self._remove_rows(finished)
+
+    # -- speculative rounds for a request decoding alone ---------------------------------------
+    def _can_speculate(self) -> bool:
+        return (self.engine.proposer is not None and len(self.running) == 1 and not self.waiting
+                and self.prefilling is None and self.running[0].request.constraint is None)
+
+    def _leave_solo(self) -> None:
+        x, _ = self.solo
+        self.solo = None
         if self.running:
-            tokens = out.tokens[keep]
-            self.h = m(tokens[:, None], self.cache.positions[:, None], cache=self.cache, require_media=False)[:, -1]
+            m = self.engine.model
+            self.h = m(torch.tensor([[x]], device=m.device), self.cache.positions[:, None], cache=self.cache,
+                       require_media=False)[:, -1]
+
+    def _speculative_step(self) -> None:
+        """One round for row 0: draft k tokens after x, verify [x, drafts] in one forward, keep
+        the accepted ones and the target's own next token (Engine._decode_speculative's round)."""
+        if self.solo is None:  # entering: sample x as a batch step would, then hold it unfed
+            keep = self._sample_and_emit()
+            if not self.running:
+                return
+            self.solo = (int(self._last[keep][0]), self.h)
+        e, m, c = self.engine, self.engine.model, self.cache
+        x, h_prev = self.solo
+        run = self.running[0]
+        room = min(self.max_len - c.host_lengths[0] - 1, c.reserve - 2, e.reserve - 2)
+        if room < 1:  # no room left to draft: back to plain steps
+            self._leave_solo()
+            return self._decode_step()
+        k = min(e.draft.next(), room)
+        p = run.request.params
+        got, h_next = speculative_round(m, e.proposer, e.draft, c, self.sampler, x, h_prev, k,
+                                        p.top_logprobs if p.logprobs else None)
+        kept = len(got.tokens) - 1
+        t = run.timings
+        t.drafted, t.accepted, t.verify_forwards = t.drafted + k, t.accepted + kept, t.verify_forwards + 1
+        self.drafted, self.accepted = self.drafted + k, self.accepted + kept
+        now = time.perf_counter()
+        for j, (token, lp) in enumerate(zip(got.tokens, got.logprobs)):
+            delta = run.row.push(token, lp if p.logprobs else None)
+            t.completion_tokens += 1
+            self.tokens_out += 1
+            if run.row.finish is None and j == kept and c.host_lengths[0] >= self.max_len:
+                run.request._deltas.put(delta)  # the row is full: this token is its last
+                delta = run.row.end(Delta(), "", "length")
+            if run.row.finish is not None:
+                t.decode_s = now - run.first
+                delta.timings = t
+                run.request._deltas.put(delta)
+                self._remove_rows([0])
+                return
+            run.request._deltas.put(delta)
+        self.solo = (got.tokens[-1], h_next)
 
     def _remove_rows(self, rows: list[int]) -> list[int]:
         """Free these rows: each is filled by the last row, in the cache, the sampler and the
@@ -279,4 +354,6 @@ class Scheduler:
             self.sampler.select(keep)
             self.running = [self.running[k] for k in keep]
             self.h = self.h[keep]
+            if not self.running:
+                self.solo = None
         return keep

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache.kv import KVCache
+from ..cache.batch import BatchCache
+from ..cache.kv import KEY_BLOCK, KVCache
 from ..config import FULL, SLIDING
 from ..errors import InputError
 from ..models.drafter import Drafter
@@ -52,7 +53,7 @@ class MTPProposer:
         self.source = {t: max(i for i, lt in enumerate(types) if lt == t) for t in (SLIDING, FULL)}
         self.window = target.config.text.sliding_window
 
-    def shared_kv(self, cache: KVCache) -> dict:
+    def shared_kv(self, cache: KVCache | BatchCache) -> dict:
         """The target's K/V the drafter's query at position p = cache.length may see: every
         cached token on full layers, the last window + 1 on sliding ones (as the reference's
         bidirectional window mask lets it), and never a rolled-back draft (those slots are -1)."""
@@ -61,6 +62,10 @@ class MTPProposer:
         for t, layer in self.source.items():
             k, v = cache.layers[layer]
             idx = cache.slot_idx[t]
+            if idx.dim() == 2:  # a BatchCache (the scheduler speculates for a request alone): row 0
+                k, v, idx = k[:1], v[:1], idx[0]
+            used = min(idx.shape[0], -(-p // KEY_BLOCK) * KEY_BLOCK)  # slots fill from 0 until a ring wraps
+            k, v, idx = k[:, :, :used], v[:, :, :used], idx[:used]
             seen = idx >= 0
             if t == SLIDING:
                 seen &= idx >= p - 1 - self.window
@@ -76,10 +81,16 @@ class MTPProposer:
         tokens, qs = [], []
         tok = torch.tensor([[x]], device=h.device)
         hid = h.view(1, 1, -1)
+        d = self.drafter
         for _ in range(k):
             emb = self.target.text.embed(tok)  # the target's table, ×√hidden
-            logits, hid = self.drafter(emb, hid, pos, kv)
-            z = sampler.process(logits[:, -1].float())
+            y = d.body(emb, hid, pos, kv)
+            hid = d.post_projection(y)
+            if greedy and sampler.plain:  # nothing to mask or penalise: the argmax alone
+                tok = d.top_token(y[:, -1])[:, None]
+                tokens.append(int(tok))
+                continue
+            z = sampler.process(d.logits(y)[:, -1].float())
             if greedy:
                 tok = z.argmax(-1, keepdim=True)
             else:
@@ -186,10 +197,30 @@ class DraftLength:
         return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
 
 
+def speculative_round(model, proposer: MTPProposer, draft: DraftLength, cache: KVCache | BatchCache,
+                      sampler: Sampler, x: int, h: torch.Tensor, k: int, top: int | None) -> tuple[Accepted, torch.Tensor]:
+    """One round for one conversation (a KVCache, or row 0 of a BatchCache): draft k tokens
+    after x (h: the hidden that produced x), verify [x, drafts] in one forward, accept, roll
+    the rejected drafts back. Returns what was accepted and the hidden that produced its last
+    token (the next round's h); the cache then holds everything but that last token."""
+    proposal, draft_s = timed(proposer.propose, cache, x, h, k, sampler)
+    run = torch.tensor([[x] + proposal.tokens], device=model.device)
+    positions = cache.positions[:, None] + torch.arange(k + 1, device=model.device)
+    H, verify_s = timed(lambda: model(run, positions, cache=cache, require_media=False)[0])
+    got = accept(sampler, model.head(H), proposal, top)
+    kept = len(got.tokens) - 1
+    if isinstance(cache, BatchCache):
+        cache.trim(0, k - kept)
+    else:
+        cache.trim(k - kept)
+    draft.update(k, kept, draft_s, verify_s)
+    return got, H[kept:kept + 1]
+
+
 def timed(fn, *args):
     t = time.perf_counter()
     out = fn(*args)
     return out, time.perf_counter() - t
 
 
-__all__ = ["MTPProposer", "Proposal", "Accepted", "accept", "DraftLength", "timed"]
+__all__ = ["MTPProposer", "Proposal", "Accepted", "accept", "DraftLength", "speculative_round", "timed"]

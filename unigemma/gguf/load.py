@@ -198,9 +198,10 @@ def load_gguf(path: str | Path, dtype=torch.bfloat16, device="cpu", quant=None, 
             config = ModelConfig.from_dict(config_from_gguf(f, mm))
         except ConfigError as e:
             raise CheckpointError(f"{path}: the metadata describes an unsupported model ({e})") from e
-        scheme = None if quant is None else QuantScheme.parse(quant)
+        scheme = None if quant in (None, "float") else QuantScheme.parse(quant)
         probe = build_model(config, block_mask)  # on the meta device: only its module names are read
-        model = build_model(config, block_mask, dtype=dtype, plan=_plan(probe, f, f.arch, scheme))
+        plan = {} if quant == "float" else _plan(probe, f, f.arch, scheme)  # "float": every tensor dequantized
+        model = build_model(config, block_mask, dtype=dtype, plan=plan)
         model.quant_scheme = scheme
         placer = Placer(model, dtype, device, f"{path.name}'s metadata")
         _stream(placer, f, lambda n: (our_name(n, f.arch), None))

@@ -8,9 +8,9 @@
     out = o_proj(softmax(q kᵀ + mask) v)   no 1/sqrt(d): the q/k norms take its place
 
 The attention op is PyTorch SDPA (fp32 accumulation), the reference's default backend. For a
-single new token (decode) `decode_attention` does the same math as two small matmuls in fp32:
-on CPU that is ~9x faster than SDPA's flash kernel for one query (0.1 vs 0.9 ms per layer at
-head dim 256 and 520 keys) and agrees with it to rounding.
+few new tokens (decode, or verifying drafts) `decode_attention` does the same math as two small
+matmuls in fp32: on CPU that is ~9x faster than SDPA's flash kernel for one query (0.1 vs 0.9
+ms per layer at head dim 256 and 520 keys) and agrees with it to rounding.
 """
 
 import torch
@@ -25,18 +25,30 @@ from .rope import apply_rope
 FAST_DECODE = True  # False: SDPA for every step (the oracle the tests compare against)
 
 
+DECODE_QUERIES = 16  # steps of up to this many tokens per row (decode, verifying drafts) use decode_attention
+MIN_ROWS = 8  # rows per KV head of its matmuls: below this the GEMM kernel sums in another order
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One query per row: q [B, H, 1, D], k/v [B, KV, K, D], mask [B|1, 1, 1, K] -> [B, H, 1, D].
+    """A few queries per row: q [B, H, S, D], k/v [B, KV, K, D], mask [B|1, 1, S, K] -> [B, H, S, D].
 
     The query heads sharing a KV head are stacked as rows of one matmul (GQA without repeat).
+    The queries are padded (repeating the last) to at least MIN_ROWS rows per KV head: then a
+    query's result does not depend on how many share the call, so a one-token step is bit-equal
+    to the same token verified among drafts (with the key count fixed by cache/kv.py KEY_BLOCK).
     """
-    B, H, _, D = q.shape
+    B, H, S, D = q.shape
     KV = k.shape[1]
-    qg = q.reshape(B, KV, H // KV, D).float()
-    scores = torch.matmul(qg, k.transpose(-1, -2).float())  # [B, KV, G, K], scale 1.0
-    scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, -1), float("-inf"))
-    out = torch.matmul(scores.softmax(-1), v.float())  # [B, KV, G, D]
-    return out.reshape(B, H, 1, D).to(q.dtype)
+    G = H // KV
+    n = max(S, -(-MIN_ROWS // G))
+    if n > S:
+        q = torch.cat([q, q[:, :, -1:].expand(-1, -1, n - S, -1)], 2)
+        mask = torch.cat([mask, mask[:, :, -1:].expand(-1, -1, n - S, -1)], 2)
+    qg = q.reshape(B, KV, G * n, D).float()
+    scores = torch.matmul(qg, k.transpose(-1, -2).float()).view(B, KV, G, n, -1)  # scale 1.0
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    out = torch.matmul(scores.softmax(-1).view(B, KV, G * n, -1), v.float())  # [B, KV, G*n, D]
+    return out.view(B, KV, G, n, D)[:, :, :, :S].reshape(B, H, S, D).to(q.dtype)
 
 
 class Attention(nn.Module):
@@ -66,7 +78,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        if S == 1 and FAST_DECODE:
+        if S <= DECODE_QUERIES and FAST_DECODE:
             out = decode_attention(q, k, v, mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,

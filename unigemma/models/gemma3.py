@@ -70,9 +70,26 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        out = _sdpa(q, k, v, mask, self.scaling, self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+MIN_QUERIES = 4
+
+
+def _sdpa(q, k, v, mask, scale, gqa):
+    """SDPA, with bf16 calls of fewer than MIN_QUERIES queries padded up to it: PyTorch's CPU
+    kernel sums in another order below 4 queries, so a one-token step would differ (by bf16
+    rounding) from the same token verified among 4+ drafts. Padded, greedy decoding with a
+    drafter reproduces plain decoding bit for bit (see also packed.py, cache/kv.py KEY_BLOCK)."""
+    S = q.shape[2]
+    if q.dtype != torch.bfloat16 or S >= MIN_QUERIES:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    pad = MIN_QUERIES - S
+    q = torch.cat([q, q[:, :, -1:].expand(-1, -1, pad, -1)], 2)
+    if mask is not None and mask.shape[2] == S:
+        mask = torch.cat([mask, mask[:, :, -1:].expand(-1, -1, pad, -1)], 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)[:, :, :S]
 
 
 class DecoderLayer(nn.Module):

@@ -31,6 +31,20 @@ def can_pack(model: nn.Module) -> bool:
     return device_can_pack(model.device, model.dtype)
 
 
+def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # A lone bf16 row takes oneDNN's matrix x vector kernel, whose sums run in another order
+    # than the kernel that batches of 2-8 rows share (fp32 does the same). Run as two rows, a
+    # one-token step is bit-equal to that token inside a verify forward or a decode batch, so
+    # speculative and batched greedy decoding reproduce plain decoding exactly; in bf16 the
+    # second row is free (same weight reads), in fp32 it would double the time, so fp32 keeps
+    # the one-row kernel and its rounding-level differences.
+    if x.dtype == torch.bfloat16 and x.numel() == x.shape[-1]:
+        two = x.reshape(1, -1).expand(2, -1).contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(two, packed, bias, "none", [], "")[:1]
+        return out.view(*x.shape[:-1], -1)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 def _pack(weight: torch.Tensor) -> torch.Tensor:
     # batch-size hint 1: the layout for matrix × vector; larger batches run on it just as fast
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
@@ -46,7 +60,7 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return _linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -69,7 +83,23 @@ class PackedHead(nn.Module):
         return cls(weight[i:i + cls.ROWS] for i in range(0, weight.shape[0], cls.ROWS))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.ops.mkldnn._linear_pointwise(h, p, None, "none", [], "") for p in self.parts], -1)
+        return torch.cat([_linear(h, p, None) for p in self.parts], -1)
+
+
+def pack_every_linear(module: nn.Module) -> nn.Module:
+    """Swap every float nn.Linear inside `module` for a PackedLinear, in place (an MTP drafter:
+    all of it runs once per draft step)."""
+    if not any(type(m) is nn.Linear for m in module.modules()):
+        return module
+    w = next(m.weight for m in module.modules() if type(m) is nn.Linear)
+    if not device_can_pack(w.device, w.dtype):
+        return module
+    with torch.no_grad():
+        for parent in list(module.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear and child.weight.dtype in (torch.bfloat16, torch.float32):
+                    setattr(parent, name, PackedLinear(child.weight, child.bias))
+    return module
 
 
 def pack_linears(model: nn.Module, head: bool = True) -> nn.Module:

@@ -60,6 +60,13 @@ class _Choice:
     def __init__(self):
         self.content, self.reasoning, self.calls, self.logprobs = [], [], [], []
         self.tokens, self.reasoning_tokens, self.finish = 0, 0, None
+        self.drafted = self.accepted = 0  # speculative decoding (from the last delta's timings)
+
+
+def _usage(prompt_tokens: int, choices: list[_Choice], reasoning: bool = True) -> dict:
+    return usage(prompt_tokens, sum(c.tokens for c in choices),
+                 sum(c.reasoning_tokens for c in choices) if reasoning else None,
+                 sum(c.drafted for c in choices), sum(c.accepted for c in choices))
 
 
 def _absorb(c: _Choice, delta) -> None:
@@ -72,6 +79,8 @@ def _absorb(c: _Choice, delta) -> None:
     c.logprobs += delta.logprobs
     if delta.finish_reason is not None:
         c.finish = delta.finish_reason
+    if delta.timings is not None:
+        c.drafted, c.accepted = delta.timings.drafted, delta.timings.accepted
 
 
 async def _collect(request: Request, requests: list, meter):
@@ -114,8 +123,7 @@ async def chat(request: Request, requests: list, body, model: str, tokenizer, me
                       "logprobs": {"content": convert.logprobs_chat(tokenizer, c.logprobs)} if body.logprobs else None}
             out.append(choice)
         return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": out,
-                "usage": usage(prompt_tokens, sum(c.tokens for c in choices),
-                               sum(c.reasoning_tokens for c in choices))}
+                "usage": _usage(prompt_tokens, choices)}
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -154,8 +162,7 @@ async def chat(request: Request, requests: list, body, model: str, tokenizer, me
                     yield chunk(cid, model, pump.created, [{"index": i, "delta": {}, "logprobs": None,
                                                             "finish_reason": item.finish_reason}])
             if include_usage:
-                yield chunk(cid, model, pump.created, [], usage=usage(
-                    prompt_tokens, sum(c.tokens for c in choices), sum(c.reasoning_tokens for c in choices)))
+                yield chunk(cid, model, pump.created, [], usage=_usage(prompt_tokens, choices))
             yield DONE
 
     return StreamingResponse(events(), media_type="text/event-stream",
@@ -193,13 +200,13 @@ async def completion(request: Request, requests: list, body, model: str, tokeniz
                 "choices": [{"index": i, "text": "".join(c.reasoning) + "".join(c.content), "finish_reason": c.finish,
                              "logprobs": _completion_logprobs(tokenizer, c.logprobs) if want_lp else None}
                             for i, c in enumerate(choices)],
-                "usage": usage(prompt_tokens, sum(c.tokens for c in choices))}
+                "usage": _usage(prompt_tokens, choices, reasoning=False)}
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events():
         async with _pumping(request, requests, meter) as pump:
-            total, open_ = 0, n
+            choices, open_ = [_Choice() for _ in range(n)], n
             while open_:
                 i, item = await pump.get()
                 if item is END:
@@ -208,7 +215,7 @@ async def completion(request: Request, requests: list, body, model: str, tokeniz
                 if isinstance(item, BaseException):
                     yield sse_error(item)
                     break
-                total += len(item.token_ids)
+                _absorb(choices[i], item)
                 text = item.reasoning + item.content
                 lp = _completion_logprobs(tokenizer, item.logprobs) if want_lp and item.logprobs else None
                 if text or lp or item.finish_reason is not None:
@@ -216,7 +223,8 @@ async def completion(request: Request, requests: list, body, model: str, tokeniz
                                                             "finish_reason": item.finish_reason}],
                                 obj="text_completion")
             if include_usage:
-                yield chunk(cid, model, pump.created, [], obj="text_completion", usage=usage(prompt_tokens, total))
+                yield chunk(cid, model, pump.created, [], obj="text_completion",
+                            usage=_usage(prompt_tokens, choices, reasoning=False))
             yield DONE
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

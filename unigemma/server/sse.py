@@ -35,11 +35,20 @@ def chunk(cid: str, model: str, created: int, choices: list[dict], obj="chat.com
     return sse(body)
 
 
-def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None,
+          drafted: int = 0, accepted: int = 0) -> dict:
+    """OpenAI's usage object. With speculative decoding (--draft) the drafts the target kept and
+    threw away are reported as OpenAI reports predicted-output tokens."""
     out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
            "total_tokens": prompt_tokens + completion_tokens}
+    details = {}
     if reasoning_tokens is not None:
-        out["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+        details["reasoning_tokens"] = reasoning_tokens
+    if drafted:
+        details["accepted_prediction_tokens"] = accepted
+        details["rejected_prediction_tokens"] = drafted - accepted
+    if details:
+        out["completion_tokens_details"] = details
     return out
 
 

@@ -189,7 +189,8 @@ def load_model(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_ma
 
     dtype: float32 or bfloat16 (or float16), the activations' dtype. quant: None (as stored),
     "int8" (per channel), "int8-g32", "int4-g32" or "int4-g128": each decoder weight is
-    quantized as it is read. A quantized checkpoint loads as it was saved. mmproj: a GGUF
+    quantized as it is read; "float": a GGUF's Q8_0 / Q4_0 tensors dequantized to `dtype` (they
+    otherwise stay quantized). A quantized checkpoint loads as it was saved. mmproj: a GGUF
     file's image/audio embedders (GGUF only). pack: the CPU fast path (models/packed.py): each
     float decoder Linear is packed as it is read, and the tied LM head is packed block by block
     from the file, while the embedding table stays mapped (lookups touch only their rows)."""
@@ -205,6 +206,11 @@ def load_model(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_ma
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a checkpoint directory" + ("" if root.exists() else " (it does not exist)"))
     config = ModelConfig.from_file(root / "config.json")
+    if quant == "float":
+        if config.quantization is not None:
+            raise CheckpointError(f"{root}: quant='float' dequantizes a GGUF file's tensors; this checkpoint was "
+                                  "saved quantized (load it as it is)")
+        quant = None
     scheme = _scheme(config, quant, str(root / "config.json"))
     shards = _shards(root)
     model = build_model(config, block_mask, scheme, dtype)
