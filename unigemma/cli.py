@@ -100,10 +100,14 @@ def stream_reply(gemma, messages, args, session=None) -> str:
             print(f"\n({t.prompt_tokens} prompt tokens, {t.cached_tokens} cached; first token after {t.ttft_s:.2f} s; "
                   f"{t.completion_tokens} tokens at {t.decode_tokens_per_s:.1f} tok/s; finish: {delta.finish_reason}; "
                   f"{time.perf_counter() - t0:.2f} s)", file=sys.stderr)
-            if t.verify_forwards:
-                print(f"(drafter: {t.accepted}/{t.drafted} drafts accepted ({t.acceptance:.0%}), "
-                      f"{t.tokens_per_forward:.2f} tokens per target forward)", file=sys.stderr)
+            _print_drafting(t)
     return content
+
+
+def _print_drafting(t) -> None:
+    if t.verify_forwards:
+        print(f"(drafter: {t.accepted}/{t.drafted} drafts accepted ({t.acceptance:.0%}), "
+              f"{t.tokens_per_forward:.2f} tokens per target forward)", file=sys.stderr)
 
 
 def cmd_run(args) -> None:
@@ -118,6 +122,7 @@ def cmd_run(args) -> None:
                 t = delta.timings
                 print(f"\n({t.prompt_tokens} prompt tokens; first token after {t.ttft_s:.2f} s; {t.completion_tokens} "
                       f"tokens at {t.decode_tokens_per_s:.1f} tok/s; finish: {delta.finish_reason})", file=sys.stderr)
+                _print_drafting(t)
         print()
         return
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
