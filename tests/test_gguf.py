@@ -109,6 +109,27 @@ def test_q8_0_gguf_equals_our_int8_g32(ckpt):
 
 
 @needs_converter
+def test_quant_float_dequantizes_a_q8_0_gguf(ckpt, tmp_path):
+    """quant="float": every Q8_0 tensor becomes a plain float matrix, exactly gguf's dequantization
+    (the same function as the int8-g32 modules compute); a quantized safetensors checkpoint refuses."""
+    from unigemma.errors import CheckpointError
+    from unigemma.quant.linear import QuantLinear
+
+    ids = ids_for(TEXT)
+    q8 = unigemma.load_model(to_gguf(ckpt, "q8_0"), dtype="float32")
+    flt = unigemma.load_model(to_gguf(ckpt, "q8_0"), dtype="float32", quant="float")
+    assert not any(isinstance(m, QuantLinear) for m in flt.modules())
+    layer_q, layer_f = q8.model.language_model.layers[0], flt.model.language_model.layers[0]
+    assert torch.equal(layer_f.mlp.up_proj.weight, layer_q.mlp.up_proj.dequantize())
+    torch.testing.assert_close(flt.logits(ids), q8.logits(ids), rtol=1e-4, atol=1e-4)  # same weights, other kernels
+    from unigemma.weights.save import save_quantized
+
+    saved = save_quantized(ckpt, tmp_path / "q", "int8", dtype="float32")
+    with pytest.raises(CheckpointError, match="float"):
+        unigemma.load_model(saved, quant="float")
+
+
+@needs_converter
 def test_q4_0_and_q5_0_gguf(ckpt, tmp_path):
     """Q4_0 weights load as our int4-g32 (exactly gguf's dequantization), Q5_0 as float; the
     model stays close to the float one."""
