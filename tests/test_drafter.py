@@ -141,14 +141,16 @@ def test_top_token_is_the_argmax_of_the_logits(config):
         assert torch.equal(d.top_token(y), d.logits(y).argmax(-1))
 
 
-def test_a_packed_drafter_drafts_what_the_plain_one_drafts(tmp_path):
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_packed_drafter_drafts_what_the_plain_one_drafts(tmp_path, tied):
     from unigemma.models.packed import PackedLinear, device_can_pack
     from unigemma.weights.drafter import load_drafter, save_drafter
 
     if not device_can_pack("cpu", torch.bfloat16):
         pytest.skip("needs oneDNN bf16 (AVX512-BF16)")
     torch.manual_seed(4)
-    save_drafter(Drafter(DrafterConfig.from_dict(CENTROIDS)), tmp_path, CENTROIDS)
+    config = dict(CENTROIDS, tie_word_embeddings=tied)  # untied: the centroid head reads lm_head's rows
+    save_drafter(Drafter(DrafterConfig.from_dict(config)), tmp_path, config)
     plain, packed = load_drafter(tmp_path, pack=False), load_drafter(tmp_path)
     assert isinstance(packed.pre_projection, PackedLinear) and not isinstance(plain.pre_projection, PackedLinear)
     g = torch.Generator().manual_seed(5)

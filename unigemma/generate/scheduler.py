@@ -178,9 +178,9 @@ class Scheduler:
                 else:
                     self._decode_step()
         except Exception as e:  # the batch's cache can no longer be trusted: fail its rows, start afresh
-                for run in self.running:
-                    run.request._deltas.put(e)
-                self._reset()
+            for run in self.running:
+                run.request._deltas.put(e)
+            self._reset()
 
     def _reset(self) -> None:
         c = self.cache

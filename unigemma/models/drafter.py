@@ -156,7 +156,6 @@ class MaskedEmbedder(nn.Module):
         out = picked.new_full((*y.shape[:-1], head.shape[0]), float(picked.min()) - 1.0)
         return out.scatter_(-1, ids, picked)
 
-
     def top_token(self, y: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         clusters = self.centroids(y).topk(self.top_k, dim=-1).indices
         ids = self.token_ordering.long().view(self.num_centroids, -1)[clusters].flatten(-2)

@@ -86,9 +86,9 @@ class PackedHead(nn.Module):
         return torch.cat([_linear(h, p, None) for p in self.parts], -1)
 
 
-def pack_every_linear(module: nn.Module) -> nn.Module:
+def pack_every_linear(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
     """Swap every float nn.Linear inside `module` for a PackedLinear, in place (an MTP drafter:
-    all of it runs once per draft step)."""
+    all of it runs once per draft step), but those named in `skip` (whose weight is read)."""
     if not any(type(m) is nn.Linear for m in module.modules()):
         return module
     w = next(m.weight for m in module.modules() if type(m) is nn.Linear)
@@ -97,7 +97,8 @@ def pack_every_linear(module: nn.Module) -> nn.Module:
     with torch.no_grad():
         for parent in list(module.modules()):
             for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear and child.weight.dtype in (torch.bfloat16, torch.float32):
+                if (type(child) is nn.Linear and name not in skip
+                        and child.weight.dtype in (torch.bfloat16, torch.float32)):
                     setattr(parent, name, PackedLinear(child.weight, child.bias))
     return module
 

@@ -62,7 +62,8 @@ def load_drafter(path: str | os.PathLike, dtype="bfloat16", device="cpu", pack: 
     missing = sorted(set(expected) - seen)
     if missing:
         raise CheckpointError(f"{root}: drafter checkpoint is missing {len(missing)} tensors: {missing[:5]}")
-    return (pack_every_linear(model) if pack else model).eval()
+    # an untied lm_head stays plain: the centroid head gathers its rows
+    return (pack_every_linear(model, skip=("lm_head",)) if pack else model).eval()
 
 
 def save_drafter(model: Drafter, path: str | os.PathLike, config: dict) -> Path:
