@@ -91,34 +91,6 @@ def prompts(tokenizer, n: int, held_out: int, length: int = 24, seed: int = 0):
     raise SystemExit(f"only {len(train)} prose prompts found; ask for fewer")
 
 
-def bf16_target(gemma):
-    """The 270M's Q8_0 tensors (group-wise int8, which has no fast kernel) dequantized to bf16
-    and packed: the fast path, where a verify forward of up to 8 tokens costs what one token
-    costs and is bit-equal to one-token steps (models/packed.py)."""
-    from unigemma.models.layers import Embedding
-    from unigemma.models.packed import pack_linears
-    from unigemma.quant.linear import QuantEmbedding, QuantLinear
-    from unigemma.quant.pack import dequantize
-
-    model = gemma.model
-    with torch.no_grad():
-        for name, m in list(model.named_modules()):
-            if not isinstance(m, QuantLinear):
-                continue
-            w = dequantize(m.our_weight(), m.scales, m.bits, torch.bfloat16)
-            if isinstance(m, QuantEmbedding):
-                new = Embedding(m.num_embeddings, m.embedding_dim, _weight=w)
-            else:
-                new = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=torch.bfloat16)
-                new.weight.copy_(w)
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, new)
-        model.packed_head = None
-        pack_linears(model)
-    gemma._engine = None  # rebuilt on the new modules
-    return model
-
-
 @torch.no_grad()
 def teacher(target, seqs: list[list[int]], top: int = 32) -> dict:
     """Hidden states, last sliding / full layer K/V and top-k next-token log-probs, stacked
@@ -337,8 +309,10 @@ def main():
 
     log = lambda m: print(f"[train_drafter] {m}", file=sys.stderr, flush=True)  # noqa: E731
     t_all = time.perf_counter()
-    gemma = unigemma.load(assemble(), dtype="bfloat16", fast=False)
-    target = bf16_target(gemma)
+    # its Q8_0 tensors dequantized to bf16 and packed: the fast path, where a verify forward of up
+    # to 8 tokens costs what one token costs and is bit-equal to one-token steps
+    gemma = unigemma.load(assemble(), dtype="bfloat16", quant="float")
+    target = gemma.model
     train_ps, eval_ps = prompts(gemma.tokenizer, a.sequences, a.held_out)
     result = dict(bench="train_drafter", target="gemma-3-270m bf16 (packed)", held_out_prompts=len(eval_ps),
                   new_tokens=a.new_tokens)

@@ -36,8 +36,9 @@ from torch import nn
 from ..config import FULL, SLIDING, TextConfig, _check
 from ..errors import ConfigError
 from .attention import DECODE_QUERIES, decode_attention
-from .layers import MLP, Embedding, RMSNorm
+from .layers import Embedding, RMSNorm
 from .rope import Rope, apply_rope
+from .text import DecoderLayer
 
 
 @dataclass
@@ -110,18 +111,11 @@ class DraftAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
-class DraftLayer(nn.Module):
+class DraftLayer(DecoderLayer):
+    """A target block (norms, MLP, layer scalar) whose attention reads the target's K/V."""
+
     def __init__(self, config: TextConfig, layer_idx: int):
-        super().__init__()
-        eps = config.rms_norm_eps
-        self.layer_type = config.layer_types[layer_idx]
-        self.self_attn = DraftAttention(config, layer_idx)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
-        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
-        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
-        self.register_buffer("layer_scalar", torch.ones(1))
+        super().__init__(config, layer_idx, attention=DraftAttention)
 
     def forward(self, h, cos, sin, k, v, mask):
         h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), cos, sin, k, v, mask))
@@ -147,9 +141,13 @@ class MaskedEmbedder(nn.Module):
         self.centroids = nn.Linear(config.text.hidden_size, config.num_centroids, bias=False)
         self.register_buffer("token_ordering", torch.arange(config.text.vocab_size))
 
+    def _pick(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top clusters [.., top_k] and their token ids [.., top_k * size]."""
+        clusters = self.centroids(y).topk(self.top_k, dim=-1).indices
+        return clusters, self.token_ordering.long().view(self.num_centroids, -1)[clusters].flatten(-2)
+
     def forward(self, y: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-        clusters = self.centroids(y).topk(self.top_k, dim=-1).indices  # [B, S, top_k]
-        ids = self.token_ordering.long().view(self.num_centroids, -1)[clusters].flatten(-2)  # [B, S, top_k * size]
+        clusters, ids = self._pick(y)
         rows = self._by_cluster(head)[clusters].flatten(-3, -2) if not torch.is_grad_enabled() else head[ids]
         picked = (y.unsqueeze(-2) @ rows.transpose(-1, -2)).squeeze(-2)
         # one fill value for the whole call, the smallest logit computed minus one (as the reference)
@@ -157,8 +155,7 @@ class MaskedEmbedder(nn.Module):
         return out.scatter_(-1, ids, picked)
 
     def top_token(self, y: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-        clusters = self.centroids(y).topk(self.top_k, dim=-1).indices
-        ids = self.token_ordering.long().view(self.num_centroids, -1)[clusters].flatten(-2)
+        clusters, ids = self._pick(y)
         w = self._by_cluster(head)
         best = []
         for row, c in zip(y.reshape(-1, y.shape[-1]), clusters.reshape(-1, self.top_k)):  # one draft row, mostly

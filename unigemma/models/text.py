@@ -20,11 +20,11 @@ from .rope import Rope
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: TextConfig, layer_idx: int):
+    def __init__(self, config: TextConfig, layer_idx: int, attention: type[nn.Module] = Attention):
         super().__init__()
         eps = config.rms_norm_eps
         self.layer_type = config.layer_types[layer_idx]
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = attention(config, layer_idx)  # the MTP drafter's: queries only
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)

@@ -83,21 +83,30 @@ def _absorb(c: _Choice, delta) -> None:
         c.drafted, c.accepted = delta.timings.drafted, delta.timings.accepted
 
 
+async def _items(pump: Pump, n: int):
+    """(index, delta) from n requests until every one has ended; a failure is the last item,
+    (index, exception)."""
+    open_ = n
+    while open_:
+        i, item = await pump.get()
+        if item is END:
+            open_ -= 1
+            continue
+        yield i, item
+        if isinstance(item, BaseException):
+            return
+
+
 async def _collect(request: Request, requests: list, meter):
     """Every request's whole reply (non-streamed answers): (choices, created), or the error
     response of the first request that failed."""
     choices = [_Choice() for _ in requests]
     async with _pumping(request, requests, meter) as pump:
-        open_ = len(requests)
-        while open_:
-            i, item = await pump.get()
-            if item is END:
-                open_ -= 1
-            elif isinstance(item, BaseException):
+        async for i, item in _items(pump, len(requests)):
+            if isinstance(item, BaseException):
                 status, err = _failure(item)
                 return JSONResponse(err, status_code=status), pump.created
-            else:
-                _absorb(choices[i], item)
+            _absorb(choices[i], item)
     return choices, pump.created
 
 
@@ -133,12 +142,7 @@ async def chat(request: Request, requests: list, body, model: str, tokenizer, me
             for i in range(n):
                 yield chunk(cid, model, pump.created, [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                         "logprobs": None, "finish_reason": None}])
-            open_ = n
-            while open_:
-                i, item = await pump.get()
-                if item is END:
-                    open_ -= 1
-                    continue
+            async for i, item in _items(pump, n):
                 if isinstance(item, BaseException):
                     yield sse_error(item)
                     break
@@ -206,12 +210,8 @@ async def completion(request: Request, requests: list, body, model: str, tokeniz
 
     async def events():
         async with _pumping(request, requests, meter) as pump:
-            choices, open_ = [_Choice() for _ in range(n)], n
-            while open_:
-                i, item = await pump.get()
-                if item is END:
-                    open_ -= 1
-                    continue
+            choices = [_Choice() for _ in range(n)]
+            async for i, item in _items(pump, n):
                 if isinstance(item, BaseException):
                     yield sse_error(item)
                     break
