@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from bench.machine import read_bandwidth
 from bench.peers import rss_mib, run_child, run_peer, text_ids
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,17 +81,6 @@ def write_checkpoint(layers: int | None = None, seed: int = 0) -> Path:
     (root / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}, indent=2))
     (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return root
-
-
-def read_bandwidth(threads: int, gib: int = 2) -> float:
-    torch.set_num_threads(threads)
-    x = torch.ones(gib << 29, dtype=torch.int16)  # touched: resident
-    best = 0.0
-    for _ in range(5):
-        t = time.perf_counter()
-        x.max()
-        best = max(best, x.numel() * 2 / (time.perf_counter() - t) / 1e9)
-    return best
 
 
 def bytes_per_token(model) -> int:

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from bench.machine import machine
 from unigemma.quant import linear as ql
 from unigemma.quant.pack import quantize_int4, quantize_int8
 
@@ -82,7 +83,7 @@ def main():
                 r = rows[-1]
                 print(f"{shape:>11} {name:>18} M={M:<4} {r['ms']:9.3f} ms {r['gb_s']:7.2f} GB/s {r['gflop_s']:8.1f} GFLOP/s",
                       flush=True)
-    print(json.dumps({"threads": args.threads, "dtype": "bfloat16", "rows": rows}))
+    print(json.dumps({"bench": "quant_kernels", **machine(args.threads), "dtype": "bfloat16", "rows": rows}))
 
 
 if __name__ == "__main__":

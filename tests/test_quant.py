@@ -4,6 +4,9 @@ quantized models close to float, quantized checkpoints saved and reloaded as the
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,8 +18,8 @@ from unigemma.errors import CheckpointError
 from unigemma.quant import linear as ql
 from unigemma.quant.apply import QuantScheme, quantize
 from unigemma.quant.linear import QuantEmbedding, QuantLinear
-from unigemma.quant.pack import (dequantize, from_cpu_int4pack, pack_nibbles, quantize_int4, quantize_int8,
-                                 to_cpu_int4pack, unpack_nibbles)
+from unigemma.quant.cpu_int4 import convert, kernel_layout
+from unigemma.quant.pack import dequantize, pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles
 from unigemma.weights.save import save_quantized
 
 gguf_quants = pytest.importorskip("gguf.quants", reason="the gguf package holds ggml's reference quantizers")
@@ -63,13 +66,33 @@ def test_group32_quantization_is_ggml_bit_for_bit(bits, qtype):
     assert np.array_equal(dequantize(q, s, bits).numpy(), ref)
 
 
-def test_nibble_layouts_round_trip_and_match_torch_packing():
-    u = torch.randint(0, 16, (128, 96), dtype=torch.uint8)
+@pytest.mark.parametrize("N,K", [(128, 96), (64, 2), (320, 256)])
+def test_nibble_layouts_round_trip_and_match_torch_packing(N, K):
+    """The kernel's order is learned on this CPU; it must equal torch's own conversion op here."""
+    u = torch.randint(0, 16, (N, K), dtype=torch.uint8)
     p = pack_nibbles(u)
     assert torch.equal(unpack_nibbles(p), u)
-    kernel = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.int(), 1)
-    assert torch.equal(to_cpu_int4pack(p), kernel)
-    assert torch.equal(from_cpu_int4pack(kernel), p)
+    layout = kernel_layout()
+    assert layout is not None, f"no int4 kernel layout learned on {torch.backends.cpu.get_cpu_capability()}"
+    kernel = convert(u)
+    assert torch.equal(layout.pack(p), kernel)
+    assert torch.equal(layout.unpack(kernel), p)
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_int4_kernel_on_other_isas(capability):
+    """torch's int4 kernel order differs per ISA (64-row blocks on AVX-512, 32 on AVX2, row pairs
+    on the plain build), and CI lands on either kind of CPU: run the layout and kernel tests
+    again with torch and oneDNN capped to each lower ISA, so every order is checked on any machine."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    got = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert got.stdout.strip().lower() == capability
+    r = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+                        "-k", "nibble or kernels_equal or state_dict_is_our or odd_shapes"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-1000:]
 
 
 def module(w, bits, group):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .linear import QuantEmbedding, QuantLinear
-from .pack import quantize_int4, quantize_int8, to_cpu_int4pack
+from .pack import quantize_int4, quantize_int8
 
 _NAME = re.compile(r"^int(8|4)(?:-g(\d+))?$")
 METHOD = "unigemma-weight-only"
@@ -149,8 +149,8 @@ def prepare(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     if dtype != torch.bfloat16:
         return model
     for m in model.modules():
-        if isinstance(m, QuantLinear) and m.kernel == "int4" and not m.is_kernel_layout:
-            m.weight, m.is_kernel_layout = to_cpu_int4pack(m.weight), True
+        if isinstance(m, QuantLinear) and m.kernel == "int4":
+            m.to_kernel_layout()
     return model
 
 

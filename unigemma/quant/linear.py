@@ -7,7 +7,8 @@ State (what a quantized checkpoint stores, layouts in pack.py):
 Matmul paths, picked per module from its shape (`kernel`) and per call from the activations:
   "int8"  torch's `_weight_int8pack_mm`: per-channel int8 (one group per row).
   "int4"  torch's `_weight_int4pack_mm_for_cpu`: group-wise int4 with N % 64 == 0. The module
-          then keeps only the kernel's nibble order in memory (a permutation of ours, undone
+          then keeps only the kernel's nibble order in memory (a permutation of ours that
+          depends on the CPU, learned from torch's conversion op in cpu_int4.py, and undone
           by a state_dict hook), so the weight exists once.
   None    plain dequantize + matmul, a block of rows at a time so the float copy stays in
           cache: group-wise int8 (GGUF Q8_0), odd shapes, other devices. Also the oracle.
@@ -23,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pack import dequantize, from_cpu_int4pack, to_cpu_int4pack
+from .cpu_int4 import ROW_MULTIPLE, kernel_layout
+from .pack import dequantize
 
 USE_KERNELS = True  # False: every module takes the dequantize path (tests compare the two)
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
@@ -59,8 +61,8 @@ class QuantLinear(nn.Module):
             return None
         if self.bits == 8:
             return "int8" if self.scales.shape[1] == 1 else None
-        ok = self.out_features % 64 == 0 and self.group_size in INT4_KERNEL_GROUPS
-        return "int4" if ok else None
+        ok = self.out_features % ROW_MULTIPLE == 0 and self.group_size in INT4_KERNEL_GROUPS
+        return "int4" if ok and kernel_layout() is not None else None
 
     def set_weight(self, q: torch.Tensor, scales: torch.Tensor) -> None:
         """Our layout in (from a checkpoint, a quantizer or a GGUF repack)."""
@@ -72,7 +74,12 @@ class QuantLinear(nn.Module):
         self._kernel_scales.clear()
 
     def our_weight(self) -> torch.Tensor:
-        return from_cpu_int4pack(self.weight) if self.is_kernel_layout else self.weight
+        return kernel_layout().unpack(self.weight) if self.is_kernel_layout else self.weight
+
+    def to_kernel_layout(self) -> None:
+        """Move an int4 weight into the CPU kernel's order, once (the kernel path calls this)."""
+        if not self.is_kernel_layout:
+            self.weight, self.is_kernel_layout = kernel_layout().pack(self.weight), True
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         """The float weight [N, K] these bits stand for (the reference for every path)."""
@@ -98,8 +105,7 @@ class QuantLinear(nn.Module):
         if kernel == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self._scales_for(x.dtype))
         elif kernel == "int4":
-            if not self.is_kernel_layout:
-                self.weight, self.is_kernel_layout = to_cpu_int4pack(self.weight), True
+            self.to_kernel_layout()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.group_size,
                                                            self._scales_for(x.dtype))
         else:

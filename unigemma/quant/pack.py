@@ -80,25 +80,3 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int, dtype=torch.flo
     G = scales.shape[1]
     return (v.reshape(N, G, K // G) * scales.float()[..., None]).reshape(N, K).to(dtype)
 
-
-# --- torch's CPU int4 kernel layout -------------------------------------------------------
-# `_convert_weight_to_int4pack_for_cpu` is a pure permutation of nibbles when N % 64 == 0:
-# byte (nb, k, j) holds row nb*64 + j in the low nibble and row nb*64 + 32 + j in the high
-# one (checked against torch in tests/test_quant.py). Knowing it lets a module keep only
-# the kernel's copy in memory and still write our layout back out.
-CPU_INT4_BLOCK_N = 64
-
-
-def to_cpu_int4pack(q: torch.Tensor) -> torch.Tensor:
-    """Our int4 layout [N, K // 2] → torch's CPU kernel layout (N a multiple of 64)."""
-    u = unpack_nibbles(q)
-    N, K = u.shape
-    b = u.reshape(N // 64, 2, 32, K).permute(0, 3, 2, 1)  # [N/64, K, 32, 2]
-    return (b[..., 0] | (b[..., 1] << 4)).reshape(N, K // 2).contiguous()
-
-
-def from_cpu_int4pack(p: torch.Tensor) -> torch.Tensor:
-    """Inverse of to_cpu_int4pack."""
-    N, K = p.shape[0], p.shape[1] * 2
-    b = torch.stack([p & 15, p >> 4], dim=-1).reshape(N // 64, K, 32, 2)
-    return pack_nibbles(b.permute(0, 3, 2, 1).reshape(N, K))
