@@ -118,7 +118,7 @@ fake_audio = SimpleNamespace(
         torch.tensor([[t < len(i.features) for t in range(max(len(j.features) for j in items))] for i in items])),
 )
 fake_video = SimpleNamespace(
-    load_video=lambda src, num_frames=32: SimpleNamespace(
+    load_video=lambda src, num_frames=32, max_soft_tokens=None: SimpleNamespace(
         frames=src[[k * len(src) // num_frames for k in range(num_frames)]],
         timestamps=[k * len(src) // num_frames / 24 for k in range(num_frames)]),  # raw arrays play at 24 fps
     preprocess_video=lambda clip, max_soft_tokens=70: SimpleNamespace(

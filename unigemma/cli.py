@@ -243,25 +243,50 @@ def cmd_plan(args) -> None:
     print(render(config, memory, plan(config, memory)))
 
 
+def _api_key(args) -> str | None:
+    """--api-key, else --api-key-file, else $UNIGEMMA_API_KEY (a file or the environment keep
+    the key out of `ps` and /proc/PID/cmdline, which every local user can read)."""
+    import os
+
+    if args.api_key:
+        return args.api_key
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeError) as e:
+            raise UnigemmaError(f"--api-key-file: cannot read {args.api_key_file}: {e}") from None
+        if not key:
+            raise UnigemmaError(f"--api-key-file: {args.api_key_file} is empty")
+        return key
+    return os.environ.get("UNIGEMMA_API_KEY") or None
+
+
 def cmd_serve(args) -> None:
     """The OpenAI-compatible server and chat page (unigemma/server/)."""
-    import uvicorn
-
     from .server import ServerConfig, create_app
     from .server.convert import Limits
+    from .server.guard import allowed_hosts
+    from .server.serve import serve
 
-    if min(args.max_seqs, args.max_queue, args.max_body_mb) < 1 or args.max_len < 16:
-        raise UnigemmaError("--max-seqs, --max-queue and --max-body-mb must be at least 1, --max-len at least 16")
+    if min(args.max_seqs, args.max_queue, args.max_body_mb, args.media_workers) < 1 or args.max_len < 16:
+        raise UnigemmaError("--max-seqs, --max-queue, --max-body-mb and --media-workers must be at least 1, "
+                            "--max-len at least 16")
+    if not 0 <= args.shutdown_timeout <= 3600:
+        raise UnigemmaError("--shutdown-timeout must be between 0 and 3600 seconds")
+    api_key = _api_key(args)
+    hosts, any_ip = allowed_hosts(args.host, args.allowed_host or ())
     gemma = load_for(args)
     config = ServerConfig(model_name=args.served_name or (Path(args.model).name if args.model else "unigemma-demo"),
-                          api_key=args.api_key, max_seqs=args.max_seqs, max_len=args.max_len,
+                          api_key=api_key, max_seqs=args.max_seqs, max_len=args.max_len,
                           max_queue=args.max_queue, max_body_bytes=args.max_body_mb << 20,
-                          limits=Limits(allow_url_fetch=args.allow_url_fetch))
+                          limits=Limits(allow_url_fetch=args.allow_url_fetch), allowed_hosts=hosts,
+                          allow_ip_hosts=any_ip, media_workers=args.media_workers,
+                          media_queue=4 * args.media_workers)
     app = create_app(gemma, config)
     print(f"serving {config.model_name} on http://{args.host}:{args.port}/ (chat page at /, API at /v1); "
           f"{args.max_seqs} rows x {app.state.scheduler.max_len} tokens, KV cache "
           f"{app.state.scheduler.kv_bytes / 2**30:.2f} GiB", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    serve(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
 
 
 def _model_flags(p, model_required=False) -> None:
@@ -327,7 +352,20 @@ def main(argv=None) -> int:
     sv.add_argument("--tokenizer", help="tokenizer directory or .gguf (default: the checkpoint's)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 and /metrics (visible in ps: "
+                                      "prefer --api-key-file or $UNIGEMMA_API_KEY)")
+    sv.add_argument("--api-key-file", metavar="PATH", help="read the API key from this file (surrounding "
+                                                           "whitespace stripped); else $UNIGEMMA_API_KEY, if set")
+    sv.add_argument("--allowed-host", action="append", metavar="NAME",
+                    help="also answer requests whose Host header is NAME (repeatable; '*': any). By default: "
+                         "localhost, 127.0.0.1, ::1 and the --host address; bound to a non-loopback address, "
+                         "any IP address too. Other names get 400 (DNS rebinding)")
+    sv.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
+                    help="on SIGTERM / Ctrl-C, stop accepting, let running requests go on this long, then end "
+                         "them with an error (streams: an error event and [DONE]) and exit (default 5)")
+    sv.add_argument("--media-workers", type=int, default=2,
+                    help="threads decoding requests with images, audio or video (4x as many may wait, "
+                         "then 429); plain text requests never wait for them (default 2)")
     sv.add_argument("--max-seqs", type=int, default=8, help="sequences decoded together (continuous batching)")
     sv.add_argument("--max-len", type=int, default=8192,
                     help="tokens per sequence, prompt + reply; KV for max-seqs of them is allocated at start (default 8192)")

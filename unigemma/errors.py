@@ -21,5 +21,10 @@ class InputError(UnigemmaError, ValueError):
     """A request's inputs are malformed: media, messages, sizes, token counts."""
 
 
+class ContextTooLong(InputError):
+    """A prompt cannot fit the context (known before any work: a server answers
+    `context_length_exceeded`)."""
+
+
 class QueueFull(UnigemmaError):
     """The scheduler's queue is full; the request was not taken (a server answers 429/503)."""

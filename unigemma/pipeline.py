@@ -27,6 +27,7 @@ from .generate.sampling import SamplingParams
 from .generate.speculative import DraftLength
 from .models.gemma4 import Gemma4Unified
 from .processing.chat import Processor
+from .processing.cost import Limits as ProcessingLimits
 from .processing.parse import ToolCallError
 from .processing.tokenizer import Tokenizer
 from .weights.loader import load_model
@@ -119,11 +120,17 @@ class Gemma:
         """The reference forward; see `Gemma4Unified.logits`."""
         return self.model.logits(*args, **kwargs)
 
-    def processor(self, image_budget: int = 280) -> Processor:
+    def processor(self, image_budget: int = 280, max_len: int | None = None,
+                  limits: ProcessingLimits | None = None) -> Processor:
+        """A Processor for this checkpoint. max_len: the context prompts must fit, with room for a
+        reply (default the model's); a prompt sure to exceed it is refused before media are
+        decoded or text tokenized. limits: per-request media and tool limits (cost.Limits)."""
         if self.tokenizer is None:
             raise InputError("this checkpoint has no tokenizer.json: pass tokenizer='path/to/tokenizer-dir' "
                              "or a .gguf file to unigemma.load")
-        return Processor(self.tokenizer, image_budget=image_budget)
+        context = self.model.config.text.max_position_embeddings
+        return Processor(self.tokenizer, image_budget=image_budget, max_len=min(max_len or context, context),
+                         limits=limits)
 
     def inputs(self, messages: Any, *, tools: list[dict] | None = None, enable_thinking: bool = False,
                image_budget: int = 280) -> dict[str, torch.Tensor]:

@@ -8,6 +8,10 @@ soundfile path (`transformers.audio_utils.load_audio(..., backend="soundfile")`,
 length ceil(n * 16000 / rate). Same file, same samples, bit for bit. Formats libsndfile
 cannot read (m4a/aac, webm, ...) go through FFmpeg (PyAV); the reference would use
 torchcodec there, whose resampler differs slightly.
+
+Encoded input (bytes, data URIs, files) is sniffed against container.py's allow-list first, and
+FFmpeg only ever opens it with that demuxer named: FFmpeg's own probing would let an ffconcat
+or SDP text open local files or sockets.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import io
 import math
 import os
 import re
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,6 +33,7 @@ import soxr
 import torch
 
 from unigemma.errors import InputError
+from unigemma.processing.container import ACCEPTED, HEAD_BYTES, SNDFILE_KINDS, open_input, sniff
 
 SAMPLING_RATE = 16_000  # the model hears 16 kHz mono
 SAMPLES_PER_TOKEN = 640  # 40 ms of 16 kHz audio per soft token
@@ -40,6 +46,7 @@ RESAMPLE_QUALITY = "HQ"
 # Sanity bounds on what a (possibly damaged) header may claim, so decoding stays cheap.
 MAX_CHANNELS = 32  # also: the short axis of a 2-D array counts as channels up to this many
 MAX_RATE = 768_000  # the highest PCM rate in use (32x 24 kHz)
+BLOCK_FRAMES = 1 << 16  # decoded and downmixed at a time (32 channels: 8 MB of float32)
 
 _INT_SCALE = {np.dtype(np.int8): 2.0 ** 7, np.dtype(np.int16): 2.0 ** 15, np.dtype(np.int32): 2.0 ** 31}
 # libsndfile logs "data : <header size> (should be <real size>)" for a WAV cut short; 0 and
@@ -79,8 +86,7 @@ def load_audio(source: Any, *, max_seconds: float | None = DEFAULT_MAX_SECONDS) 
         raise InputError(f"{name}: audio has {int((~finite).sum())} NaN/infinite sample(s), "
                          f"the first at frame {first} ({first / rate:.3f} s)")
     _check_length(wave.shape[1], rate, max_seconds, name)
-    # The reference's expressions, so that multichannel files average bit-identically.
-    mono = wave.mean(axis=0) if wave.shape[0] > 1 else wave[0]
+    mono = _mono(wave)  # encoded input arrives downmixed already ([1, frames])
     if rate != SAMPLING_RATE:
         length = math.ceil(mono.shape[-1] * SAMPLING_RATE / rate)
         mono = soxr.resample(mono, rate, SAMPLING_RATE, quality=RESAMPLE_QUALITY)
@@ -104,7 +110,7 @@ def _check_format(channels: int, rate: float, name: str) -> None:
 
 
 def _decode(source: Any, max_seconds: float | None) -> tuple[np.ndarray, float, str]:
-    """Source -> (float32 [channels, frames], sample rate, a name for error messages)."""
+    """Source -> (float32 [channels, frames] (encoded input: [1, frames], downmixed), rate, a name for errors)."""
     if isinstance(source, tuple) and len(source) == 2:
         return _from_array(source[0], source[1], "audio array") + ("audio array",)
     if isinstance(source, Mapping):
@@ -206,20 +212,27 @@ def _decode_encoded(src: str | bytes, name: str, max_seconds: float | None) -> t
     if isinstance(src, bytes) and not src:
         raise InputError(f"{name}: audio is empty (0 bytes)")
     try:
+        head = src[:HEAD_BYTES] if isinstance(src, bytes) else _head(src)
+    except OSError as e:
+        raise InputError(f"{name}: cannot open audio: {type(e).__name__}: {e}") from e
+    kind = sniff(head, f"{name}: not a readable audio file")
+    if kind not in SNDFILE_KINDS:
+        return _decode_ffmpeg(src, kind, name, max_seconds, sf_error="not tried") + (name,)
+    try:
         opened = sf.SoundFile(io.BytesIO(src) if isinstance(src, bytes) else src)
     except sf.LibsndfileError as e:
         # Only a format libsndfile does not know goes to FFmpeg; a file it knows but finds
         # malformed is broken (FFmpeg would happily return a truncated Ogg's first half).
         if e.code not in (1, 4):  # SF_ERR_UNRECOGNISED_FORMAT, SF_ERR_UNSUPPORTED_ENCODING
             raise InputError(f"{name}: corrupt or truncated audio ({e.error_string})") from e
-        return _decode_ffmpeg(src, name, max_seconds, sf_error=e.error_string) + (name,)
+        return _decode_ffmpeg(src, kind, name, max_seconds, sf_error=e.error_string) + (name,)
     except (RuntimeError, OSError, ValueError, TypeError) as e:
         raise InputError(f"{name}: cannot open audio: {type(e).__name__}: {e}") from e
     with opened as f:
         _check_format(f.channels, f.samplerate, name)  # before decoding a huge file
         _check_length(f.frames, f.samplerate, max_seconds, name)
         try:
-            wave = f.read(dtype="float32", always_2d=True).T
+            wave = _read_mono(f)[None]
         except (RuntimeError, OSError, ValueError) as e:
             raise InputError(f"{name}: corrupt or truncated audio: {e}") from e
         declared, log, rate = f.frames, f.extra_info, f.samplerate
@@ -237,13 +250,42 @@ def _decode_encoded(src: str | bytes, name: str, max_seconds: float | None) -> t
     return wave, float(rate), name
 
 
-def _decode_ffmpeg(src: str | bytes, name: str, max_seconds: float | None, sf_error: str) -> tuple[np.ndarray, float]:
-    """Decode through FFmpeg (PyAV) what libsndfile cannot: m4a/aac, webm, mkv audio, ..."""
-    try:
-        container = av.open(io.BytesIO(src) if isinstance(src, bytes) else src)
-    except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise InputError(f"{name}: not a readable audio file (libsndfile: {sf_error}; FFmpeg: {e})") from e
-    with container:
+def _mono(wave: np.ndarray) -> np.ndarray:
+    """float32 [channels, frames] -> [frames]: the reference's average, column by column, so a
+    block-wise downmix gives the same bits as downmixing the whole file at once."""
+    return wave.mean(axis=0) if wave.shape[0] > 1 else wave[0]
+
+
+def _read_mono(f: sf.SoundFile) -> np.ndarray:
+    """All of `f` as float32 mono. Over two channels it is read and downmixed block by block, so
+    memory follows the mono output, not a 32-channel 768 kHz input; up to two (all MP3s) in one
+    read, as the reference does: libsndfile's MP3 decoder gives other bits when read in pieces."""
+    if f.channels <= 2:
+        return _mono(f.read(dtype="float32", always_2d=True).T)
+    blocks = []
+    while len(block := f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)):  # only what was read
+        blocks.append(_mono(block.T))
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+
+
+def _head(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(HEAD_BYTES)
+
+
+def _decode_ffmpeg(src: str | bytes, kind: str, name: str, max_seconds: float | None,
+                   sf_error: str) -> tuple[np.ndarray, float]:
+    """Decode through FFmpeg (PyAV) what libsndfile cannot: m4a/aac, webm, mkv audio, ...
+
+    `kind` is the allow-listed demuxer `sniff` chose; a file is read through our own file
+    object, so FFmpeg's file protocol (and every other) stays off."""
+    with ExitStack() as stack:
+        try:
+            file = src if isinstance(src, bytes) else stack.enter_context(open(src, "rb"))
+            container = stack.enter_context(open_input(file, kind))
+        except (av.error.FFmpegError, OSError, ValueError, EOFError) as e:
+            raise InputError(f"{name}: not a readable audio file ({ACCEPTED[kind]}; libsndfile: {sf_error}; "
+                             f"FFmpeg: {e})") from e
         if not container.streams.audio:
             raise InputError(f"{name}: the file has no audio stream ({container.format.name})")
         stream = container.streams.audio[0]
@@ -265,19 +307,19 @@ def _decode_ffmpeg(src: str | bytes, name: str, max_seconds: float | None, sf_er
                     raise InputError(f"{name}: corrupt audio: the stream changes from {first[0]} channels at "
                                      f"{first[1]} Hz to {shape[0]} channels at {shape[1]} Hz mid-way")
                 for frame in converter.resample(decoded):
-                    chunks.append(frame.to_ndarray())
+                    chunks.append(_mono(frame.to_ndarray()))  # downmixed as decoded
                     frames, rate = frames + frame.samples, frame.sample_rate
                     if rate:
                         _check_length(frames, rate, max_seconds, name, partial=True)  # stop early
             for frame in converter.resample(None):
-                chunks.append(frame.to_ndarray())
+                chunks.append(_mono(frame.to_ndarray()))
         except InputError:
             raise
-        except (av.error.FFmpegError, OSError, ValueError) as e:
+        except (av.error.FFmpegError, OSError, ValueError, EOFError) as e:
             raise InputError(f"{name}: corrupt or truncated audio (FFmpeg: {e})") from e
     if not chunks or not rate:
         raise InputError(f"{name}: audio is empty (FFmpeg decoded no samples from {container.format.name})")
-    return np.concatenate(chunks, axis=1).astype(np.float32, copy=False), float(rate)
+    return np.concatenate(chunks)[None].astype(np.float32, copy=False), float(rate)
 
 
 # --- features ---------------------------------------------------------------------------

@@ -8,6 +8,8 @@ when present, `pixel_values`/`image_position_ids`, `input_features`/`input_featu
 is left-padded. Templates run in Jinja's immutable sandbox with the globals and filters
 transformers gives them. Pixels and samples come from `image.py`, `audio.py` and `video.py`
 (imported on first use); this file only decides how many placeholder tokens each item gets.
+Before any of that work, `cost.py` prices the request from headers and character counts and
+refuses (InputError) what cannot fit `max_len` or the per-request `Limits`.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from unigemma.errors import InputError, UnigemmaError
+from unigemma.processing import cost
 from unigemma.processing.tokenizer import Tokenizer
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -236,12 +239,17 @@ class Processor:
     the per-frame one, `video_frames` the frames sampled per clip. `media` maps "image",
     "audio", "video" to modules with the interface of `unigemma.processing.image` etc.
     (the default); tests and alternative preprocessors pass their own.
+    `max_len`: the context the prompt will run in (prompt + reply); a conversation whose
+    prompt is sure to leave no room for a reply is refused before media are decoded or text
+    tokenized (None: not checked here). `limits`: per-call media and tool limits (`cost.Limits`).
     """
 
     def __init__(self, tokenizer: Tokenizer, chat_template: str | None = None, *, image_budget: int = 280,
-                 video_budget: int = 70, video_frames: int = 32, media: Mapping[str, Any] | None = None):
+                 video_budget: int = 70, video_frames: int = 32, media: Mapping[str, Any] | None = None,
+                 max_len: int | None = None, limits: cost.Limits | None = None):
         self.tokenizer, self.chat_template = tokenizer, chat_template or tokenizer.chat_template
         self.image_budget, self.video_budget, self.video_frames = image_budget, video_budget, video_frames
+        self.max_len, self.limits = max_len, limits or cost.Limits()
         self._media = dict(media or {})
         names = tokenizer.special_tokens_map
         self.token = {k: names.get(f"{k}_token") for k in ("image", "audio", "video", "boi", "eoi", "boa", "eoa")}
@@ -268,22 +276,50 @@ class Processor:
 
     def __call__(self, messages: Any, tools: list[dict] | None = None, enable_thinking: bool = False,
                  add_generation_prompt: bool = True, **template_kwargs: Any) -> dict[str, torch.Tensor]:
-        prompts, media = [], []
-        for conversation in _as_conversations(messages):
+        cost.check_tools(tools, self.limits)  # before the template renders them
+        prompts, media, costs = [], [], []
+        longest = cost.longest_token_chars(self.tokenizer)
+        for i, conversation in enumerate(_as_conversations(messages)):
             normalized, items = normalize_messages(conversation)
+            costs.append(self.costs(items))
+            cost.check_media([c for cs in costs for c in cs], self.limits)
+            # user text reaches the prompt whatever the template: a 31 MB text stops here, unrendered
+            cost.check_length(cost.user_text_chars(normalized), costs[-1], longest, self.max_len,
+                              f"prompt of conversation {i}" if i else "prompt")
             prompts.append(self._render(normalized, tools, enable_thinking, add_generation_prompt, template_kwargs))
             media.append(items)
-        return self.inputs_from_prompts(prompts, media)
+        return self.inputs_from_prompts(prompts, media, costs)
+
+    def costs(self, items: list[MediaItem]) -> list[cost.MediaCost]:
+        """Each item's soft tokens and decode cost, from its header (nothing is decoded)."""
+        out = []
+        for item in items:
+            try:
+                if item.kind == "image":
+                    out.append(cost.image_cost(item.source, self.image_budget))
+                elif item.kind == "audio":
+                    out.append(cost.audio_cost(item.source))
+                else:
+                    out.append(cost.video_cost(item.source, self.video_frames, self.video_budget))
+            except UnigemmaError as e:
+                raise InputError(f"{item.where}: {e}") from e
+            except (OSError, ValueError, TypeError) as e:
+                raise InputError(f"{item.where}: cannot read the {item.kind}'s header: {type(e).__name__}: {e}") from e
+        return out
 
     def _process(self, item: MediaItem):
         # Loader failures (missing file, bad bytes) are the caller's input errors.
         try:
             module = self._module(item.kind)
             if item.kind == "image":
-                return module.preprocess_image(module.load_image(item.source), max_soft_tokens=self.image_budget)
+                # image.py's preprocess_image takes the source itself and decodes, converts and
+                # resizes it band by band; a full-size RGB copy would come first otherwise
+                ours = getattr(module, "__name__", None) == "unigemma.processing.image"
+                source = item.source if ours else module.load_image(item.source)
+                return module.preprocess_image(source, max_soft_tokens=self.image_budget)
             if item.kind == "audio":
                 return module.preprocess_audio(module.load_audio(item.source))
-            clip = module.load_video(item.source, num_frames=self.video_frames)
+            clip = module.load_video(item.source, num_frames=self.video_frames, max_soft_tokens=self.video_budget)
             return module.preprocess_video(clip, max_soft_tokens=self.video_budget)
         except UnigemmaError as e:
             raise InputError(f"{item.where}: {e}") from e
@@ -320,12 +356,23 @@ class Processor:
         pattern = "|".join(re.escape(self.token[k]) for k in kinds)
         return re.sub(pattern, lambda m: next(queues[by_text[m.group(0)]]), prompt)
 
-    def inputs_from_prompts(self, prompts: list[str], media: list[list[MediaItem]]) -> dict[str, torch.Tensor]:
+    def inputs_from_prompts(self, prompts: list[str], media: list[list[MediaItem]],
+                            costs: list[list[cost.MediaCost]] | None = None) -> dict[str, torch.Tensor]:
         """Rendered prompts + their media items (in prompt order) -> padded model inputs."""
         for i, (prompt, items) in enumerate(zip(prompts, media)):
             self._check_placeholders(prompt, items, i)  # before any media is decoded
-        processed = [[self._process(item) for item in items] for items in media]
-        texts = [self._expand(p, items, done) for p, items, done in zip(prompts, media, processed)]
+        if costs is None:
+            costs = [self.costs(items) for items in media]
+            cost.check_media([c for cs in costs for c in cs], self.limits)
+        longest = cost.longest_token_chars(self.tokenizer)
+        for i, (prompt, cs) in enumerate(zip(prompts, costs)):
+            # The rendered text without its placeholders (each becomes its item's tokens): exact
+            # characters now, so this bound holds for any template.
+            marks = sum(prompt.count(self.token[k]) * len(self.token[k]) for k in MM_TYPE if self.token[k])
+            cost.check_length(len(prompt) - marks, cs, longest, self.max_len,
+                              f"prompt of conversation {i}" if i else "prompt")
+        out, counts = self._decode_media(media)
+        texts = [self._expand(p, items, done) for p, items, done in zip(prompts, media, counts)]
         bos = self.tokenizer.special_tokens_map.get("bos_token")
         # A template that writes <bos> itself must not get a second one (transformers' rule).
         ids = [self.tokenizer.encode(t, add_special_tokens=not (bos and t.startswith(bos))) for t in texts]
@@ -336,18 +383,46 @@ class Processor:
         types = torch.zeros_like(input_ids)
         for token_id, value in self.type_of_id.items():
             types[input_ids == token_id] = value
-        out = {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types}
-        flat = [(item, p) for items, done in zip(media, processed) for item, p in zip(items, done)]
-        images = [p for item, p in flat if item.kind == "image"]
+        return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types, **out}
+
+    def _decode_media(self, media: list[list[MediaItem]]) -> tuple[dict, list[list]]:
+        """Media tensors, and what `_expand` needs of each item. Image pixels go straight into
+        one preallocated batch: the peak is that tensor plus one image in flight, not every
+        image twice (kept, then stacked)."""
+        out, done = {}, [[None] * len(items) for items in media]
+        images = [(i, j) for i, items in enumerate(media) for j, item in enumerate(items) if item.kind == "image"]
+        pixels = positions = None
+        for k, (i, j) in enumerate(images):
+            p = self._process(media[i][j])
+            if pixels is None:
+                pixels = p.pixel_values.new_empty((len(images), *p.pixel_values.shape))
+                positions = p.position_ids.new_empty((len(images), *p.position_ids.shape))
+            elif p.pixel_values.shape != pixels.shape[1:]:
+                raise InputError("images of one request must share a soft-token budget")
+            pixels[k], positions[k] = p.pixel_values, p.position_ids
+            done[i][j] = _Counted(p.num_soft_tokens)  # the expansion needs the count only
+            del p
+        if images:
+            out["pixel_values"], out["image_position_ids"] = pixels, positions
+        for i, items in enumerate(media):
+            for j, item in enumerate(items):
+                if item.kind != "image":
+                    done[i][j] = self._process(item)
+        flat = [(item, p) for items, ps in zip(media, done) for item, p in zip(items, ps)]
         audios = [p for item, p in flat if item.kind == "audio"]
         videos = [p for item, p in flat if item.kind == "video"]
-        if images:
-            out["pixel_values"], out["image_position_ids"] = self._module("image").batch_images(images)
         if audios:
             out["input_features"], out["input_features_mask"] = self._module("audio").batch_audio(audios)
         if videos:
             # Frames of all clips are concatenated; num_frames_per_video splits them again.
-            out["pixel_values_videos"] = torch.cat([torch.as_tensor(v.pixel_values) for v in videos])
-            out["video_position_ids"] = torch.cat([torch.as_tensor(v.position_ids) for v in videos])
+            # (one clip is taken as it is: cat would copy it)
+            join = (lambda ts: torch.cat(ts)) if len(videos) > 1 else (lambda ts: ts[0])
+            out["pixel_values_videos"] = join([torch.as_tensor(v.pixel_values) for v in videos])
+            out["video_position_ids"] = join([torch.as_tensor(v.position_ids) for v in videos])
             out["num_frames_per_video"] = torch.tensor([len(v.num_soft_tokens) for v in videos], dtype=torch.long)
-        return out
+        return out, done
+
+
+@dataclass(frozen=True)
+class _Counted:
+    num_soft_tokens: int  # what is left of a processed image once its pixels are in the batch

@@ -9,6 +9,8 @@ torch here), step by step:
      (`target_size`), keeping the aspect ratio;
   3. resize the uint8 image as torchvision's `resize(..., BICUBIC, antialias=True)` does on
      the processor's default device, the CPU (`resize`; its CUDA kernel differs, see there);
+     the kernel's horizontal pass runs on bands of rows as they are converted to RGB, so a
+     large image never exists as a full-size RGB or float copy (bit-equal to one call);
   4. x 1/255, cut 48x48 patches in raster order, each flattened as (row, column, channel),
      with (x, y) patch positions; pad to `max_soft_tokens` rows (zeros, position (-1, -1)).
 The reference cuts 16-px patches and merges 3x3 of them; that is the same as cutting 48-px
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
 
@@ -132,27 +134,70 @@ def _from_array(a: Any) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a))
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB."""
+# Pixels converted to RGB at a time: 1 MP, i.e. ~10 MB of transient buffers whatever the image's size.
+BAND_PIXELS = 1 << 20
+
+
+def _deep_rule(img: Image.Image) -> str | None:
+    """How 16/32-bit and float images map to 8 bits; decided over the whole image, applied per band.
+
+    Deviation for "I;16": Pillow (and so the reference) clips 16-bit samples at 255, turning a
+    16-bit scan white; we map the 16-bit range onto 8 bits (65535 -> 255). 32-bit int / float
+    have no declared range: floats all in [0, 1] are scaled, int data above 255 is taken as
+    16-bit; anything else is clipped as Pillow would.
+    """
     if img.mode.startswith("I;16"):
-        # Deviation: Pillow (and so the reference) clips 16-bit samples at 255, turning a
-        # 16-bit scan white. Map the 16-bit range onto 8 bits instead (65535 -> 255).
-        a = np.asarray(img).astype(np.float64) / 257
-        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
-    elif img.mode in ("I", "F"):
-        # 32-bit int / float: no declared range. Floats in [0, 1] are scaled, int data above 255
-        # is taken as 16-bit; anything else is clipped as Pillow would.
-        a = np.nan_to_num(np.asarray(img).astype(np.float64))
-        if a.size and img.mode == "F" and a.max() <= 1:
-            a = a * 255
-        elif a.size and img.mode == "I" and a.max() > 255:
-            a = a / 257
-        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
-    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        return "div257"
+    if img.mode == "I":
+        return "div257" if img.getextrema()[1] > 255 else "clip"
+    if img.mode == "F":
+        # max of nan_to_num over bands (getextrema's NaN handling is not documented)
+        top = max(float(np.nan_to_num(np.asarray(b, np.float64)).max()) for _, b in _bands(img))
+        return "mul255" if top <= 1 else "clip"
+    return None
+
+
+def _bands(img: Image.Image):
+    """(first row, a crop of at most BAND_PIXELS pixels) over the image, top to bottom."""
+    W, H = img.size
+    rows = max(1, BAND_PIXELS // max(W, 1))
+    for y in range(0, H, rows):
+        yield y, img.crop((0, y, W, min(H, y + rows)))
+
+
+def _band_rgb(band: Image.Image, rule: str | None) -> np.ndarray:
+    """One band -> uint8 [rows, W, 3]; every step is per pixel, so bands equal the whole."""
+    if rule is not None:
+        a = np.asarray(band, dtype=np.float64)  # a copy of one band, then worked on in place
+        if band.mode == "F":
+            np.nan_to_num(a, copy=False)
+        if rule == "div257":
+            a /= 257
+        elif rule == "mul255":
+            a *= 255
+        band = Image.fromarray(np.clip(np.round(a, out=a), 0, 255, out=a).astype(np.uint8))  # no alpha, as before
+    if "A" in band.getbands() or band.info.get("transparency") is not None:
         # transformers' convert_to_rgb (PIL images): alpha-composite on opaque white.
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")
+        rgba = band.convert("RGBA")
+        band = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.array(band.convert("RGB"))
+
+
+def _rgb_rows(img: Image.Image):
+    """(first row, uint8 [3, rows, W] tensor) per band of `img` made 8-bit RGB."""
+    rule = _deep_rule(img)
+    for y, band in _bands(img):
+        yield y, torch.from_numpy(_band_rgb(band, rule)).permute(2, 0, 1).contiguous()
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB, in memory of the output plus one band."""
+    if img.mode == "RGB":
+        return img
+    out = Image.new("RGB", img.size)
+    for y, band in _rgb_rows(img):
+        out.paste(Image.fromarray(band.permute(1, 2, 0).numpy()), (0, y))
+    return out
 
 
 def load_image(source: Any, *, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -161,20 +206,63 @@ def load_image(source: Any, *, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Ima
     Encoded images get their EXIF orientation applied (as transformers' loaders do); PIL
     images and arrays are taken as given (as its processor does). Every failure is an InputError.
     """
+    img = _decoded(source, max_pixels)
+    rgb = _converted(lambda: _to_rgb(img), img)
+    return rgb.copy() if rgb is source else rgb  # a new image, never the caller's own
+
+
+def _converted(fn, img: Image.Image):
+    try:
+        return fn()
+    except InputError:
+        raise
+    except Exception as e:  # e.g. a mode Pillow cannot convert (LAB)
+        raise InputError(f"cannot convert a {img.mode} image to RGB: {type(e).__name__}: {e}") from e
+
+
+def _decoded(source: Any, max_pixels: int | None) -> Image.Image:
+    """Any image source -> a decoded PIL image in its own mode (EXIF-oriented if encoded)."""
     with warnings.catch_warnings():
         # Pillow warns on odd EXIF, truncated reads, palette transparency...; we either cope
         # or raise InputError, and the size guard below is ours.
         warnings.simplefilter("ignore")
         if isinstance(source, Image.Image):
-            return _checked_rgb(source, max_pixels, encoded=False)
+            return _checked(source, max_pixels, encoded=False)
         if isinstance(source, (np.ndarray, torch.Tensor)):
-            return _checked_rgb(_from_array(source), max_pixels, encoded=False)
+            return _checked(_from_array(source), max_pixels, encoded=False)
         with _open(_bytes_of(source)) as img:  # closes the file (multi-frame images keep it open)
-            return _checked_rgb(img, max_pixels, encoded=True)
+            return _checked(img, max_pixels, encoded=True)
 
 
-def _checked_rgb(img: Image.Image, max_pixels: int | None, encoded: bool) -> Image.Image:
-    """Size guard, decode, EXIF orientation (encoded files only), RGB: a new image."""
+def image_size(source: Any) -> tuple[int, int] | None:
+    """(height, width) from the header alone (no pixel decoded; EXIF rotation not applied);
+    None for a file object that cannot be rewound. Errors are the loader's InputErrors."""
+    if isinstance(source, Image.Image):
+        return source.height, source.width
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        shape = tuple(source.shape)
+        if len(shape) == 3 and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4):
+            shape = shape[1:]  # channel-first, as _from_array reads it
+        return (shape[0], shape[1]) if len(shape) >= 2 else None
+    opened = _bytes_of(source)
+    if opened is source:  # the caller's file object
+        if not (hasattr(opened, "seek") and opened.seekable()):
+            return None
+        at = opened.tell()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return _open(opened).size[::-1]
+        finally:
+            opened.seek(at)  # the loader reads it again
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with _open(opened) as img:
+            return img.height, img.width
+
+
+def _checked(img: Image.Image, max_pixels: int | None, encoded: bool) -> Image.Image:
+    """Size guard, decode, EXIF orientation (encoded files only)."""
     w, h = img.size
     if w < 1 or h < 1:
         raise InputError(f"image has no pixels ({w}x{h})")
@@ -188,13 +276,12 @@ def _checked_rgb(img: Image.Image, max_pixels: int | None, encoded: bool) -> Ima
                          f"{type(e).__name__}: {e}") from e
     if encoded:
         try:
-            img = ImageOps.exif_transpose(img)
+            # exif_transpose copies the whole image even when upright: only call it to turn one
+            if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+                img = ImageOps.exif_transpose(img)
         except Exception:  # unreadable EXIF: keep the pixels as stored
             pass
-    try:
-        return _to_rgb(img)
-    except Exception as e:  # e.g. a mode Pillow cannot convert (LAB)
-        raise InputError(f"cannot convert a {img.mode} image to RGB: {type(e).__name__}: {e}") from e
+    return img
 
 
 # --- sizing, resizing, patches ------------------------------------------------------------
@@ -249,33 +336,60 @@ def patchify(pixels: torch.Tensor, max_soft_tokens: int) -> tuple[torch.Tensor, 
     C, H, W = pixels.shape
     rows, cols = H // PATCH, W // PATCH
     n = rows * cols
+    out = torch.zeros(max_soft_tokens, PATCH * PATCH * C, dtype=pixels.dtype)
     # Each 48x48 block flattened as (row, column, channel): the order the reference's 16-px
-    # patches + 3x3 kernel-ordered merge produce.
-    patches = pixels.reshape(C, rows, PATCH, cols, PATCH).permute(1, 3, 2, 4, 0).reshape(n, PATCH * PATCH * C)
+    # patches + 3x3 kernel-ordered merge produce; written straight into the padded output.
+    out[:n].view(rows, cols, PATCH, PATCH, C).copy_(pixels.reshape(C, rows, PATCH, cols, PATCH).permute(1, 3, 2, 4, 0))
     ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    positions = torch.stack([xs.flatten(), ys.flatten()], -1)  # (x, y): column first
-    out = torch.zeros(max_soft_tokens, PATCH * PATCH * C, dtype=patches.dtype)
     pos = torch.full((max_soft_tokens, 2), -1, dtype=torch.long)
-    out[:n], pos[:n] = patches, positions
+    pos[:n] = torch.stack([xs.flatten(), ys.flatten()], -1)  # (x, y): column first
     return out, pos, n
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """A PIL image -> uint8 [3, H, W] (non-RGB modes converted as `load_image` does)."""
-    rgb = image if image.mode == "RGB" else _to_rgb(image)
-    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    out = torch.empty(3, image.height, image.width, dtype=torch.uint8)
+
+    def fill():
+        for y, band in _rgb_rows(image):
+            out[:, y:y + band.shape[1]] = band
+    _converted(fill, image)
+    return out
+
+
+def _resized(img: Image.Image, height: int, width: int, match: str) -> torch.Tensor:
+    """A decoded PIL image (any mode) -> uint8 [3, height, width], as `resize(to_tensor(img))`.
+
+    On the CPU kernel each band of rows is made RGB and resized horizontally at once, then the
+    narrower intermediate vertically: the kernel's own two passes (uint8 in between), so the
+    result is bit-equal while memory holds one band and [3, H, width], not the whole image.
+    """
+    if match != "cpu" or img.width == width:  # the float kernel is one pass; or nothing to narrow
+        return resize(_converted(lambda: to_tensor(img), img), height, width, match=match)
+    inter = torch.empty(3, img.height, width, dtype=torch.uint8)
+    rule = _converted(lambda: _deep_rule(img), img)
+    for y, band in _bands(img):
+        rgb = torch.from_numpy(_converted(lambda: _band_rgb(band, rule), img)).permute(2, 0, 1).contiguous()
+        inter[:, y:y + rgb.shape[1]] = resize(rgb, rgb.shape[1], width)
+        del rgb
+    return resize(inter, height, width)
 
 
 def preprocess_image(image: Any, max_soft_tokens: int = 280, *, match: str = "cpu") -> ProcessedImage:
-    """An RGB image (PIL, uint8 [3, H, W] tensor, or anything `load_image` takes) -> pixel
-    values and positions for the model; `match` picks the resize kernel (see `resize`)."""
+    """An image (PIL, uint8 [3, H, W] tensor, or anything `load_image` takes) -> pixel values
+    and positions for the model; `match` picks the resize kernel (see `resize`). Encoded
+    sources are decoded, converted and resized band by band (memory ~ the output, plus the
+    decoded file)."""
     max_soft_tokens = check_budget(max_soft_tokens)
     if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3:
-        u8 = image
+        h, w = target_size(image.shape[-2], image.shape[-1], max_soft_tokens)
+        u8 = resize(image, h, w, match=match)
     else:
-        u8 = to_tensor(image if isinstance(image, Image.Image) else load_image(image))
-    h, w = target_size(u8.shape[-2], u8.shape[-1], max_soft_tokens)
-    pixels = resize(u8, h, w, match=match) * (1 / 255)  # the reference's rescale: uint8 x Python float -> float32
+        img = image if isinstance(image, Image.Image) else _decoded(image, MAX_IMAGE_PIXELS)
+        h, w = target_size(img.height, img.width, max_soft_tokens)
+        u8 = _resized(img, h, w, match)
+        del img
+    pixels = u8 * (1 / 255)  # the reference's rescale: uint8 x Python float -> float32
     pixel_values, position_ids, n = patchify(pixels, max_soft_tokens)
     return ProcessedImage(pixel_values, position_ids, n, (h, w))
 

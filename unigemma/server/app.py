@@ -6,14 +6,18 @@ Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /he
 GET /metrics (queue depth, running rows, KV use, tokens/s), GET / (the chat page). Every
 generation is a `Scheduler.submit`; a client that goes away cancels its requests (the
 scheduler frees their rows at its next step). Errors are OpenAI's error object: 400 for bad
-JSON, fields, media or a prompt longer than the context, 401 for a missing or wrong key, 413
-for a body over the limit, 429 when the queue is full. Response bodies are built in
-`respond.py`; request conversion in `convert.py`.
+JSON, fields, media, a Host name the server does not answer to, or a prompt longer than the
+context, 401 for a missing or wrong key, 413 for a body over the limit, 429 when the queue or
+the media pool is full, 503 while shutting down; a 500 is a bug (the log has the traceback,
+the client only its type). Requests with media are converted on a small pool of their own
+(`pool.py`), so they cannot starve plain ones. Response bodies are built in `respond.py`;
+request conversion in `convert.py`; `serve.py` runs it with a bounded shutdown.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,14 +27,17 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..errors import InputError, QueueFull
+from ..errors import ContextTooLong, InputError, QueueFull
 from ..generate.grammar import Grammars
 from ..generate.scheduler import Scheduler
 from . import convert, respond
-from .limits import BodyLimit, Meter
+from .guard import LOOPBACK_NAMES, HostCheck
+from .limits import BodyLimit, Closing, Meter
+from .pool import MediaPool
 from .schema import ChatRequest, CompletionRequest, error_body
 
 PAGE = Path(__file__).with_name("static") / "index.html"
+log = logging.getLogger("unigemma.server")
 
 
 @dataclass
@@ -45,6 +52,11 @@ class ServerConfig:
     max_body_bytes: int = 32 << 20
     max_tokens_default: int = 1024  # a request that sets no max_tokens gets at most this many
     limits: convert.Limits = field(default_factory=convert.Limits)
+    # Host names answered (DNS rebinding); "*" answers any; see guard.allowed_hosts for a bind address
+    allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES
+    allow_ip_hosts: bool = False  # any IP literal as Host too (a server other machines reach)
+    media_workers: int = 2  # threads converting requests with media; media_queue more may wait, then 429
+    media_queue: int = 8
 
 
 class ApiError(Exception):
@@ -62,45 +74,60 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
     scheduler.start()
     grammars = Grammars(gemma.tokenizer, engine.base_stop_ids, gemma.config.text.vocab_size)
     meter = Meter(scheduler)
+    media = MediaPool(config.media_workers, config.media_queue)
     processors: dict[int, object] = {}
     app = FastAPI(title="unigemma", version="0.1.0",
                   description="OpenAI-compatible API for Gemma 4 unified models (unigemma).")
-    app.state.scheduler, app.state.grammars = scheduler, grammars
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.state.scheduler, app.state.grammars, app.state.meter = scheduler, grammars, meter
+    refused = lambda: meter.count("rejected")  # noqa: E731
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, on_refuse=refused)
+    app.add_middleware(HostCheck, names=config.allowed_hosts, any_ip=config.allow_ip_hosts, on_refuse=refused)
 
-    # -- errors: always OpenAI's error object -------------------------------------------------
+    # -- errors: always OpenAI's error object; each refusal counted once in /metrics ------------
+    def refuse(status: int, body: dict, headers=None) -> JSONResponse:
+        meter.count_status(status)
+        return JSONResponse(body, status_code=status, headers=headers)
+
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
-        return JSONResponse(e.body, status_code=e.status)
+        return refuse(e.status, e.body)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, e: RequestValidationError):  # FastAPI's 422 -> OpenAI's 400
         first = e.errors()[0] if e.errors() else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         if first.get("type") == "json_invalid":
-            return JSONResponse(error_body(f"the body is not valid JSON: {first.get('msg', '')}",
-                                           code="invalid_json"), status_code=400)
+            return refuse(400, error_body(f"the body is not valid JSON: {first.get('msg', '')}", code="invalid_json"))
+        if first.get("type") == "unsound_body":  # schema._sound_text names the field in its message
+            return refuse(400, error_body(first["msg"], param=first["ctx"]["where"], code="invalid_text"))
         where = ".".join(loc) or "body"
-        return JSONResponse(error_body(f"{where}: {first.get('msg', 'invalid')}", param=where or None),
-                            status_code=400)
+        return refuse(400, error_body(f"{where}: {first.get('msg', 'invalid')}", param=where))
 
     @app.exception_handler(HTTPException)
     async def _http(_, e: HTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+        return refuse(e.status_code, error_body(str(e.detail), kind))
 
     @app.exception_handler(InputError)
     async def _input(_, e: InputError):
-        return JSONResponse(error_body(str(e)), status_code=400)
+        code = "context_length_exceeded" if isinstance(e, ContextTooLong) else None
+        return refuse(400, error_body(str(e), param=_param(str(e)), code=code))
 
     @app.exception_handler(QueueFull)
     async def _full(_, e: QueueFull):
-        return JSONResponse(error_body(str(e), "rate_limit_error", code="queue_full"), status_code=429,
-                            headers={"Retry-After": "1"})
+        return refuse(429, error_body(str(e), "rate_limit_error", code="queue_full"), {"Retry-After": "1"})
+
+    @app.exception_handler(Closing)
+    async def _closing(_, e: Closing):
+        meter.count("cancelled")
+        return JSONResponse(error_body(str(e), "server_error", code="server_shutting_down"), status_code=503)
 
     @app.exception_handler(Exception)
-    async def _crash(_, e: Exception):  # a bug: still an error object, never a bare traceback
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
+    async def _crash(_, e: Exception):
+        # a bug: an error object with the type only (Starlette re-raises it, so uvicorn logs the
+        # traceback); the message could carry paths or internals
+        return refuse(500, error_body(f"internal error ({type(e).__name__}); the server log has the details",
+                                      "server_error"))
 
     def auth(request: Request) -> None:
         if config.api_key is None:
@@ -113,10 +140,12 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
 
     def processor(budget: int):
         if budget not in processors:
-            processors[budget] = gemma.processor(budget)
+            processors[budget] = gemma.processor(budget, max_len=scheduler.max_len)
         return processors[budget]
 
     def submit(inputs: dict, params: list, constraints: list) -> list:
+        if meter.closing:
+            raise Closing("the server is shutting down; try again later")
         n = inputs["input_ids"].shape[1]
         if n >= scheduler.max_len:
             raise ApiError(400, f"the prompt is {n} tokens; this server's context holds {scheduler.max_len} "
@@ -140,7 +169,10 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model)
-        inputs, constraints = await run_in_threadpool(_chat_plan, body, config, grammars, processor)
+        plan = (body, config, grammars, processor)
+        # media (decoding, URL fetches) on its own bounded pool; plain text on the shared one
+        inputs, constraints = await (media.run(_chat_plan, *plan) if _has_media(body) else
+                                     run_in_threadpool(_chat_plan, *plan))
         params = [convert.params(body, gemma.default_params, i, config.max_tokens_default) for i in range(body.n)]
         requests = submit(inputs, params, constraints)
         return await respond.chat(request, requests, body, config.model_name, gemma.tokenizer, meter)
@@ -154,7 +186,7 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
         requests = []
         try:
             for prompt in prompts:
-                ids = await run_in_threadpool(gemma.tokenizer.encode, prompt)
+                ids = await run_in_threadpool(_client_data, "prompt", gemma.tokenizer.encode, prompt)
                 inputs = {"input_ids": _tensor(ids)}
                 params = [convert.params(body, gemma.default_params, i, config.max_tokens_default)
                           for i in range(body.n)]
@@ -192,9 +224,39 @@ def _tensor(ids: list[int]):
     return torch.tensor([ids], dtype=torch.long)
 
 
+_FIELDS = set(ChatRequest.model_fields) | set(CompletionRequest.model_fields)
+
+
+def _param(message: str) -> str | None:
+    """The field an InputError's message starts with ('messages[0].content[1]: ...'), if any."""
+    head = message.split(":", 1)[0].split(" ", 1)[0]
+    return head if head.split("[", 1)[0].split(".", 1)[0] in _FIELDS else None
+
+
+def _has_media(body: ChatRequest) -> bool:
+    return any(isinstance(m.content, list) and any(p.get("type") != "text" for p in m.content)
+               for m in body.messages)
+
+
+def _client_data(where: str, fn, *args):
+    """fn(*args) on the client's data: a ValueError or RecursionError it raises (a decoder's,
+    the tokenizer's, the chat template's) is the client's input, so a 400 naming `where`."""
+    try:
+        return fn(*args)
+    except InputError:
+        raise
+    except (ValueError, RecursionError) as e:
+        log.warning("%s refused: %s: %s", where, type(e).__name__, e)
+        raise InputError(f"{where}: {type(e).__name__}: {str(e)[:200]}") from None
+
+
 def _chat_plan(body: ChatRequest, config: ServerConfig, grammars: Grammars, processor) -> tuple[dict, list]:
     """Messages -> model inputs, and one grammar per choice (each keeps its own state) or Nones.
     Runs in a worker thread: media decoding and grammar compilation take a while."""
+    return _client_data("messages", _plan, body, config, grammars, processor)
+
+
+def _plan(body: ChatRequest, config: ServerConfig, grammars: Grammars, processor) -> tuple[dict, list]:
     messages = convert.messages(body, config.limits)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     choice = body.tool_choice

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from ..errors import InputError
 from ..generate.params import SamplingParams
 from .fetch import fetch
+from .guard import check_tree
 from .schema import ChatRequest, CompletionRequest
 
 _DATA_KINDS = {"image_url": "image", "video_url": "video"}
@@ -55,7 +56,10 @@ def _url_bytes(url, where: str, limits: Limits) -> bytes:
         if not limits.allow_url_fetch:
             raise InputError(f"{where}: http(s) URLs are not fetched (start the server with --allow-url-fetch); "
                              "send the file as a data: URL")
-        return fetch(url, max_bytes=limits.max_media_bytes, timeout=limits.fetch_timeout)
+        try:
+            return fetch(url, max_bytes=limits.max_media_bytes, timeout=limits.fetch_timeout)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
     raise InputError(f"{where}: url must be a data: URL or http(s), got {url[:40]!r}")
 
 
@@ -92,10 +96,14 @@ def messages(body: ChatRequest, limits: Limits) -> list[dict]:
         for j, call in enumerate(d.get("tool_calls") or []):
             fn = call.get("function") if isinstance(call, dict) else None
             if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):  # OpenAI sends JSON text
+                where = f"messages[{i}].tool_calls[{j}].function.arguments"
                 try:
                     fn["arguments"] = json.loads(fn["arguments"])
-                except ValueError:
-                    raise InputError(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON") from None
+                except (ValueError, RecursionError):
+                    raise InputError(f"{where} is not JSON (or is nested too deep)") from None
+                # the text's escapes can spell a surrogate or a deep nest the body check never saw
+                if (bad := check_tree(fn["arguments"], where)) is not None:
+                    raise InputError(f"{bad[0]}: {bad[1]}")
         out.append(d)
     return out
 

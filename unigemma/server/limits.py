@@ -1,8 +1,13 @@
-"""Request body limit (413 before the body is read whole) and the metrics meter.
+"""Request body limit (413 before the body is read whole) and the meter: metrics and the
+replies in progress.
 
 `BodyLimit` is plain ASGI middleware: a Content-Length over the limit is refused at once; a
 body without one (chunked) is read only up to the limit, then refused. The body it read is
 handed on to the app, and later `receive` calls go to the server (so disconnects still arrive).
+
+`Meter` counts each request's outcome once: ok, rejected (a 4xx, before or during
+generation), failed (a 5xx), disconnected (the client left), cancelled (the server ended it at
+shutdown). It also holds the live pumps, so a shutdown can end them (`end_all`).
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ from .schema import error_body
 
 
 class BodyLimit:
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, on_refuse=None):
+        self.app, self.max_bytes, self.on_refuse = app, max_bytes, on_refuse
 
     async def _refuse(self, send) -> None:
+        if self.on_refuse:
+            self.on_refuse()
         body = json.dumps(error_body(f"the request body is larger than {self.max_bytes} bytes",
                                      code="request_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
@@ -54,6 +61,10 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class Closing(Exception):
+    """The server is shutting down: the request is refused or ended (503)."""
+
+
 class Meter:
     """Completion tokens/s over the last `window` seconds, with the scheduler's stats."""
 
@@ -61,10 +72,20 @@ class Meter:
         self.scheduler, self.window = scheduler, window
         self.started = int(time.time())
         self.samples: deque[tuple[float, int]] = deque()
-        self.requests = {"ok": 0, "disconnected": 0, "cancelled": 0, "failed": 0}
+        self.requests = {"ok": 0, "rejected": 0, "failed": 0, "disconnected": 0, "cancelled": 0}
+        self.live: set = set()  # the pumps of replies in progress
+        self.closing = False  # set at shutdown: new generations are refused
 
     def count(self, outcome: str) -> None:
         self.requests[outcome] = self.requests.get(outcome, 0) + 1
+
+    def count_status(self, status: int) -> None:
+        self.count("rejected" if status < 500 else "failed")
+
+    def end_all(self) -> None:
+        """Shutdown's grace is over: every reply in progress ends with a 503 error."""
+        for pump in list(self.live):
+            pump.abort(Closing("the server is shutting down; this reply was cut short"))
 
     def snapshot(self) -> dict:
         stats = self.scheduler.stats()

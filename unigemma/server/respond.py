@@ -11,47 +11,64 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import InputError
 from . import convert
+from .limits import Closing
 from .schema import error_body
 from .sse import DONE, END, Pump, chunk, new_id, usage
 
+log = logging.getLogger("unigemma.server")
 
-async def _watch(request: Request, pump: Pump, meter) -> None:
+
+async def _watch(request: Request, pump: Pump) -> None:
     """Cancel the pump's requests when the client disconnects."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
+            pump.outcome = pump.outcome or "disconnected"
             pump.cancel()
-            meter.count("disconnected")
             return
 
 
 @contextlib.asynccontextmanager
 async def _pumping(request: Request, requests: list, meter):
     pump = Pump(requests, asyncio.get_running_loop())
-    watcher = asyncio.create_task(_watch(request, pump, meter))
-    outcome = "failed"
+    watcher = asyncio.create_task(_watch(request, pump))
+    meter.live.add(pump)
+    outcome = None
     try:
         yield pump
-        outcome = "ok"
-    except asyncio.CancelledError:
-        outcome = "cancelled"
+        outcome = pump.outcome or "ok"
+    except Exception:
+        outcome = pump.outcome or "failed"
+        raise
+    except BaseException:  # CancelledError or GeneratorExit: the client left, or the server is stopping
+        outcome = pump.outcome or ("cancelled" if meter.closing else "disconnected")
         raise
     finally:
+        meter.live.discard(pump)
         watcher.cancel()
         pump.cancel()  # a no-op for finished requests; frees the rows of any still running
-        meter.count(outcome)
+        meter.count(outcome or "failed")  # each reply is counted once, whichever way it ended
+
+
+def _status(e: BaseException) -> int:
+    return 400 if isinstance(e, InputError) else 503 if isinstance(e, Closing) else 500
 
 
 def _failure(e: BaseException) -> tuple[int, dict]:
-    if isinstance(e, InputError):
+    status = _status(e)
+    if status == 400:
         return 400, error_body(str(e))
-    return 500, error_body(f"generation failed: {type(e).__name__}: {e}", "server_error")
+    if status == 503:
+        return 503, error_body(str(e), "server_error", code="server_shutting_down")
+    log.error("generation failed", exc_info=e)  # the details go to the log, not to the client
+    return 500, error_body(f"generation failed: {type(e).__name__}", "server_error")
 
 
 class _Choice:
@@ -92,9 +109,11 @@ async def _items(pump: Pump, n: int):
         if item is END:
             open_ -= 1
             continue
-        yield i, item
         if isinstance(item, BaseException):
+            pump.outcome = pump.outcome or ("rejected" if _status(item) < 500 else "failed")
+            yield i, item
             return
+        yield i, item
 
 
 async def _collect(request: Request, requests: list, meter):

@@ -2,14 +2,19 @@
 
 Field-level checks live here (types, ranges, enums); what needs the model or the tokenizer
 (media, the prompt's length, grammars) is checked in `convert.py`. Unknown fields are ignored,
-as OpenAI's API does. Nothing here imports torch.
+as OpenAI's API does, but every string in the body must be valid Unicode and no part may nest
+deeper than `guard.MAX_DEPTH` (checked once over the raw body, before the fields). Nothing here
+imports torch.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from .guard import check_tree
 
 MAX_N = 8  # choices per request: each is one more request through the batcher
 
@@ -64,6 +69,15 @@ class Message(_Body):
 
 
 class _Sampling(_Body):
+    @model_validator(mode="before")
+    @classmethod
+    def _sound_text(cls, data):
+        # a surrogate would reach the tokenizer (a TypeError, once a 500), a deep nest the chat
+        # template's recursion; the app turns this error into a 400 whose param is the path
+        if (bad := check_tree(data)) is not None:
+            raise PydanticCustomError("unsound_body", "{where}: {why}", {"where": bad[0], "why": bad[1]})
+        return data
+
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0, le=2)

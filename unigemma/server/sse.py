@@ -60,6 +60,7 @@ class Pump:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.open = len(requests)
         self.created = int(time.time())
+        self.outcome: str | None = None  # set when the reply ends other than "ok" (see limits.Meter)
         for i, r in enumerate(requests):
             threading.Thread(target=self._run, args=(i, r), daemon=True, name=f"unigemma-pump-{r.id}").start()
 
@@ -81,3 +82,9 @@ class Pump:
     def cancel(self) -> None:
         for r in self.requests:
             r.cancel()
+
+    def abort(self, error: BaseException) -> None:
+        """End the reply with `error` (called on the loop), after the few deltas already queued."""
+        self.outcome = "cancelled"
+        self.cancel()
+        self.queue.put_nowait((0, error))
