@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import read_bandwidth
+from bench.machine import machine
 from bench.peers import rss_mib, run_child, run_peer, text_ids
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,8 +163,8 @@ def main():
         return
     t0 = time.perf_counter()
     ckpt = write_checkpoint(a.layers)
-    result = dict(bench="full_12b", checkpoint=ckpt.name, threads=a.threads, context=a.context,
-                  write_s=time.perf_counter() - t0, read_bandwidth_gb_s=read_bandwidth(a.threads))
+    result = dict(bench="full_12b", checkpoint=ckpt.name, context=a.context, write_s=time.perf_counter() - t0,
+                  **machine(a.threads, bandwidth_gib=2))
     for q in [q for q in a.quants.split(",") if q]:
         out = run_child("bench.full_12b", ["--child", ckpt, "--quant", q, "--context", a.context, "--prompt-tokens",
                                            a.prompt_tokens, "--decode-tokens", a.decode_tokens, "--threads", a.threads],

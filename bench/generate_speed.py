@@ -31,6 +31,7 @@ import json
 import sys
 import time
 
+from bench.machine import machine
 from bench.peers import best, media_prompt, rss_mib, run_child, run_peer, summarize, text_ids
 
 GGUF_OF = {"float32": "f32", "bfloat16": "bf16"}
@@ -131,8 +132,8 @@ def main():
     ckpt = make_checkpoint(hidden=a.hidden, layers=a.layers)
     common = ["--prompt-tokens", P, "--decode-tokens", D, "--threads", T, "--repeats", R]
     media = ["--no-media"] if a.no_media else []
-    result = dict(bench="generate_speed", checkpoint=ckpt.name, prompt_tokens=P, decode_tokens=D, threads=T,
-                  repeats=R)
+    result = dict(bench="generate_speed", checkpoint=ckpt.name, prompt_tokens=P, decode_tokens=D, repeats=R,
+                  **machine(T))
     raw = {}
 
     def record(name: str, out: dict):

@@ -19,6 +19,8 @@ import json
 
 import torch
 
+from bench.machine import machine
+
 
 def prose(n_tokens: int, tokenizer) -> list[int]:
     import argparse as a
@@ -68,7 +70,8 @@ def main():
     ids = prose(a.positions, Tokenizer.from_gguf(gemma4_vocab_gguf()))[:-1]
     ref = logits_of(unigemma.load_model(ckpt, dtype="bfloat16"), ids)
     ref_lp = ref.log_softmax(-1)
-    result = dict(bench="quant_quality", checkpoint=ckpt.name, positions=len(ids), layers=a.layers)
+    result = dict(bench="quant_quality", checkpoint=ckpt.name, positions=len(ids), layers=a.layers,
+                  **machine(a.threads))
     for q in [q for q in a.quants.split(",") if q]:
         got = logits_of(unigemma.load_model(ckpt, dtype="bfloat16", quant=q), ids)
         kl = (ref_lp.exp() * (ref_lp - got.log_softmax(-1))).sum(-1)

@@ -23,6 +23,8 @@ from pathlib import Path
 import httpx
 import torch
 
+from bench.machine import machine
+
 
 class Running:
     """uvicorn serving `app` on a free 127.0.0.1 port in a thread, for the duration of a `with`."""
@@ -133,7 +135,7 @@ def main() -> None:
                   f"p95 {r['ttft_p95_s']:.3f} s  ({r['requests']} requests, {r['wall_s']} s)", file=sys.stderr)
             results.append(r)
         app.state.scheduler.stop()
-    print(json.dumps({"bench": "serve_load", "model": name, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
+    print(json.dumps({"bench": "serve_load", "model": name, "dtype": args.dtype, **machine(torch.get_num_threads()),
                       "max_tokens": args.max_tokens, "levels": results}))
 
 

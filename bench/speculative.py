@@ -26,6 +26,7 @@ import time
 import torch
 
 from bench.checkpoint import make_checkpoint
+from bench.machine import machine
 from bench.peers import text_ids
 from unigemma.generate.speculative import DraftLength, Proposal
 
@@ -84,7 +85,7 @@ def main():
 
     plain_rate, plain = rate(gemma.engine)
     result = dict(bench="speculative", dtype=a.dtype, prompt_tokens=a.prompt_tokens, decode_tokens=a.decode_tokens,
-                  threads=a.threads, plain_decode_tok_s=plain_rate)
+                  plain_decode_tok_s=plain_rate, **machine(a.threads))
     for n in (2, 4, 8):
         engine = Engine(gemma.model, gemma.tokenizer, draft=DraftLength(k=n, adaptive=False))
         engine.proposer = Oracle(a.prompt_tokens, plain.token_ids)

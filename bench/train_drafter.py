@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.machine import machine
 from unigemma.config import FULL, SLIDING
 
 RUNS = Path(__file__).resolve().parent.parent / "runs"
@@ -315,7 +316,7 @@ def main():
     target = gemma.model
     train_ps, eval_ps = prompts(gemma.tokenizer, a.sequences, a.held_out)
     result = dict(bench="train_drafter", target="gemma-3-270m bf16 (packed)", held_out_prompts=len(eval_ps),
-                  new_tokens=a.new_tokens)
+                  new_tokens=a.new_tokens, **machine(a.threads))
     if a.eval_only:
         drafter = load_drafter(a.eval_only, dtype="bfloat16")
         result["drafter"] = a.eval_only
