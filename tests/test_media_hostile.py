@@ -290,6 +290,7 @@ def test_accepted_audio_formats_decode(name, tmp_path):
     assert probe_audio(data) == pytest.approx(1.0, abs=0.1)
     (tmp_path / "clip.bin").write_bytes(data)  # paths are sniffed too, whatever the file is called
     assert np.array_equal(load_audio(tmp_path / "clip.bin"), got)
+    assert probe_audio(tmp_path / "clip.bin") == probe_audio(data)  # a path is probed through a file, not read whole
 
 
 @pytest.mark.parametrize("fmt,codec", [("mp4", "mpeg4"), ("mp4", "libx264"), ("mov", "mpeg4"), ("webm", "libvpx"),
@@ -303,6 +304,7 @@ def test_accepted_video_formats_decode(fmt, codec, tmp_path):
     assert np.abs(clip.frames.reshape(12, -1).mean(-1) - 9 * np.arange(12)).max() < 3
     (tmp_path / "clip.bin").write_bytes(data)
     assert np.array_equal(load_video(tmp_path / "clip.bin").frames, clip.frames)
+    assert probe_video(tmp_path / "clip.bin") == probe
 
 
 def test_scaling_while_decoding_equals_resizing_afterwards():

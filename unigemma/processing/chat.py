@@ -312,11 +312,9 @@ class Processor:
         try:
             module = self._module(item.kind)
             if item.kind == "image":
-                # image.py's preprocess_image takes the source itself and decodes, converts and
-                # resizes it band by band; a full-size RGB copy would come first otherwise
-                ours = getattr(module, "__name__", None) == "unigemma.processing.image"
-                source = item.source if ours else module.load_image(item.source)
-                return module.preprocess_image(source, max_soft_tokens=self.image_budget)
+                # preprocess_image takes the source itself (anything load_image takes) and decodes,
+                # converts and resizes it band by band: no full-size RGB copy first
+                return module.preprocess_image(item.source, max_soft_tokens=self.image_budget)
             if item.kind == "audio":
                 return module.preprocess_audio(module.load_audio(item.source))
             clip = module.load_video(item.source, num_frames=self.video_frames, max_soft_tokens=self.video_budget)

@@ -15,6 +15,8 @@ pixels, for a request's cost model; they stop counting past the limits decoding 
 from __future__ import annotations
 
 import io
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -135,20 +137,43 @@ def open_input(src: bytes | BinaryIO, kind: str):
     return av.open(stream, format=kind, options={**_OPTIONS, "format_whitelist": kind})
 
 
-def probe_audio(data: bytes) -> float:
-    """Seconds of audio in `data`, from headers or packet durations, without decoding samples.
+@contextmanager
+def _readable(data: bytes | str | os.PathLike):
+    """(first bytes, what open_input takes): bytes as they are; a path opened here and read
+    through Python I/O as the demuxer asks, never loaded whole."""
+    if isinstance(data, (str, os.PathLike)):
+        with open(data, "rb") as f:
+            head = f.read(HEAD_BYTES)
+            f.seek(0)
+            yield head, f
+    else:
+        yield bytes(data[:HEAD_BYTES]), data
+
+
+def probe_audio(data: bytes | str | os.PathLike) -> float:
+    """Seconds of audio in `data` (bytes or a file's path), from headers or packet durations,
+    without decoding samples.
 
     Counting stops past MAX_PROBE_SECONDS (the result is then "at least that"). Refused or
     unreadable bytes raise InputError."""
-    kind = sniff(bytes(data[:HEAD_BYTES]), f"audio bytes ({len(data)} B): not a readable audio file")
+    with _readable(data) as (head, src):
+        return _probe_audio(head, src)
+
+
+def _probe_audio(head: bytes, data) -> float:
+    size = f"{len(data)} B" if isinstance(data, (bytes, bytearray, memoryview)) else "a file"
+    kind = sniff(head, f"audio bytes ({size}): not a readable audio file")
     if kind in SNDFILE_KINDS:
         import soundfile as sf
         try:
-            info = sf.info(io.BytesIO(data))  # header parse; libsndfile never opens other files
+            info = sf.info(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data)
+            # (a header parse; libsndfile never opens other files)
             if info.samplerate > 0 and info.frames >= 0:
                 return info.frames / info.samplerate
         except (sf.LibsndfileError, RuntimeError, OSError, ValueError):
             pass  # e.g. an MP3 libsndfile cannot parse: count FFmpeg's packets instead
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            data.seek(0)
     try:
         with open_input(data, kind) as container:
             if not container.streams.audio:
@@ -171,13 +196,15 @@ def probe_audio(data: bytes) -> float:
         raise InputError(f"audio bytes: corrupt or truncated {ACCEPTED[kind]} file (FFmpeg: {e})") from e
 
 
-def probe_video(data: bytes) -> VideoProbe:
-    """Size, duration and real frame count of a clip, from its packets; nothing is decoded.
+def probe_video(data: bytes | str | os.PathLike) -> VideoProbe:
+    """Size, duration and real frame count of a clip (bytes or a file's path), from its packets;
+    nothing is decoded.
 
     Refuses (InputError) refused formats and clips over MAX_FRAMES packets, MAX_SECONDS or
     MAX_FRAME_PIXELS, stopping the count as soon as one is passed."""
-    kind = sniff(bytes(data[:HEAD_BYTES]), "cannot decode video")
-    return scan_video(lambda: open_input(data, kind))
+    with _readable(data) as (head, src):
+        kind = sniff(head, "cannot decode video")
+        return scan_video(lambda: open_input(src, kind))
 
 
 def scan_video(opened) -> VideoProbe:

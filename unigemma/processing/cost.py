@@ -113,13 +113,6 @@ def _b64(text: str) -> bytes | None:
         return None  # the loader reports it
 
 
-def _read(src: bytes | str) -> bytes:
-    if isinstance(src, bytes):
-        return src
-    with open(src, "rb") as f:
-        return f.read()
-
-
 def _shape(a: Any) -> tuple[int, ...] | None:
     """The shape of samples or frames in memory, without copying them (None: not an array)."""
     if hasattr(a, "shape"):
@@ -181,7 +174,7 @@ def _audio_frames(source: Any) -> tuple[int | None, float, bool]:
         pass
     from .container import probe_audio
 
-    seconds = probe_audio(_read(src))  # raises InputError for formats that are refused
+    seconds = probe_audio(src)  # raises InputError for formats that are refused
     # frames x 16000 / rate is an integer or at least 1/768000 above one: the margin absorbs rounding
     return math.ceil(seconds * SAMPLING_RATE - 1e-7), float(SAMPLING_RATE), False
 
@@ -205,7 +198,7 @@ def video_cost(source: Any, num_frames: int, budget: int) -> MediaCost:
             return MediaCost("video", None, 3)
         from .container import probe_video
 
-        probe = probe_video(_read(src))
+        probe = probe_video(src)
         count, height, width = probe.frames, probe.height, probe.width
     if min(count, height, width) < 1:
         return MediaCost("video", None, 3)
