@@ -20,7 +20,9 @@ computed minus one, as the reference does. A draft step then reads k/num_centroi
 
 Every step of a round runs at one position: that of the token it reads. The drafter keeps no
 KV cache and never prefills. Pure math: generate/speculative.py hands in the target's K/V and
-which of them each query may see.
+which of them each query may see. Not a `CausalLM` family (it has no cached forward of its
+own): its blocks are Gemma 4's, its attention is models/attention.py `attend`, its text config
+is parsed by config.py's `from_keys`; weights/drafter.py loads it.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from torch import nn
 
 from ..config import FULL, SLIDING, AudioConfig, ModelConfig, TextConfig, VisionConfig, check, from_keys, stored_dtype
 from ..embed.audio import embed_audio
-from ..embed.multimodal import MultimodalEmbedder
 from ..embed.merge import scatter_features
+from ..embed.multimodal import MultimodalEmbedder
 from ..embed.vision import VisionEmbedder, embed_patches
 from ..errors import CheckpointError, ConfigError, InputError
 from . import gguf_meta

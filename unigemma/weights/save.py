@@ -24,7 +24,7 @@ from ..models.gemma4 import Gemma4Unified
 
 def module_name_to_checkpoint(name: str, config: ModelConfig | None = None) -> str:
     """Our parameter name → the on-disk name, by the config's family (Gemma 4 unified without one)."""
-    if config is None:
+    if config is None:  # bench/full_12b.py writes a Gemma 4 unified checkpoint without one
         return gemma4.module_name_to_checkpoint(name, ModelConfig(text=None))
     return family_of(config.model_type).to_disk(name, config)
 
