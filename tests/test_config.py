@@ -88,3 +88,33 @@ def test_unreadable_config_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="config.json: not valid JSON"):
         unigemma.load_model(tmp_path)
+
+
+GEMMA3 = dict(model_type="gemma3_text", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=7,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=5, query_pre_attn_scalar=24)
+BAD_GEMMA3 = [
+    (dict(num_attention_heads=3), "not a multiple of num_key_value_heads"),
+    (dict(attn_logit_softcapping=50.0), "Gemma 2 feature"),
+    (dict(use_bidirectional_attention=True), "EmbeddingGemma"),
+    (dict(layer_types=["sliding_attention"] * 6), "layer_types has 6 entries but num_hidden_layers is 7"),
+    (dict(rope_parameters={"sliding_attention": {"rope_type": "proportional", "rope_theta": 1e4},
+                           "full_attention": {"rope_theta": 1e6}}), "rope_type='proportional' is not supported"),
+    (dict(head_dim=0), "head_dim must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_GEMMA3, ids=[m for _, m in BAD_GEMMA3])
+def test_invalid_gemma3_config_fails_with_a_clear_message(change, message):
+    with pytest.raises(ConfigError, match="config \\(gemma3_text\\): .*" + __import__("re").escape(message)):
+        ModelConfig.from_dict({**GEMMA3, **change})
+
+
+def test_gemma3_keeps_its_own_layer_pattern_and_shapes():
+    """Gemma 3 shares DecoderConfig's checks but not Gemma 4's rules: a sliding last layer stays
+    sliding (the 1B has 26 layers), every layer has one head dim, no media token ids."""
+    cfg = ModelConfig.from_dict({**GEMMA3, "num_hidden_layers": 26})
+    t = cfg.text
+    assert t.layer_types[-1] == SLIDING and t.layer_types.count(FULL) == 4
+    assert t.head_dim_of(FULL) == t.head_dim_of(SLIDING) == 32 and t.kv_heads_of(FULL) == 2
+    assert t.rope_parameters[FULL] == {"rope_type": "default", "rope_theta": 1_000_000.0}
+    assert cfg.image_token_id is None and cfg.audio_token_id is None

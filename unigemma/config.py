@@ -1,7 +1,10 @@
-"""Typed model configs read from a checkpoint's `config.json`.
+"""Typed model configs read from a checkpoint's `config.json`: the parts every family shares.
 
-Mirrors the keys transformers writes for `gemma4_unified` (and `gemma4_unified_text`) and
-the real 12B config, which carries extra backward-compatibility keys. Unknown keys are
+`DecoderConfig` holds what every Gemma text decoder has (sizes, layer types, RoPE per type);
+`TextConfig` is Gemma 4 unified's, mirroring the keys transformers writes for `gemma4_unified`
+and the real 12B config, which carries extra backward-compatibility keys. `ModelConfig` is the
+whole model; `ModelConfig.from_dict` hands the dict to its family's `parse_config` (the
+registry in models/__init__.py), so this file knows no family's model_type. Unknown keys are
 ignored; keys that would change the architecture in ways we do not implement (MoE, per-layer
 inputs, KV sharing) are rejected with a clear message rather than silently ignored.
 """
@@ -14,7 +17,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import ConfigError
 
@@ -25,7 +28,7 @@ LAYER_TYPES = (SLIDING, FULL)
 ROPE_TYPES = ("default", "proportional", "linear")
 
 
-def _from_dict(cls, d: dict[str, Any], where: str):
+def from_keys(cls, d: dict[str, Any], where: str):
     """Build dataclass `cls` from the keys of `d` it declares; ignore the rest."""
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: expected an object, got {type(d).__name__}")
@@ -36,13 +39,24 @@ def _from_dict(cls, d: dict[str, Any], where: str):
         raise ConfigError(f"{where}: {e}") from e
 
 
-def _check(cond: bool, where: str, msg: str) -> None:
+def check(cond: bool, where: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{where}: {msg}")
 
 
+def every_sixth_full(num_layers: int) -> list[str]:
+    """transformers' default layer pattern (Gemma 3 and 4): every 6th layer is full attention."""
+    return [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(num_layers)]
+
+
 @dataclass
-class TextConfig:
+class DecoderConfig:
+    """What every Gemma text decoder shares: sizes, layer types, RoPE per type, norms, head.
+    A family's text config derives from it and adds its own fields and checks; the KV cache
+    and the RoPE tables read only these fields (and the per-layer lists)."""
+    WHERE: ClassVar[str] = "text_config"  # prefix of this config's error messages
+    ROPE_TYPES: ClassVar[tuple[str, ...]] = ROPE_TYPES
+
     vocab_size: int = 262_144
     hidden_size: int = 3840
     intermediate_size: int = 15360
@@ -50,12 +64,6 @@ class TextConfig:
     num_attention_heads: int = 16
     num_key_value_heads: int = 8
     head_dim: int = 256
-    # Full-attention overrides. transformers >= 5.2x writes them as `per_layer_config`;
-    # the released 12B config.json has `global_head_dim` / `num_global_key_value_heads`.
-    global_head_dim: int = 512
-    num_global_key_value_heads: int | None = None
-    per_layer_config: dict | None = None
-    attention_k_eq_v: bool = False
     layer_types: list[str] | None = None
     sliding_window: int = 1024
     rope_parameters: dict | None = None
@@ -64,66 +72,90 @@ class TextConfig:
     hidden_activation: str = "gelu_pytorch_tanh"
     attention_bias: bool = False
     tie_word_embeddings: bool = True
-    use_bidirectional_attention: str | None = "vision"
     max_position_embeddings: int = 262_144
     pad_token_id: int = 0
     bos_token_id: int = 2
     eos_token_id: int | list[int] | None = 1
-    num_kv_shared_layers: int = 0
-    enable_moe_block: bool = False
-    hidden_size_per_layer_input: int | None = 0
 
     # resolved per layer in __post_init__
     layer_head_dims: list[int] = field(init=False)
     layer_kv_heads: list[int] = field(init=False)
 
-    def __post_init__(self):
-        w = "text_config"
+    def check_sizes(self) -> None:
+        """The checks every family shares; then `layer_types` is a valid list (defaulted if None)."""
+        w = self.WHERE
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window"):
             v = getattr(self, name)
-            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, w,
-                   f"{name} must be a positive integer, got {v!r}")
-        _check(self.hidden_activation in ("gelu_pytorch_tanh", "gelu_tanh"), w,
-               f"hidden_activation {self.hidden_activation!r} is not supported (Gemma 4 uses gelu_pytorch_tanh)")
-        _check(not self.enable_moe_block, w, "enable_moe_block=true (MoE) is not part of the unified model")
-        _check(not self.hidden_size_per_layer_input, w,
-               "hidden_size_per_layer_input > 0 (per-layer inputs) is not part of the unified model")
-        _check(self.num_kv_shared_layers == 0, w,
-               f"num_kv_shared_layers={self.num_kv_shared_layers}: KV sharing is only used by MTP drafters")
-        _check(self.use_bidirectional_attention in (None, "vision"), w,
-               f"use_bidirectional_attention={self.use_bidirectional_attention!r} is not supported "
-               "(expected \"vision\" or null)")
-        _check(self.final_logit_softcapping is None or self.final_logit_softcapping > 0, w,
-               "final_logit_softcapping must be positive or null")
-
-        if self.layer_types is None:  # transformers' default: every 6th layer is full attention
-            self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(self.num_hidden_layers)]
-        _check(isinstance(self.layer_types, list) and len(self.layer_types) == self.num_hidden_layers, w,
-               f"layer_types has {len(self.layer_types or [])} entries but num_hidden_layers is "
-               f"{self.num_hidden_layers}")
+            check(isinstance(v, int) and not isinstance(v, bool) and v > 0, w,
+                  f"{name} must be a positive integer, got {v!r}")
+        check(self.hidden_activation in ("gelu_pytorch_tanh", "gelu_tanh"), w,
+              f"hidden_activation {self.hidden_activation!r} is not supported (Gemma uses gelu_pytorch_tanh)")
+        check(self.final_logit_softcapping is None or self.final_logit_softcapping > 0, w,
+              "final_logit_softcapping must be positive or null")
+        if self.layer_types is None:
+            self.layer_types = every_sixth_full(self.num_hidden_layers)
+        check(isinstance(self.layer_types, list) and len(self.layer_types) == self.num_hidden_layers, w,
+              f"layer_types has {len(self.layer_types or [])} entries but num_hidden_layers is "
+              f"{self.num_hidden_layers}")
         bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
-        _check(not bad, w, f"unknown layer types {bad}; expected {list(LAYER_TYPES)}")
+        check(not bad, w, f"unknown layer types {bad}; expected {list(LAYER_TYPES)}")
+
+    def check_rope(self) -> None:
+        w = self.WHERE
+        for t in set(self.layer_types):
+            p = self.rope_parameters.get(t) if isinstance(self.rope_parameters, dict) else None
+            check(isinstance(p, dict), w, f"rope_parameters has no entry for layer type {t!r}")
+            check(p.get("rope_type", "default") in self.ROPE_TYPES, w,
+                  f"rope_parameters[{t!r}].rope_type={p.get('rope_type')!r} is not supported; "
+                  f"expected {self.ROPE_TYPES}")
+            check(isinstance(p.get("rope_theta"), (int, float)) and p["rope_theta"] > 0, w,
+                  f"rope_parameters[{t!r}].rope_theta must be a positive number")
+            f = p.get("partial_rotary_factor", 1.0)
+            check(0 < f <= 1, w, f"rope_parameters[{t!r}].partial_rotary_factor must be in (0, 1], got {f}")
+
+    def head_dim_of(self, layer_type: str) -> int:
+        return self.layer_head_dims[self.layer_types.index(layer_type)]
+
+    def kv_heads_of(self, layer_type: str) -> int:
+        return self.layer_kv_heads[self.layer_types.index(layer_type)]
+
+
+@dataclass
+class TextConfig(DecoderConfig):
+    """Gemma 4 unified's text decoder: per-layer head dims and KV heads (full layers differ), K=V."""
+    # Full-attention overrides. transformers >= 5.2x writes them as `per_layer_config`;
+    # the released 12B config.json has `global_head_dim` / `num_global_key_value_heads`.
+    global_head_dim: int = 512
+    num_global_key_value_heads: int | None = None
+    per_layer_config: dict | None = None
+    attention_k_eq_v: bool = False
+    use_bidirectional_attention: str | None = "vision"
+    num_kv_shared_layers: int = 0
+    enable_moe_block: bool = False
+    hidden_size_per_layer_input: int | None = 0
+
+    def __post_init__(self):
+        w = self.WHERE
+        self.check_sizes()
+        check(not self.enable_moe_block, w, "enable_moe_block=true (MoE) is not part of the unified model")
+        check(not self.hidden_size_per_layer_input, w,
+              "hidden_size_per_layer_input > 0 (per-layer inputs) is not part of the unified model")
+        check(self.num_kv_shared_layers == 0, w,
+              f"num_kv_shared_layers={self.num_kv_shared_layers}: KV sharing is only used by MTP drafters")
+        check(self.use_bidirectional_attention in (None, "vision"), w,
+              f"use_bidirectional_attention={self.use_bidirectional_attention!r} is not supported "
+              "(expected \"vision\" or null)")
         if self.layer_types[-1] != FULL:
             # The reference forces this too (with a warning); weights are shaped for it.
             log.warning("text_config: last layer must be full attention; forcing it as transformers does")
             self.layer_types = [*self.layer_types[:-1], FULL]
-
         if self.rope_parameters is None:
             self.rope_parameters = {
                 SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
                 FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
             }
-        for t in set(self.layer_types):
-            p = self.rope_parameters.get(t) if isinstance(self.rope_parameters, dict) else None
-            _check(isinstance(p, dict), w, f"rope_parameters has no entry for layer type {t!r}")
-            _check(p.get("rope_type", "default") in ROPE_TYPES, w,
-                   f"rope_parameters[{t!r}].rope_type={p.get('rope_type')!r} is not supported; expected {ROPE_TYPES}")
-            _check(isinstance(p.get("rope_theta"), (int, float)) and p["rope_theta"] > 0, w,
-                   f"rope_parameters[{t!r}].rope_theta must be a positive number")
-            f = p.get("partial_rotary_factor", 1.0)
-            _check(0 < f <= 1, w, f"rope_parameters[{t!r}].partial_rotary_factor must be in (0, 1], got {f}")
-
+        self.check_rope()
         self._resolve_per_layer()
 
     def _resolve_per_layer(self):
@@ -131,9 +163,9 @@ class TextConfig:
         w = "text_config"
         overrides: dict[int, dict] = {}
         if self.per_layer_config is not None:
-            _check(isinstance(self.per_layer_config, dict), w, "per_layer_config must be an object")
+            check(isinstance(self.per_layer_config, dict), w, "per_layer_config must be an object")
             for k, v in self.per_layer_config.items():
-                _check(str(k).isdigit() and int(k) < self.num_hidden_layers, w,
+                check(str(k).isdigit() and int(k) < self.num_hidden_layers, w,
                        f"per_layer_config key {k!r} is not a layer index below {self.num_hidden_layers}")
                 overrides[int(k)] = dict(v)
         else:
@@ -146,92 +178,19 @@ class TextConfig:
                                for i in range(self.num_hidden_layers)]
         for i in range(self.num_hidden_layers):
             hd, kv = self.layer_head_dims[i], self.layer_kv_heads[i]
-            _check(hd > 0 and hd % 2 == 0, w, f"layer {i}: head_dim {hd} must be a positive even number")
-            _check(kv > 0 and self.num_attention_heads % kv == 0, w,
+            check(hd > 0 and hd % 2 == 0, w, f"layer {i}: head_dim {hd} must be a positive even number")
+            check(kv > 0 and self.num_attention_heads % kv == 0, w,
                    f"layer {i}: num_attention_heads {self.num_attention_heads} is not a multiple of "
                    f"its {kv} key/value heads")
         # Every layer of one type must share head dim and KV heads: the RoPE tables and the
         # KV-cache layout are per type.
         for t in set(self.layer_types):
             shapes = {(self.layer_head_dims[i], self.layer_kv_heads[i]) for i, lt in enumerate(self.layer_types) if lt == t}
-            _check(len(shapes) == 1, w, f"layers of type {t!r} disagree on (head_dim, kv_heads): {sorted(shapes)}")
-
-    def head_dim_of(self, layer_type: str) -> int:
-        return self.layer_head_dims[self.layer_types.index(layer_type)]
-
-    def kv_heads_of(self, layer_type: str) -> int:
-        return self.layer_kv_heads[self.layer_types.index(layer_type)]
+            check(len(shapes) == 1, w, f"layers of type {t!r} disagree on (head_dim, kv_heads): {sorted(shapes)}")
 
     def uses_v_proj(self, layer_idx: int) -> bool:
         """Full layers with attention_k_eq_v take V from the raw K projection."""
         return not (self.attention_k_eq_v and self.layer_types[layer_idx] == FULL)
-
-
-@dataclass
-class Gemma3TextConfig:
-    """Gemma 3 text (`gemma3_text`): one head dim and KV head count on every layer, sliding
-    layers every 5 of 6, attention scaled by query_pre_attn_scalar^-0.5, no logit softcap by
-    default. Exposes the per-layer fields the KV cache and RoPE tables read from TextConfig."""
-    vocab_size: int = 262_144
-    hidden_size: int = 640
-    intermediate_size: int = 2048
-    num_hidden_layers: int = 18
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 1
-    head_dim: int = 256
-    query_pre_attn_scalar: float = 256
-    layer_types: list[str] | None = None
-    sliding_window: int = 512
-    rope_parameters: dict | None = None
-    rms_norm_eps: float = 1e-6
-    final_logit_softcapping: float | None = None
-    attn_logit_softcapping: float | None = None
-    hidden_activation: str = "gelu_pytorch_tanh"
-    attention_bias: bool = False
-    tie_word_embeddings: bool = True
-    use_bidirectional_attention: bool | None = False
-    max_position_embeddings: int = 32_768
-    pad_token_id: int = 0
-    bos_token_id: int = 2
-    eos_token_id: int | list[int] | None = 1
-
-    layer_head_dims: list[int] = field(init=False)
-    layer_kv_heads: list[int] = field(init=False)
-
-    def __post_init__(self):
-        w = "config (gemma3_text)"
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window"):
-            v = getattr(self, name)
-            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, w,
-                   f"{name} must be a positive integer, got {v!r}")
-        _check(self.hidden_activation in ("gelu_pytorch_tanh", "gelu_tanh"), w,
-               f"hidden_activation {self.hidden_activation!r} is not supported")
-        _check(self.attn_logit_softcapping is None, w, "attn_logit_softcapping is a Gemma 2 feature, not supported")
-        _check(not self.use_bidirectional_attention, w, "bidirectional attention (EmbeddingGemma) is not supported")
-        _check(self.num_attention_heads % self.num_key_value_heads == 0, w,
-               f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
-               f"{self.num_key_value_heads}")
-        if self.layer_types is None:  # transformers' default: every 6th layer is full attention
-            self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(self.num_hidden_layers)]
-        _check(isinstance(self.layer_types, list) and len(self.layer_types) == self.num_hidden_layers
-               and all(t in LAYER_TYPES for t in self.layer_types), w,
-               f"layer_types must list {self.num_hidden_layers} of {list(LAYER_TYPES)}")
-        if self.rope_parameters is None:
-            self.rope_parameters = {SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
-                                    FULL: {"rope_type": "default", "rope_theta": 1_000_000.0}}
-        for t in set(self.layer_types):
-            p = self.rope_parameters.get(t) if isinstance(self.rope_parameters, dict) else None
-            _check(isinstance(p, dict) and p.get("rope_type", "default") in ("default", "linear"), w,
-                   f"rope_parameters[{t!r}] must be a default or linear RoPE, got {p!r}")
-        self.layer_head_dims = [self.head_dim] * self.num_hidden_layers
-        self.layer_kv_heads = [self.num_key_value_heads] * self.num_hidden_layers
-
-    def head_dim_of(self, layer_type: str) -> int:
-        return self.head_dim
-
-    def kv_heads_of(self, layer_type: str) -> int:
-        return self.num_key_value_heads
 
 
 @dataclass
@@ -248,13 +207,13 @@ class VisionConfig:
         w = "vision_config"
         for name in ("patch_size", "pooling_kernel_size", "mm_embed_dim", "mm_posemb_size", "output_proj_dims"):
             v = getattr(self, name)
-            _check(isinstance(v, int) and v > 0, w, f"{name} must be a positive integer, got {v!r}")
+            check(isinstance(v, int) and v > 0, w, f"{name} must be a positive integer, got {v!r}")
         derived = self.patch_size * self.pooling_kernel_size
-        _check(self.model_patch_size in (None, derived), w,
+        check(self.model_patch_size in (None, derived), w,
                f"model_patch_size {self.model_patch_size} != patch_size*pooling_kernel_size = {derived}")
         self.model_patch_size = derived
         # The projection consumes pos_norm's output, so the two widths must agree.
-        _check(self.output_proj_dims == self.mm_embed_dim, w,
+        check(self.output_proj_dims == self.mm_embed_dim, w,
                f"output_proj_dims ({self.output_proj_dims}) must equal mm_embed_dim ({self.mm_embed_dim})")
 
     @property
@@ -273,16 +232,21 @@ class AudioConfig:
 
     def __post_init__(self):
         w = "audio_config"
-        _check(isinstance(self.audio_embed_dim, int) and self.audio_embed_dim > 0, w,
+        check(isinstance(self.audio_embed_dim, int) and self.audio_embed_dim > 0, w,
                f"audio_embed_dim must be a positive integer, got {self.audio_embed_dim!r}")
         for name in ("hidden_size", "output_proj_dims", "audio_samples_per_token"):
             v = getattr(self, name)
-            _check(v in (None, self.audio_embed_dim), w, f"{name} ({v}) must equal audio_embed_dim ({self.audio_embed_dim})")
+            check(v in (None, self.audio_embed_dim), w, f"{name} ({v}) must equal audio_embed_dim ({self.audio_embed_dim})")
+
+
+def stored_dtype(d: dict[str, Any]) -> str | None:
+    """The dtype a config.json records its weights in (newer and older spelling)."""
+    return d.get("dtype") or d.get("torch_dtype")
 
 
 @dataclass
 class ModelConfig:
-    text: TextConfig
+    text: DecoderConfig  # a family's text config (TextConfig for Gemma 4)
     vision: VisionConfig | None = None
     audio: AudioConfig | None = None
     model_type: str = "gemma4_unified"
@@ -299,40 +263,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Any registered family's config.json (models/__init__.py FAMILIES parses its own)."""
+        from .models import family_of  # models import this module: the registry is read at call time
+
         mt = d.get("model_type")
         q = d.get("quantization")
-        _check(q is None or isinstance(q, dict), "config", "quantization must be an object")
-        cfg = cls._from_dict(d, mt)
+        check(q is None or isinstance(q, dict), "config", "quantization must be an object")
+        cfg = family_of(mt).parse_config(d, mt)
         cfg.quantization = q
-        return cfg
-
-    @classmethod
-    def _from_dict(cls, d: dict[str, Any], mt: str | None) -> "ModelConfig":
-        if mt == "gemma3_text":  # Gemma3ForCausalLM: text only, no media token ids
-            none = dict.fromkeys(("image_token_id", "video_token_id", "audio_token_id", "boi_token_id",
-                                  "eoi_token_id", "boa_token_id", "eoa_token_index"))
-            return cls(text=_from_dict(Gemma3TextConfig, d, "config"), model_type=mt,
-                       eos_token_id=d.get("eos_token_id"), dtype=d.get("dtype") or d.get("torch_dtype"), **none)
-        if mt == "gemma4_unified_text":  # Gemma4UnifiedForCausalLM: the text config is the top level
-            return cls(text=_from_dict(TextConfig, d, "config"), model_type=mt, eos_token_id=d.get("eos_token_id"),
-                       dtype=d.get("dtype") or d.get("torch_dtype"))
-        if mt != "gemma4_unified":
-            raise ConfigError(f"config: unknown model_type {mt!r}; expected 'gemma4_unified', "
-                              "'gemma4_unified_text' or 'gemma3_text'")
-        if not isinstance(d.get("text_config"), dict):
-            raise ConfigError("config: model_type gemma4_unified needs a text_config object")
-        text = _from_dict(TextConfig, d["text_config"], "text_config")
-        vision = _from_dict(VisionConfig, d["vision_config"], "vision_config") if d.get("vision_config") else None
-        audio = _from_dict(AudioConfig, d["audio_config"], "audio_config") if d.get("audio_config") else None
-        ids = {k: d[k] for k in ("image_token_id", "video_token_id", "audio_token_id", "boi_token_id",
-                                 "eoi_token_id", "boa_token_id", "eoa_token_index") if d.get(k) is not None}
-        for k, v in ids.items():
-            _check(isinstance(v, int) and 0 <= v < text.vocab_size, "config",
-                   f"{k}={v!r} is outside the vocabulary of {text.vocab_size}")
-        cfg = cls(text=text, vision=vision, audio=audio, model_type=mt, eos_token_id=d.get("eos_token_id"),
-                  dtype=d.get("dtype") or d.get("torch_dtype"), **ids)
-        if vision is not None:
-            _check(vision.output_proj_dims == vision.mm_embed_dim, "vision_config", "inconsistent widths")
         return cfg
 
     @classmethod

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import VisionConfig
-from .audio import MultimodalEmbedder
+from .multimodal import MultimodalEmbedder
 
 
 class VisionEmbedder(nn.Module):

@@ -1,31 +1,46 @@
-"""Model registry: a config's model_type → the module that builds it and its checkpoint renames.
+"""The family registry: a config's model_type (or a GGUF file's arch) → its family module's `Family`.
 
-Each entry gives the model class, `rename(name, config) → our name or None (not stored by us)`
-and `transform(our name, tensor) → tensor`: the one place a safetensors checkpoint's tensor
-names and values are turned into this package's.
+Config parsing, the safetensors and GGUF loaders, checkpoint saving and quantization ask this
+registry and nothing else about a family (models/base.py `Family` lists what each supplies).
+Adding a family is one models/<family>.py exporting `FAMILY` and one line in `FAMILIES`.
 """
 
 from __future__ import annotations
 
 from ..config import ModelConfig
+from ..errors import ConfigError
 from . import gemma3, gemma4
+from .base import Family
+
+FAMILIES: tuple[Family, ...] = (
+    gemma4.FAMILY,
+    gemma3.FAMILY,
+)
 
 
-def _identity(name, tensor):
-    return tensor
+def family_of(model_type: str | None) -> Family:
+    """The family reading config.json's `model_type` (ConfigError naming the known ones if none does)."""
+    for f in FAMILIES:
+        if model_type in f.model_types:
+            return f
+    known = [t for f in FAMILIES for t in f.model_types]
+    raise ConfigError(f"config: unknown model_type {model_type!r}; expected one of {known}")
 
 
-REGISTRY = {
-    "gemma4_unified": (gemma4.Gemma4Unified, gemma4.checkpoint_name_to_module, _identity),
-    "gemma4_unified_text": (gemma4.Gemma4Unified, gemma4.checkpoint_name_to_module, _identity),
-    "gemma3_text": (gemma3.Gemma3ForCausalLM, gemma3.checkpoint_name_to_module, gemma3.transform),
-}
+def family_of_gguf(arch: str) -> Family | None:
+    """The family reading llama.cpp architecture `arch`, or None."""
+    return next((f for f in FAMILIES if arch in f.gguf_archs), None)
+
+
+def gguf_archs() -> tuple[str, ...]:
+    return tuple(a for f in FAMILIES for a in f.gguf_archs)
 
 
 def model_class(config: ModelConfig):
-    return REGISTRY[config.model_type][0]
+    return family_of(config.model_type).model
 
 
 def renames(config: ModelConfig):
-    """(rename, transform) for this config's safetensors checkpoints."""
-    return REGISTRY[config.model_type][1:]
+    """(rename, transform) for this config's safetensors checkpoints: on-disk name → ours, value → ours."""
+    f = family_of(config.model_type)
+    return f.to_ours, f.load_transform

@@ -7,10 +7,13 @@
                                    before k_norm and RoPE, so K and V still differ
     out = o_proj(softmax(q kᵀ + mask) v)   no 1/sqrt(d): the q/k norms take its place
 
-The attention op is PyTorch SDPA (fp32 accumulation), the reference's default backend. For a
-few new tokens (decode, or verifying drafts) `decode_attention` does the same math as two small
-matmuls in fp32: on CPU that is ~9x faster than SDPA's flash kernel for one query (0.1 vs 0.9
-ms per layer at head dim 256 and 520 keys) and agrees with it to rounding.
+`attend` is the attention op of every family and the MTP drafter: PyTorch SDPA (fp32
+accumulation), the reference's default backend, or, for a few new tokens (decode, verifying
+drafts), `decode_attention`: the same math as two small matmuls in fp32, on CPU ~9x faster than
+SDPA's flash kernel for one query (0.1 vs 0.9 ms per layer at head dim 256 and 520 keys),
+equal to it to rounding. It owns the fast / oracle switch and every padding rule that keeps a
+token's output independent of how many tokens share its forward (its docstring lists them).
+This file knows nothing of caches' layout or of any family but Gemma 4's projections.
 """
 
 import torch
@@ -26,16 +29,53 @@ FAST_DECODE = True  # False: SDPA for every step (the oracle the tests compare a
 
 
 DECODE_QUERIES = 16  # steps of up to this many tokens per row (decode, verifying drafts) use decode_attention
-MIN_ROWS = 8  # rows per KV head of its matmuls: below this the GEMM kernel sums in another order
+MIN_ROWS = 8  # rows per KV head of decode_attention's matmuls: below this the GEMM kernel sums in another order
+MIN_QUERIES = 4  # bf16 SDPA calls get at least this many queries: below, PyTorch's CPU kernel sums in another order
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float = 1.0,
+           use_decode_kernel: bool = True) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask) v: q [B, H, S, D], k/v [B, KV, K, D] (GQA when KV < H), mask
+    [B|1, 1, S, K] bool → [B, H, S, D]. The one attention op of every family and the drafter.
+
+    The invariant: a token's output does not depend on how many tokens share its forward. A
+    one-token decode step, the same token verified among drafts, and the same row inside a
+    decode batch give the same bits, so speculative and batched greedy decoding reproduce plain
+    decoding exactly. CPU kernels pick their summation order by problem size, so it is kept by
+    padding every size-dependent call up to a size where the order no longer changes:
+      * here, steps of ≤ DECODE_QUERIES queries (when FAST_DECODE and `use_decode_kernel`) run
+        as two fp32 matmuls (`decode_attention`) with the queries padded to MIN_ROWS rows per
+        KV head; on CPU that is also ~9x faster than SDPA's flash kernel for one query;
+      * here, other bf16 SDPA calls get at least MIN_QUERIES queries (the last one repeated);
+      * cache/kv.py KEY_BLOCK: the number of keys a step sees is rounded up to a block, so it
+        does not depend on how many tokens the step appends;
+      * models/packed.py: a lone bf16 row goes through oneDNN's linear as two rows.
+    use_decode_kernel=False keeps a family on SDPA at every size (Gemma 3: its parity with the
+    references was established on SDPA's rounding). The padded rows are dropped before return.
+    """
+    if use_decode_kernel and FAST_DECODE and q.shape[2] <= DECODE_QUERIES:
+        return decode_attention(q, k, v, mask, scale)
+    return sdpa(q, k, v, mask, scale)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """PyTorch SDPA (fp32 accumulation), bf16 calls padded to MIN_QUERIES queries (see `attend`)."""
+    S, gqa = q.shape[2], k.shape[1] != q.shape[1]
+    if q.dtype != torch.bfloat16 or S >= MIN_QUERIES:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    pad = MIN_QUERIES - S
+    q = torch.cat([q, q[:, :, -1:].expand(-1, -1, pad, -1)], 2)
+    if mask is not None and mask.shape[2] == S:
+        mask = torch.cat([mask, mask[:, :, -1:].expand(-1, -1, pad, -1)], 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)[:, :, :S]
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float = 1.0) -> torch.Tensor:
     """A few queries per row: q [B, H, S, D], k/v [B, KV, K, D], mask [B|1, 1, S, K] -> [B, H, S, D].
 
-    The query heads sharing a KV head are stacked as rows of one matmul (GQA without repeat).
-    The queries are padded (repeating the last) to at least MIN_ROWS rows per KV head: then a
-    query's result does not depend on how many share the call, so a one-token step is bit-equal
-    to the same token verified among drafts (with the key count fixed by cache/kv.py KEY_BLOCK).
+    The query heads sharing a KV head are stacked as rows of one matmul (GQA without repeat),
+    padded (repeating the last query) to MIN_ROWS rows per KV head (see `attend`).
     """
     B, H, S, D = q.shape
     KV = k.shape[1]
@@ -45,7 +85,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         q = torch.cat([q, q[:, :, -1:].expand(-1, -1, n - S, -1)], 2)
         mask = torch.cat([mask, mask[:, :, -1:].expand(-1, -1, n - S, -1)], 2)
     qg = q.reshape(B, KV, G * n, D).float()
-    scores = torch.matmul(qg, k.transpose(-1, -2).float()).view(B, KV, G, n, -1)  # scale 1.0
+    scores = torch.matmul(qg, k.transpose(-1, -2).float()).view(B, KV, G, n, -1)
+    if scale != 1.0:  # Gemma 4's q/k norms take the place of 1/sqrt(d): no multiply there
+        scores = scores * scale
     scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
     out = torch.matmul(scores.softmax(-1).view(B, KV, G * n, -1), v.float())  # [B, KV, G*n, D]
     return out.view(B, KV, G, n, D)[:, :, :, :S].reshape(B, H, S, D).to(q.dtype)
@@ -78,9 +120,5 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        if S <= DECODE_QUERIES and FAST_DECODE:
-            out = decode_attention(q, k, v, mask)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
-                                                 enable_gqa=self.num_kv_heads != self.num_heads)
+        out = attend(q, k, v, mask, scale=1.0)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))

@@ -20,12 +20,13 @@ computed minus one, as the reference does. A draft step then reads k/num_centroi
 
 Every step of a round runs at one position: that of the token it reads. The drafter keeps no
 KV cache and never prefills. Pure math: generate/speculative.py hands in the target's K/V and
-which of them each query may see.
+which of them each query may see. Not a `CausalLM` family (it has no cached forward of its
+own): its blocks are Gemma 4's, its attention is models/attention.py `attend`, its text config
+is parsed by config.py's `from_keys`; weights/drafter.py loads it.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import FULL, SLIDING, TextConfig, _check
+from ..config import FULL, SLIDING, TextConfig, check, from_keys
 from ..errors import ConfigError
-from .attention import DECODE_QUERIES, decode_attention
+from .attention import attend
 from .layers import Embedding, RMSNorm
 from .rope import Rope, apply_rope
 from .text import DecoderLayer
@@ -53,25 +54,22 @@ class DrafterConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DrafterConfig":
         w = "drafter config"
-        _check(isinstance(d, dict), w, f"expected an object, got {type(d).__name__}")
-        _check(d.get("model_type") == "gemma4_unified_assistant", w,
+        check(isinstance(d, dict), w, f"expected an object, got {type(d).__name__}")
+        check(d.get("model_type") == "gemma4_unified_assistant", w,
                f"model_type {d.get('model_type')!r} is not a Gemma 4 unified drafter ('gemma4_unified_assistant')")
         tc = d.get("text_config")
-        _check(isinstance(tc, dict), w, "needs a text_config object")
-        tc = copy.deepcopy(tc)
+        check(isinstance(tc, dict), w, "needs a text_config object")
         # Every drafter layer reads the target's K/V ("KV-shared"); it has no K/V projections
         # of its own, which is all that setting means for us.
-        tc["num_kv_shared_layers"] = 0
-        text = TextConfig(**{k: v for k, v in tc.items() if k in TextConfig.__dataclass_fields__
-                             and TextConfig.__dataclass_fields__[k].init})
+        text = from_keys(TextConfig, {**tc, "num_kv_shared_layers": 0}, "drafter text_config")
         b = d.get("backbone_hidden_size", 3840)
-        _check(isinstance(b, int) and b > 0, w, f"backbone_hidden_size must be a positive integer, got {b!r}")
+        check(isinstance(b, int) and b > 0, w, f"backbone_hidden_size must be a positive integer, got {b!r}")
         ordered = bool(d.get("use_ordered_embeddings", False))
         n, top = d.get("num_centroids", 2048), d.get("centroid_intermediate_top_k", 32)
         if ordered:
-            _check(isinstance(n, int) and n > 0 and text.vocab_size % n == 0, w,
+            check(isinstance(n, int) and n > 0 and text.vocab_size % n == 0, w,
                    f"num_centroids must be a positive divisor of the vocabulary size {text.vocab_size}, got {n!r}")
-            _check(isinstance(top, int) and 0 < top <= n, w,
+            check(isinstance(top, int) and 0 < top <= n, w,
                    f"centroid_intermediate_top_k must be an integer in 1..num_centroids, got {top!r}")
         return cls(text, b, bool(d.get("tie_word_embeddings", True)), ordered, n, top)
 
@@ -103,11 +101,7 @@ class DraftAttention(nn.Module):
     def forward(self, x, cos, sin, k, v, mask):
         B, S, _ = x.shape
         q = apply_rope(self.q_norm(self.q_proj(x).view(B, S, -1, self.head_dim)), cos, sin).transpose(1, 2)
-        k, v = k.to(q.dtype), v.to(q.dtype)
-        if S <= DECODE_QUERIES:  # drafting: one query; SDPA's flash kernel is ~9x slower there
-            out = decode_attention(q, k, v, mask)
-        else:  # training: every position of a sequence at once
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=k.shape[1] != self.num_heads)
+        out = attend(q, k.to(q.dtype), v.to(q.dtype), mask, scale=1.0)  # drafting: one query; training: all
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 

@@ -1,34 +1,68 @@
-"""Gemma 3 text (`Gemma3ForCausalLM`, GGUF arch `gemma3`): the decoder and its generation protocol.
+"""Gemma 3 text (`gemma3_text`, `Gemma3ForCausalLM`, GGUF arch `gemma3`): the family module.
 
-Block, as transformers' Gemma 3 (the reference):
+What differs from Gemma 4, and all this file holds (models/base.py runs the model):
 
     h = h + post_attention_norm(attn(input_norm(h)))
-    h = h + post_feedforward_norm(mlp(pre_feedforward_norm(h)))
+    h = h + post_feedforward_norm(mlp(pre_feedforward_norm(h)))          no layer scalar
     attn: q = rope(q_norm(q_proj x)), k = rope(k_norm(k_proj x)), v = v_proj x   (no v norm)
           softmax(q kᵀ · query_pre_attn_scalar^-0.5 + mask) v
 
 Gemma 3's RMSNorm multiplies by (1 + w). Checkpoints store w; llama.cpp's converter stores
-1 + w (`norm_shift` in its gemma3 converter). We hold the multiplier 1 + w in float32, as
-the reference computes it (`1.0 + weight.float()`): `transform` adds the 1 for safetensors
-checkpoints, GGUF tensors are taken as they are. No layer scalar, no K=V, one head dim on
-every layer, sliding window on 5 of 6 layers. The model object offers what the engine uses
-from `Gemma4Unified` (embed, forward over a cache, head, logits, make_cache) without media.
+1 + w (`norm_shift` in its gemma3 converter). We hold the multiplier 1 + w in float32, as the
+reference computes it (`1.0 + weight.float()`): `transform` adds the 1 for safetensors
+checkpoints, GGUF tensors are taken as they are. No K=V, one head dim on every layer, sliding
+window on 5 of 6 layers, no media (`embed` rejects them).
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..cache.kv import KVCache
-from ..config import FULL, SLIDING, ModelConfig
+from ..config import FULL, SLIDING, DecoderConfig, ModelConfig, check, every_sixth_full, from_keys, stored_dtype
 from ..errors import InputError
-from .layers import MLP, Embedding, softcap
-from .masks import make_mask
-from .rope import Rope, apply_rope
+from . import gguf_meta
+from .attention import attend
+from .base import CausalLM, Family
+from .layers import MLP
+from .rope import apply_rope
+from .text import TextModel
+
+
+@dataclass
+class Gemma3TextConfig(DecoderConfig):
+    """Gemma 3's text config: one head dim and KV head count on every layer, sliding layers 5 of
+    every 6, attention scaled by query_pre_attn_scalar^-0.5, default or linear RoPE."""
+    WHERE = "config (gemma3_text)"
+    ROPE_TYPES = ("default", "linear")
+
+    hidden_size: int = 640
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 18
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 1
+    sliding_window: int = 512
+    max_position_embeddings: int = 32_768
+    query_pre_attn_scalar: float = 256
+    attn_logit_softcapping: float | None = None
+    use_bidirectional_attention: bool | None = False
+
+    def __post_init__(self):
+        w = self.WHERE
+        self.check_sizes()
+        check(self.attn_logit_softcapping is None, w, "attn_logit_softcapping is a Gemma 2 feature, not supported")
+        check(not self.use_bidirectional_attention, w, "bidirectional attention (EmbeddingGemma) is not supported")
+        check(self.num_attention_heads % self.num_key_value_heads == 0, w,
+              f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
+              f"{self.num_key_value_heads}")
+        if self.rope_parameters is None:
+            self.rope_parameters = {SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+                                    FULL: {"rope_type": "default", "rope_theta": 1_000_000.0}}
+        self.check_rope()
+        self.layer_head_dims = [self.head_dim] * self.num_hidden_layers
+        self.layer_kv_heads = [self.num_key_value_heads] * self.num_hidden_layers
 
 
 class Norm(nn.Module):
@@ -48,7 +82,7 @@ class Norm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config: Gemma3TextConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
@@ -70,30 +104,12 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = _sdpa(q, k, v, mask, self.scaling, self.num_kv_heads != self.num_heads)
+        out = attend(q, k, v, mask, self.scaling, use_decode_kernel=False)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
-MIN_QUERIES = 4
-
-
-def _sdpa(q, k, v, mask, scale, gqa):
-    """SDPA, with bf16 calls of fewer than MIN_QUERIES queries padded up to it: PyTorch's CPU
-    kernel sums in another order below 4 queries, so a one-token step would differ (by bf16
-    rounding) from the same token verified among 4+ drafts. Padded, greedy decoding with a
-    drafter reproduces plain decoding bit for bit (see also packed.py, cache/kv.py KEY_BLOCK)."""
-    S = q.shape[2]
-    if q.dtype != torch.bfloat16 or S >= MIN_QUERIES:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    pad = MIN_QUERIES - S
-    q = torch.cat([q, q[:, :, -1:].expand(-1, -1, pad, -1)], 2)
-    if mask is not None and mask.shape[2] == S:
-        mask = torch.cat([mask, mask[:, :, -1:].expand(-1, -1, pad, -1)], 2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)[:, :, :S]
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config: Gemma3TextConfig, layer_idx: int):
         super().__init__()
         eps = config.rms_norm_eps
         self.layer_type = config.layer_types[layer_idx]
@@ -109,47 +125,11 @@ class DecoderLayer(nn.Module):
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
-class TextModel(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = Norm(config.hidden_size, config.rms_norm_eps)
-        self.ropes = {t: Rope(config, t) for t in set(config.layer_types)}
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        e = self.embed_tokens(ids)
-        return e * torch.tensor(math.sqrt(self.config.hidden_size), dtype=torch.float32).to(e.dtype)
-
-    def forward(self, h, positions, masks, cache=None):
-        tables = {t: rope.cos_sin(positions, h.dtype) for t, rope in self.ropes.items()}
-        for layer in self.layers:
-            cos, sin = tables[layer.layer_type]
-            h = layer(h, cos, sin, masks[layer.layer_type], cache)
-        return self.norm(h)
-
-
-def checkpoint_name_to_module(name: str, config: ModelConfig) -> str | None:
-    """Our module tree mirrors Gemma3ForCausalLM's names; a tied head's copy is not stored."""
-    return None if name == "lm_head.weight" and config.text.tie_word_embeddings else name
-
-
-def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """Fold Gemma 3's (1 + w) into the norm weights once, in float32 as the reference computes it."""
-    return tensor.float() + 1.0 if name.endswith("norm.weight") else tensor
-
-
-class Gemma3ForCausalLM(nn.Module):
-    block_mask = "sliding"  # no media blocks: one mask policy
-
+class Gemma3ForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig, block_mask: str = "sliding"):
-        super().__init__()
-        self.config = config
-        self.model = TextModel(config.text)
-        if not config.text.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        self.packed_head = None  # models/packed.py: the head weight prepacked for fast decoding
+        super().__init__(config, block_mask)
+        self.model = TextModel(config.text, layer=DecoderLayer, norm=Norm)
+        self.add_head()
 
     @property
     def text(self) -> TextModel:
@@ -161,71 +141,77 @@ class Gemma3ForCausalLM(nn.Module):
         e = self.model.embed_tokens
         return getattr(e, "dtype", None) or e.weight.dtype
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.norm.weight.device
-
-    def make_cache(self, batch: int, max_len: int, reserve: int = 16) -> KVCache:
-        return KVCache(self.config.text, batch, max_len, self.dtype, self.device, reserve)
-
     def embed(self, input_ids: torch.Tensor, require_media: bool = True, **media) -> torch.Tensor:
         given = [k for k, v in media.items() if v is not None]
         if given:
             raise InputError(f"Gemma 3 text takes no media inputs, got {given}")
         return self.model.embed(input_ids)
 
-    def _masks(self, q_idx, k_idx: dict, k_valid: dict) -> dict:
-        t = self.config.text
-        return {lt: make_mask(q_idx, k_idx[lt], k_valid[lt], None, None, t.sliding_window if lt == SLIDING else None)
-                for lt in set(t.layer_types)}
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, *, attention_mask=None,
-                mm_token_type_ids=None, cache: KVCache | None = None, block_mask: str | None = None,
-                require_media: bool = True, embeds: torch.Tensor | None = None, **media) -> torch.Tensor:
-        """Same contract as Gemma4Unified.forward: new tokens (appended to `cache` if given) →
-        final normed hidden states [B, S, hidden]."""
-        h = embeds if embeds is not None else self.embed(input_ids, **media)
-        B, S = input_ids.shape
-        valid = (torch.ones(B, S, dtype=torch.bool, device=h.device) if attention_mask is None
-                 else attention_mask.to(h.device).bool())
-        if cache is None:
-            idx = torch.arange(S, device=h.device)
-            kv_valid = None if attention_mask is None else valid
-            return self.model(h, positions.to(h.device), self._masks(idx, {SLIDING: idx, FULL: idx},
-                                                                    {SLIDING: kv_valid, FULL: kv_valid}))
-        steps = cache.begin(valid)
-        idx = cache.query_index(S)  # [S], or [B, S] when each row is its own sequence (a decode batch)
-        masks = self._masks(idx, {t: s.k_idx for t, s in steps.items()}, {t: s.k_valid for t, s in steps.items()})
-        try:
-            out = self.model(h, positions.to(h.device), masks, cache)
-        except BaseException:
-            cache.abort()
-            raise
-        cache.end()
-        return out
+def parse_config(d: dict, model_type: str) -> ModelConfig:
+    """Gemma3ForCausalLM's config.json: the text config at the top level, no media token ids."""
+    none = dict.fromkeys(("image_token_id", "video_token_id", "audio_token_id", "boi_token_id",
+                          "eoi_token_id", "boa_token_id", "eoa_token_index"))
+    return ModelConfig(text=from_keys(Gemma3TextConfig, d, "config"), model_type=model_type,
+                       eos_token_id=d.get("eos_token_id"), dtype=stored_dtype(d), **none)
 
-    def head_weight(self) -> torch.Tensor | None:
-        """The LM head's float weight (None when it is quantized)."""
-        w = getattr(self.model.embed_tokens if self.config.text.tie_word_embeddings else self.lm_head, "weight", None)
-        return w if isinstance(w, torch.Tensor) and w.is_floating_point() else None
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        if self.packed_head is not None:
-            logits = self.packed_head(h)
-        elif self.config.text.tie_word_embeddings:
-            logits = self.model.embed_tokens.linear(h)
-        else:
-            logits = self.lm_head(h)
-        return softcap(logits, self.config.text.final_logit_softcapping)
+# -- checkpoint names and values, both ways -----------------------------------------------------
+def checkpoint_name_to_module(name: str, config: ModelConfig) -> str | None:
+    """Our module tree mirrors Gemma3ForCausalLM's names; a tied head's copy is not stored."""
+    return None if name == "lm_head.weight" and config.text.tie_word_embeddings else name
 
-    @torch.inference_mode()
-    def logits(self, input_ids, attention_mask=None, **media) -> torch.Tensor:
-        """The reference forward: ids [B, S] → logits [B, S, vocab], positions 0..S-1."""
-        from .gemma4 import _check_ids
 
-        input_ids = _check_ids(input_ids, self.config.text.vocab_size).to(self.device)
-        B, S = input_ids.shape
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
-            raise InputError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {(B, S)}")
-        positions = torch.arange(S, device=self.device).expand(B, S)
-        return self.head(self.forward(input_ids, positions, attention_mask=attention_mask, **media))
+def module_name_to_checkpoint(name: str, config: ModelConfig) -> str:
+    return name
+
+
+def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Fold Gemma 3's (1 + w) into the norm weights once, in float32 as the reference computes it."""
+    return tensor.float() + 1.0 if name.endswith("norm.weight") else tensor
+
+
+def untransform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Our multiplier 1 + w → the checkpoint's w (exact for multipliers in [0.5, 2])."""
+    return tensor.float() - 1.0 if name.endswith("norm.weight") else tensor
+
+
+def is_quantizable(name: str, module: nn.Module) -> bool:
+    """The decoder's projections and a separate LM head."""
+    return isinstance(module, nn.Linear) and (name.startswith("model.layers.") or name == "lm_head")
+
+
+# -- GGUF (llama.cpp arch "gemma3") ---------------------------------------------------------------
+def gguf_name(name: str) -> str | None:
+    return gguf_meta.tensor_name(name, "model.")
+
+
+def gguf_config(f, read=None) -> dict:
+    """A GGUF file's metadata (f.metadata, f.tensors, f.path) → a config.json-style dict."""
+    meta, path = f.metadata, f.path
+    c = gguf_meta.common(meta, "gemma3", path, f.tensors)
+    n, hd = c["num_hidden_layers"], int(gguf_meta.get(meta, "gemma3.attention.key_length", path))
+    # what llama.cpp's gemma3 graph does: 1/sqrt(head_dim), except the 27B (62 layers): hidden/heads
+    scalar = c["hidden_size"] // c["num_attention_heads"] if n == 62 else hd
+    full = {"rope_type": "default", "rope_theta": float(meta.get("gemma3.rope.freq_base", 1e6))}
+    if meta.get("gemma3.rope.scaling.type") == "linear":
+        full = {"rope_type": "linear", "rope_theta": full["rope_theta"],
+                "factor": float(meta["gemma3.rope.scaling.factor"])}
+    return dict(c, model_type="gemma3_text", head_dim=hd, query_pre_attn_scalar=scalar,
+                num_key_value_heads=gguf_meta.per_layer(gguf_meta.get(meta, "gemma3.attention.head_count_kv", path), n)[0],
+                # llama.cpp hard-codes both for gemma3: every 6th layer global, local RoPE base 10k
+                layer_types=every_sixth_full(n),
+                rope_parameters={SLIDING: {"rope_type": "default", "rope_theta": 10_000.0}, FULL: full})
+
+
+def tiny_config(model_type: str = "gemma3_text") -> dict:
+    """A tiny gemma3_text config.json: 7 layers (the last one sliding), window 5, scalar 24 ≠ head dim."""
+    return dict(model_type=model_type, vocab_size=512, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=7, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                sliding_window=5, query_pre_attn_scalar=24)
+
+
+FAMILY = Family(name="Gemma 3 text", model_types=("gemma3_text",), model=Gemma3ForCausalLM,
+                parse_config=parse_config, to_ours=checkpoint_name_to_module, to_disk=module_name_to_checkpoint,
+                is_quantizable=is_quantizable, tiny_config=tiny_config, load_transform=transform,
+                save_transform=untransform, gguf_archs=("gemma3",), gguf_config=gguf_config, gguf_name=gguf_name)

@@ -1,25 +1,30 @@
-"""Gemma 4 unified: the text decoder plus the encoder-free image and audio embedders.
+"""Gemma 4 unified (`gemma4_unified`, `gemma4_unified_text`, GGUF arch `gemma4`): the family module.
 
-`Gemma4Unified.logits(...)` takes exactly the tensors the reference processor produces and
-returns logits `[B, S, vocab]`; `forward(...)` is the cached step the generators use. The
-module tree mirrors transformers' (`model.language_model`, `model.embed_vision`,
-`model.embed_audio`) so loading is close to the identity; `checkpoint_name_to_module`
-holds every rename between the on-disk names and this tree.
+The model is the text decoder (models/text.py) plus the encoder-free image and audio
+embedders; models/base.py's `CausalLM` runs it (cached forward, head, `logits`). This file
+adds what is Gemma 4's own: the module tree, which mirrors transformers'
+(`model.language_model`, `model.embed_vision`, `model.embed_audio`) so loading is close to the
+identity; `embed` (soft tokens scattered into their placeholders); the config parsing; every
+rename between on-disk names and this tree, both ways; the GGUF mapping; what quantization
+swaps. `FAMILY` lists them for the registry.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 
-from ..cache.kv import KVCache
-from ..config import FULL, SLIDING, ModelConfig
-from ..embed.audio import MultimodalEmbedder, embed_audio
+from ..config import FULL, SLIDING, AudioConfig, ModelConfig, TextConfig, VisionConfig, check, from_keys, stored_dtype
+from ..embed.audio import embed_audio
 from ..embed.merge import scatter_features
+from ..embed.multimodal import MultimodalEmbedder
 from ..embed.vision import VisionEmbedder, embed_patches
-from ..errors import InputError
-from .layers import softcap
-from .masks import COMPOSITIONS, block_ids, make_mask
+from ..errors import CheckpointError, ConfigError, InputError
+from . import gguf_meta
+from .base import CausalLM, Family, check_ids
 from .text import TextModel
 
 
@@ -33,45 +38,15 @@ class _Backbone(nn.Module):
                             if config.audio else None)
 
 
-def checkpoint_name_to_module(name: str, config: ModelConfig) -> str | None:
-    """On-disk tensor name → parameter name in this module tree (None: not stored by us)."""
-    if name == "lm_head.weight" and config.text.tie_word_embeddings:
-        return None  # tied to the embedding; some writers store the copy anyway
-    if config.model_type == "gemma4_unified_text" and name.startswith("model."):
-        return "model.language_model." + name[len("model."):]
-    if name == "model.embed_vision.embedding_projection.weight":
-        return "model.embed_vision.multimodal_embedder.embedding_projection.weight"
-    if name.startswith("model.vision_embedder."):
-        return "model.embed_vision." + name[len("model.vision_embedder."):]
-    return name
-
-
-class Gemma4Unified(nn.Module):
+class Gemma4Unified(CausalLM):
     def __init__(self, config: ModelConfig, block_mask: str = "sliding"):
-        super().__init__()
-        if block_mask not in COMPOSITIONS:
-            raise ValueError(f"block_mask must be one of {COMPOSITIONS}, got {block_mask!r}")
-        self.config = config
-        self.block_mask = block_mask
+        super().__init__(config, block_mask)
         self.model = _Backbone(config)
-        if not config.text.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        self.packed_head = None  # models/packed.py: the head weight prepacked for fast decoding
+        self.add_head()
 
     @property
     def text(self) -> TextModel:
         return self.model.language_model
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.text.norm.weight.dtype  # a float weight even when the matrices are quantized
-
-    @property
-    def device(self) -> torch.device:
-        return self.text.norm.weight.device
-
-    def make_cache(self, batch: int, max_len: int, reserve: int = 16) -> KVCache:
-        return KVCache(self.config.text, batch, max_len, self.dtype, self.device, reserve)
 
     # -- inputs → embeddings -----------------------------------------------------------
     def embed(self, input_ids, pixel_values=None, image_position_ids=None, input_features=None,
@@ -125,104 +100,133 @@ class Gemma4Unified(nn.Module):
                              f"[..., patches, {self.config.vision.patch_dim}] and [..., patches, 2]")
         return embed_patches(self.model.embed_vision, media.to(self.device), pos.to(self.device))
 
-    # -- masks -------------------------------------------------------------------------
-    def _masks(self, q_idx, k_idx: dict, k_valid: dict, mm_token_type_ids, block_mask) -> dict:
-        t = self.config.text
-        q_block = None
-        if mm_token_type_ids is not None and t.use_bidirectional_attention == "vision":
-            q_block = block_ids(mm_token_type_ids.to(q_idx.device))
-        masks = {}
-        for lt in set(t.layer_types):
-            ki = k_idx[lt]
-            k_block = None
-            if q_block is not None:  # only keys of this step can share a block with its queries
-                rel = ki - q_idx[0]
-                inside = (rel >= 0) & (rel < q_idx.shape[0])
-                k_block = torch.where(inside, q_block[:, rel.clamp(0, q_idx.shape[0] - 1)], -1)
-            window = t.sliding_window if lt == SLIDING else None
-            masks[lt] = make_mask(q_idx, ki, k_valid[lt], q_block, k_block, window, block_mask)
-        return masks
 
-    # -- forward -----------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, *, attention_mask=None,
-                mm_token_type_ids=None, cache: KVCache | None = None, block_mask: str | None = None,
-                require_media: bool = True, embeds: torch.Tensor | None = None, **media) -> torch.Tensor:
-        """One forward over new tokens. Returns the final normed hidden states [B, S, hidden].
+_check_ids = check_ids  # the old name, still imported by generate/greedy.py (the merge removes it)
 
-        positions [B, S]: RoPE positions. attention_mask [B, S] (new tokens only when a cache is
-        given): 0 marks left padding. With a cache the new tokens are appended to it.
-        embeds: precomputed input embeddings of these tokens (`embed`), e.g. a slice of a
-        prompt embedded once and prefilled in chunks; media are then not needed.
-        """
-        block_mask = block_mask or self.block_mask
-        h = embeds if embeds is not None else self.embed(input_ids, require_media=require_media, **media)
-        B, S = input_ids.shape
-        valid = (torch.ones(B, S, dtype=torch.bool, device=h.device) if attention_mask is None
-                 else attention_mask.to(h.device).bool())
-        if cache is None:
-            idx = torch.arange(S, device=h.device)
-            kv_valid = None if attention_mask is None else valid
-            masks = self._masks(idx, {SLIDING: idx, FULL: idx}, {SLIDING: kv_valid, FULL: kv_valid},
-                                mm_token_type_ids, block_mask)
-            return self.text(h, positions.to(h.device), masks)
-        steps = cache.begin(valid)
-        idx = cache.query_index(S)  # [S], or [B, S] when each row is its own sequence
-        if idx.dim() == 2 and mm_token_type_ids is not None:
-            raise ValueError("media tokens are prefilled one sequence at a time, not in a decode batch")
-        masks = self._masks(idx, {t: s.k_idx for t, s in steps.items()}, {t: s.k_valid for t, s in steps.items()},
-                            mm_token_type_ids, block_mask)
-        try:
-            out = self.text(h, positions.to(h.device), masks, cache)
-        except BaseException:
-            cache.abort()
-            raise
-        cache.end()
-        return out
-
-    def head_weight(self) -> torch.Tensor | None:
-        """The LM head's float weight (None when it is quantized)."""
-        w = getattr(self.text.embed_tokens if self.config.text.tie_word_embeddings else self.lm_head, "weight", None)
-        return w if isinstance(w, torch.Tensor) and w.is_floating_point() else None
-
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        if self.packed_head is not None:
-            return softcap(self.packed_head(h), self.config.text.final_logit_softcapping)
-        return self.text.head(h, None if self.config.text.tie_word_embeddings else self.lm_head)
-
-    @torch.inference_mode()
-    def logits(self, input_ids, attention_mask=None, mm_token_type_ids=None, pixel_values=None,
-               image_position_ids=None, input_features=None, input_features_mask=None,
-               pixel_values_videos=None, video_position_ids=None, *, block_mask: str | None = None) -> torch.Tensor:
-        """The reference forward: processor tensors → logits [B, S, vocab] (model dtype).
-
-        Positions are 0..S-1 as in transformers' plain forward (RoPE is relative, so left
-        padding does not change the logits of real tokens beyond rounding).
-        """
-        input_ids = _check_ids(input_ids, self.config.text.vocab_size)
-        B, S = input_ids.shape
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
-            raise InputError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {(B, S)}")
-        if mm_token_type_ids is not None and tuple(mm_token_type_ids.shape) != (B, S):
-            raise InputError(f"mm_token_type_ids {tuple(mm_token_type_ids.shape)} does not match input_ids {(B, S)}")
-        positions = torch.arange(S, device=self.device).expand(B, S)
-        h = self.forward(input_ids.to(self.device), positions, attention_mask=attention_mask,
-                         mm_token_type_ids=mm_token_type_ids, block_mask=block_mask, pixel_values=pixel_values,
-                         image_position_ids=image_position_ids, input_features=input_features,
-                         input_features_mask=input_features_mask, pixel_values_videos=pixel_values_videos,
-                         video_position_ids=video_position_ids)
-        return self.head(h)
+MEDIA_TOKEN_KEYS = ("image_token_id", "video_token_id", "audio_token_id", "boi_token_id", "eoi_token_id",
+                    "boa_token_id", "eoa_token_index")
 
 
-def _check_ids(input_ids, vocab_size: int) -> torch.Tensor:
-    if not isinstance(input_ids, torch.Tensor):
-        input_ids = torch.as_tensor(input_ids)
-    if input_ids.ndim == 1:
-        input_ids = input_ids[None]
-    if input_ids.ndim != 2 or input_ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
-        raise InputError(f"input_ids must be integer token ids [batch, seq], got {input_ids.dtype} {tuple(input_ids.shape)}")
-    if input_ids.shape[1] == 0:
-        raise InputError("input_ids is empty")
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or hi >= vocab_size:
-        raise InputError(f"input_ids hold token id {lo if lo < 0 else hi}, outside the vocabulary of {vocab_size}")
-    return input_ids.long()
+def parse_config(d: dict, model_type: str) -> ModelConfig:
+    """config.json → ModelConfig: nested text/vision/audio configs, or (gemma4_unified_text,
+    Gemma4UnifiedForCausalLM) the text config at the top level."""
+    if model_type == "gemma4_unified_text":
+        return ModelConfig(text=from_keys(TextConfig, d, "config"), model_type=model_type,
+                           eos_token_id=d.get("eos_token_id"), dtype=stored_dtype(d))
+    if not isinstance(d.get("text_config"), dict):
+        raise ConfigError("config: model_type gemma4_unified needs a text_config object")
+    text = from_keys(TextConfig, d["text_config"], "text_config")
+    vision = from_keys(VisionConfig, d["vision_config"], "vision_config") if d.get("vision_config") else None
+    audio = from_keys(AudioConfig, d["audio_config"], "audio_config") if d.get("audio_config") else None
+    ids = {k: d[k] for k in MEDIA_TOKEN_KEYS if d.get(k) is not None}
+    for k, v in ids.items():
+        check(isinstance(v, int) and 0 <= v < text.vocab_size, "config",
+              f"{k}={v!r} is outside the vocabulary of {text.vocab_size}")
+    return ModelConfig(text=text, vision=vision, audio=audio, model_type=model_type,
+                       eos_token_id=d.get("eos_token_id"), dtype=stored_dtype(d), **ids)
+
+
+# -- checkpoint names, both ways --------------------------------------------------------------
+_VISION_PROJ = "model.embed_vision.multimodal_embedder.embedding_projection.weight"
+
+
+def checkpoint_name_to_module(name: str, config: ModelConfig) -> str | None:
+    """On-disk tensor name → parameter name in this module tree (None: not stored by us)."""
+    if name == "lm_head.weight" and config.text.tie_word_embeddings:
+        return None  # tied to the embedding; some writers store the copy anyway
+    if config.model_type == "gemma4_unified_text" and name.startswith("model."):
+        return "model.language_model." + name[len("model."):]
+    if name == "model.embed_vision.embedding_projection.weight":
+        return _VISION_PROJ
+    if name.startswith("model.vision_embedder."):
+        return "model.embed_vision." + name[len("model.vision_embedder."):]
+    return name
+
+
+def module_name_to_checkpoint(name: str, config: ModelConfig) -> str:
+    """Parameter name → the released checkpoint's tensor name (the inverse of the above)."""
+    if config.model_type == "gemma4_unified_text" and name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name == _VISION_PROJ:
+        return "model.embed_vision.embedding_projection.weight"
+    if name.startswith("model.embed_vision."):
+        return "model.vision_embedder." + name[len("model.embed_vision."):]
+    return name
+
+
+def is_quantizable(name: str, module: nn.Module) -> bool:
+    """The text decoder's projections and a separate LM head; not the media embedders."""
+    return isinstance(module, nn.Linear) and ("language_model." in name or name == "lm_head")
+
+
+# -- GGUF (llama.cpp arch "gemma4") -----------------------------------------------------------
+def gguf_name(name: str) -> str | None:
+    return gguf_meta.tensor_name(name, "model.language_model.")
+
+
+def gguf_config(f, read) -> dict:
+    """A GGUF file's metadata (f.metadata, f.tensors, f.path) → a config.json-style dict;
+    read(name) → that tensor dequantized (only rope_freqs is read)."""
+    meta, path = f.metadata, f.path
+    c = gguf_meta.common(meta, "gemma4", path, f.tensors)
+    n = c["num_hidden_layers"]
+    swa = [bool(x) for x in np.atleast_1d(gguf_meta.get(meta, "gemma4.attention.sliding_window_pattern", path))]
+    if len(swa) != n:
+        raise CheckpointError(f"{path}: sliding_window_pattern has {len(swa)} entries for {n} layers")
+    types = [SLIDING if s else FULL for s in swa]
+    kv = gguf_meta.per_layer(gguf_meta.get(meta, "gemma4.attention.head_count_kv", path), n)
+    hd = int(gguf_meta.get(meta, "gemma4.attention.key_length_swa", path))
+    ghd = int(gguf_meta.get(meta, "gemma4.attention.key_length", path))
+    if int(meta.get("gemma4.attention.shared_kv_layers", 0)) or int(meta.get("gemma4.embedding_length_per_layer_input", 0)):
+        raise CheckpointError(f"{path}: KV sharing / per-layer inputs (Gemma 4 E2B/E4B) are not supported")
+    if any(k.startswith("gemma4.expert_") for k in meta) or any(".ffn_gate_exps." in t for t in f.tensors):
+        raise CheckpointError(f"{path}: Gemma 4 mixture-of-experts files are not supported")
+    if int(meta.get("gemma4.rope.dimension_count_swa", hd)) != hd:
+        raise CheckpointError(f"{path}: partial RoPE on sliding layers is not supported")
+    rope_full = {"rope_type": "proportional", "rope_theta": float(gguf_meta.get(meta, "gemma4.rope.freq_base", path)),
+                 "partial_rotary_factor": _rotary_factor(f, read, ghd)}
+    k_eq_v = all(f"blk.{i}.attn_v.weight" not in f.tensors for i, t in enumerate(types) if t == FULL)
+    full_kv = {kv[i] for i, t in enumerate(types) if t == FULL}
+    text = dict(c, head_dim=hd, global_head_dim=ghd, attention_k_eq_v=k_eq_v, layer_types=types,
+                num_key_value_heads=next(kv[i] for i, t in enumerate(types) if t == SLIDING) if SLIDING in types else kv[0],
+                num_global_key_value_heads=full_kv.pop() if len(full_kv) == 1 else None,
+                rope_parameters={SLIDING: {"rope_type": "default",
+                                           "rope_theta": float(meta.get("gemma4.rope.freq_base_swa", 10_000.0))},
+                                 FULL: rope_full})
+    if not k_eq_v:  # per_layer_config carries the full layers' KV heads when V is separate
+        text["per_layer_config"] = {str(i): {"head_dim": ghd, "num_key_value_heads": kv[i]}
+                                    for i, t in enumerate(types) if t == FULL}
+    return dict(model_type="gemma4_unified", text_config=text)
+
+
+def _rotary_factor(f, read, global_head_dim: int) -> float:
+    """llama.cpp encodes proportional RoPE as freq factors: 1 for rotated pairs, 1e30 (frequency
+    ~0) for the rest (its gemma4 converter's `generate_extra_tensors`)."""
+    t = f.tensors.get("rope_freqs.weight")
+    if t is None:
+        return 1.0
+    v = read(t.name).numpy()
+    rotated = int((v == 1.0).sum())
+    if v.shape != (global_head_dim // 2,) or rotated + int((v >= 1e29).sum()) != v.size or (v[:rotated] != 1).any():
+        raise CheckpointError(f"{Path(f.path)}: rope_freqs.weight is not a proportional-RoPE mask (1 … 1, 1e30 … 1e30)")
+    return 2 * rotated / global_head_dim
+
+
+def tiny_config(model_type: str = "gemma4_unified") -> dict:
+    """A tiny config.json: K=V full layers, GQA, window 5, vision and audio (text only for
+    gemma4_unified_text)."""
+    text = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                attention_k_eq_v=True, sliding_window=5, final_logit_softcapping=30.0,
+                layer_types=[SLIDING, SLIDING, SLIDING, FULL])
+    if model_type == "gemma4_unified_text":
+        return {"model_type": model_type, **text}
+    return {"model_type": model_type, "text_config": text,
+            "vision_config": dict(mm_embed_dim=48, mm_posemb_size=16, output_proj_dims=48), "audio_config": {},
+            **dict(zip(MEDIA_TOKEN_KEYS, range(500, 507)))}
+
+
+FAMILY = Family(name="Gemma 4 unified", model_types=("gemma4_unified", "gemma4_unified_text"), model=Gemma4Unified,
+                parse_config=parse_config, to_ours=checkpoint_name_to_module, to_disk=module_name_to_checkpoint,
+                is_quantizable=is_quantizable, tiny_config=tiny_config, gguf_archs=("gemma4",),
+                gguf_config=gguf_config, gguf_name=gguf_name, takes_media=True)

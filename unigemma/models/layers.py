@@ -1,22 +1,17 @@
 """Shared primitives of the Gemma text stacks: RMSNorm, the gated GELU MLP, tied embedding, logit softcap.
 
-Numerics follow the reference exactly (spec §3.2): statistics in float32, the weight
-multiplies directly (no `1 + w` as in Gemma 2/3), the reciprocal root is a power.
+`rms_norm`'s numerics (unigemma/norm.py) follow the reference exactly (spec §3.2); Gemma 3's
+(1 + w) norm is models/gemma3.py's.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..norm import rms_norm
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim in float32, cast back to x's dtype after the weight."""
-    x32 = x.float()
-    # a power, not rsqrt: the reference does this to match JAX bit for bit
-    y = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    if weight is not None:
-        y = y * weight.float()
-    return y.type_as(x)
+
+__all__ = ["MLP", "Embedding", "RMSNorm", "rms_norm", "softcap"]
 
 
 class RMSNorm(nn.Module):

@@ -32,12 +32,11 @@ def can_pack(model: nn.Module) -> bool:
 
 
 def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # A lone bf16 row takes oneDNN's matrix x vector kernel, whose sums run in another order
-    # than the kernel that batches of 2-8 rows share (fp32 does the same). Run as two rows, a
-    # one-token step is bit-equal to that token inside a verify forward or a decode batch, so
-    # speculative and batched greedy decoding reproduce plain decoding exactly; in bf16 the
-    # second row is free (same weight reads), in fp32 it would double the time, so fp32 keeps
-    # the one-row kernel and its rounding-level differences.
+    # One of the mechanisms of the invariant stated in models/attention.py `attend`: a lone bf16
+    # row takes oneDNN's matrix x vector kernel, whose sums run in another order than the kernel
+    # that batches of 2-8 rows share, so it runs as two rows. In bf16 the second row is free
+    # (same weight reads); in fp32 it would double the time, so fp32 keeps the one-row kernel
+    # and its rounding-level differences.
     if x.dtype == torch.bfloat16 and x.numel() == x.shape[-1]:
         two = x.reshape(1, -1).expand(2, -1).contiguous()
         out = torch.ops.mkldnn._linear_pointwise(two, packed, bias, "none", [], "")[:1]

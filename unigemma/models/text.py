@@ -1,21 +1,24 @@
-"""The Gemma 4 unified text decoder: embeddings → 48 blocks → norm → tied head → softcap.
+"""The Gemma text decoder stack: embeddings → blocks → final norm (the head is models/base.py's).
 
-Pure math over (embeddings, positions, masks, cache). Block (spec §3.3):
+Pure math over (embeddings, positions, masks, cache). Gemma 4's block (spec §3.3):
 
     h = h + post_attention_norm(attn(input_norm(h)))
     h = h + post_feedforward_norm(mlp(pre_feedforward_norm(h)))
     h = h * layer_scalar            # a learned scalar on the whole residual stream
+
+`TextModel` takes the block and norm classes, so a family whose block differs (Gemma 3: no
+layer scalar, (1 + w) norms) reuses the stack and names only what differs. This file knows
+nothing of media, caches' layout or checkpoints.
 """
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..config import TextConfig
+from ..config import DecoderConfig, TextConfig
 from .attention import Attention
-from .layers import MLP, Embedding, RMSNorm, softcap
+from .layers import MLP, Embedding, RMSNorm
 from .rope import Rope
 
 
@@ -39,12 +42,13 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: DecoderConfig, layer: type[nn.Module] = DecoderLayer,
+                 norm: type[nn.Module] = RMSNorm):
         super().__init__()
         self.config = config
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(layer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = norm(config.hidden_size, config.rms_norm_eps)
         self.ropes = {t: Rope(config, t) for t in set(config.layer_types)}
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -59,15 +63,3 @@ class TextModel(nn.Module):
             cos, sin = tables[layer.layer_type]
             h = layer(h, cos, sin, masks[layer.layer_type], cache)
         return self.norm(h)
-
-    def head(self, h: torch.Tensor, lm_head: torch.Tensor | nn.Module | None = None) -> torch.Tensor:
-        """Final hidden [.., hidden] → softcapped logits [.., vocab] in the model dtype.
-        lm_head: an untied head (weight or module); None or the embedding's own weight uses the
-        tied table through `linear`, which also serves a quantized (int8) table."""
-        if lm_head is None or lm_head is self.embed_tokens.weight:
-            logits = self.embed_tokens.linear(h)
-        elif isinstance(lm_head, torch.Tensor):
-            logits = F.linear(h, lm_head)
-        else:
-            logits = lm_head(h)
-        return softcap(logits, self.config.final_logit_softcapping)

@@ -89,17 +89,23 @@ def quantize_rows(read_rows, N: int, K: int, bits: int, group_size: int | None) 
     return q, s
 
 
-def is_quantizable(name: str, module: nn.Module) -> bool:
-    """The text decoder's projections and a separate LM head; not the media embedders."""
-    return isinstance(module, nn.Linear) and ("language_model." in name or name == "lm_head"
-                                              or name.startswith("model.layers."))
+def is_quantizable(name: str, module: nn.Module, model: nn.Module | None = None) -> bool:
+    """Whether `model`'s family quantizes this module (models/<family>.py `is_quantizable`: the
+    text decoder's projections and a separate LM head, not the media embedders). Without a
+    model: whether any registered family would."""
+    from ..models import FAMILIES, family_of  # the families know their module trees; read at call time
+
+    config = getattr(model, "config", None)
+    if config is not None:
+        return family_of(config.model_type).is_quantizable(name, module)
+    return any(f.is_quantizable(name, module) for f in FAMILIES)
 
 
 def plan_for(model: nn.Module, scheme: QuantScheme) -> dict[str, tuple[int, int | None]]:
     """Module name → (bits, group) for every module `scheme` quantizes."""
     plan = {}
     for name, mod in model.named_modules():
-        if is_quantizable(name, mod):
+        if is_quantizable(name, mod, model):
             plan[name] = (scheme.bits, scheme.group_size)
         elif is_embedding(name, mod):
             plan[name] = (8, scheme.embed_group_size)

@@ -2,7 +2,8 @@
 
 Used for small random checkpoints (the demo, tests without transformers) and for quantized
 checkpoints (`save_quantized`); the names are the released checkpoint's, the inverse of
-`checkpoint_name_to_module`. Quantized modules write our layouts (quant/pack.py) through
+the loader's renames, both from the model's family (models/<family>.py `to_disk`,
+`save_transform`). Quantized modules write our layouts (quant/pack.py) through
 their state_dict.
 """
 
@@ -14,23 +15,26 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from ..config import ModelConfig
+from ..models import family_of, gemma4
 from ..models.gemma4 import Gemma4Unified
 
 
-def module_name_to_checkpoint(name: str) -> str:
-    if name == "model.embed_vision.multimodal_embedder.embedding_projection.weight":
-        return "model.embed_vision.embedding_projection.weight"
-    if name.startswith("model.embed_vision."):
-        return "model.vision_embedder." + name[len("model.embed_vision."):]
-    return name
+def module_name_to_checkpoint(name: str, config: ModelConfig | None = None) -> str:
+    """Our parameter name → the on-disk name, by the config's family (Gemma 4 unified without one)."""
+    if config is None:  # bench/full_12b.py writes a Gemma 4 unified checkpoint without one
+        return gemma4.module_name_to_checkpoint(name, ModelConfig(text=None))
+    return family_of(config.model_type).to_disk(name, config)
 
 
-def save_checkpoint(model: Gemma4Unified, config_dict: dict, path: str | Path) -> Path:
+def save_checkpoint(model: nn.Module, config_dict: dict, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {module_name_to_checkpoint(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    family = family_of(model.config.model_type)
+    tensors = {family.to_disk(k, model.config): family.save_transform(k, v.detach()).contiguous()
+               for k, v in model.state_dict().items()}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config_dict, indent=2))
     return path
@@ -65,8 +69,6 @@ def save_quantized(src: str | Path, dst: str | Path, quant: str, dtype="bfloat16
 
     src, dst = Path(src), Path(dst)
     model = load_model(src, dtype=dtype, quant=quant)
-    if model.config.model_type not in ("gemma4_unified", "gemma4_unified_text"):
-        raise ValueError(f"saving quantized {model.config.model_type} checkpoints is not supported")
     config_dict = json.loads((src / "config.json").read_text())
     config_dict["quantization"] = model.quant_scheme.to_config()
     config_dict["dtype"] = str(model.dtype).removeprefix("torch.")
