@@ -227,10 +227,11 @@ def cmd_generate(args) -> None:
 
 
 def cmd_quantize(args) -> None:
+    from .quant.apply import NAMES
     from .weights.save import save_quantized
 
-    if not args.quant:
-        raise UnigemmaError("quantize needs --quant (int8, int8-g32, int4-g32 or int4-g128)")
+    if not args.quant or args.quant == "float":
+        raise UnigemmaError(f"quantize needs --quant ({', '.join(NAMES)})")
     t0 = time.perf_counter()
     try:
         out = save_quantized(args.model, args.out, args.quant, dtype=args.dtype)
@@ -296,7 +297,9 @@ def _model_flags(p, model_required=False) -> None:
     p.add_argument("--model", required=model_required,
                    help="checkpoint directory (config.json + safetensors) or a .gguf file (gemma3 / gemma4)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--quant", choices=["int8", "int8-g32", "int4-g32", "int4-g128", "float"],
+    from .quant.apply import NAMES
+
+    p.add_argument("--quant", choices=[*NAMES, "float"],
                    help="quantize the weights as they load (default: as stored); float: the old spelling of "
                         "--dequantize (deprecated)")
     p.add_argument("--dequantize", action="store_true",
