@@ -15,10 +15,9 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..config import FULL, SLIDING, ModelConfig
-from ..errors import CheckpointError, ConfigError
+from ..config import FULL, SLIDING
+from ..errors import CheckpointError
 from .dequant import dequantize
 from .mmproj import mmproj_config
 from .reader import GGUFFile
