@@ -1,7 +1,8 @@
 """Random mid-size Gemma 4 unified checkpoints for benchmarks, and their GGUF conversions.
 
 `make_checkpoint()` writes (once, cached under runs/bench/ by a hash of the config) a random
-checkpoint built and saved by transformers itself (the reference): the real 262,144-token
+checkpoint built and saved by transformers itself (the reference), through unigemma's one
+writer (`write_random_checkpoint(..., via="transformers")`): the real 262,144-token
 vocabulary and special token ids, a 12B-like layout scaled down (sliding head dim 256, full head
 dim 512 with K=V and one global KV head), vision and audio embedders, every parameter randomised
 with a modest std so greedy decoding does not collapse onto one token, stored in bf16.
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -71,30 +71,6 @@ def config_key(cfg: dict, seed: int) -> str:
     return hashlib.sha1(json.dumps([cfg, seed, EMBED_STD], sort_keys=True).encode()).hexdigest()[:12]
 
 
-def randomize(model, seed: int) -> None:
-    """Every parameter random (as tests/reference.py): norms/scalars in [0.5, 1.5), matrices ~ N(0, 1/fan_in),
-    token embeddings ~ N(0, EMBED_STD²)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-            if not p.is_floating_point() or "inv_freq" in name or "embed_scale" in name:
-                continue
-            if name.endswith("layer_scalar") or (name.endswith("weight") and p.ndim == 1):
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            elif "embed_tokens" in name:
-                # small next to the blocks' outputs: with tied embeddings a large one makes the residual's
-                # own token win the argmax, and greedy decoding repeats the last prompt token forever
-                p.copy_(torch.randn(p.shape, generator=g) * EMBED_STD)
-            elif "pos_embedding" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-
-
 def make_checkpoint(root: str | os.PathLike | None = None, *, seed: int = 0, **shape) -> Path:
     """Write (once) the random bf16 checkpoint for `bench_config(**shape)`; return its directory."""
     cfg = bench_config(**shape)
@@ -102,15 +78,14 @@ def make_checkpoint(root: str | os.PathLike | None = None, *, seed: int = 0, **s
     if (path / "model.safetensors").exists() and (path / "config.json").exists():
         return path
     import torch
-    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
 
-    torch.manual_seed(seed)
-    model = Gemma4UnifiedForConditionalGeneration(Gemma4UnifiedConfig(**cfg))
-    randomize(model, seed)
-    model = model.to(torch.bfloat16)
+    from unigemma.weights.random import write_random_checkpoint
+
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.eval().save_pretrained(tmp)
+    # transformers builds and writes it; embeddings small next to the blocks' outputs (EMBED_STD)
+    write_random_checkpoint({"model_type": "gemma4_unified", **cfg}, tmp, seed=seed, dtype=torch.bfloat16,
+                            via="transformers", embed_std=EMBED_STD)
     (tmp / "bench_config.json").write_text(json.dumps({"config": cfg, "seed": seed}, indent=1))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)

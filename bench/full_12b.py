@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -35,11 +34,8 @@ SHARD_BYTES = 4 << 30
 
 
 def write_checkpoint(layers: int | None = None, seed: int = 0) -> Path:
-    from safetensors.torch import save_file
-
-    from unigemma.config import ModelConfig
-    from unigemma.models.gemma4 import Gemma4Unified
-    from unigemma.weights.save import module_name_to_checkpoint
+    """The random 12B checkpoint (unigemma's one writer, tensor by tensor into 4 GiB shards)."""
+    from unigemma.weights.random import write_random_checkpoint
 
     cfg = json.loads(CONFIG.read_text())
     if layers:
@@ -49,38 +45,7 @@ def write_checkpoint(layers: int | None = None, seed: int = 0) -> Path:
     root = REPO / "runs" / "bench" / f"full12b-L{cfg['text_config']['num_hidden_layers']}"
     if (root / "model.safetensors.index.json").exists():
         return root
-    root.mkdir(parents=True, exist_ok=True)
-    with torch.device("meta"):
-        model = Gemma4Unified(ModelConfig.from_dict(cfg))
-    g = torch.Generator().manual_seed(seed)
-    shard, size, n, weight_map = {}, 0, 0, {}
-
-    def flush():
-        nonlocal shard, size, n
-        name = f"model-{n:05d}.safetensors"
-        save_file(shard, str(root / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-        shard, size, n = {}, 0, n + 1
-
-    with torch.no_grad():
-        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-            t = torch.empty(p.shape, dtype=torch.bfloat16)
-            if p.ndim <= 1:
-                t.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            else:
-                flat = t.view(-1, p.shape[-1])
-                for a in range(0, flat.shape[0], 8192):  # fp32 noise a block at a time
-                    b = min(flat.shape[0], a + 8192)
-                    flat[a:b] = torch.randn(b - a, p.shape[-1], generator=g) / math.sqrt(p.shape[-1])
-            shard[module_name_to_checkpoint(name)] = t
-            size += t.numel() * 2
-            if size >= SHARD_BYTES:
-                flush()
-    if shard:
-        flush()
-    (root / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}, indent=2))
-    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return root
+    return write_random_checkpoint(cfg, root, seed=seed, dtype=torch.bfloat16, shard_bytes=SHARD_BYTES)
 
 
 def bytes_per_token(model) -> int:

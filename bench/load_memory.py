@@ -63,9 +63,9 @@ def main():
     if not (path / "config.json").exists():
         import torch
 
-        from unigemma.weights.save import random_checkpoint
+        from unigemma.weights.random import write_random_checkpoint
 
-        random_checkpoint(CONFIG, path, dtype=torch.bfloat16)
+        write_random_checkpoint(CONFIG, path, dtype=torch.bfloat16)
     result = {"bench": "load_memory", "checkpoint_mib": (path / "model.safetensors").stat().st_size / 2**20}
     ours = measure("unigemma", path)
     result.update(unigemma_peak_mib=ours["peak_above_base_mib"], model_mib=ours["model_mib"],

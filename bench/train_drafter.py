@@ -312,7 +312,7 @@ def main():
     t_all = time.perf_counter()
     # its Q8_0 tensors dequantized to bf16 and packed: the fast path, where a verify forward of up
     # to 8 tokens costs what one token costs and is bit-equal to one-token steps
-    gemma = unigemma.load(assemble(), dtype="bfloat16", quant="float")
+    gemma = unigemma.load(assemble(), dtype="bfloat16", dequantize=True)
     target = gemma.model
     train_ps, eval_ps = prompts(gemma.tokenizer, a.sequences, a.held_out)
     result = dict(bench="train_drafter", target="gemma-3-270m bf16 (packed)", held_out_prompts=len(eval_ps),

@@ -1,15 +1,16 @@
 """Tiny random checkpoints written by transformers itself (the reference), and its outputs.
 
 transformers is a test-only dependency: this module is the one place tests build the oracle.
-Every parameter is randomised (norm weights, layer scalars and position tables too; their
-default init of ones/zeros would hide a missing multiply), with a fixed seed.
+The checkpoints come from unigemma's one writer on its transformers path
+(`write_random_checkpoint(..., via="transformers")`): every parameter randomised (norm weights,
+layer scalars and position tables too; their default init of ones/zeros would hide a missing
+multiply), with a fixed seed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,54 +51,29 @@ class Shape:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def hf_config(shape: Shape):
-    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedTextConfig
-
+def hf_config(shape: Shape) -> dict:
+    """The transformers config (config.json's format) of `shape`."""
     text = dict(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                 num_hidden_layers=len(shape.layers), num_attention_heads=shape.heads,
                 num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim, global_head_dim=shape.global_head_dim,
                 num_global_key_value_heads=shape.global_kv_heads, attention_k_eq_v=shape.k_eq_v,
                 sliding_window=shape.window, layer_types=list(shape.layers), final_logit_softcapping=30.0)
-    if shape.text_only_class:
-        return Gemma4UnifiedTextConfig(**text)
-    return Gemma4UnifiedConfig(
-        text_config=text,
-        vision_config=dict(mm_embed_dim=shape.mm_embed_dim, mm_posemb_size=shape.posemb,
-                           output_proj_dims=shape.mm_embed_dim) if shape.vision else None,
-        audio_config=dict() if shape.audio else None,
-        **shape.ids)
-
-
-@torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if not p.is_floating_point() or "inv_freq" in name or "embed_scale" in name:
-            continue
-        if name.endswith("layer_scalar") or (name.endswith("weight") and p.ndim == 1):
-            p.copy_(torch.rand(p.shape, generator=g) + 0.5)  # norm scales and layer scalars in [0.5, 1.5)
-        elif name.endswith("bias"):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        elif "embed_tokens" in name or "pos_embedding" in name:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-
-
-def build_reference(shape: Shape):
-    from transformers import Gemma4UnifiedForCausalLM, Gemma4UnifiedForConditionalGeneration
-
-    torch.manual_seed(shape.seed)
-    cls = Gemma4UnifiedForCausalLM if shape.text_only_class else Gemma4UnifiedForConditionalGeneration
-    model = cls(hf_config(shape))
-    randomize(model, shape.seed)
-    return model.eval()
+    if shape.text_only_class:  # Gemma4UnifiedForCausalLM
+        return dict(model_type="gemma4_unified_text", **text)
+    return dict(model_type="gemma4_unified", text_config=text,
+                vision_config=dict(mm_embed_dim=shape.mm_embed_dim, mm_posemb_size=shape.posemb,
+                                   output_proj_dims=shape.mm_embed_dim) if shape.vision else None,
+                audio_config=dict() if shape.audio else None,
+                **shape.ids)
 
 
 def write_checkpoint(shape: Shape, root: Path) -> Path:
+    """A random checkpoint of `shape` built and saved by transformers (unigemma's one writer)."""
+    from unigemma.weights.random import write_random_checkpoint
+
     path = root / shape.key()
     if not (path / "config.json").exists():
-        build_reference(shape).save_pretrained(path)
+        write_random_checkpoint(hf_config(shape), path, seed=shape.seed, via="transformers")
     return path
 
 

@@ -28,11 +28,11 @@ TINY = {
 
 
 def tiny_checkpoint(root):
-    from unigemma.weights.save import random_checkpoint
+    from unigemma.weights.random import write_random_checkpoint
 
     path = root / "tiny-server-ckpt"
     if not (path / "config.json").exists():
-        random_checkpoint(TINY, path, seed=0)
+        write_random_checkpoint(TINY, path, seed=0)
     return path
 
 

@@ -14,7 +14,7 @@ from gguf_convert import converter_available, rewrite_gguf, to_gguf
 from reference import S, F, SMALL_IDS, Shape, audio_frames, patches, write_checkpoint
 from unigemma.errors import CheckpointError
 from unigemma.gguf.dequant import dequantize, repack
-from unigemma.gguf.load import our_name
+from unigemma.gguf.arch import our_name
 from unigemma.gguf.reader import GGUFFile, read_gguf_metadata
 from unigemma.quant.pack import dequantize as dequantize_ours
 
@@ -127,6 +127,39 @@ def test_quant_float_dequantizes_a_q8_0_gguf(ckpt, tmp_path):
     saved = save_quantized(ckpt, tmp_path / "q", "int8", dtype="float32")
     with pytest.raises(CheckpointError, match="float"):
         unigemma.load_model(saved, quant="float")
+
+
+@needs_converter
+def test_dequantize_is_what_quant_float_meant(ckpt):
+    """dequantize=True names what quant="float" did (the old spelling still works, with a
+    DeprecationWarning); it excludes a quantization scheme."""
+    path, ids = to_gguf(ckpt, "q8_0"), ids_for(TEXT)
+    flt = unigemma.load_model(path, dtype="float32", dequantize=True)
+    with pytest.warns(DeprecationWarning, match="dequantize"):
+        old = unigemma.load_model(path, dtype="float32", quant="float")
+    a, b = flt.state_dict(), old.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(flt.logits(ids), old.logits(ids))
+    with pytest.raises(ValueError, match="exclude each other"):
+        unigemma.load_model(path, quant="int8", dequantize=True)
+
+
+@needs_converter
+def test_gguf_packs_as_it_reads(ckpt):
+    """pack=True on a GGUF goes through the same placer as safetensors: decoder Linears packed
+    as they are read, the tied head packed block by block from the file; the same logits as
+    packing a loaded model, bit for bit in bf16."""
+    from unigemma.models.packed import PackedHead, pack_linears
+
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no bf16 support in oneDNN")
+    path = to_gguf(ckpt, "f32")
+    streamed = unigemma.load_model(path, dtype="bfloat16", pack=True)
+    after = pack_linears(unigemma.load_model(path, dtype="bfloat16"))
+    assert isinstance(streamed.packed_head, PackedHead)
+    assert not any(type(m) is torch.nn.Linear for m in streamed.text.layers.modules())
+    ids = ids_for(TEXT)
+    assert torch.equal(streamed.logits(ids), after.logits(ids))
 
 
 @needs_converter

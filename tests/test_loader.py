@@ -109,3 +109,48 @@ def test_not_a_directory(tmp_path):
 def test_bad_dtype(ckpt):
     with pytest.raises(ValueError, match="dtype must be one of"):
         unigemma.load_model(ckpt, dtype="int8")
+
+
+def test_load_options_parse_the_quantization_once():
+    from unigemma.quant.apply import QuantScheme
+    from unigemma.weights.options import LoadOptions
+
+    o = LoadOptions.parse("float32", quant="int4-g32")
+    assert o.dtype == torch.float32 and o.quant == QuantScheme.parse("int4-g32") and not o.dequantize
+    with pytest.warns(DeprecationWarning):
+        assert LoadOptions.parse(quant="float") == LoadOptions.parse(dequantize=True)
+    with pytest.raises(ValueError, match="unknown quantization"):
+        LoadOptions.parse(quant="int3")
+    assert not LoadOptions.parse(device="meta", pack=True).pack  # packing only where oneDNN can
+
+
+def test_gguf_code_imports_nothing_from_the_loader():
+    """The load pipeline's layers: gguf/ reads the format and knows llama.cpp's names; weights/
+    (sources, placer, loader) uses it, never the other way round (no import circle)."""
+    import ast
+    from pathlib import Path
+
+    import unigemma.gguf
+
+    for f in Path(unigemma.gguf.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "weights" not in (node.module or ""), f"{f.name} imports {node.module}"
+
+
+def test_random_checkpoint_writer_shards_what_it_writes_whole(tmp_path):
+    """The one random-checkpoint writer: sharded or whole, the same tensors, and the loader reads both."""
+    from reference import hf_config
+
+    from unigemma.weights.random import write_random_checkpoint
+
+    cfg = hf_config(Shape(vision=False, audio=False))
+    whole = write_random_checkpoint(cfg, tmp_path / "whole", seed=1)
+    sharded = write_random_checkpoint(cfg, tmp_path / "sharded", seed=1, shard_bytes=100_000)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1
+    a, b = unigemma.load_model(whole, dtype="float32"), unigemma.load_model(sharded, dtype="float32")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(ValueError, match="via"):
+        write_random_checkpoint(cfg, tmp_path / "x", via="llama.cpp")

@@ -253,7 +253,7 @@ def test_bf16_gemma4_one_token_steps_equal_a_verify_forward_bit_for_bit(tmp_path
     keys in whole blocks — whatever the number of tokens in a step."""
     import unigemma
     from unigemma.models.packed import device_can_pack
-    from unigemma.weights.save import random_checkpoint
+    from unigemma.weights.random import write_random_checkpoint
 
     if not device_can_pack("cpu", torch.bfloat16):
         pytest.skip("needs oneDNN bf16 (AVX512-BF16): the packed kernels are what make bf16 batch-invariant")
@@ -261,5 +261,5 @@ def test_bf16_gemma4_one_token_steps_equal_a_verify_forward_bit_for_bit(tmp_path
                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=128, global_head_dim=256,
                 num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=24,
                 layer_types=[SLIDING, SLIDING, SLIDING, FULL])
-    random_checkpoint(dict(model_type="gemma4_unified", text_config=text), tmp_path / "g4", seed=0)
+    write_random_checkpoint(dict(model_type="gemma4_unified", text_config=text), tmp_path / "g4", seed=0)
     steps_equal_verify(unigemma.load_model(tmp_path / "g4", dtype="bfloat16", pack=True), 1024)

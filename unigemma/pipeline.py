@@ -58,14 +58,15 @@ def load_tokenizer(source: str | os.PathLike | Tokenizer) -> Tokenizer:
 def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: str = "sliding",
          tokenizer: str | os.PathLike | Tokenizer | None = None, progress: bool = False,
          fast: bool = True, quant: str | None = None, mmproj: str | os.PathLike | None = None,
-         draft: str | os.PathLike | None = None, draft_tokens: int | None = None) -> "Gemma":
+         draft: str | os.PathLike | None = None, draft_tokens: int | None = None,
+         dequantize: bool = False) -> "Gemma":
     """Load a checkpoint directory or a GGUF file for chat and for the reference forward.
 
     The tokenizer and chat template come from the checkpoint (`tokenizer.json`,
     `chat_template.jinja`, or a GGUF file's own vocabulary) unless `tokenizer` names another
     directory, a GGUF file or a Tokenizer. A checkpoint without one still loads: `logits` works
     and `chat` says what is missing. quant: "int8", "int8-g32", "int4-g32" or "int4-g128", each
-    weight quantized as it loads (`load_model`); "float" dequantizes a GGUF's quantized tensors.
+    weight quantized as it loads (`load_model`); dequantize: a GGUF's quantized tensors as floats.
     mmproj: a GGUF model's image/audio embedders. draft: an MTP drafter's directory, or the name
     of one shipped with unigemma (unigemma/drafters: "gemma-3-270m"); draft_tokens: a fixed
     draft length (default adaptive).
@@ -73,7 +74,7 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
     # fast: the CPU fast path, prepacked oneDNN weights (~2x faster decoding, models/packed.py),
     # packed as they load; fast=False keeps the plain modules (the tests' oracle)
     model = load_model(path, dtype=dtype, device=device, block_mask=block_mask, progress=progress, quant=quant,
-                       mmproj=mmproj, pack=fast)
+                       dequantize=dequantize, mmproj=mmproj, pack=fast)
     is_gguf = Path(path).is_file()
     if tokenizer is None and (is_gguf or (Path(path) / "tokenizer.json").is_file()):
         tokenizer = path

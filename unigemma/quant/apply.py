@@ -22,6 +22,7 @@ from .pack import quantize_int4, quantize_int8
 
 _NAME = re.compile(r"^int(8|4)(?:-g(\d+))?$")
 METHOD = "unigemma-weight-only"
+NAMES = ("int8", "int8-g32", "int4-g32", "int4-g128")  # the schemes offered by name (CLI, docs); parse takes any group
 
 
 @dataclass(frozen=True)

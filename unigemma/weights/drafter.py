@@ -14,12 +14,13 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError, ConfigError
 from ..models.drafter import Drafter, DrafterConfig
 from ..models.packed import pack_every_linear
-from .loader import _assign, _resolve_dtype, _shards
+from .options import LoadOptions
+from .placer import Placer
+from .sources import SafetensorsSource
 
 
 def load_drafter(path: str | os.PathLike, dtype="bfloat16", device="cpu", pack: bool = True) -> Drafter:
@@ -33,37 +34,18 @@ def load_drafter(path: str | os.PathLike, dtype="bfloat16", device="cpu", pack: 
         config = DrafterConfig.from_dict(json.loads((root / "config.json").read_text()))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{root / 'config.json'}: not valid JSON ({e})") from e
-    dtype = _resolve_dtype(dtype)
+    options = LoadOptions.parse(dtype, device)
     with torch.device("meta"):
         model = Drafter(config)
-    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
-    seen: set[str] = set()
-    for shard in _shards(root):
-        try:
-            f = safe_open(str(shard), framework="pt", device="cpu")
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{shard}: not a readable safetensors file ({e})") from e
-        with f:
-            for key in f.keys():
-                if key == "lm_head.weight" and config.tie_word_embeddings:
-                    continue
-                if key not in expected:
-                    raise CheckpointError(f"{shard}: unexpected tensor {key!r} for a drafter")
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != tuple(expected[key].shape):
-                    raise CheckpointError(f"{shard}: tensor {key!r} has shape {shape}, the config implies "
-                                          f"{tuple(expected[key].shape)}")
-                try:
-                    t = f.get_tensor(key)
-                except (SafetensorError, OSError, RuntimeError) as e:
-                    raise CheckpointError(f"{shard}: cannot read tensor {key!r} ({e})") from e
-                _assign(model, key, (t.to(dtype) if t.is_floating_point() else t).to(device))
-                seen.add(key)
-    missing = sorted(set(expected) - seen)
-    if missing:
-        raise CheckpointError(f"{root}: drafter checkpoint is missing {len(missing)} tensors: {missing[:5]}")
-    # an untied lm_head stays plain: the centroid head gathers its rows
-    return (pack_every_linear(model, skip=("lm_head",)) if pack else model).eval()
+
+    def rename(key, config):  # its tensor names are its module names; a tied head is not read
+        return None if key == "lm_head.weight" and config.tie_word_embeddings else key
+
+    source = SafetensorsSource(root, config, rename)
+    model = Placer(model, options, source.describes).stream(source)
+    # every linear, after loading (a small model, some with a bias); an untied lm_head stays
+    # plain: the centroid head gathers its rows
+    return pack_every_linear(model, skip=("lm_head",)) if pack else model
 
 
 def save_drafter(model: Drafter, path: str | os.PathLike, config: dict) -> Path:

@@ -1,6 +1,6 @@
 """Write a model as a checkpoint directory in the on-disk layout the loader reads.
 
-Used for small random checkpoints (the demo, tests without transformers) and for quantized
+Used for random checkpoints (weights/random.py writes them tensor by tensor) and for quantized
 checkpoints (`save_quantized`); the names are the released checkpoint's, the inverse of
 the loader's renames, both from the model's family (models/<family>.py `to_disk`,
 `save_transform`). Quantized modules write our layouts (quant/pack.py) through
@@ -10,10 +10,8 @@ their state_dict.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -38,20 +36,6 @@ def save_checkpoint(model: nn.Module, config_dict: dict, path: str | Path) -> Pa
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config_dict, indent=2))
     return path
-
-
-@torch.no_grad()
-def random_checkpoint(config_dict: dict, path: str | Path, seed: int = 0, dtype=torch.float32) -> Path:
-    """A random model of `config_dict` (transformers' config.json format), saved to `path`."""
-    config = ModelConfig.from_dict(config_dict)
-    g = torch.Generator().manual_seed(seed)
-    model = Gemma4Unified(config)
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if p.ndim <= 1:  # norm scales, biases and layer scalars near their trained ranges
-            p.copy_(torch.rand(p.shape, generator=g) + 0.5 if not name.endswith("bias") else torch.zeros(p.shape))
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-    return save_checkpoint(model.to(dtype), {**config_dict, "dtype": str(dtype).removeprefix("torch.")}, path)
 
 
 # Files a checkpoint directory carries besides its weights and config.

@@ -1,15 +1,12 @@
-"""Load a GGUF model (arch `gemma3` or `gemma4`, plus an optional `gemma4uv`/`gemma4ua` mmproj).
+"""What a GGUF file's metadata and tensor names mean, per architecture (`gemma3`, `gemma4`).
 
-The config is rebuilt from the file's metadata (`config_from_gguf`), every llama.cpp tensor
-name is mapped to ours (`our_name`), and tensors stream from the mapping into a meta-built
-model through the safetensors loader's `Placer`:
-  * Q8_0 / Q4_0 Linear weights (and a Q8_0 token table) stay quantized, repacked exactly
-    into our int8 / int4 group-32 layouts;
-  * every other type is dequantized (bit-exact to ggml) to the model dtype, or, with `quant`,
-    quantized into that scheme (a Q8_0 / Q4_0 tensor whose layout the scheme shares is kept).
-Norm weights are taken as stored: llama.cpp folds Gemma 3's (1 + w) into them, which is
-the multiplier our Gemma 3 norms hold; Gemma 4 has no offset. The tokenizer and chat
-template come from the same file (pipeline.load).
+`config_from_gguf(f, mm)` rebuilds a config.json-style dict from the metadata (and an optional
+`gemma4uv` / `gemma4ua` mmproj's, gguf/mmproj.py); `our_name` maps every llama.cpp tensor name to
+ours. The per-architecture knowledge sits behind two functions, `arch_config(arch, meta, path, f)`
+and `arch_tensor_name(arch, name)`, so a model-family registry can answer for them. Norm weights
+are taken as stored: llama.cpp folds Gemma 3's (1 + w) into them, which is the multiplier our
+Gemma 3 norms hold; Gemma 4 has no offset. Reading and placing the tensors is
+weights/gguf_source.py's and weights/placer.py's job; this module builds no model.
 """
 
 from __future__ import annotations
@@ -18,16 +15,12 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..config import FULL, SLIDING, ModelConfig
-from ..errors import CheckpointError, ConfigError
-from ..quant.apply import QuantScheme, is_embedding, is_quantizable
-from ..weights.loader import Placer, build_model
-from .dequant import dequantize, repack
-from .mmproj import mmproj_config, mmproj_path_check, mmproj_tensor
+from ..config import FULL, SLIDING
+from ..errors import CheckpointError
+from .dequant import dequantize
+from .mmproj import mmproj_config
 from .reader import GGUFFile
-from .types import Q4_0, Q8_0
 
 ARCHS = ("gemma3", "gemma4")
 _BLOCK = {  # llama.cpp's per-layer tensor names → ours (under the decoder's layers.N.)
@@ -43,6 +36,12 @@ _BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 
 def our_name(gguf_name: str, arch: str) -> str | None:
     """llama.cpp tensor name → our parameter name (None: consumed by the config, not a weight)."""
+    return arch_tensor_name(arch, gguf_name)
+
+
+def arch_tensor_name(arch: str, gguf_name: str) -> str | None:
+    """Architecture `arch`'s tensor `gguf_name` → our name (None: not a weight; an unknown name
+    comes back as it is, for the placer to report as unexpected)."""
     prefix = "model.language_model." if arch == "gemma4" else "model."
     if gguf_name == "rope_freqs.weight":
         return None  # Gemma 4's proportional RoPE, read into the config
@@ -153,112 +152,19 @@ def _rotary_factor(f: GGUFFile, global_head_dim: int, path: Path) -> float:
     return 2 * rotated / global_head_dim
 
 
+def arch_config(arch: str, meta: dict, path: Path, f: GGUFFile) -> dict:
+    """The config dict architecture `arch`'s metadata describes (the text model)."""
+    return _gemma3_text(meta, path, f) if arch == "gemma3" else _gemma4_text(meta, path, f)
+
+
 def config_from_gguf(f: GGUFFile, mm: GGUFFile | None = None) -> dict:
     """A config.json-style dict for the file's model (ModelConfig.from_dict reads it)."""
     arch = f.arch
     if arch not in ARCHS:
         raise CheckpointError(f"{f.path}: GGUF architecture {arch!r} is not supported (expected one of {ARCHS})")
-    d = _gemma3_text(f.metadata, f.path, f) if arch == "gemma3" else _gemma4_text(f.metadata, f.path, f)
+    d = arch_config(arch, f.metadata, f.path, f)
     if mm is not None:
         if arch != "gemma4":
             raise CheckpointError(f"{mm.path}: an mmproj only goes with a gemma4 model, not {arch}")
         d.update(mmproj_config(mm, f.metadata, d["text_config"]["hidden_size"]))
     return d
-
-
-def _plan(model, f: GGUFFile, arch: str, scheme: QuantScheme | None) -> dict:
-    """Module name → (bits, group) for the quantized modules this load builds."""
-    types = {our_name(n, arch): t.type for n, t in f.tensors.items()}
-    plan = {}
-    for name, mod in model.named_modules():
-        if not (is_quantizable(name, mod) or is_embedding(name, mod)):
-            continue
-        t = types.get(name + ".weight")
-        native = {Q8_0: (8, 32), Q4_0: (4, 32)}.get(t)
-        if scheme is None:
-            if native is not None:
-                plan[name] = native
-        elif is_embedding(name, mod):
-            plan[name] = native if native == (8, 32) and scheme.embed_group_size == 32 else (8, scheme.embed_group_size)
-        else:
-            plan[name] = (scheme.bits, scheme.group_size)
-    return plan
-
-
-def load_gguf(path: str | Path, dtype=torch.bfloat16, device="cpu", quant=None, mmproj=None,
-              block_mask: str = "sliding"):
-    """The model of a GGUF file (and its mmproj); see `weights.loader.load_model`."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such GGUF file")
-    f = GGUFFile(path)
-    mm = GGUFFile(mmproj_path_check(mmproj)) if mmproj is not None else None
-    try:
-        try:
-            config = ModelConfig.from_dict(config_from_gguf(f, mm))
-        except ConfigError as e:
-            raise CheckpointError(f"{path}: the metadata describes an unsupported model ({e})") from e
-        scheme = None if quant in (None, "float") else QuantScheme.parse(quant)
-        probe = build_model(config, block_mask)  # on the meta device: only its module names are read
-        plan = {} if quant == "float" else _plan(probe, f, f.arch, scheme)  # "float": every tensor dequantized
-        model = build_model(config, block_mask, dtype=dtype, plan=plan)
-        model.quant_scheme = scheme
-        placer = Placer(model, dtype, device, f"{path.name}'s metadata")
-        _stream(placer, f, lambda n: (our_name(n, f.arch), None))
-        if mm is not None:
-            _stream(placer, mm, mmproj_tensor)
-        return placer.finish()
-    finally:
-        f.close()
-        if mm is not None:
-            mm.close()
-
-
-def _repack_blocks(f: GGUFFile, key: str, raw: torch.Tensor, rows: int = 4096):
-    """repack() a block of rows at a time, releasing the file pages behind each block: the
-    bytes of a large token table never sit in memory twice."""
-    info = f.tensors[key]
-    N, K = info.shape
-    row = info.nbytes // N
-    q = s = None
-    for a in range(0, N, rows):
-        b = min(N, a + rows)
-        _, qb, sb = repack(raw[a * row:b * row], info.type, (b - a, K))
-        if q is None:
-            q, s = torch.empty((N, *qb.shape[1:]), dtype=qb.dtype), torch.empty((N, *sb.shape[1:]), dtype=sb.dtype)
-        q[a:b], s[a:b] = qb, sb
-        f.release(key, a * row, (b - a) * row)
-    return q, s
-
-
-def _stream(placer: Placer, f: GGUFFile, rename) -> None:
-    """rename: GGUF name → (our name or None to skip, value transform or None)."""
-    for key, info in f.tensors.items():
-        name, transform = rename(key)
-        if name is None:
-            continue
-        shape = info.shape if transform is None else tuple(transform(torch.empty(info.shape, device="meta")).shape)
-        # is_float: dequantized tensors are float; a repack is checked against the float shape too
-        placer.check(name, key, shape, True, str(f.path))
-        q = placer.quantized_owner(name)
-        raw = f.raw(key)
-        if q is not None and info.type in (Q8_0, Q4_0) and (q.bits, q.group_size) == {Q8_0: (8, 32), Q4_0: (4, 32)}[info.type]:
-            placer.place_quantized(name, *_repack_blocks(f, key, raw), f.path.name)
-        elif q is not None:  # dequantize and requantize a block of rows at a time
-            N, K = info.shape
-            row = info.nbytes // N
-
-            def read_rows(a, b, key=key, info=info, raw=raw, row=row, K=K):
-                w = dequantize(raw[a * row:b * row], info.type, (b - a, K)).clone()
-                f.release(key, a * row, (b - a) * row)  # those file pages are done with
-                return w
-
-            placer.place_rows(name, read_rows, f.path.name)
-        else:
-            t = dequantize(raw, info.type, info.shape)
-            if transform is not None:
-                t = transform(t)
-            # an F32 tensor is a view of the read-only mapping: copy it into memory of its own
-            placer.place(name, t.clone() if t.data_ptr() == raw.data_ptr() else t, f.path.name)
-        del raw
-        f.release(key)
