@@ -9,9 +9,10 @@ from test_pipeline import checkpoint  # noqa: F401  (the real-vocabulary checkpo
 
 import unigemma
 from unigemma.errors import InputError
-from unigemma.generate.engine import Engine, chunk_bounds
+from unigemma.generate.engine import Engine
 from unigemma.generate.greedy import greedy_generate
 from unigemma.generate.sampling import SamplingParams
+from unigemma.inputs import chunk_bounds
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 

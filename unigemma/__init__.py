@@ -8,6 +8,7 @@
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, InputError, UnigemmaError
 from .generate.greedy import greedy_generate
+from .inputs import ModelInputs
 from .models.gemma4 import Gemma4Unified
 from .pipeline import ChatReply, Gemma, load, load_tokenizer
 from .processing.chat import Processor
@@ -15,6 +16,6 @@ from .processing.tokenizer import StreamDecoder, Tokenizer
 from .weights.loader import load_model
 
 __all__ = ["load", "load_model", "load_tokenizer", "Gemma", "ChatReply", "Gemma4Unified", "ModelConfig",
-           "Tokenizer", "StreamDecoder", "Processor", "greedy_generate",
+           "Tokenizer", "StreamDecoder", "Processor", "ModelInputs", "greedy_generate",
            "UnigemmaError", "ConfigError", "CheckpointError", "InputError"]
 __version__ = "0.1.0"

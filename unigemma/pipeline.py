@@ -25,6 +25,7 @@ from .errors import CheckpointError, InputError
 from .generate.engine import Delta, Engine, Session, Timings
 from .generate.sampling import SamplingParams
 from .generate.speculative import DraftLength
+from .inputs import ModelInputs
 from .models.gemma4 import Gemma4Unified
 from .processing.chat import Processor
 from .processing.cost import Limits as ProcessingLimits
@@ -134,7 +135,7 @@ class Gemma:
                          limits=limits)
 
     def inputs(self, messages: Any, *, tools: list[dict] | None = None, enable_thinking: bool = False,
-               image_budget: int = 280) -> dict[str, torch.Tensor]:
+               image_budget: int = 280) -> ModelInputs:
         """The model inputs for a conversation: what the reference processor returns."""
         return self.processor(image_budget)(messages, tools=tools, enable_thinking=enable_thinking)
 
@@ -150,12 +151,10 @@ class Gemma:
         """A chat whose KV cache carries over between turns: pass it to each `chat`/`stream` call."""
         return self.engine.session()
 
-    def _prepare(self, messages, tools, enable_thinking, image_budget) -> dict:
+    def _prepare(self, messages, tools, enable_thinking, image_budget) -> ModelInputs:
         if messages and isinstance(messages, (list, tuple)) and isinstance(messages[0], (list, tuple)):
             raise InputError("chat takes one conversation (a list of messages), not a batch of them")
-        inputs = self.inputs(messages, tools=tools, enable_thinking=enable_thinking, image_budget=image_budget)
-        inputs.pop("num_frames_per_video", None)  # frames are embedded one by one: the flat list is enough
-        return inputs
+        return self.inputs(messages, tools=tools, enable_thinking=enable_thinking, image_budget=image_budget)
 
     def stream(self, messages: list[dict], *, tools: list[dict] | None = None, enable_thinking: bool = False,
                image_budget: int = 280, params: SamplingParams | None = None,

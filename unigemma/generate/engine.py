@@ -16,7 +16,6 @@ parsing) happens on the host after the step. Several conversations of one call d
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -25,17 +24,14 @@ import torch
 
 from ..cache.kv import KVCache
 from ..errors import InputError
+from ..inputs import ModelInputs
 from ..models.drafter import Drafter
 from ..models.gemma4 import Gemma4Unified
-from ..models.masks import VISION_TYPES
 from ..processing.parse import ParsedOutput, StreamParser, ToolCallError
 from ..processing.tokenizer import StreamDecoder, Tokenizer
 from .sampling import Sampler, SamplingParams
 from .speculative import DraftLength, MTPProposer, speculative_round
 from .stops import StopChecker
-
-MEDIA_KEYS = ("pixel_values", "image_position_ids", "input_features", "input_features_mask",
-              "pixel_values_videos", "video_position_ids")
 
 
 @dataclass
@@ -92,52 +88,6 @@ class Session:
     """A chat's cache and the token keys it holds (ids, media placeholders keyed by content)."""
     cache: KVCache | None = None
     keys: list = field(default_factory=list)
-
-
-# --- prompt bookkeeping ---------------------------------------------------------------
-def _digest(t: torch.Tensor) -> int:
-    return int.from_bytes(hashlib.blake2b(t.detach().cpu().contiguous().numpy().tobytes(), digest_size=8).digest(), "big")
-
-
-def token_keys(input_ids: torch.Tensor, inputs: dict, media_ids: dict[str, int]) -> list:
-    """One row's tokens as comparable keys: a placeholder token also carries its media item's
-    digest, so two images of one size (same ids) never share a cached prefix."""
-    ids = input_ids.tolist()
-    items = {"image": [_digest(x) for x in inputs.get("pixel_values", [])],
-             "video": [_digest(x) for x in inputs.get("pixel_values_videos", [])],
-             "audio": [_digest(x) for x in inputs.get("input_features", [])]}
-    kind_of = {v: k for k, v in media_ids.items()}
-    keys, run_kind, index = [], None, {k: -1 for k in items}
-    for tok in ids:
-        kind = kind_of.get(tok)
-        if kind is not None and kind != run_kind:
-            index[kind] += 1  # a new run of placeholders: the next item of that kind
-        run_kind = kind
-        keys.append(tok if kind is None else (tok, items[kind][index[kind]] if index[kind] < len(items[kind]) else None))
-    return keys
-
-
-def chunk_bounds(types: torch.Tensor | None, start: int, end: int, chunk: int) -> list[tuple[int, int]]:
-    """Split [start, end) into pieces of about `chunk` tokens, never between two vision tokens
-    of one block (types [B, S]; a block longer than `chunk` becomes one longer piece)."""
-    if types is None:
-        vision = None
-    else:
-        vision = ((types == VISION_TYPES[0]) | (types == VISION_TYPES[1])).any(0).tolist()
-    def can_cut(i: int) -> bool:
-        return vision is None or i >= end or not (vision[i - 1] and vision[i])
-    bounds, a = [], start
-    while a < end:
-        b = min(a + chunk, end)
-        while b > a and not can_cut(b):
-            b -= 1
-        if b == a:  # the block from here is longer than a chunk: take all of it
-            b = min(a + chunk, end)
-            while not can_cut(b):
-                b += 1
-        bounds.append((a, b))
-        a = b
-    return bounds
 
 
 # --- per-row text state ---------------------------------------------------------------
@@ -227,6 +177,7 @@ class Engine:
         """`prefill` one chunk per `next()` (the scheduler interleaves chunks with decode steps);
         returns what `prefill` returns. max_len: the cache's size (default: prompt + max_tokens)."""
         m = self.model
+        inputs = ModelInputs.coerce(inputs)
         ids = inputs["input_ids"].to(m.device)
         B, S = ids.shape
         mask = inputs.get("attention_mask")
@@ -237,7 +188,7 @@ class Engine:
         if session is not None:
             if B != 1:
                 raise InputError("a chat session holds one conversation")
-            keys = token_keys(ids[0], inputs, self.media_ids)
+            keys = inputs.token_keys(self.media_ids)
             if session.cache is not None and not session.cache.broken:
                 common = 0
                 for a, b in zip(session.keys, keys):
@@ -256,12 +207,12 @@ class Engine:
             session.keys = keys[:cached]  # extended below once the prefill succeeded
         else:
             cache = m.make_cache(B, max_len, reserve=self.reserve)
-        media = {k: inputs[k] for k in MEDIA_KEYS if inputs.get(k) is not None}
+        media = inputs.media()
         with torch.inference_mode():
             embeds = m.embed(ids, **media)  # once for the whole prompt: chunks take slices
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         h = None
-        for a, b in chunk_bounds(types, cached, S, self.prefill_chunk):
+        for a, b in inputs.chunks(cached, self.prefill_chunk):
             with torch.inference_mode():
                 h = m(ids[:, a:b], positions[:, a:b], attention_mask=mask[:, a:b], embeds=embeds[:, a:b],
                       mm_token_type_ids=None if types is None else types[:, a:b].to(m.device), cache=cache)

@@ -23,8 +23,9 @@ Text-only inputs give the same masks under both.
 
 import torch
 
+from ..inputs import VISION_TYPES  # mm_token_type_ids of image and video soft tokens; audio stays causal
+
 COMPOSITIONS = ("sliding", "all")
-VISION_TYPES = (1, 2)  # mm_token_type_ids of image and video soft tokens; audio (3) stays causal
 
 
 def block_ids(mm_token_type_ids: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,11 @@
 """Chat messages -> model inputs: render the checkpoint's chat template, expand media, tokenize.
 
-`Processor(tokenizer)(messages, tools=..., enable_thinking=...)` returns exactly the tensors
-transformers' `Gemma4UnifiedProcessor.apply_chat_template(..., tokenize=True)` returns:
-`input_ids`, `attention_mask`, `mm_token_type_ids` (0 text, 1 image, 2 video, 3 audio) and,
-when present, `pixel_values`/`image_position_ids`, `input_features`/`input_features_mask`,
-`pixel_values_videos`/`video_position_ids`/`num_frames_per_video`. A batch of conversations
-is left-padded. Templates run in Jinja's immutable sandbox with the globals and filters
-transformers gives them. Pixels and samples come from `image.py`, `audio.py` and `video.py`
+`Processor(tokenizer)(messages, tools=..., enable_thinking=...)` returns a `ModelInputs`
+(unigemma/inputs.py) holding exactly the tensors transformers'
+`Gemma4UnifiedProcessor.apply_chat_template(..., tokenize=True)` returns, under the same keys:
+`input_ids`, `attention_mask`, `mm_token_type_ids` (`MM_TYPE` codes) and, when present, the
+image, audio and video parts. A batch of conversations is left-padded. Templates run in
+Jinja's immutable sandbox with the globals and filters transformers gives them. Pixels and samples come from `image.py`, `audio.py` and `video.py`
 (imported on first use); this file only decides how many placeholder tokens each item gets.
 Before any of that work, `cost.py` prices the request from headers and character counts and
 refuses (InputError) what cannot fit `max_len` or the per-request `Limits`.
@@ -29,14 +28,14 @@ import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from unigemma.errors import InputError, UnigemmaError
+from unigemma.inputs import MM_TYPE, AudioInputs, ImageInputs, ModelInputs, VideoInputs
 from unigemma.processing import cost
 from unigemma.processing.tokenizer import Tokenizer
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Part type -> the keys that may hold its source, in transformers' order of preference.
-MEDIA_KEYS = {"image": ("image", "url", "path", "base64"), "audio": ("audio", "url", "path"),
-              "video": ("video", "url", "path")}
-MM_TYPE = {"image": 1, "video": 2, "audio": 3}  # mm_token_type_ids values; 0 is text
+SOURCE_KEYS = {"image": ("image", "url", "path", "base64"), "audio": ("audio", "url", "path"),
+               "video": ("video", "url", "path")}
 
 
 # --- template environment ------------------------------------------------------------
@@ -196,10 +195,10 @@ def normalize_messages(messages: Any) -> tuple[list[dict], list[MediaItem]]:
             if kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise InputError(f"{where}: text part has no 'text' string")
-            elif kind in MEDIA_KEYS:
-                key = next((k for k in MEDIA_KEYS[kind] if part.get(k) is not None), None)
+            elif kind in SOURCE_KEYS:
+                key = next((k for k in SOURCE_KEYS[kind] if part.get(k) is not None), None)
                 if key is None:
-                    raise InputError(f"{where}: {kind} part has none of {', '.join(MEDIA_KEYS[kind])}")
+                    raise InputError(f"{where}: {kind} part has none of {', '.join(SOURCE_KEYS[kind])}")
                 media.append(MediaItem(kind, part[key], where))
             else:
                 raise InputError(f"{where}: unknown part type {kind!r} (expected text, image, audio or video)")
@@ -275,7 +274,7 @@ class Processor:
                       enable_thinking=enable_thinking, **template_kwargs)
 
     def __call__(self, messages: Any, tools: list[dict] | None = None, enable_thinking: bool = False,
-                 add_generation_prompt: bool = True, **template_kwargs: Any) -> dict[str, torch.Tensor]:
+                 add_generation_prompt: bool = True, **template_kwargs: Any) -> ModelInputs:
         cost.check_tools(tools, self.limits)  # before the template renders them
         prompts, media, costs = [], [], []
         longest = cost.longest_token_chars(self.tokenizer)
@@ -355,7 +354,7 @@ class Processor:
         return re.sub(pattern, lambda m: next(queues[by_text[m.group(0)]]), prompt)
 
     def inputs_from_prompts(self, prompts: list[str], media: list[list[MediaItem]],
-                            costs: list[list[cost.MediaCost]] | None = None) -> dict[str, torch.Tensor]:
+                            costs: list[list[cost.MediaCost]] | None = None) -> ModelInputs:
         """Rendered prompts + their media items (in prompt order) -> padded model inputs."""
         for i, (prompt, items) in enumerate(zip(prompts, media)):
             self._check_placeholders(prompt, items, i)  # before any media is decoded
@@ -369,7 +368,7 @@ class Processor:
             marks = sum(prompt.count(self.token[k]) * len(self.token[k]) for k in MM_TYPE if self.token[k])
             cost.check_length(len(prompt) - marks, cs, longest, self.max_len,
                               f"prompt of conversation {i}" if i else "prompt")
-        out, counts = self._decode_media(media)
+        parts, counts = self._decode_media(media)
         texts = [self._expand(p, items, done) for p, items, done in zip(prompts, media, counts)]
         bos = self.tokenizer.special_tokens_map.get("bos_token")
         # A template that writes <bos> itself must not get a second one (transformers' rule).
@@ -381,12 +380,12 @@ class Processor:
         types = torch.zeros_like(input_ids)
         for token_id, value in self.type_of_id.items():
             types[input_ids == token_id] = value
-        return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types, **out}
+        return ModelInputs(input_ids, mask, types, **parts)
 
     def _decode_media(self, media: list[list[MediaItem]]) -> tuple[dict, list[list]]:
-        """Media tensors, and what `_expand` needs of each item. Image pixels go straight into
-        one preallocated batch: the peak is that tensor plus one image in flight, not every
-        image twice (kept, then stacked)."""
+        """The media parts of `ModelInputs`, and what `_expand` needs of each item. Image pixels
+        go straight into one preallocated batch: the peak is that tensor plus one image in
+        flight, not every image twice (kept, then stacked)."""
         out, done = {}, [[None] * len(items) for items in media]
         images = [(i, j) for i, items in enumerate(media) for j, item in enumerate(items) if item.kind == "image"]
         pixels = positions = None
@@ -401,7 +400,7 @@ class Processor:
             done[i][j] = _Counted(p.num_soft_tokens)  # the expansion needs the count only
             del p
         if images:
-            out["pixel_values"], out["image_position_ids"] = pixels, positions
+            out["image"] = ImageInputs(pixels, positions)
         for i, items in enumerate(media):
             for j, item in enumerate(items):
                 if item.kind != "image":
@@ -410,14 +409,14 @@ class Processor:
         audios = [p for item, p in flat if item.kind == "audio"]
         videos = [p for item, p in flat if item.kind == "video"]
         if audios:
-            out["input_features"], out["input_features_mask"] = self._module("audio").batch_audio(audios)
+            out["audio"] = AudioInputs(*self._module("audio").batch_audio(audios))
         if videos:
             # Frames of all clips are concatenated; num_frames_per_video splits them again.
             # (one clip is taken as it is: cat would copy it)
             join = (lambda ts: torch.cat(ts)) if len(videos) > 1 else (lambda ts: ts[0])
-            out["pixel_values_videos"] = join([torch.as_tensor(v.pixel_values) for v in videos])
-            out["video_position_ids"] = join([torch.as_tensor(v.position_ids) for v in videos])
-            out["num_frames_per_video"] = torch.tensor([len(v.num_soft_tokens) for v in videos], dtype=torch.long)
+            out["video"] = VideoInputs(join([torch.as_tensor(v.pixel_values) for v in videos]),
+                                       join([torch.as_tensor(v.position_ids) for v in videos]),
+                                       torch.tensor([len(v.num_soft_tokens) for v in videos], dtype=torch.long))
         return out, done
 
 

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 from ..errors import ContextTooLong, InputError, QueueFull
 from ..generate.grammar import Grammars
 from ..generate.scheduler import Scheduler
+from ..inputs import ModelInputs
 from . import convert, respond
 from .guard import LOOPBACK_NAMES, HostCheck
 from .limits import BodyLimit, Closing, Meter
@@ -250,13 +251,13 @@ def _client_data(where: str, fn, *args):
         raise InputError(f"{where}: {type(e).__name__}: {str(e)[:200]}") from None
 
 
-def _chat_plan(body: ChatRequest, config: ServerConfig, grammars: Grammars, processor) -> tuple[dict, list]:
+def _chat_plan(body: ChatRequest, config: ServerConfig, grammars: Grammars, processor) -> tuple[ModelInputs, list]:
     """Messages -> model inputs, and one grammar per choice (each keeps its own state) or Nones.
     Runs in a worker thread: media decoding and grammar compilation take a while."""
     return _client_data("messages", _plan, body, config, grammars, processor)
 
 
-def _plan(body: ChatRequest, config: ServerConfig, grammars: Grammars, processor) -> tuple[dict, list]:
+def _plan(body: ChatRequest, config: ServerConfig, grammars: Grammars, processor) -> tuple[ModelInputs, list]:
     messages = convert.messages(body, config.limits)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     choice = body.tool_choice
@@ -285,5 +286,4 @@ def _plan(body: ChatRequest, config: ServerConfig, grammars: Grammars, processor
     # a constrained reply starts at once: thinking would put free text before it
     enable_thinking = convert.thinking(body) and make is None
     inputs = processor(body.image_budget or 280)(messages, tools=tools, enable_thinking=enable_thinking)
-    inputs.pop("num_frames_per_video", None)
     return inputs, constraints
