@@ -11,7 +11,6 @@ import base64
 import io
 import math
 import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import av

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_tokenizer import VOCAB_GGUF, ours, reference
+from test_tokenizer import ours, reference
 from unigemma.errors import InputError
 from unigemma.processing.chat import Processor
 

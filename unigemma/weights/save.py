@@ -17,7 +17,6 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..models import family_of, gemma4
-from ..models.gemma4 import Gemma4Unified
 
 
 def module_name_to_checkpoint(name: str, config: ModelConfig | None = None) -> str:
