@@ -22,9 +22,10 @@ from typing import Any, Iterator
 import torch
 
 from .errors import CheckpointError, InputError
-from .generate.engine import Delta, Engine, Session, Timings
+from .generate.engine import Engine, Session
 from .generate.sampling import SamplingParams
 from .generate.speculative import DraftLength
+from .generate.stream import Delta, Timings
 from .models.gemma4 import Gemma4Unified
 from .processing.chat import Processor
 from .processing.cost import Limits as ProcessingLimits

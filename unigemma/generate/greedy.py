@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..models.gemma4 import Gemma4Unified, _check_ids
+from .runner import decode_step
 
 
 @torch.inference_mode()
@@ -32,5 +33,5 @@ def greedy_generate(model: Gemma4Unified, input_ids, attention_mask=None, max_ne
         done |= torch.isin(tok, stop)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        h = model(tok[:, None], cache.positions[:, None], cache=cache, require_media=False)
+        h = decode_step(model, cache, tok[:, None], cache.positions[:, None])
     return torch.stack(out, dim=1)
