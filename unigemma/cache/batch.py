@@ -132,7 +132,7 @@ class BatchCache:
     @property
     def length(self) -> int:
         """The longest row (how many slots a step may attend)."""
-        return max(self.host_lengths[:self.n], default=0)
+        return max([0, *self.host_lengths[:self.n]])  # (no `default=`: torch.compile traces this)
 
     def begin(self, valid_new: torch.Tensor) -> dict[str, Step]:
         n, S = valid_new.shape
@@ -142,7 +142,7 @@ class BatchCache:
             raise ValueError(f"a step over {n} rows; the batch has {self.n} active rows")
         if S > self.reserve:
             raise ValueError(f"a decode batch writes at most {self.reserve} tokens per row per step, got {S}")
-        if not bool(valid_new.all()):
+        if not torch.compiler.is_compiling() and not bool(valid_new.all()):  # a host sync: eager only
             raise ValueError("rows of a decode batch hold no padding")
         lengths = self.lengths[:n]
         if self.length + S > self.max_len:

@@ -294,8 +294,8 @@ class Scheduler:
     def _decode_step(self) -> None:
         keep = self._sample_and_emit()
         if self.running:
-            tokens = self._last[keep]
-            self.h = self.engine.decode_step(self.engine.model, self.cache, tokens[:, None], self.cache.positions[:, None])[:, -1]
+            tokens = self._last[keep][:, None]
+            self.h = self.engine.decode_step(self.engine.model, self.cache, tokens, self.cache.positions[:, None])[:, -1]
 
     def _sample_and_emit(self) -> list[int]:
         """Sample every row's next token from self.h, hand out the deltas, free finished rows.

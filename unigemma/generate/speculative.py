@@ -196,7 +196,8 @@ class DraftLength:
 
 
 def speculative_round(model, proposer: MTPProposer, draft: DraftLength, cache, sampler: Sampler, x: int,
-                      h: torch.Tensor, k: int, top: int | None, step: Step = decode_step) -> tuple[Accepted, torch.Tensor]:
+                      h: torch.Tensor, k: int, top: int | None,
+                      step: Step = decode_step) -> tuple[Accepted, torch.Tensor]:
     """One round for one conversation (row 0 of its cache): draft k tokens after x (h: the
     hidden that produced x), verify [x, drafts] in one forward (`step`: generate/runner.py),
     accept, roll the rejected drafts back. Returns what was accepted and the hidden that
