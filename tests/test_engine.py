@@ -1,13 +1,10 @@
 """The generation engine: chunked prefill keeps media blocks whole, a session's cached prefix is
 reused exactly, batches equal singles, seeds and stops behave."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from test_pipeline import checkpoint  # noqa: F401  (the real-vocabulary checkpoint fixture)
+from messages import img, user
 
-import unigemma
 from unigemma.errors import InputError
 from unigemma.generate.engine import Engine
 from unigemma.generate.greedy import greedy_generate
@@ -15,24 +12,6 @@ from unigemma.generate.sampling import SamplingParams
 from unigemma.inputs import chunk_bounds
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
-
-
-@pytest.fixture(scope="module")
-def gemma(checkpoint):  # noqa: F811
-    return unigemma.load(checkpoint, dtype="float32")
-
-
-def picture(seed, w=150, h=100):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def user(*parts):
-    return {"role": "user", "content": [p if isinstance(p, dict) else {"type": "text", "text": p} for p in parts]}
-
-
-def img(seed):
-    return {"type": "image", "image": picture(seed)}
 
 
 def test_chunk_bounds_never_split_a_block():

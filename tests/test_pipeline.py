@@ -13,25 +13,11 @@ import pytest
 import torch
 from PIL import Image
 from reference import Shape, load_reference, write_checkpoint
-from test_tokenizer import VOCAB_GGUF, ours, reference
+from test_tokenizer import VOCAB_GGUF, ours
 
 import unigemma
 from unigemma.errors import InputError
 from unigemma.processing.parse import parse_output
-
-REAL = Shape(vocab=262144, hidden=64, posemb=64, window=16, seed=3)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(ckpt_root, tmp_path_factory):
-    """A real-vocabulary random checkpoint with the tokenizer saved next to it, as released ones are."""
-    src = write_checkpoint(REAL, ckpt_root)
-    path = tmp_path_factory.mktemp("with-tokenizer")
-    for f in src.iterdir():
-        shutil.copy(f, path / f.name)
-    reference().save_pretrained(path)
-    return path
-
 
 def conversation():
     y, x = np.mgrid[0:200, 0:300]

@@ -5,12 +5,12 @@ import threading
 
 import pytest
 import torch
-from test_engine import gemma, img, user  # noqa: F401  (fixtures and helpers)
-from test_pipeline import checkpoint  # noqa: F401  (the real-vocabulary checkpoint fixture)
+from messages import img, user
 
 from unigemma.cache.batch import BatchCache, bytes_per_row
 from unigemma.errors import InputError, QueueFull
 from unigemma.generate.engine import Engine
+from unigemma.generate.runner import decode_step
 from unigemma.generate.sampling import SamplingParams
 from unigemma.generate.scheduler import Scheduler
 
@@ -25,7 +25,7 @@ CONVS = [
 
 
 @pytest.fixture(scope="module")
-def alone(gemma):  # noqa: F811
+def alone(gemma):
     return [gemma.engine.generate(gemma.processor(70)(c), p) for c, p in CONVS]
 
 
@@ -35,7 +35,7 @@ def same(got, want):
     assert [x["token_id"] for x in got.logprobs] == [x["token_id"] for x in want.logprobs]
 
 
-def test_requests_joining_mid_flight_produce_what_they_produce_alone(gemma, alone):  # noqa: F811
+def test_requests_joining_mid_flight_produce_what_they_produce_alone(gemma, alone):
     engine = Engine(gemma.model, gemma.tokenizer, prefill_chunk=16)  # prompts take several steps
     s = Scheduler(engine, max_seqs=4, max_len=512)
     requests, progress = [], []
@@ -52,7 +52,7 @@ def test_requests_joining_mid_flight_produce_what_they_produce_alone(gemma, alon
     assert s.cache.n == 0 and not s.running and s.stats()["kv_tokens_used"] == 0
 
 
-def test_a_cap_on_rows_queues_the_rest(gemma, alone):  # noqa: F811
+def test_a_cap_on_rows_queues_the_rest(gemma, alone):
     s = Scheduler(gemma.engine, max_seqs=2, max_len=512)
     requests = [s.submit(gemma.processor(70)(c), p) for c, p in CONVS]
     most = 0
@@ -65,7 +65,7 @@ def test_a_cap_on_rows_queues_the_rest(gemma, alone):  # noqa: F811
         same(r.result(), want)
 
 
-def test_cancel_frees_the_row_and_leaves_the_others_alone(gemma, alone):  # noqa: F811
+def test_cancel_frees_the_row_and_leaves_the_others_alone(gemma, alone):
     s = Scheduler(gemma.engine, max_seqs=4, max_len=512)
     keep = s.submit(gemma.processor(70)(CONVS[0][0]), CONVS[0][1])
     drop = s.submit(gemma.processor(70)(CONVS[2][0]), CONVS[2][1])
@@ -83,7 +83,7 @@ def test_cancel_frees_the_row_and_leaves_the_others_alone(gemma, alone):  # noqa
     assert [d.finish_reason for d in waiting] == ["cancelled"]
 
 
-def test_limits(gemma):  # noqa: F811
+def test_limits(gemma):
     s = Scheduler(gemma.engine, max_seqs=1, max_len=40, max_queue=2)
     inputs = gemma.processor()([user("Hello")])
     n = inputs["input_ids"].shape[1]
@@ -101,7 +101,7 @@ def test_limits(gemma):  # noqa: F811
     assert s.kv_bytes == bytes_per_row(gemma.model.config.text, 40, gemma.model.dtype)
 
 
-def test_bad_media_fails_one_request_only(gemma, alone):  # noqa: F811
+def test_bad_media_fails_one_request_only(gemma, alone):
     s = Scheduler(gemma.engine, max_seqs=4, max_len=512)
     good = s.submit(gemma.processor(70)(CONVS[0][0]), CONVS[0][1])
     bad_inputs = dict(gemma.processor(70)(CONVS[1][0]))
@@ -113,7 +113,7 @@ def test_bad_media_fails_one_request_only(gemma, alone):  # noqa: F811
         bad.result()
 
 
-def test_background_thread_serves_concurrent_submitters(gemma, alone):  # noqa: F811
+def test_background_thread_serves_concurrent_submitters(gemma, alone):
     s = Scheduler(gemma.engine, max_seqs=3, max_len=512).start()
     results = [None] * len(CONVS)
 
@@ -131,7 +131,7 @@ def test_background_thread_serves_concurrent_submitters(gemma, alone):  # noqa: 
         same(got, want)
 
 
-def test_batch_cache_rollback_equals_never_decoding(gemma):  # noqa: F811
+def test_batch_cache_rollback_equals_never_decoding(gemma):
     """Rows of different lengths, one rolled back by 3 tokens and re-decoded: its next hidden
     state equals the one computed before the rollback."""
     m = gemma.model
@@ -146,10 +146,10 @@ def test_batch_cache_rollback_equals_never_decoding(gemma):  # noqa: F811
         tokens = torch.tensor([[5], [6]])
         seq = []
         for t in range(4):
-            h = m(tokens + t, cache.positions[:, None], cache=cache, require_media=False)[:, -1]
+            h = decode_step(m, cache, tokens + t, cache.positions[:, None])[:, -1]
             seq.append(h)
-        cache.trim(0, 3)
-        cache.trim(1, 3)
+        cache.trim(3, row=0)
+        cache.trim(3, row=1)
         for t in range(1, 4):
-            h = m(tokens + t, cache.positions[:, None], cache=cache, require_media=False)[:, -1]
+            h = decode_step(m, cache, tokens + t, cache.positions[:, None])[:, -1]
             torch.testing.assert_close(h, seq[t], rtol=0, atol=1e-5)

@@ -5,8 +5,7 @@ rolled-back drafts leave no trace (sessions, rings, images)."""
 import numpy as np
 import pytest
 import torch
-from test_engine import gemma, img, user  # noqa: F401  (fixtures and helpers)
-from test_pipeline import checkpoint  # noqa: F401  (the real-vocabulary checkpoint fixture)
+from messages import img, user
 
 from unigemma.config import FULL, SLIDING
 from unigemma.generate.engine import Engine
@@ -50,7 +49,7 @@ PROMPTS = [
 @pytest.mark.parametrize("prompt", range(len(PROMPTS)))
 @pytest.mark.parametrize("kind", ["random", "oracle", "half"])
 @pytest.mark.parametrize("k", [1, 3, "adaptive"])
-def test_greedy_is_identical_to_plain_decoding(gemma, prompt, kind, k):  # noqa: F811
+def test_greedy_is_identical_to_plain_decoding(gemma, prompt, kind, k):
     p = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     inputs = gemma.processor(70)(PROMPTS[prompt])
     plain = gemma.engine.generate(inputs, p)
@@ -69,7 +68,7 @@ def test_greedy_is_identical_to_plain_decoding(gemma, prompt, kind, k):  # noqa:
         assert 0 < t.acceptance < 1
 
 
-def test_sessions_stops_and_logprobs_match_plain_decoding(gemma):  # noqa: F811
+def test_sessions_stops_and_logprobs_match_plain_decoding(gemma):
     engine = Engine(gemma.model, gemma.tokenizer, drafter=random_drafter())
     first = [user(img(2), "Describe it.")]
     p = SamplingParams(temperature=0.0, max_tokens=12, logprobs=True, top_logprobs=2)
@@ -89,7 +88,7 @@ def test_sessions_stops_and_logprobs_match_plain_decoding(gemma):  # noqa: F811
             gemma.engine.generate(gemma.processor(70)(second), ps).content
 
 
-def test_seeded_sampling_with_a_drafter_is_reproducible(gemma):  # noqa: F811
+def test_seeded_sampling_with_a_drafter_is_reproducible(gemma):
     inputs = gemma.processor()(PROMPTS[0])
     p = SamplingParams(temperature=0.9, top_k=50, seed=4, max_tokens=16, ignore_eos=True)
     runs = [Engine(gemma.model, gemma.tokenizer, drafter=random_drafter()).generate(inputs, p).token_ids
@@ -137,7 +136,7 @@ def _scheduled(engine, inputs, params, steps_between=0, max_len=512):
     return s, [r.result() for r in requests]
 
 
-def test_scheduler_speculates_for_a_request_alone(gemma):  # noqa: F811
+def test_scheduler_speculates_for_a_request_alone(gemma):
     p = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=True, top_logprobs=2)
     inputs = gemma.processor(70)(PROMPTS[1])
     plain = gemma.engine.generate(inputs, p)
@@ -150,7 +149,7 @@ def test_scheduler_speculates_for_a_request_alone(gemma):  # noqa: F811
     assert s.stats()["drafted_tokens"] == got.timings.drafted > 0
 
 
-def test_scheduler_leaves_speculation_when_others_join(gemma):  # noqa: F811
+def test_scheduler_leaves_speculation_when_others_join(gemma):
     convs = [PROMPTS[0], [user("Count: one, two,")], PROMPTS[1]]
     params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
               SamplingParams(temperature=0.8, top_k=20, seed=5, max_tokens=30, ignore_eos=True),
@@ -164,7 +163,7 @@ def test_scheduler_leaves_speculation_when_others_join(gemma):  # noqa: F811
     assert len(got[1].token_ids) == 30  # sampled: its own seed, not the same stream as alone
 
 
-def test_scheduler_speculating_up_to_the_end_of_the_row(gemma):  # noqa: F811
+def test_scheduler_speculating_up_to_the_end_of_the_row(gemma):
     inputs = gemma.processor(70)(PROMPTS[0])
     n = inputs["input_ids"].shape[1]
     p = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
@@ -176,7 +175,7 @@ def test_scheduler_speculating_up_to_the_end_of_the_row(gemma):  # noqa: F811
     assert got.timings.accepted > 10
 
 
-def test_scheduler_cancel_while_speculating(gemma):  # noqa: F811
+def test_scheduler_cancel_while_speculating(gemma):
     from unigemma.generate.scheduler import Scheduler
 
     engine = Engine(gemma.model, gemma.tokenizer, drafter=random_drafter())

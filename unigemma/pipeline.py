@@ -8,7 +8,7 @@
 Messages are OpenAI-style (text, image, audio, video parts; tools and tool results). Generation
 runs on `generate/engine.py` (`stream` for deltas; a `session()` keeps a chat's KV cache between
 turns). `gemma.logits(...)` is the model's reference forward, unchanged, and `gemma.model` the
-bare `Gemma4Unified`.
+bare model (models/base.py `CausalLM`; `Gemma4Unified` for Gemma 4).
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from typing import Any, Iterator
 import torch
 
 from .errors import CheckpointError, InputError
-from .generate.engine import Delta, Engine, Session, Timings
+from .generate.engine import Engine, Session
 from .generate.sampling import SamplingParams
 from .generate.speculative import DraftLength
+from .generate.stream import Delta, Timings
 from .inputs import ModelInputs
-from .models.gemma4 import Gemma4Unified
+from .models.base import CausalLM
 from .processing.chat import Processor
 from .processing.cost import Limits as ProcessingLimits
 from .processing.parse import ToolCallError
@@ -99,7 +100,7 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
 class Gemma:
     """A loaded model with its tokenizer: messages in, text out."""
 
-    def __init__(self, model: Gemma4Unified, tokenizer: Tokenizer | None = None,
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None = None,
                  default_params: SamplingParams | None = None, drafter=None, draft_tokens: int | None = None):
         """drafter: an MTP drafter (models/drafter.py); draft_tokens: a fixed draft length
         (default: adaptive, generate/speculative.py)."""
@@ -119,7 +120,7 @@ class Gemma:
         return self.model.config
 
     def logits(self, *args, **kwargs) -> torch.Tensor:
-        """The reference forward; see `Gemma4Unified.logits`."""
+        """The reference forward; see `CausalLM.logits` (models/base.py)."""
         return self.model.logits(*args, **kwargs)
 
     def processor(self, image_budget: int = 280, max_len: int | None = None,

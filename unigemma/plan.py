@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .cache.batch import bytes_per_row
+from .cache.kv import ring_capacity
 from .config import ModelConfig
 from .errors import InputError
 
@@ -83,7 +84,7 @@ def weight_bytes(config: ModelConfig, scheme: str) -> int:
 
 def plan(config: ModelConfig, memory: int, schemes=SCHEMES, reserve: int = 16) -> list[Plan]:
     t = config.text
-    ring = min(t.max_position_embeddings, t.sliding_window - 1 + reserve)
+    ring = ring_capacity(t.max_position_embeddings, t.sliding_window, reserve)["sliding_attention"]
     kv_fixed = sum(2 * t.layer_kv_heads[i] * ring * t.layer_head_dims[i] * 2
                    for i, lt in enumerate(t.layer_types) if lt == "sliding_attention")
     plans = []

@@ -12,6 +12,10 @@ padding, so a row's RoPE position is its length and every filled slot is a valid
 
 A step writes S tokens per row (S = 1 when decoding; a few when verifying speculative drafts,
 at most `reserve`, so a ring never overwrites a key that a new query still needs).
+
+It speaks cache/kv.py's protocol (`trim(n, row)`, `kv_for(layer, row)`, `positions`), and
+`save(row, dst)` copies a row back out into a one-sequence cache: a chat session is a row that
+leaves the batch when its reply is done and is inserted again for the next turn.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ from __future__ import annotations
 import torch
 
 from ..config import FULL, SLIDING, TextConfig
-from .kv import KEY_BLOCK, KVCache, Step
+from .kv import KEY_BLOCK, RESERVE, KVCache, Step, ring_capacity
 
 
-def bytes_per_row(config: TextConfig, max_len: int, dtype: torch.dtype, reserve: int = 16) -> int:
+def bytes_per_row(config: TextConfig, max_len: int, dtype: torch.dtype, reserve: int = RESERVE) -> int:
     """KV bytes one row of `max_len` tokens takes (K and V of every layer)."""
-    cap = {FULL: max_len, SLIDING: min(max_len, config.sliding_window - 1 + reserve)}
+    cap = ring_capacity(max_len, config.sliding_window, reserve)
     size = torch.empty((), dtype=dtype).element_size()
     return sum(2 * config.layer_kv_heads[i] * cap[t] * config.layer_head_dims[i] * size
                for i, t in enumerate(config.layer_types))
@@ -32,14 +36,14 @@ def bytes_per_row(config: TextConfig, max_len: int, dtype: torch.dtype, reserve:
 
 class BatchCache:
     def __init__(self, config: TextConfig, rows: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", reserve: int = 16):
+                 device: torch.device | str = "cpu", reserve: int = RESERVE):
         self.config, self.rows, self.max_len, self.reserve = config, rows, max_len, reserve
         self.window = config.sliding_window
         self.device = torch.device(device)
         self.n = 0  # active rows: [0, n)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.host_lengths = [0] * rows  # the same on the host: planning a step needs no sync
-        self.capacity = {FULL: max_len, SLIDING: min(max_len, self.window - 1 + reserve)}
+        self.capacity = ring_capacity(max_len, self.window, reserve)
         self.slot_idx = {t: torch.full((rows, c), -1, dtype=torch.long, device=self.device)
                          for t, c in self.capacity.items()}
         self.layers = []
@@ -82,6 +86,29 @@ class BatchCache:
         return r
 
     @torch.inference_mode()  # the buffers are inference tensors
+    def save(self, row: int, dst: KVCache) -> None:
+        """Copy one row out into a one-sequence cache (a chat session kept between turns); `dst`
+        is grown to hold it. Its ring may not promise more rollback than ours holds."""
+        if dst.batch != 1 or dst.reserve > self.reserve:
+            raise ValueError("save takes a one-sequence cache whose ring reserve is at most the batch's")
+        L = self.host_lengths[row]
+        dst.grow(L)
+        for t, cap in dst.capacity.items():
+            held = self.slot_idx[t][row]
+            keep = held >= max(0, L - cap)  # the newest `cap` tokens: what a ring of theirs holds
+            src_slots, idx = keep.nonzero()[:, 0], held[keep]
+            dst_slots = idx % cap
+            dst.slot_idx[t].fill_(-1)
+            dst.slot_idx[t][dst_slots] = idx
+            for i, lt in enumerate(self.config.layer_types):
+                if lt == t:
+                    for d, s in zip(dst.layers[i], self.layers[i]):
+                        d[0, :, dst_slots] = s[row, :, src_slots]
+        dst.valid.fill_(False)
+        dst.valid[0, :L] = True
+        dst.length, dst.broken = L, False
+
+    @torch.inference_mode()  # the buffers are inference tensors
     def remove(self, row: int) -> None:
         """Drop a row; the last row moves into its place (the caller mirrors this move)."""
         if not 0 <= row < self.n:
@@ -105,7 +132,7 @@ class BatchCache:
     @property
     def length(self) -> int:
         """The longest row (how many slots a step may attend)."""
-        return max(self.host_lengths[:self.n], default=0)
+        return max([0, *self.host_lengths[:self.n]])  # (no `default=`: torch.compile traces this)
 
     def begin(self, valid_new: torch.Tensor) -> dict[str, Step]:
         n, S = valid_new.shape
@@ -115,7 +142,7 @@ class BatchCache:
             raise ValueError(f"a step over {n} rows; the batch has {self.n} active rows")
         if S > self.reserve:
             raise ValueError(f"a decode batch writes at most {self.reserve} tokens per row per step, got {S}")
-        if not bool(valid_new.all()):
+        if not torch.compiler.is_compiling() and not bool(valid_new.all()):  # a host sync: eager only
             raise ValueError("rows of a decode batch hold no padding")
         lengths = self.lengths[:n]
         if self.length + S > self.max_len:
@@ -157,19 +184,25 @@ class BatchCache:
         self.steps, self._pending, self.broken = {}, 0, True
 
     # -- rollback (speculative decoding) ----------------------------------------------------
-    def can_trim(self, row: int, n: int) -> bool:
+    def can_trim(self, n: int, row: int = 0) -> bool:
         length, cap = self.host_lengths[row], self.capacity[SLIDING]
         return n <= length and (length <= cap or n <= cap - (self.window - 1))
 
     @torch.inference_mode()  # the buffers are inference tensors
-    def trim(self, row: int, n: int) -> None:
+    def trim(self, n: int, row: int = 0) -> None:
         """Forget the last n tokens of one row."""
-        if not self.can_trim(row, n):
+        if not self.can_trim(n, row):
             raise ValueError(f"cannot roll back {n} tokens of row {row} (length {self.host_lengths[row]})")
         self.host_lengths[row] -= n
         self.lengths[row] = self.host_lengths[row]
         for slots in self.slot_idx.values():
             slots[row][slots[row] >= self.host_lengths[row]] = -1
+
+    def kv_for(self, layer: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One row's K/V buffers of `layer` ([1, kv_heads, capacity, head_dim]) and the sequence
+        index each slot holds ([capacity], -1: empty)."""
+        k, v = self.layers[layer]
+        return k[row:row + 1], v[row:row + 1], self.slot_idx[self.config.layer_types[layer]][row]
 
     @property
     def positions(self) -> torch.Tensor:

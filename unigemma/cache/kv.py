@@ -10,6 +10,11 @@ a copy, and how many can be rolled back (`trim`) while every query still sees it
 Bookkeeping is per layer *type* (all layers of a type are written identically): `slot_idx[s]`
 is the sequence index held by slot `s`, or -1. Masks are built from it (models/masks.py), so
 the attention never needs the ring in order. The cache knows nothing about the model's math.
+
+The protocol both caches (this one and cache/batch.py's rows) speak to the engine: `begin` /
+`update` / `end` / `abort` around one forward, `positions`, `length`, `can_trim(n, row=0)` /
+`trim(n, row=0)`, and `kv_for(layer, row)` (the drafter reads the target's K/V through it).
+`ring_capacity` is the one place the size of a ring is decided.
 """
 
 from __future__ import annotations
@@ -21,7 +26,18 @@ import torch
 from ..config import FULL, SLIDING, TextConfig
 
 
+# Keys are attended in whole blocks of this many slots (see `begin`): one of the tricks behind
+# "a token's output does not depend on how many tokens share its forward" (models/attention.py).
 KEY_BLOCK = 64
+# Spare ring slots past the window: tokens one forward may write without a copy, and tokens a
+# rollback may give back. A chat session wants more (generate/engine.py CHAT_RESERVE).
+RESERVE = 16
+
+
+def ring_capacity(max_len: int, window: int, reserve: int = RESERVE) -> dict[str, int]:
+    """Slots per layer type for a sequence of up to `max_len` tokens: full layers hold every
+    token, sliding layers a ring of the window (less the query itself) plus `reserve`."""
+    return {FULL: max_len, SLIDING: min(max_len, window - 1 + reserve)}
 
 
 @dataclass
@@ -39,13 +55,13 @@ class Step:
 
 class KVCache:
     def __init__(self, config: TextConfig, batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", reserve: int = 16):
+                 device: torch.device | str = "cpu", reserve: int = RESERVE):
         self.config, self.batch, self.max_len = config, batch, max_len
         self.length = 0  # tokens written so far (sequence index of the next token)
         self.reserve = reserve
         self.window = config.sliding_window
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # padding mask by index
-        self.capacity = {FULL: max_len, SLIDING: min(max_len, self.window - 1 + reserve)}
+        self.capacity = ring_capacity(max_len, self.window, reserve)
         self.slot_idx = {t: torch.full((c,), -1, dtype=torch.long, device=device) for t, c in self.capacity.items()}
         self.layers = []
         for i, t in enumerate(config.layer_types):
@@ -132,7 +148,7 @@ class KVCache:
             return
         valid = torch.zeros(self.batch, max_len, dtype=torch.bool, device=self.valid.device)
         valid[:, :self.max_len] = self.valid
-        capacity = {FULL: max_len, SLIDING: min(max_len, self.window - 1 + self.reserve)}
+        capacity = ring_capacity(max_len, self.window, self.reserve)
         for i, t in enumerate(self.config.layer_types):
             old = self.capacity[t]
             if capacity[t] != old:
@@ -152,21 +168,28 @@ class KVCache:
         self.capacity, self.valid, self.max_len = capacity, valid, max_len
 
     # -- rollback ----------------------------------------------------------------------
-    def can_trim(self, n: int) -> bool:
-        """A ring can give back at most `reserve` tokens and still hold a full window."""
+    def can_trim(self, n: int, row: int = 0) -> bool:
+        """A ring can give back at most `reserve` tokens and still hold a full window. (The
+        rows of a KVCache share one length: `row` is there for the protocol's sake.)"""
         if n > self.length:
             return False
         cap = self.capacity[SLIDING]
         return self.length <= cap or n <= cap - (self.window - 1)
 
-    def trim(self, n: int) -> None:
-        """Forget the last n tokens (rejected speculative drafts)."""
-        if not self.can_trim(n):
+    def trim(self, n: int, row: int = 0) -> None:
+        """Forget the last n tokens (rejected speculative drafts, a chat turn rewritten)."""
+        if not self.can_trim(n, row):
             raise ValueError(f"cannot roll back {n} tokens (length {self.length}, ring reserve {self.reserve})")
         self.length -= n
         for slots in self.slot_idx.values():
             slots[slots >= self.length] = -1
         self.valid[:, self.length:] = False
+
+    def kv_for(self, layer: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One row's K/V buffers of `layer` ([1, kv_heads, capacity, head_dim]) and the sequence
+        index each slot holds ([capacity], -1: empty)."""
+        k, v = self.layers[layer]
+        return k[row:row + 1], v[row:row + 1], self.slot_idx[self.config.layer_types[layer]]
 
     @property
     def positions(self) -> torch.Tensor:

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from ..models.gemma4 import Gemma4Unified, _check_ids
+from ..models.base import CausalLM, check_ids
+from .runner import decode_step
 
 
 @torch.inference_mode()
-def greedy_generate(model: Gemma4Unified, input_ids, attention_mask=None, max_new_tokens: int = 32,
+def greedy_generate(model: CausalLM, input_ids, attention_mask=None, max_new_tokens: int = 32,
                     stop_ids=None, mm_token_type_ids=None, **media) -> torch.Tensor:
     """input_ids [B, S] (left padded) → new token ids [B, n ≤ max_new_tokens]."""
-    input_ids = _check_ids(input_ids, model.config.text.vocab_size).to(model.device)
+    input_ids = check_ids(input_ids, model.config.text.vocab_size).to(model.device)
     B, S = input_ids.shape
     mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(model.device)).bool()
     stop = torch.tensor(model.config.stop_token_ids if stop_ids is None else list(stop_ids), device=model.device)
@@ -32,5 +33,5 @@ def greedy_generate(model: Gemma4Unified, input_ids, attention_mask=None, max_ne
         done |= torch.isin(tok, stop)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        h = model(tok[:, None], cache.positions[:, None], cache=cache, require_media=False)
+        h = decode_step(model, cache, tok[:, None], cache.positions[:, None])
     return torch.stack(out, dim=1)

@@ -19,6 +19,10 @@ token is then emitted but not yet fed, and when another request arrives (or a gr
 one forward of that token brings the row back to the batch's step and decoding goes on
 batched. Greedy output is the same either way.
 
+It is the only decode loop: `Engine.generate` / `stream` / `generate_batch` submit to a scheduler
+of their own and step it on the caller's thread (`drive`, `run_until_done`). A chat session's
+row is saved back into the session's cache when its reply is done (`submit(..., session=)`).
+
 Limits: `max_seqs` rows decode at once, each up to `max_len` tokens (prompt + reply); their KV
 memory is allocated once (`kv_bytes`). `max_queue` requests may wait; more are refused with
 `QueueFull` (a server answers 429/503).
@@ -36,18 +40,23 @@ from dataclasses import dataclass
 import torch
 
 from ..cache.batch import BatchCache, bytes_per_row
+from ..cache.kv import RESERVE
 from ..errors import InputError, QueueFull
-from .engine import Completion, Delta, Engine, Timings, _collect, _Row
+from .engine import Engine, Session
 from .sampling import Sampler, SamplingParams
 from .speculative import speculative_round
+from .stream import Completion, Delta, Reply, RowText, Timings, collect
 
 
 class Request:
     """One submitted conversation: iterate it for its deltas (the last has finish_reason)."""
 
-    def __init__(self, rid: int, inputs: dict, params: SamplingParams, prompt_tokens: int, constraint=None):
+    def __init__(self, rid: int, inputs: dict, params: SamplingParams, prompt_tokens: int, constraint=None,
+                 session: Session | None = None, embeds: torch.Tensor | None = None):
         self.id, self.inputs, self.params = rid, inputs, params
         self.constraint = constraint  # a grammar (generate/grammar.py: allowed(), advance()) or None
+        self.session = session  # its row is saved back here when the reply is done
+        self.embeds = embeds  # the prompt's input embeddings, when the caller already has them
         self.prompt_tokens = prompt_tokens
         self.submitted = time.perf_counter()
         self.cancelled = False
@@ -56,6 +65,15 @@ class Request:
     def cancel(self) -> None:
         """Stop generating (a client went away); the row and its cache are freed at the next step."""
         self.cancelled = True
+
+    def ready(self) -> list:
+        """The deltas (or the exception) handed out so far and not yet taken; never blocks."""
+        items = []
+        while True:
+            try:
+                items.append(self._deltas.get_nowait())
+            except queue.Empty:
+                return items
 
     def __iter__(self):
         while True:
@@ -67,20 +85,25 @@ class Request:
                 return
 
     def result(self) -> Completion:
-        return _collect(iter(self))
+        return collect(iter(self))
 
 
 @dataclass
-class _Running:
+class Running:
+    """A request in the decode batch (its row's index is its place in `Scheduler.running`)."""
     request: Request
-    row: _Row
-    timings: Timings
-    first: float | None = None
+    reply: Reply
+
+    @property
+    def timings(self) -> Timings:
+        return self.reply.timings
 
 
 class Scheduler:
     def __init__(self, engine: Engine, *, max_seqs: int = 8, max_len: int | None = None,
-                 max_queue: int = 64, reserve: int = 16):
+                 max_queue: int = 64, reserve: int = RESERVE):
+        """reserve: the batch rings' spare slots (cache/kv.py RESERVE): a speculative verify
+        forward writes at most `reserve - 1` drafts and its x."""
         self.engine = engine
         m = engine.model
         self.max_len = min(max_len or engine.context, engine.context)
@@ -89,7 +112,7 @@ class Scheduler:
             self.cache = BatchCache(m.config.text, max_seqs, self.max_len, m.dtype, m.device, reserve)
         self.kv_bytes = max_seqs * bytes_per_row(m.config.text, self.max_len, m.dtype, reserve)
         self.sampler = Sampler([], m.config.text.vocab_size, m.device, eos_ids=sorted(engine.base_stop_ids))
-        self.running: list[_Running] = []
+        self.running: list[Running] = []
         self.h = torch.zeros(0, m.config.text.hidden_size, dtype=m.dtype, device=m.device)  # [n, hidden]
         self.waiting: deque[Request] = deque()
         self.prefilling: tuple[Request, object] | None = None
@@ -103,8 +126,11 @@ class Scheduler:
         self._stop = False
 
     # -- submitting (any thread) -------------------------------------------------------------
-    def submit(self, inputs: dict, params: SamplingParams | None = None, constraint=None) -> Request:
-        """Queue one conversation. constraint: a grammar whose mask each of its steps samples under."""
+    def submit(self, inputs: dict, params: SamplingParams | None = None, constraint=None, *,
+               session: Session | None = None, embeds: torch.Tensor | None = None) -> Request:
+        """Queue one conversation. constraint: a grammar whose mask each of its steps samples
+        under. session: a chat whose cached prefix is reused and which keeps this turn's cache.
+        embeds [1, S, hidden]: the prompt already embedded (media need not be passed again)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InputError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -117,7 +143,7 @@ class Scheduler:
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting; try again later")
-            request = Request(next(self._ids), inputs, params, n, constraint)
+            request = Request(next(self._ids), inputs, params, n, constraint, session, embeds)
             self.waiting.append(request)
             self._wake.notify()
         return request
@@ -138,6 +164,11 @@ class Scheduler:
             self._thread = threading.Thread(target=self._loop, name="unigemma-scheduler", daemon=True)
             self._thread.start()
         return self
+
+    @property
+    def is_alive(self) -> bool:
+        """The background thread is running (a health check)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
         with self._lock:
@@ -162,6 +193,19 @@ class Scheduler:
     def run_until_done(self) -> None:
         """Step on this thread until nothing is waiting or running (tests, offline batches)."""
         while self.has_work():
+            self.step()
+
+    def drive(self, request: Request):
+        """Step on this thread, yielding `request`'s deltas as they come (a caller-thread stream)."""
+        while True:
+            for item in request.ready():
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+            if not self.has_work():
+                raise RuntimeError(f"request {request.id} has no finished reply and nothing is left to run")
             self.step()
 
     # -- one scheduler step --------------------------------------------------------------------
@@ -210,22 +254,25 @@ class Scheduler:
                 if not self.waiting:
                     return
                 request = self.waiting.popleft()
-            steps = self.engine.prefill_steps(request.inputs, [request.params], None,
-                                              max_len=request.prompt_tokens)
+            # A one-sequence cache for the prompt, copied into the batch once it is in; a
+            # session's cache is the one it keeps, so it is sized for the reply too.
+            max_len = self.max_len if request.session is not None else request.prompt_tokens
+            steps = self.engine.prefill_steps(request.inputs, [request.params], request.session,
+                                              max_len=max_len, embeds=request.embeds)
             self.prefilling = (request, steps)
         request, steps = self.prefilling
         try:
             next(steps)
             return  # one chunk per step
         except StopIteration as done:
-            cache, h, _ = done.value
+            cache, h, cached = done.value
         except Exception as e:  # bad media, ...: this request fails, the others go on
             self.prefilling = None
             request._deltas.put(e)
             return
         self.prefilling = None
         try:
-            self._admit(request, cache, h)
+            self._admit(request, cache, h, cached)
         except Exception as e:  # the batch is half-updated: fail its rows (and this one), start afresh
             for run in self.running:
                 if run.request is not request:
@@ -233,22 +280,22 @@ class Scheduler:
             request._deltas.put(e)
             self._reset()
 
-    def _admit(self, request: Request, cache, h: torch.Tensor) -> None:
+    def _admit(self, request: Request, cache, h: torch.Tensor, cached: int) -> None:
         self.cache.insert(cache)
         ids = request.inputs["input_ids"][0]
         mask = request.inputs.get("attention_mask")
         self.sampler.add(request.params, ids if mask is None else ids[mask[0].bool()])
-        row = _Row(self.engine.tokenizer, request.params, self.engine._stop_ids(request.params))
-        self.running.append(_Running(request, row, Timings(prompt_tokens=request.prompt_tokens,
-                                                             prefill_s=time.perf_counter() - request.submitted)))
+        text = RowText(self.engine.tokenizer, request.params, self.engine.stop_ids(request.params))
+        timings = Timings(prompt_tokens=request.prompt_tokens, cached_tokens=cached,
+                          prefill_s=time.perf_counter() - request.submitted)
+        self.running.append(Running(request, Reply(text, timings, request.submitted)))
         self.h = torch.cat([self.h, h.to(self.h.dtype)])
 
     def _decode_step(self) -> None:
         keep = self._sample_and_emit()
         if self.running:
-            m = self.engine.model
-            tokens = self._last[keep]
-            self.h = m(tokens[:, None], self.cache.positions[:, None], cache=self.cache, require_media=False)[:, -1]
+            tokens = self._last[keep][:, None]
+            self.h = self.engine.decode_step(self.engine.model, self.cache, tokens, self.cache.positions[:, None])[:, -1]
 
     def _sample_and_emit(self) -> list[int]:
         """Sample every row's next token from self.h, hand out the deltas, free finished rows.
@@ -270,24 +317,39 @@ class Scheduler:
         lps = out.host_logprobs() if wants else [None] * len(host)
         now = time.perf_counter()
         self.sampler.observe(out.tokens)
-        finished = []
+        deltas = []
         for r, run in enumerate(self.running):
-            delta = run.row.push(host[r], lps[r] if run.request.params.logprobs else None)
-            t = run.timings
-            t.completion_tokens += 1
+            full = self.cache.host_lengths[r] >= self.max_len  # this token is the row's last
+            deltas.append(run.reply.emit(host[r], lps[r] if run.request.params.logprobs else None, now, full))
             self.tokens_out += 1
-            if run.first is None:
-                run.first, t.ttft_s = now, now - run.request.submitted
-            if run.row.finish is None and self.cache.host_lengths[r] >= self.max_len:
-                run.request._deltas.put(delta)  # the row is full: this token is its last
-                delta = run.row.end(Delta(), "", "length")
-            if run.row.finish is not None:
-                t.decode_s = now - run.first
-                delta.timings = t
-                finished.append(r)
-            run.request._deltas.put(delta)
         self._last = out.tokens
+        return self._hand_out(deltas)
+
+    def _hand_out(self, deltas: list[list[Delta]]) -> list[int]:
+        """Deltas per running row to their requests; finished rows are saved (sessions) and
+        freed. Returns the old index of each remaining row."""
+        finished = [r for r, run in enumerate(self.running) if run.reply.finished]
+        for r in finished:  # before the last delta is out: a chat's next turn may follow at once
+            self._save(r)
+        for run, ds in zip(self.running, deltas):
+            for d in ds:
+                run.request._deltas.put(d)
         return self._remove_rows(finished)
+
+    def _save(self, r: int) -> None:
+        """A finished row of a chat session back into the session's cache: every token but the
+        last sampled one (which was never fed), rolling back any speculative run past it."""
+        run = self.running[r]
+        session = run.request.session
+        if session is None:
+            return
+        ids = run.reply.text.ids
+        length = run.request.prompt_tokens + len(ids) - 1
+        excess = self.cache.host_lengths[r] - length
+        if excess > 0:
+            self.cache.trim(excess, row=r)
+        self.cache.save(r, session.cache)
+        session.keys = session.keys[:run.request.prompt_tokens] + ids[:-1]
 
     # -- speculative rounds for a request decoding alone ---------------------------------------
     def _can_speculate(self) -> bool:
@@ -299,48 +361,43 @@ class Scheduler:
         self.solo = None
         if self.running:
             m = self.engine.model
-            self.h = m(torch.tensor([[x]], device=m.device), self.cache.positions[:, None], cache=self.cache,
-                       require_media=False)[:, -1]
+            tokens = torch.tensor([[x]], device=m.device)
+            self.h = self.engine.decode_step(m, self.cache, tokens, self.cache.positions[:, None])[:, -1]
 
     def _speculative_step(self) -> None:
         """One round for row 0: draft k tokens after x, verify [x, drafts] in one forward, keep
-        the accepted ones and the target's own next token (Engine._decode_speculative's round)."""
+        the accepted ones and the target's own next token (generate/speculative.py)."""
         if self.solo is None:  # entering: sample x as a batch step would, then hold it unfed
             keep = self._sample_and_emit()
             if not self.running:
                 return
             self.solo = (int(self._last[keep][0]), self.h)
-        e, m, c = self.engine, self.engine.model, self.cache
+        e, c = self.engine, self.cache
         x, h_prev = self.solo
         run = self.running[0]
-        room = min(self.max_len - c.host_lengths[0] - 1, c.reserve - 2, e.reserve - 2)
+        room = min(self.max_len - c.host_lengths[0] - 1, c.reserve - 2)  # drafts that fit behind x
         if room < 1:  # no room left to draft: back to plain steps
             self._leave_solo()
             return self._decode_step()
         k = min(e.draft.next(), room)
         p = run.request.params
-        got, h_next = speculative_round(m, e.proposer, e.draft, c, self.sampler, x, h_prev, k,
-                                        p.top_logprobs if p.logprobs else None)
+        got, h_next = speculative_round(e.model, e.proposer, e.draft, c, self.sampler, x, h_prev, k,
+                                        p.top_logprobs if p.logprobs else None, e.decode_step)
         kept = len(got.tokens) - 1
         t = run.timings
         t.drafted, t.accepted, t.verify_forwards = t.drafted + k, t.accepted + kept, t.verify_forwards + 1
         self.drafted, self.accepted = self.drafted + k, self.accepted + kept
         now = time.perf_counter()
-        for j, (token, lp) in enumerate(zip(got.tokens, got.logprobs)):
-            delta = run.row.push(token, lp if p.logprobs else None)
-            t.completion_tokens += 1
+        deltas = []
+        for j, (token, lp) in enumerate(zip(got.tokens, got.logprobs)):  # a stop may come before the run's end
+            full = j == kept and c.host_lengths[0] >= self.max_len
+            deltas += run.reply.emit(token, lp if p.logprobs else None, now, full)
             self.tokens_out += 1
-            if run.row.finish is None and j == kept and c.host_lengths[0] >= self.max_len:
-                run.request._deltas.put(delta)  # the row is full: this token is its last
-                delta = run.row.end(Delta(), "", "length")
-            if run.row.finish is not None:
-                t.decode_s = now - run.first
-                delta.timings = t
-                run.request._deltas.put(delta)
-                self._remove_rows([0])
-                return
-            run.request._deltas.put(delta)
-        self.solo = (got.tokens[-1], h_next)
+            if run.reply.finished:
+                break
+        self._hand_out([deltas])
+        if self.running:
+            self.solo = (got.tokens[-1], h_next)
 
     def _remove_rows(self, rows: list[int]) -> list[int]:
         """Free these rows: each is filled by the last row, in the cache, the sampler and the

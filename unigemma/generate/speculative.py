@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache.batch import BatchCache
-from ..cache.kv import KEY_BLOCK, KVCache
+from ..cache.kv import KEY_BLOCK
 from ..config import FULL, SLIDING
 from ..errors import InputError
 from ..models.drafter import Drafter
-from ..models.gemma4 import Gemma4Unified
+from ..models.base import CausalLM
+from .runner import Step, decode_step
 from .sampling import Sampler
 
 
@@ -45,7 +45,7 @@ class Proposal:
 class MTPProposer:
     """Drafts with the MTP drafter over the target's KV cache."""
 
-    def __init__(self, target: Gemma4Unified, drafter: Drafter):
+    def __init__(self, target: CausalLM, drafter: Drafter):
         drafter.config.check_target(target.config.text)
         self.target, self.drafter = target, drafter
         types = target.config.text.layer_types
@@ -53,17 +53,15 @@ class MTPProposer:
         self.source = {t: max(i for i, lt in enumerate(types) if lt == t) for t in (SLIDING, FULL)}
         self.window = target.config.text.sliding_window
 
-    def shared_kv(self, cache: KVCache | BatchCache) -> dict:
+    def shared_kv(self, cache) -> dict:
         """The target's K/V the drafter's query at position p = cache.length may see: every
         cached token on full layers, the last window + 1 on sliding ones (as the reference's
-        bidirectional window mask lets it), and never a rolled-back draft (those slots are -1)."""
+        bidirectional window mask lets it), and never a rolled-back draft (those slots are -1).
+        The conversation is row 0 (a one-sequence cache, or a batch with one row running)."""
         p = cache.length
         kv = {}
         for t, layer in self.source.items():
-            k, v = cache.layers[layer]
-            idx = cache.slot_idx[t]
-            if idx.dim() == 2:  # a BatchCache (the scheduler speculates for a request alone): row 0
-                k, v, idx = k[:1], v[:1], idx[0]
+            k, v, idx = cache.kv_for(layer, row=0)
             used = min(idx.shape[0], -(-p // KEY_BLOCK) * KEY_BLOCK)  # slots fill from 0 until a ring wraps
             k, v, idx = k[:, :, :used], v[:, :, :used], idx[:used]
             seen = idx >= 0
@@ -73,7 +71,7 @@ class MTPProposer:
         return kv
 
     @torch.inference_mode()
-    def propose(self, cache: KVCache, x: int, h: torch.Tensor, k: int, sampler: Sampler) -> Proposal:
+    def propose(self, cache, x: int, h: torch.Tensor, k: int, sampler: Sampler) -> Proposal:
         """k draft tokens after x; h [1, hidden] the target's hidden that produced x."""
         kv = self.shared_kv(cache)
         pos = torch.full((1, 1), cache.length, device=h.device)
@@ -197,22 +195,21 @@ class DraftLength:
         return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
 
 
-def speculative_round(model, proposer: MTPProposer, draft: DraftLength, cache: KVCache | BatchCache,
-                      sampler: Sampler, x: int, h: torch.Tensor, k: int, top: int | None) -> tuple[Accepted, torch.Tensor]:
-    """One round for one conversation (a KVCache, or row 0 of a BatchCache): draft k tokens
-    after x (h: the hidden that produced x), verify [x, drafts] in one forward, accept, roll
-    the rejected drafts back. Returns what was accepted and the hidden that produced its last
-    token (the next round's h); the cache then holds everything but that last token."""
+def speculative_round(model, proposer: MTPProposer, draft: DraftLength, cache, sampler: Sampler, x: int,
+                      h: torch.Tensor, k: int, top: int | None,
+                      step: Step = decode_step) -> tuple[Accepted, torch.Tensor]:
+    """One round for one conversation (row 0 of its cache): draft k tokens after x (h: the
+    hidden that produced x), verify [x, drafts] in one forward (`step`: generate/runner.py),
+    accept, roll the rejected drafts back. Returns what was accepted and the hidden that
+    produced its last token (the next round's h); the cache then holds everything but that
+    last token."""
     proposal, draft_s = timed(proposer.propose, cache, x, h, k, sampler)
     run = torch.tensor([[x] + proposal.tokens], device=model.device)
     positions = cache.positions[:, None] + torch.arange(k + 1, device=model.device)
-    H, verify_s = timed(lambda: model(run, positions, cache=cache, require_media=False)[0])
+    H, verify_s = timed(lambda: step(model, cache, run, positions)[0])
     got = accept(sampler, model.head(H), proposal, top)
     kept = len(got.tokens) - 1
-    if isinstance(cache, BatchCache):
-        cache.trim(0, k - kept)
-    else:
-        cache.trim(k - kept)
+    cache.trim(k - kept, row=0)
     draft.update(k, kept, draft_s, verify_s)
     return got, H[kept:kept + 1]
 

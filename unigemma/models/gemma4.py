@@ -24,7 +24,7 @@ from ..embed.multimodal import MultimodalEmbedder
 from ..embed.vision import VisionEmbedder, embed_patches
 from ..errors import CheckpointError, ConfigError, InputError
 from . import gguf_meta
-from .base import CausalLM, Family, check_ids
+from .base import CausalLM, Family
 from .text import TextModel
 
 
@@ -75,6 +75,16 @@ class Gemma4Unified(CausalLM):
                                                                       video_position_ids, input_features_mask), kind)
         return h
 
+    def logits(self, input_ids, attention_mask=None, mm_token_type_ids=None, pixel_values=None,
+               image_position_ids=None, input_features=None, input_features_mask=None,
+               pixel_values_videos=None, video_position_ids=None, *, block_mask: str | None = None) -> torch.Tensor:
+        """`CausalLM.logits` with the processor's tensors named, in transformers' order (positional
+        callers keep working)."""
+        return super().logits(input_ids, attention_mask, mm_token_type_ids, block_mask=block_mask,
+                              pixel_values=pixel_values, image_position_ids=image_position_ids,
+                              input_features=input_features, input_features_mask=input_features_mask,
+                              pixel_values_videos=pixel_values_videos, video_position_ids=video_position_ids)
+
     def _media_features(self, kind, media, image_position_ids, video_position_ids, input_features_mask):
         if kind == "audio":
             if self.model.embed_audio is None:
@@ -101,7 +111,6 @@ class Gemma4Unified(CausalLM):
         return embed_patches(self.model.embed_vision, media.to(self.device), pos.to(self.device))
 
 
-_check_ids = check_ids  # the old name, still imported by generate/greedy.py (the merge removes it)
 
 MEDIA_TOKEN_KEYS = ("image_token_id", "video_token_id", "audio_token_id", "boi_token_id", "eoi_token_id",
                     "boa_token_id", "eoa_token_index")

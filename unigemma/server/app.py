@@ -205,7 +205,7 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
 
     @app.get("/health")
     async def health():
-        alive = scheduler._thread is not None and scheduler._thread.is_alive()
+        alive = scheduler.is_alive
         return JSONResponse({"status": "ok" if alive else "scheduler stopped"}, status_code=200 if alive else 503)
 
     @app.get("/metrics", dependencies=[Depends(auth)])
