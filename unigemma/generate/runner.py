@@ -28,8 +28,12 @@ def decode_step(model, cache, tokens: torch.Tensor, positions: torch.Tensor) -> 
 
 
 def make_step(compile_step: bool = False) -> Step:
-    """The decode step, eager (the default: faster on this CPU, see bench/compile_step.py) or
-    compiled with Inductor."""
+    """The decode step, eager (the default) or compiled with Inductor. Compiled, it is captured
+    whole (one graph, no break) over plain modules; the packed oneDNN linears of the CPU fast
+    path (models/packed.py) have no Inductor lowering, so compile a model loaded with
+    `fast=False` / `pack=False`. On the 2-core AVX512 test machine it was not faster
+    (bench/compile_step.py: 0.82x the packed eager step, 0.69x the plain one, bf16), and in
+    bf16 its fused kernels round differently from eager (float32: the same tokens)."""
     if not compile_step:
         return decode_step
     return torch.compile(decode_step, dynamic=True)
