@@ -156,7 +156,7 @@ def test_gguf_packs_as_it_reads(ckpt):
     path = to_gguf(ckpt, "f32")
     streamed = unigemma.load_model(path, dtype="bfloat16", pack=True)
     after = pack_linears(unigemma.load_model(path, dtype="bfloat16"))
-    assert isinstance(streamed.packed_head, PackedHead)
+    assert isinstance(streamed.lm_head, PackedHead)
     assert not any(type(m) is torch.nn.Linear for m in streamed.text.layers.modules())
     ids = ids_for(TEXT)
     assert torch.equal(streamed.logits(ids), after.logits(ids))

@@ -36,7 +36,9 @@ def test_packed_model_generates_what_the_plain_model_generates(ckpt_root, dtype)
     packed = pack_linears(unigemma.load_model(path, dtype=dtype))
     if not can_pack(plain):
         pytest.skip(f"oneDNN cannot pack {dtype} here")
-    assert packed.packed_head is not None
+    assert isinstance(packed.lm_head, PackedHead) and not hasattr(plain, "lm_head")  # tied: swapped in
+    assert packed.state_dict().keys() <= plain.state_dict().keys()  # the head adds no names
+    assert torch.equal(packed.text.embed_tokens.weight, plain.text.embed_tokens.weight)
     assert not any(type(m) is nn.Linear for m in packed.text.layers.modules())
     c = plain.config
     media = {c.image_token_id, c.video_token_id, c.audio_token_id}
@@ -71,7 +73,40 @@ def test_loader_packs_as_it_reads(ckpt_root):
     path = write_checkpoint(Shape(window=5, seed=7), ckpt_root)
     streamed = unigemma.load_model(path, dtype="bfloat16", pack=True)
     after = pack_linears(unigemma.load_model(path, dtype="bfloat16"))
-    assert isinstance(streamed.packed_head, PackedHead)
+    assert isinstance(streamed.lm_head, PackedHead)
+    assert streamed.state_dict().keys() == after.state_dict().keys()
     assert not any(type(m) is nn.Linear for m in streamed.text.layers.modules())
     ids = torch.tensor([[2, 10, 20, 30, 40, 50, 60, 70]])
     assert torch.equal(streamed.logits(ids), after.logits(ids))
+
+
+def test_untied_head_is_swapped_for_its_packed_form():
+    """An untied head's Linear is replaced by a PackedHead (its plain weight goes); the logits
+    stay bit-identical in bf16, and the state dict only loses the packed weights' names."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no bf16 support in oneDNN")
+    from unigemma.config import ModelConfig
+    from unigemma.models import family_of
+    from unigemma.weights.random import randomize_reference
+
+    family = family_of("gemma3_text")
+    config = ModelConfig.from_dict(dict(family.tiny_config("gemma3_text"), tie_word_embeddings=False))
+    plain = family.model(config)
+    randomize_reference(plain, 0)
+    plain = plain.to(torch.bfloat16).eval()
+    packed = family.model(config).to(torch.bfloat16).eval()
+    packed.load_state_dict(plain.state_dict())
+    assert type(packed.lm_head) is nn.Linear
+    pack_linears(packed)
+    assert isinstance(packed.lm_head, PackedHead) and packed.head_weight() is None
+    assert not any(k.startswith("lm_head.") for k in packed.state_dict())
+    ids = torch.tensor([[2, 10, 20, 30, 40, 50, 60, 70]])
+    assert torch.equal(packed.logits(ids), plain.logits(ids))
+
+
+def test_swap_head_refuses_a_module_with_state():
+    """The swapped-in head must not add names to the state dict (a tied table is saved once)."""
+    from unigemma.models.packed import swap_head
+
+    with pytest.raises(ValueError, match="holds tensors"):
+        swap_head(nn.Module(), nn.Linear(4, 8))

@@ -7,13 +7,18 @@ The cached forward, in the order it runs:
     masks = masks(query index, steps' key index)     (causal, sliding window, padding, media blocks)
     h = text(h, positions, masks, cache)             (the family's block stack; abort on error)
     cache.end()
-    logits = head(h)                                 (tied, untied or packed; softcap)
+    logits = head(h)                                 (the head module, `output`; softcap)
 
 A family subclasses `CausalLM` and supplies `text` (its block stack, models/text.py's
 `TextModel` or alike), `embed` (a text-only family rejects media there) and, if its policy
 differs, `masks`. The class owns the public signatures the engine, generators and loader call.
 It knows nothing about checkpoint names, GGUF or quantization: a family module lists those in
 its `Family` record, which the registry (models/__init__.py) holds.
+
+The LM head is one module, `output`: `lm_head` where the model has one, else the tied embedding's
+`linear` (which also serves a quantized table). An untied model's `lm_head` is its Linear; the CPU
+fast path swaps in a packed module as `lm_head` for either kind (models/packed.py `swap_head`),
+so `head` never asks whether the head is packed.
 """
 
 from __future__ import annotations
@@ -80,11 +85,10 @@ class CausalLM(nn.Module):
         self.block_mask = block_mask  # how media blocks compose with layer types (masks.py)
 
     def add_head(self) -> None:
-        """The untied LM head (a tied one reads the embedding); called after the family's modules,
-        so parameters keep the checkpoint's order."""
+        """The untied LM head (a tied one reads the embedding: no `lm_head` until one is swapped
+        in); called after the family's modules, so parameters keep the checkpoint's order."""
         if not self.config.text.tie_word_embeddings:
             self.lm_head = nn.Linear(self.config.text.hidden_size, self.config.text.vocab_size, bias=False)
-        self.packed_head = None  # models/packed.py: the head weight prepacked for fast decoding
 
     # -- what a family supplies ----------------------------------------------------------
     @property
@@ -164,20 +168,22 @@ class CausalLM(nn.Module):
         return out
 
     def head_weight(self) -> torch.Tensor | None:
-        """The LM head's float weight (None when it is quantized)."""
+        """The LM head's float weight (None when it is quantized, or when an untied head was
+        swapped for its packed form, which keeps no plain weight)."""
         w = getattr(self.text.embed_tokens if self.config.text.tie_word_embeddings else self.lm_head, "weight", None)
         return w if isinstance(w, torch.Tensor) and w.is_floating_point() else None
 
+    @property
+    def output(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The head module, hidden → raw logits: `lm_head` when the model has one (an untied
+        Linear, or a packed head swapped in), else the tied embedding's `linear`. Looked up at
+        each call, not stored: quantization and loading replace the embedding module."""
+        lm_head = getattr(self, "lm_head", None)
+        return lm_head if lm_head is not None else self.text.embed_tokens.linear
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final hidden [.., hidden] → softcapped logits [.., vocab] in the model dtype. A tied
-        head reads the embedding through `linear`, which also serves a quantized table."""
-        if self.packed_head is not None:
-            logits = self.packed_head(h)
-        elif self.config.text.tie_word_embeddings:
-            logits = self.text.embed_tokens.linear(h)
-        else:
-            logits = self.lm_head(h)
-        return softcap(logits, self.config.text.final_logit_softcapping)
+        """Final hidden [.., hidden] → softcapped logits [.., vocab] in the model dtype."""
+        return softcap(self.output(h), self.config.text.final_logit_softcapping)
 
     @torch.inference_mode()
     def logits(self, input_ids, attention_mask=None, mm_token_type_ids=None, *, block_mask: str | None = None,

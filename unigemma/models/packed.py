@@ -6,8 +6,12 @@ at load, into the blocked layout its kernels want reads it at 47-68 GB/s on this
 (2 cores, AVX512-BF16) and returns bit-identical bf16 results (fp32: equal to rounding). Prefill
 (many tokens) is no slower. So after loading, `pack_linears(model)` swaps every `nn.Linear` of
 the decoder for a `PackedLinear` holding the packed weight (the plain weight is dropped); with
-`head=True` the tied LM head gets a packed copy too (the embedding lookup still needs the plain
-rows: that copy costs vocab × hidden more memory, and is a third of the decode time saved).
+`head=True` the LM head is swapped too (`swap_head`): a `PackedHead` becomes the model's
+`lm_head`, the one module `CausalLM.head` calls. An untied head's plain Linear goes with the
+swap. A tied model keeps its embedding (the lookup still needs the plain rows), so its packed
+head is a copy: vocab × hidden more memory, and a third of the decode time saved. Packed
+weights are opaque attributes, not parameters or buffers: a swapped-in module adds nothing to
+the state dict, and a tied table is still saved once, as the embedding.
 
 The plain modules stay the oracle the tests compare to; packing is for inference only (no
 autograd through the packed weights) and only where oneDNN is present and supports the dtype.
@@ -85,6 +89,18 @@ class PackedHead(nn.Module):
         return torch.cat([_linear(h, p, None) for p in self.parts], -1)
 
 
+def swap_head(model: nn.Module, head: nn.Module) -> nn.Module:
+    """Make `head` (hidden → raw logits) the model's LM head module, `lm_head`, in place: an
+    untied head's Linear is replaced (its weight freed unless held elsewhere); a tied model
+    gains an `lm_head` the head calls instead of the embedding's `linear`. Either way the head
+    must hold no state: the checkpoint's names stay what they were."""
+    if head.state_dict():
+        raise ValueError(f"{type(head).__name__} holds tensors of its own; the swapped-in head must not, "
+                         "or the state dict would gain names the checkpoint does not have")
+    model.lm_head = head
+    return model
+
+
 def pack_every_linear(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Module:
     """Swap every float nn.Linear inside `module` for a PackedLinear, in place (an MTP drafter:
     all of it runs once per draft step), but those named in `skip` (whose weight is read)."""
@@ -103,7 +119,8 @@ def pack_every_linear(module: nn.Module, skip: tuple[str, ...] = ()) -> nn.Modul
 
 
 def pack_linears(model: nn.Module, head: bool = True) -> nn.Module:
-    """Swap the decoder's nn.Linear modules for PackedLinear in place (and pack the LM head)."""
+    """Swap the decoder's nn.Linear modules for PackedLinear in place (and, with `head`, the
+    LM head for a PackedHead of its float weight: `swap_head`)."""
     if not can_pack(model):
         return model
     with torch.no_grad():
@@ -113,5 +130,5 @@ def pack_linears(model: nn.Module, head: bool = True) -> nn.Module:
                 if type(child) is nn.Linear and child.weight.dtype in (torch.bfloat16, torch.float32):
                     setattr(module, child_name, PackedLinear(child.weight, child.bias))
         if head and model.head_weight() is not None:
-            model.packed_head = PackedHead.from_weight(model.head_weight())
+            swap_head(model, PackedHead.from_weight(model.head_weight()))
     return model

@@ -8,8 +8,9 @@ model's modules and the `LoadOptions`:
   * a float weight of a quantized module: quantized a block of rows at a time as it is read,
     so the float model never exists as a whole;
   * a float decoder Linear weight, when packing: packed for oneDNN straight from the file, the
-    plain copy freed (models/packed.py); the tied head is packed block by block from the file,
-    while the embedding table it shares stays as placed;
+    plain copy freed (models/packed.py); the tied head is packed block by block from the file
+    and swapped in as the model's head module (`swap_head`), while the embedding table it
+    shares stays as placed;
   * anything else: cast to the model dtype (a quantized checkpoint's scales stay float16,
     modules marked `keeps_float32` float32) and assigned.
 The placer reads nothing on its own: sources (weights/sources.py) hand it readers. It knows no
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..models.packed import PackedHead, PackedLinear
+from ..models.packed import PackedHead, PackedLinear, swap_head
 from ..quant.apply import load_float, load_float_rows, prepare
 from ..quant.linear import QuantLinear
 from .options import LoadOptions
@@ -119,8 +120,8 @@ class Placer:
             self.place_plain(t)
             if t.is_float and t.name == self.head and t.read_rows is not None:
                 rows, N = PackedHead.ROWS, t.shape[0]  # from the file: the placed table stays untouched
-                self.model.packed_head = PackedHead(t.read_rows(a, min(a + rows, N)).to(self.dtype)
-                                                    for a in range(0, N, rows))
+                swap_head(self.model, PackedHead(t.read_rows(a, min(a + rows, N)).to(self.dtype)
+                                                 for a in range(0, N, rows)))
         self.seen[t.name] = file
 
     def place_packed(self, t: Tensor) -> None:
