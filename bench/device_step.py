@@ -11,7 +11,8 @@ conversation through the Engine (Scheduler, BatchCache, runner) three ways:
   greedy oracle   generate/greedy.py, one plain forward per token (tokens only)
 
 plus 8 streams in the Scheduler. Prints one JSON line: tokens/s, the compile time, whether the
-compiled and oracle tokens equal eager's, the device's name and the torch version.
+compiled and oracle tokens equal eager's (greedy, and a seeded sample at temperature 1, which
+random weights do not collapse onto one token), the device's name and the torch version.
 
     python -m bench.device_step [--device cuda] [--dtype bfloat16] [--hidden 1536 --layers 8]
 """
@@ -82,6 +83,9 @@ def main():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, cfg["text_config"]["vocab_size"] - 10, (1, a.prompt_tokens), generator=g)
     params = SamplingParams(temperature=0.0, max_tokens=a.decode_tokens, ignore_eos=True)
+    # random weights collapse greedy decoding onto one token; a seeded sample walks the vocabulary,
+    # so "same tokens" compares 128 different positions' logits, not one
+    sampled = SamplingParams(temperature=1.0, seed=1234, max_tokens=a.decode_tokens, ignore_eos=True)
 
     def decode_rate(engine) -> tuple[float, list[int]]:
         best, toks = 0.0, None
@@ -106,6 +110,9 @@ def main():
     oracle = greedy_generate(model, ids, max_new_tokens=a.decode_tokens, stop_ids=[])  # ignore_eos, as above
     out["oracle_same_tokens"] = oracle[0].tolist() == eager_toks
     out["distinct_tokens"] = len(set(eager_toks))
+    seeded = [e.generate({"input_ids": ids}, sampled).token_ids for e in (eager, compiled)]
+    out["sampled_distinct_tokens"] = len(set(seeded[0]))
+    out["compiled_same_sampled_tokens"] = seeded[0] == seeded[1]
 
     s = Scheduler(eager, max_seqs=8, max_len=a.prompt_tokens + a.decode_tokens + 1)
     for i in range(8):
