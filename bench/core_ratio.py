@@ -4,7 +4,8 @@ A refactor must not cost speed. This checks out `--base` (a commit) into a tempo
 worktree, then measures our engine on the random mid-size checkpoint of bench/checkpoint.py
 with bench/generate_speed.py's child (`--child-ours`: load, time to first token, decode
 tokens/s, media time to first token, 1 and 8 streams in the Scheduler), alternating base and
-this tree for `--rounds` rounds, each run in its own process. Best of all runs per figure.
+this tree for `--rounds` rounds, each run in its own process (best of `--repeats` inside it).
+Best of all runs per figure.
 
     python -m bench.core_ratio --base 4929b7f [--dtype float32,bfloat16] [--rounds 3]
 
@@ -30,10 +31,10 @@ RATES = ("prefill_tok_s", "decode_tok_s", "batch1_decode_tok_s", "batch8_decode_
 SECONDS = ("ttft_text_s", "ttft_media_s", "load_s")
 
 
-def child(tree: Path, ckpt: Path, dtype: str, P: int, D: int, threads: int) -> dict:
+def child(tree: Path, ckpt: Path, dtype: str, P: int, D: int, threads: int, repeats: int) -> dict:
     """One measurement of the engine in `tree` (its own process: cwd first on sys.path)."""
     args = ["--child-ours", ckpt, "--dtype", dtype, "--prompt-tokens", P, "--decode-tokens", D,
-            "--threads", threads, "--repeats", 1]
+            "--threads", threads, "--repeats", repeats]
     p = subprocess.run([sys.executable, "-m", "bench.generate_speed", *map(str, args)], cwd=tree,
                        capture_output=True, text=True, timeout=1800)
     lines = p.stdout.strip().splitlines()
@@ -50,13 +51,14 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="best of this many inside each run")
     a = ap.parse_args()
 
     from bench.checkpoint import make_checkpoint
 
     ckpt = make_checkpoint()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    result = dict(bench="core_ratio", base=a.base, head=head, checkpoint=ckpt.name, rounds=a.rounds,
+    result = dict(bench="core_ratio", base=a.base, head=head, checkpoint=ckpt.name, rounds=a.rounds, repeats=a.repeats,
                   prompt_tokens=a.prompt_tokens, decode_tokens=a.decode_tokens, **machine(a.threads))
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
@@ -67,7 +69,8 @@ def main():
                 runs = {"base": [], "head": []}
                 for _ in range(a.rounds):  # interleaved: drift on a shared machine hits both alike
                     for name, tree in (("base", base), ("head", ROOT)):
-                        runs[name].append(child(tree, ckpt, dtype, a.prompt_tokens, a.decode_tokens, a.threads))
+                        runs[name].append(child(tree, ckpt, dtype, a.prompt_tokens, a.decode_tokens, a.threads,
+                                                 a.repeats))
                 best = {name: {f: (max if f in RATES else min)(r[f] for r in rs) for f in RATES + SECONDS}
                         for name, rs in runs.items()}
                 for name, figs in best.items():
