@@ -45,7 +45,7 @@ def quant_plan(model: nn.Module, scheme: QuantScheme | None,
         return {}
     plan = {}
     for name, mod in model.named_modules():
-        if not (is_quantizable(name, mod) or is_embedding(name, mod)):
+        if not (is_quantizable(name, mod, model) or is_embedding(name, mod)):
             continue
         kept = native(name + ".weight")
         if scheme is None:
