@@ -155,11 +155,11 @@ def measure_llama(gguf: str, P: int, D: int, threads: int, repeats: int, n_ctx: 
 
 # ---------------------------------------------------------------------------------------- subprocesses
 
-def run_child(module: str, args: list[str], timeout: float = 900) -> dict:
+def run_child(module: str, args: list[str], timeout: float = 900, env: dict | None = None) -> dict:
     """`python -m module args...` in a fresh process; its last stdout line as JSON (error dict on failure)."""
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
+                       timeout=timeout, cwd=Path(__file__).resolve().parent.parent, env=env)
     lines = p.stdout.strip().splitlines()
     if p.returncode != 0 or not lines:
         return {"error": f"exit {p.returncode}: {(p.stderr or p.stdout)[-1500:]}"}

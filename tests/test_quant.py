@@ -15,10 +15,11 @@ import torch
 import unigemma
 from reference import S, F, Shape, write_checkpoint
 from unigemma.errors import CheckpointError
-from unigemma.quant import linear as ql
+from unigemma.quant import qdot
 from unigemma.quant.apply import QuantScheme, quantize
 from unigemma.quant.linear import QuantEmbedding, QuantLinear
 from unigemma.quant.cpu_int4 import convert, kernel_layout
+from unigemma.quant.kernels import MAX_ROWS, describe, plan
 from unigemma.quant.pack import dequantize, pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles
 from unigemma.weights.save import save_quantized
 
@@ -84,12 +85,13 @@ def test_int4_kernel_on_other_isas(capability):
     """torch's int4 kernel order differs per ISA (64-row blocks on AVX-512, 32 on AVX2, row pairs
     on the plain build), and CI lands on either kind of CPU: run the layout and kernel tests
     again with torch and oneDNN capped to each lower ISA, so every order is checked on any machine."""
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "ONEDNN_MAX_CPU_ISA": "AVX2",
+           "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
     probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
     got = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert got.stdout.strip().lower() == capability
     r = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-                        "-k", "nibble or kernels_equal or state_dict_is_our or odd_shapes"],
+                        "-k", "nibble or kernels_equal or int8_activation or state_dict_is_our or odd_shapes"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-1000:]
@@ -101,43 +103,118 @@ def module(w, bits, group):
     return m
 
 
-@pytest.mark.parametrize("bits,group,kernel", [(8, None, "int8"), (4, 32, "int4"), (4, 128, "int4"), (8, 32, None),
-                                               (4, 64, "int4")])
+def exact_paths(bits, group, N, K, dtype):
+    """The float-activation paths that can run the layer here, whether or not the plan prefers
+    them on this CPU (torch's kernels run, slowly, without native bf16 too): each is checked."""
+    paths = {"dequantize"}
+    if dtype == torch.bfloat16 and bits == 8 and group is None:
+        paths.add("int8pack")
+    if dtype == torch.bfloat16 and bits == 4 and N % 64 == 0 and group in (32, 64, 128, 256) and kernel_layout():
+        paths.add("int4pack")
+    return sorted(paths)
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 128), (8, 32), (4, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 7, 300])
-def test_kernels_equal_dequantize_oracle(bits, group, kernel, dtype, M):
+def test_exact_kernels_equal_dequantize_oracle(bits, group, dtype, M):
     w = weights(192, 256)
     m = module(w, bits, group)
-    assert m.kernel == kernel
     x = torch.randn(M, 256).to(dtype)
-    fast = m(x)
-    ql.USE_KERNELS = False
-    try:
-        slow = m(x)
-    finally:
-        ql.USE_KERNELS = True
     oracle = torch.nn.functional.linear(x.float(), m.dequantize()).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the kernels round scales and outputs to bf16
-    for y in (fast, slow):
+    for path in exact_paths(bits, group, 192, 256, dtype):
+        m.path = path
+        y = m(x)
         err = ((y.float() - oracle.float()).abs().max() / oracle.float().abs().max()).item()
-        print(f"bits={bits} group={group} M={M} {dtype}: max rel err {err:.2e}")
-        assert err < tol
+        print(f"{path} bits={bits} group={group} M={M} {dtype}: max rel err {err:.2e}")
+        assert err < tol, path
+
+
+needs_qdot = pytest.mark.skipif(plan().int8_act is None, reason="qdot.c was not built (no C compiler at install)")
+
+
+@needs_qdot
+@pytest.mark.parametrize("bits,group", [(8, None), (8, 32), (4, 32), (4, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_activation_kernel_equals_its_definition(bits, group, dtype):
+    """int8-act = activations rounded to int8 per 32 columns (qdot.reference, float64) times the
+    dequantized weight; within a float32 summation's rounding of it, on the SIMD and the plain C
+    code; and near the float product (the activations' rounding, as llama.cpp's)."""
+    w = weights(192, 256)
+    m = module(w, bits, group)
+    m.path = "int8-act"
+    x = torch.randn(5, 256).to(dtype)
+    ref = qdot.reference(x, m.weight, m.scales, bits, group or 256)
+    got = {"simd": m(x)}
+    qdot.force_plain(True)
+    try:
+        got["c"] = m(x)
+    finally:
+        qdot.force_plain(False)
+    oracle = torch.nn.functional.linear(x.double(), m.dequantize(torch.float64))
+    for name, y in got.items():
+        assert y.dtype == dtype
+        err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+        assert err < (1e-5 if dtype == torch.float32 else 1e-2), (name, err)
+        drift = ((y.double() - oracle).norm() / oracle.norm()).item()
+        assert drift < 2e-2, (name, drift)  # ~0.4% a value: 8-bit activations
+
+
+@needs_qdot
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
+def test_int8_activation_rows_do_not_depend_on_their_neighbours(bits, group):
+    """Speculative decoding verifies k + 1 tokens in one call and must equal k + 1 one-token
+    steps: every row, computed among up to MAX_ROWS others, is bit-equal to that row alone."""
+    m = module(weights(192, 256), bits, group)
+    m.path = "int8-act"
+    x = torch.randn(MAX_ROWS["int8-act"], 256) * torch.logspace(-2, 2, MAX_ROWS["int8-act"])[:, None]
+    together = m(x)
+    for n in (2, 3, 5, MAX_ROWS["int8-act"]):
+        assert torch.equal(m(x[:n]), together[:n])
+    for i in range(x.shape[0]):
+        assert torch.equal(m(x[i:i + 1])[0], together[i])
+
+
+@needs_qdot
+def test_int8_activation_kernel_refuses_what_it_cannot_read():
+    q, s = quantize(weights(64, 64), 4, 32)
+    with pytest.raises(ValueError, match="do not fit"):
+        qdot.matmul(torch.randn(1, 64), q.to(torch.int8), s, 4, 32)  # int4 codes are uint8
+    with pytest.raises(ValueError, match="do not fit"):
+        qdot.matmul(torch.randn(1, 64), q, s.float(), 4, 32)
 
 
 def test_int4_state_dict_is_our_layout_after_kernel_packing():
     w = weights(128, 64)
     m = module(w, 4, 32)
     ours = m.weight.clone()
+    m.path = "int4pack"  # the plan picks it only with native bf16; it runs everywhere
     m(torch.randn(1, 64, dtype=torch.bfloat16))  # the bf16 kernel moves the weight into its order
     assert m.is_kernel_layout and not torch.equal(m.weight, ours)
     assert torch.equal(m.state_dict()["weight"], ours)
 
 
 def test_odd_shapes_fall_back_to_dequantize():
-    m = module(weights(96, 64), 4, 32)  # 96 rows: not a multiple of the kernel's 64-row blocks
-    assert m.kernel is None
+    m = module(weights(96, 64), 4, 32)  # 96 rows: not a multiple of torch's int4 kernel's 64-row blocks
+    assert m.choose_path(torch.bfloat16, exact=True) == "dequantize"
     x = torch.randn(2, 64)
     assert torch.allclose(m(x), x @ m.dequantize().T, atol=1e-5)
+    m = module(weights(64, 48), 8, 16)  # groups of 16: narrower than the int8-act kernel's blocks
+    assert m.choose_path(torch.float32) == "dequantize"
+
+
+def test_plan_names_the_cpu_and_every_layer_kind(ckpt):
+    p = plan()
+    assert p.capability == torch.backends.cpu.get_cpu_capability()
+    assert p.cpu_model and p.capability in p.line()
+    model = unigemma.load_model(ckpt, dtype="float32", quant="int4-g32")
+    kinds = describe(model)
+    quantized = {k: n for k, n in kinds.items() if k.split()[0] in ("int8-act", "int8pack", "int4pack", "dequantize")}
+    assert sum(quantized.values()) == sum(isinstance(m, QuantLinear) for m in model.modules())
+    assert all(k.startswith(("onednn-packed", "aten")) for k in kinds.keys() - quantized.keys())
+    exact = describe(unigemma.load_model(ckpt, dtype="float32", quant="int4-g32", exact=True))
+    assert not any(k.startswith("int8-act") for k in exact)
 
 
 @pytest.mark.parametrize("group", [None, 32])
@@ -149,7 +226,11 @@ def test_quantized_embedding_lookup_and_tied_head(group):
     ids = torch.tensor([[0, 5, 299], [3, 3, 1]])
     assert torch.equal(e(ids), table[ids])
     h = torch.randn(2, 64)
+    e.choose_path(torch.float32, exact=True)
     assert torch.allclose(e.linear(h), h @ table.T, atol=1e-5)
+    if plan().int8_act is not None:  # the fast head: activations rounded to 8 bits, ~0.4% a logit
+        e.path = "int8-act"
+        assert torch.allclose(e.linear(h), h @ table.T, atol=0.05 * (h @ table.T).abs().max().item())
 
 
 def test_scheme_names_and_errors():

@@ -8,6 +8,7 @@ import torch
 from messages import img, user
 
 from unigemma.config import FULL, SLIDING
+from unigemma.errors import InputError
 from unigemma.generate.engine import Engine
 from unigemma.generate.sampling import Sampler, SamplingParams
 from unigemma.generate.speculative import DraftLength, MTPProposer, Proposal, accept
@@ -262,3 +263,32 @@ def test_bf16_gemma4_one_token_steps_equal_a_verify_forward_bit_for_bit(tmp_path
                 layer_types=[SLIDING, SLIDING, SLIDING, FULL])
     write_random_checkpoint(dict(model_type="gemma4_unified", text_config=text), tmp_path / "g4", seed=0)
     steps_equal_verify(unigemma.load_model(tmp_path / "g4", dtype="bfloat16", pack=True), 1024)
+
+
+def test_adaptive_drafting_turns_itself_off_where_drafts_do_not_pay_and_back_on():
+    """A plain step is measured first; with 10% of drafts accepted and a verify row costing half
+    a plain step, every k loses to plain decoding: k = 0, but for a draft round every `probe`
+    rounds. When acceptance rises the drafts come back."""
+    d = DraftLength(k=3, adaptive=True, probe=8)
+    assert d.next() == 0  # nothing measured yet: one plain step first
+    d.update(0, 0, 0.0, 0.010)
+    ks = []
+    for _ in range(40):
+        k = d.next()
+        ks.append(k)
+        if k:  # low acceptance, costly verify rows
+            d.update(k, int(k * 0.1), 0.001 * k, 0.010 + 0.005 * k)
+        else:
+            d.update(0, 0, 0.0, 0.010)
+    assert ks[-16:].count(0) >= 14, ks  # off, probing now and then
+    assert any(ks[-16:]), ks
+    for _ in range(40):  # the drafts start landing: cheap verify rows, all accepted
+        k = d.next()
+        d.update(k, k, 0.0005 * k, 0.010 + 0.0005 * k) if k else d.update(0, 0, 0.0, 0.010)
+    assert d.next() > 1 and d.gain(d.history[-1]) > 1
+
+
+def test_adaptive_draft_length_rejects_bad_settings():
+    for bad in (dict(probe=0), dict(max_k=0), dict(k=True)):
+        with pytest.raises(InputError):
+            DraftLength(**bad)

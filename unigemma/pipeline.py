@@ -61,7 +61,7 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
          tokenizer: str | os.PathLike | Tokenizer | None = None, progress: bool = False,
          fast: bool = True, quant: str | None = None, mmproj: str | os.PathLike | None = None,
          draft: str | os.PathLike | None = None, draft_tokens: int | None = None,
-         dequantize: bool = False) -> "Gemma":
+         dequantize: bool = False, exact: bool = False) -> "Gemma":
     """Load a checkpoint directory or a GGUF file for chat and for the reference forward.
 
     The tokenizer and chat template come from the checkpoint (`tokenizer.json`,
@@ -71,12 +71,13 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
     weight quantized as it loads (`load_model`); dequantize: a GGUF's quantized tensors as floats.
     mmproj: a GGUF model's image/audio embedders. draft: an MTP drafter's directory, or the name
     of one shipped with unigemma (unigemma/drafters: "gemma-3-270m"); draft_tokens: a fixed
-    draft length (default adaptive).
+    draft length (default adaptive). exact: quantized layers keep float activations, never the
+    int8-activation kernels (the fastest quantized path on CPUs, quant/kernels.py).
     """
     # fast: the CPU fast path, prepacked oneDNN weights (~2x faster decoding, models/packed.py),
     # packed as they load; fast=False keeps the plain modules (the tests' oracle)
     model = load_model(path, dtype=dtype, device=device, block_mask=block_mask, progress=progress, quant=quant,
-                       dequantize=dequantize, mmproj=mmproj, pack=fast)
+                       dequantize=dequantize, mmproj=mmproj, pack=fast, exact=exact)
     is_gguf = Path(path).is_file()
     if tokenizer is None and (is_gguf or (Path(path) / "tokenizer.json").is_file()):
         tokenizer = path

@@ -149,42 +149,66 @@ def _logprob(x: torch.Tensor, t: int, top: int | None) -> dict | None:
 
 @dataclass
 class DraftLength:
-    """k per round. Fixed (`adaptive=False`), or chosen to maximise expected tokens per unit
-    of time: with acceptance a per draft (running estimate) a round of k drafts yields
-    (1 - a^(k+1)) / (1 - a) tokens and costs 1 + k * c verify-forwards, c the measured cost
-    of one draft step relative to one verify forward."""
+    """k per round. Fixed (`adaptive=False`), or chosen to maximise expected tokens per unit of
+    time, 0 included: k = 0 is a plain one-token step, so drafting turns itself off where drafts
+    do not pay (low acceptance, or a verify that costs more per row than a draft saves: the int8
+    activation kernels' cost grows with rows) and comes back when they do.
+
+    With acceptance a per draft (running estimate), a round of k drafts yields
+    (1 - a^(k+1)) / (1 - a) tokens and takes 1 + k * (cost + marginal) plain steps: `cost` a
+    draft step and `marginal` each extra verified row, both measured relative to the plain step
+    (`plain_s`, measured in k = 0 rounds). Every `probe` rounds the choice not taken runs once
+    (a plain step while drafting, a draft round while off), so the estimates stay current."""
     k: int = 4
     adaptive: bool = True
     max_k: int = 8
+    probe: int = 16
     rate: float = 0.6  # running acceptance per drafted token
-    cost: float = 0.1  # draft step time / verify time
+    cost: float = 0.1  # draft step time / plain step time
+    marginal: float = 0.05  # extra verify time per drafted row / plain step time
+    plain_s: float | None = None  # one plain step (forward + head), seconds
     drafted: int = 0
     accepted: int = 0
     rounds: int = 0
+    since_probe: int = 0
     history: list[int] = field(default_factory=list)
 
     def __post_init__(self):
-        for name in ("k", "max_k"):
+        for name in ("k", "max_k", "probe"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"draft {name} must be a positive integer, got {v!r}")
 
+    def gain(self, k: int) -> float:
+        """Expected tokens per plain-step time of a k-draft round (plain decoding: 1)."""
+        a = min(max(self.rate, 0.01), 0.99)
+        return (1 - a ** (k + 1)) / (1 - a) / (1 + k * (self.cost + self.marginal))
+
     def next(self) -> int:
         if not self.adaptive:
             return self.k
-        a = min(max(self.rate, 0.01), 0.99)
-        best = max(range(1, self.max_k + 1), key=lambda k: (1 - a ** (k + 1)) / (1 - a) / (1 + k * self.cost))
-        self.history.append(best)
-        return best
+        best = max(range(1, self.max_k + 1), key=self.gain)
+        choice = best if self.gain(best) > 1.0 else 0
+        self.since_probe += 1
+        if self.plain_s is None or self.since_probe >= self.probe:  # measure the other side once
+            self.since_probe = 0
+            choice = best if choice == 0 and self.plain_s is not None else 0
+        self.history.append(choice)
+        return choice
 
     def update(self, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        """One round's figures: verify_s is the verify forward and its head (for k = 0: a plain step)."""
         self.drafted += drafted
         self.accepted += accepted
         self.rounds += 1
-        if drafted:
-            self.rate = 0.8 * self.rate + 0.2 * (accepted / drafted)
-            if verify_s > 0:
-                self.cost = 0.8 * self.cost + 0.2 * (draft_s / drafted / verify_s)
+        if not drafted:
+            self.plain_s = verify_s if self.plain_s is None else 0.8 * self.plain_s + 0.2 * verify_s
+            return
+        self.rate = 0.8 * self.rate + 0.2 * (accepted / drafted)
+        if self.plain_s:
+            self.cost = 0.8 * self.cost + 0.2 * (draft_s / drafted / self.plain_s)
+            extra = max(0.0, verify_s - self.plain_s) / drafted / self.plain_s
+            self.marginal = 0.8 * self.marginal + 0.2 * extra
 
     @property
     def acceptance(self) -> float:
@@ -203,11 +227,16 @@ def speculative_round(model, proposer: MTPProposer, draft: DraftLength, cache, s
     accept, roll the rejected drafts back. Returns what was accepted and the hidden that
     produced its last token (the next round's h); the cache then holds everything but that
     last token."""
-    proposal, draft_s = timed(proposer.propose, cache, x, h, k, sampler)
+    proposal, draft_s = timed(proposer.propose, cache, x, h, k, sampler) if k else (Proposal([], None), 0.0)
     run = torch.tensor([[x] + proposal.tokens], device=model.device)
     positions = cache.positions[:, None] + torch.arange(k + 1, device=model.device)
-    H, verify_s = timed(lambda: step(model, cache, run, positions)[0])
-    got = accept(sampler, model.head(H), proposal, top)
+
+    def verify():
+        H = step(model, cache, run, positions)[0]
+        return H, model.head(H)
+
+    (H, logits), verify_s = timed(verify)
+    got = accept(sampler, logits, proposal, top)
     kept = len(got.tokens) - 1
     cache.trim(k - kept, row=0)
     draft.update(k, kept, draft_s, verify_s)

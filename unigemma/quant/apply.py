@@ -149,14 +149,13 @@ def load_float_rows(module: QuantLinear, read_rows) -> None:
                                      module.group_size))  # int8 with group = K: per channel
 
 
-def prepare(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """After loading: move int4 weights into the CPU kernel's nibble order once (not at the
-    first forward, which would hold both copies of a layer at once). Only bfloat16 models run
-    the kernel (linear.py); the others keep our layout."""
-    if dtype != torch.bfloat16:
-        return model
+def prepare(model: nn.Module, dtype: torch.dtype, exact: bool = False) -> nn.Module:
+    """After loading: choose each quantized module's kernel for this CPU (quant/kernels.py;
+    exact: activations stay in the model dtype) and move the weights of those that run torch's
+    int4 kernel into its nibble order once (not at the first forward, which would hold both
+    copies of a layer at once)."""
     for m in model.modules():
-        if isinstance(m, QuantLinear) and m.kernel == "int4":
+        if isinstance(m, QuantLinear) and m.choose_path(dtype, exact) == "int4pack":
             m.to_kernel_layout()
     return model
 

@@ -4,18 +4,18 @@ State (what a quantized checkpoint stores, layouts in pack.py):
     weight  int8 [N, K] (8 bit) or uint8 [N, K // 2] (4 bit)
     scales  float16 [N, K // group]
 
-Matmul paths, picked per module from its shape (`kernel`) and per call from the activations:
-  "int8"  torch's `_weight_int8pack_mm`: per-channel int8 (one group per row).
-  "int4"  torch's `_weight_int4pack_mm_for_cpu`: group-wise int4 with N % 64 == 0. The module
-          then keeps only the kernel's nibble order in memory (a permutation of ours that
-          depends on the CPU, learned from torch's conversion op in cpu_int4.py, and undone
-          by a state_dict hook), so the weight exists once.
-  None    plain dequantize + matmul, a block of rows at a time so the float copy stays in
-          cache: group-wise int8 (GGUF Q8_0), odd shapes, other devices. Also the oracle.
-The kernels are fast only for bfloat16 activations (AVX512-BF16; in float32 / float16 they
-are 2-50x slower than dequantizing, bench/quant_kernels.py), so float32 models always take the
-plain path, and so do calls with many rows (prefill, KERNEL_MAX_ROWS). The kernels take scales
-in the activation dtype: the float16 scales round to bfloat16 (a relative 2^-9 per group).
+Each module runs one matmul path, `path`, chosen once for this CPU by quant/kernels.py
+(`CpuPlan.quantized`; `prepare` sets it after loading, else it is chosen at the first call):
+  "int8-act"    qdot.c: int8 activations x the int8 / int4 codes in our layout (llama.cpp's way).
+  "int8pack"    torch's `_weight_int8pack_mm`: per-channel int8, bf16 activations.
+  "int4pack"    torch's `_weight_int4pack_mm_for_cpu`: group-wise int4 with N % 64 == 0. The
+                module then keeps only the kernel's nibble order in memory (a permutation of ours
+                that depends on the CPU, learned from torch's conversion op in cpu_int4.py, and
+                undone by a state_dict hook), so the weight exists once. These two take scales in
+                the activation dtype: the float16 scales round to bfloat16 (2^-9 per group).
+  "dequantize"  plain dequantize + matmul, a block of rows at a time so the float copy stays in
+                cache, in float32 where bf16 is emulated: odd shapes, other devices, the oracle,
+                and every call with more rows than the path's kernel takes (prefill, MAX_ROWS).
 """
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_int4 import ROW_MULTIPLE, kernel_layout
+from . import qdot
+from .cpu_int4 import kernel_layout
+from .kernels import MAX_ROWS, plan
 from .pack import dequantize
 
 USE_KERNELS = True  # False: every module takes the dequantize path (tests compare the two)
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
-# Above this many rows (prefill) dequantize + a bf16/fp32 GEMM beats the packed kernels,
-# which run at ~190 GFLOP/s against the GEMM's ~480 (bench/quant_kernels.py, one core).
-KERNEL_MAX_ROWS = {"int8": 48, "int4": 192}
 # rows dequantized per block on the plain path: ~1 MiB of float32 weights
 _BLOCK_BYTES = 1 << 20
 
@@ -51,25 +50,24 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, in_features // g, dtype=torch.float16, device=device))
         self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
         self.is_kernel_layout = False  # weight holds torch's int4 kernel order (see pack.py)
+        self.path: str | None = None  # the kernel, chosen once (choose_path); None: at the first call
         self._kernel_scales: dict[torch.dtype, torch.Tensor] = {}
         self._register_state_dict_hook(_our_layout_hook)
 
-    @property
-    def kernel(self) -> str | None:
-        """The packed kernel this module's shape allows (used for bfloat16 activations)."""
-        if not USE_KERNELS or self.weight.device.type != "cpu":
-            return None
-        if self.bits == 8:
-            return "int8" if self.scales.shape[1] == 1 else None
-        ok = self.out_features % ROW_MULTIPLE == 0 and self.group_size in INT4_KERNEL_GROUPS
-        return "int4" if ok and kernel_layout() is not None else None
+    def choose_path(self, dtype: torch.dtype, exact: bool = False) -> str:
+        """Set and return this module's kernel for `dtype` activations on this CPU (kernels.py)."""
+        if self.weight.device.type != "cpu":
+            self.path = "dequantize"
+        else:
+            self.path = plan().quantized(self.bits, self.group_size, self.in_features, self.out_features, dtype, exact)
+        return self.path
 
     def set_weight(self, q: torch.Tensor, scales: torch.Tensor) -> None:
         """Our layout in (from a checkpoint, a quantizer or a GGUF repack)."""
         if tuple(q.shape) != tuple(self.weight.shape) or tuple(scales.shape) != tuple(self.scales.shape):
             raise ValueError(f"quantized weight {tuple(q.shape)} / scales {tuple(scales.shape)} do not fit "
                              f"{tuple(self.weight.shape)} / {tuple(self.scales.shape)}")
-        self.weight, self.scales = q.to(self.weight.dtype), scales.to(torch.float16)
+        self.weight, self.scales = q.to(self.weight.dtype).contiguous(), scales.to(torch.float16).contiguous()
         self.is_kernel_layout = False
         self._kernel_scales.clear()
 
@@ -99,12 +97,14 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        kernel = self.kernel
-        if kernel is not None and (x.dtype != torch.bfloat16 or x2.shape[0] > KERNEL_MAX_ROWS[kernel]):
-            kernel = None
-        if kernel == "int8":
+        path = self.path or self.choose_path(x.dtype)
+        if not USE_KERNELS or x2.shape[0] > MAX_ROWS.get(path, 0):
+            path = "dequantize"
+        if path == "int8-act":
+            y = qdot.matmul(x2, self.our_weight(), self.scales, self.bits, self.group_size)
+        elif path == "int8pack" and x.dtype == torch.bfloat16:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self._scales_for(x.dtype))
-        elif kernel == "int4":
+        elif path == "int4pack" and x.dtype == torch.bfloat16:
             self.to_kernel_layout()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.group_size,
                                                            self._scales_for(x.dtype))
@@ -117,13 +117,17 @@ class QuantLinear(nn.Module):
     def _dequantize_matmul(self, x: torch.Tensor) -> torch.Tensor:
         q = self.our_weight()
         rows = max(64, _BLOCK_BYTES // (4 * self.in_features))
-        outs = [F.linear(x, dequantize(q[r:r + rows], self.scales[r:r + rows], self.bits, x.dtype))
+        # bf16 GEMMs are emulated without AVX512-BF16 (scalar-speed on AVX2): run those in float32
+        dtype = plan().compute_dtype(x.dtype) if x.device.type == "cpu" else x.dtype
+        xc = x.to(dtype)
+        outs = [F.linear(xc, dequantize(q[r:r + rows], self.scales[r:r + rows], self.bits, dtype))
                 for r in range(0, self.out_features, rows)]
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
-                f"kernel={self.kernel}")
+                f"path={self.path}")
 
 
 class QuantEmbedding(QuantLinear):
@@ -136,10 +140,12 @@ class QuantEmbedding(QuantLinear):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.dtype = dtype  # the model's dtype: rows come out in it
 
-    @property
-    def kernel(self) -> str | None:
-        # the int4 kernel would permute the rows the lookup gathers from; only int8 tables use a kernel
-        return super().kernel if self.bits == 8 else None
+    def choose_path(self, dtype: torch.dtype, exact: bool = False) -> str:
+        # the int4 kernel would permute the rows the lookup gathers from: int4 tables never take it
+        path = super().choose_path(dtype, exact)
+        if path == "int4pack":
+            self.path = path = "dequantize"
+        return path
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)

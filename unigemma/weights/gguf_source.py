@@ -24,7 +24,7 @@ from ..gguf.arch import config_from_gguf, our_name
 from ..gguf.dequant import dequantize, repack
 from ..gguf.mmproj import mmproj_path_check, mmproj_tensor
 from ..gguf.reader import GGUFFile
-from ..gguf.types import Q4_0, Q8_0
+from ..gguf.types import BF16, F16, F32, Q4_0, Q8_0
 from .sources import Tensor
 
 NATIVE = {Q8_0: (8, 32), Q4_0: (4, 32)}  # ggml types whose blocks are our group-32 layouts, bit for bit
@@ -79,6 +79,15 @@ class GGUFSource:
 
     def native(self, name: str) -> tuple[int, int] | None:
         return NATIVE.get(self.types.get(name))
+
+    def requantize(self, name: str) -> tuple[int, int] | None:
+        """The layout a weight stored in another block type (Q4_K, Q5_0, Q6_K, ...) loads into
+        when no quantization is asked: int8 in groups of 32, the nearest one our kernels read
+        (its step, 1/254 of a group's largest weight, is far inside those types' own; Gemma 3
+        270M's Q4_K_M: KL 0.004 from the float weights, bench/act_quality.py). None for float
+        tensors and for our native types."""
+        t = self.types.get(name)
+        return (8, 32) if t is not None and t not in (F32, F16, BF16) and t not in NATIVE else None
 
     def tensors(self) -> Iterator[Tensor]:
         arch = self.file.arch

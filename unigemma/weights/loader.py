@@ -35,12 +35,16 @@ __all__ = ["DTYPES", "LoadOptions", "build_model", "load_model", "open_source", 
 
 def quant_plan(model: nn.Module, scheme: QuantScheme | None,
                native: Callable[[str], tuple[int, int | None] | None] = lambda name: None,
-               dequantize: bool = False) -> dict[str, tuple[int, int | None]]:
+               dequantize: bool = False,
+               requantize: Callable[[str], tuple[int, int | None] | None] = lambda name: None,
+               ) -> dict[str, tuple[int, int | None]]:
     """Module name → (bits, group) for every module this load quantizes.
 
     native(weight name): the layout a file stores that weight in (a GGUF's Q8_0 / Q4_0), kept
     as it is unless a scheme asks otherwise (the 8-bit token table of a group-32 scheme keeps
-    its Q8_0 bits) or `dequantize` makes every weight float."""
+    its Q8_0 bits) or `dequantize` makes every weight float. requantize(weight name): with no
+    scheme, the layout a weight stored in another quantized type loads into (a GGUF's K-quants:
+    int8-g32, gguf_source.py), where it would otherwise become a float matrix."""
     if dequantize:
         return {}
     plan = {}
@@ -49,6 +53,7 @@ def quant_plan(model: nn.Module, scheme: QuantScheme | None,
             continue
         kept = native(name + ".weight")
         if scheme is None:
+            kept = kept or requantize(name + ".weight")
             if kept is not None:
                 plan[name] = kept
         elif is_embedding(name, mod):
@@ -59,12 +64,13 @@ def quant_plan(model: nn.Module, scheme: QuantScheme | None,
 
 
 def build_model(config: ModelConfig, block_mask: str = "sliding", scheme: QuantScheme | None = None,
-                dtype: torch.dtype = torch.bfloat16, native=None, dequantize: bool = False) -> nn.Module:
+                dtype: torch.dtype = torch.bfloat16, native=None, dequantize: bool = False,
+                requantize=None) -> nn.Module:
     """The model for `config` on the meta device, its modules swapped for quantized ones where
     `scheme` or the file's `native` layouts say so (`quant_plan`)."""
     with torch.device("meta"):
         model = model_class(config)(config, block_mask=block_mask)
-    plan = quant_plan(model, scheme, native or (lambda name: None), dequantize)
+    plan = quant_plan(model, scheme, native or (lambda name: None), dequantize, requantize or (lambda name: None))
     if plan:
         try:
             swap_modules(model, plan, dtype)
@@ -88,7 +94,7 @@ def open_source(path: str | os.PathLike, mmproj=None) -> TensorSource:
 
 def load_model(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: str = "sliding",
                progress: bool = False, quant: str | QuantScheme | None = None, mmproj=None,
-               pack: bool = False, dequantize: bool = False) -> nn.Module:
+               pack: bool = False, dequantize: bool = False, exact: bool = False) -> nn.Module:
     """Load a checkpoint directory (safetensors) or a GGUF file.
 
     dtype: float32 or bfloat16 (or float16), the activations' dtype. quant: None (as stored),
@@ -98,13 +104,14 @@ def load_model(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_ma
     quant="float" is its deprecated spelling). mmproj: a GGUF file's image/audio embedders
     (GGUF only). pack: the CPU fast path (models/packed.py): each float decoder Linear is packed
     as it is read, and the tied LM head is packed block by block from the file, while the
-    embedding table stays as placed (mapped, for safetensors: lookups touch only their rows)."""
-    options = LoadOptions.parse(dtype, device, quant, dequantize, pack, block_mask, progress)
+    embedding table stays as placed (mapped, for safetensors: lookups touch only their rows).
+    exact: quantized layers keep float activations (no int8-activation kernels: quant/kernels.py)."""
+    options = LoadOptions.parse(dtype, device, quant, dequantize, pack, block_mask, progress, exact)
     source = open_source(path, mmproj)
     try:
         scheme = options.scheme_for(source.config, source.describes)
         model = build_model(source.config, options.block_mask, scheme, options.dtype, source.native,
-                            options.dequantize)
+                            options.dequantize, source.requantize)
         return Placer(model, options, source.describes).stream(source)
     finally:
         source.close()

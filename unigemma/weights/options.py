@@ -18,6 +18,7 @@ import torch
 from ..errors import CheckpointError
 from ..models.packed import device_can_pack
 from ..quant.apply import QuantScheme
+from ..quant.kernels import plan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,7 +41,8 @@ class LoadOptions:
     weight as it is read (None: as stored). dequantize: a file's natively quantized tensors
     (a GGUF's Q8_0 / Q4_0) become float matrices of `dtype`. pack: the CPU fast path, decoder
     Linears and the tied head packed for oneDNN as they are read (only where the device and
-    dtype can: `device_can_pack`)."""
+    dtype can: `device_can_pack`). exact: quantized layers keep their activations in `dtype`
+    (weight-only kernels), where by default they may run int8-activation kernels (quant/kernels.py)."""
 
     dtype: torch.dtype = torch.bfloat16
     device: str | torch.device = "cpu"
@@ -49,21 +51,27 @@ class LoadOptions:
     pack: bool = False
     block_mask: str = "sliding"
     progress: bool = False
+    exact: bool = False
+    upcast: bool = False  # bf16 decoder Linears run as models/upcast.py's UpcastLinear (set by parse)
 
     @classmethod
     def parse(cls, dtype="bfloat16", device="cpu", quant: str | QuantScheme | None = None,
               dequantize: bool = False, pack: bool = False, block_mask: str = "sliding",
-              progress: bool = False) -> "LoadOptions":
+              progress: bool = False, exact: bool = False) -> "LoadOptions":
         if quant == "float":  # the old spelling of dequantize, kept for scripts that use it
             warnings.warn("quant='float' is deprecated: pass dequantize=True (CLI: --dequantize)",
                           DeprecationWarning, stacklevel=3)
             quant, dequantize = None, True
         scheme = None if quant is None else QuantScheme.parse(quant)
+        upcast = bool(pack) and torch.device(device).type == "cpu" and plan().float_linear(resolve_dtype(dtype)) == "upcast"
         if scheme is not None and dequantize:
             raise ValueError(f"dequantize and quant={scheme.name!r} exclude each other: quant already "
                              "requantizes a file's quantized tensors")
         dtype = resolve_dtype(dtype)
-        return cls(dtype, device, scheme, dequantize, pack and device_can_pack(device, dtype), block_mask, progress)
+        # pack where packing is this CPU's fastest float kernel (quant/kernels.py: bf16 with native
+        # bf16 arithmetic); "upcast" is applied after loading (placer.py)
+        pack = pack and device_can_pack(device, dtype) and plan().float_linear(dtype) == "onednn-packed"
+        return cls(dtype, device, scheme, dequantize, pack, block_mask, progress, bool(exact), upcast)
 
     def scheme_for(self, config, where: str) -> QuantScheme | None:
         """The scheme the model is built with: the one the checkpoint records (it loads as it

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..models.packed import PackedHead, PackedLinear, swap_head
+from ..models.upcast import upcast_linears
 from ..quant.apply import load_float, load_float_rows, prepare
 from ..quant.linear import QuantLinear
 from .options import LoadOptions
@@ -150,7 +151,9 @@ class Placer:
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise CheckpointError(f"{self.describes}: checkpoint is missing {len(missing)} tensors: {missing[:5]}{more}")
-        prepare(self.model, self.dtype)
+        prepare(self.model, self.dtype, self.options.exact)
+        if self.options.upcast:
+            upcast_linears(self.model)
         return self.model.eval()
 
 

@@ -52,6 +52,9 @@ class TensorSource(Protocol):
     def native(self, name: str) -> tuple[int, int | None] | None:
         """(bits, group) when the weight `name` is stored in one of our quantized layouts."""
 
+    def requantize(self, name: str) -> tuple[int, int | None] | None:
+        """(bits, group) a weight stored quantized in a layout we do not run loads into by default."""
+
     def tensors(self) -> Iterator[Tensor]: ...
 
     def close(self) -> None: ...
@@ -124,6 +127,9 @@ class SafetensorsSource:
 
     def native(self, name: str) -> None:
         return None  # a quantized safetensors checkpoint records its scheme in config.json
+
+    def requantize(self, name: str) -> None:
+        return None
 
     def tensors(self) -> Iterator[Tensor]:
         for shard in self.shards:

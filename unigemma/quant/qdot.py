@@ -1,0 +1,113 @@
+"""int8 activations x int8 / int4 weights: the binding of qdot.c (its header says why and how).
+
+`available()` says whether the compiled library loaded (it is built by `pip install`, optional:
+without a C compiler it is absent and the quantized layers keep torch's kernels). `matmul(x, q,
+scales, bits, group)` is y = x @ dequantize(q, scales)ᵀ with x quantized per row and per block of
+32 columns to int8 on the way in: not equal to the dequantize path (activations lose ~8 bits of
+mantissa, as in llama.cpp), but each row's result is independent of the rows beside it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+from pathlib import Path
+
+import torch
+
+BLOCK = 32  # activation (and smallest weight) group: columns per int8 block
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_qdot{suffix}"
+        if path.exists():
+            break
+    else:
+        return None
+    # torch is imported first (module level above), so the library's libgomp.so.1 resolves to the
+    # one torch loaded: one OpenMP thread pool, not two spinning against each other.
+    lib = ctypes.CDLL(str(path))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.ug_isa.argtypes, lib.ug_isa.restype = [ctypes.c_int], ctypes.c_int
+    lib.ug_quantize.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
+    lib.ug_quantize.restype = None
+    lib.ug_gemm.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, ctypes.c_int, ptr]
+    lib.ug_gemm.restype = None
+    lib.ug_linear.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ptr, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
+    lib.ug_linear.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def isa() -> str | None:
+    """'avx2' or 'c' (the plain loops) for the code that runs; None: not built."""
+    lib = _lib()
+    return None if lib is None else ("avx2" if lib.ug_isa(-1) else "c")
+
+
+def force_plain(on: bool) -> None:
+    """Run the plain C loops instead of the SIMD ones (tests compare the two)."""
+    lib = _lib()
+    if lib is not None:
+        lib.ug_isa(0 if on else 1)
+
+
+def supports(K: int, group: int) -> bool:
+    return K % BLOCK == 0 and group % BLOCK == 0
+
+
+def quantize(x: torch.Tensor, deinterleave: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x float [M, K] → (int8 [M, K], float32 block scales [M, K / 32], int32 8 x block sums
+    [M, K / 32]); deinterleave: each block stored as its even columns then its odd ones (the int4
+    nibble order, qdot.c)."""
+    x = x.float().contiguous()
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=torch.int8)
+    d = torch.empty(M, K // BLOCK, dtype=torch.float32)
+    xs8 = torch.empty(M, K // BLOCK, dtype=torch.int32)
+    _lib().ug_quantize(x.data_ptr(), M, K, q.data_ptr(), d.data_ptr(), xs8.data_ptr(), int(deinterleave))
+    return q, d, xs8
+
+
+def matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """x [M, K] @ the weight (q, float16 scales [N, K / group])ᵀ → [M, N] in x's dtype: one C call
+    for float32 and bfloat16 (quantizing, the dot products, the output cast), else via float32."""
+    M, K = x.shape
+    N = q.shape[0]
+    # the C code trusts these: a wrong dtype or shape would read out of bounds
+    want = (torch.int8, K) if bits == 8 else (torch.uint8, K // 2)
+    if ((q.dtype, q.shape[1]) != want or not q.is_contiguous() or scales.dtype != torch.float16
+            or tuple(scales.shape) != (N, K // group) or not scales.is_contiguous() or not supports(K, group)):
+        raise ValueError(f"qdot.matmul: codes {q.dtype} {tuple(q.shape)} / scales {scales.dtype} "
+                         f"{tuple(scales.shape)} do not fit int{bits}-g{group} with {K} inputs")
+    dtype = x.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    x = x.contiguous()
+    y = torch.empty(M, N, dtype=x.dtype)
+    bf16 = int(x.dtype == torch.bfloat16)
+    if _lib().ug_linear(x.data_ptr(), bf16, M, K, q.data_ptr(), scales.data_ptr(), group, N, bits, y.data_ptr(), bf16):
+        raise MemoryError(f"qdot.matmul: no memory for the {M} x {K} activations' buffers")
+    return y.to(dtype)
+
+
+def reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """What `matmul` computes, in torch ops (float64): the activations rounded as qdot.c rounds
+    them, times the dequantized weight. The tests' oracle."""
+    from .pack import dequantize
+
+    x = x.double()
+    M, K = x.shape
+    blocks = x.reshape(M, K // BLOCK, BLOCK)
+    amax = blocks.abs().amax(-1, keepdim=True).float()
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xr = torch.round(blocks.float() * inv).double() * (amax / 127.0).double()  # round: half to even
+    w = dequantize(q, scales, bits, torch.float64)
+    return xr.reshape(M, K) @ w.t()
