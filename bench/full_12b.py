@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from bench.machine import machine
-from bench.peers import rss_mib, run_child, run_peer, text_ids
+from bench.peers import rss_mib, run_child, text_ids
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO.parent / "shared" / "configs" / "gemma-4-12B" / "config.json"
@@ -57,9 +58,8 @@ def bytes_per_token(model) -> int:
     for name, m in model.named_modules():
         if "embed_vision" in name or "embed_audio" in name:
             continue
-        if isinstance(m, QuantLinear):
-            kernel = m.kernel is not None
-            scales = m._scales_for(torch.bfloat16) if kernel else m.scales
+        if isinstance(m, QuantLinear):  # torch's kernels read their own scale tables
+            scales = m._scales_for(torch.bfloat16) if m.path in ("int8pack", "int4pack") else m.scales
             total += m.weight.numel() * m.weight.element_size() + scales.numel() * scales.element_size()
         elif isinstance(m, torch.nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
@@ -69,6 +69,7 @@ def bytes_per_token(model) -> int:
 def measure(ckpt: str, quant: str, context: int, P: int, D: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     import unigemma
+    from unigemma.quant.kernels import describe
 
     base = rss_mib()
     t = time.perf_counter()
@@ -90,7 +91,8 @@ def measure(ckpt: str, quant: str, context: int, P: int, D: int, threads: int) -
     steady = sorted(times[1:])[: max(1, len(times) // 2)]  # the faster half: noise on a shared machine
     return dict(quant=quant, load_s=load_s, base_rss_mib=base, rss_after_load_mib=after_load, peak_rss_mib=rss_mib(),
                 context=context, prefill_s=prefill_s, decode_tok_s=len(steady) / sum(steady),
-                decode_tok_s_mean=len(times) / sum(times), bytes_per_token=bytes_per_token(model), tokens=out[:8])
+                decode_tok_s_mean=len(times) / sum(times), bytes_per_token=bytes_per_token(model), tokens=out[:8],
+                kernels=describe(model))
 
 
 def llama_q4_0(q8: Path) -> Path:
@@ -120,6 +122,7 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--decode-tokens", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama-site", metavar="DIR", help="run llama.cpp from this build (pip install --target DIR)")
     ap.add_argument("--child", metavar="CKPT", help=argparse.SUPPRESS)
     ap.add_argument("--quant", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -129,7 +132,7 @@ def main():
     t0 = time.perf_counter()
     ckpt = write_checkpoint(a.layers)
     result = dict(bench="full_12b", checkpoint=ckpt.name, context=a.context, write_s=time.perf_counter() - t0,
-                  **machine(a.threads, bandwidth_gib=2))
+                  llama_site=a.llama_site, **machine(a.threads, bandwidth_gib=2))
     for q in [q for q in a.quants.split(",") if q]:
         out = run_child("bench.full_12b", ["--child", ckpt, "--quant", q, "--context", a.context, "--prompt-tokens",
                                            a.prompt_tokens, "--decode-tokens", a.decode_tokens, "--threads", a.threads],
@@ -149,8 +152,9 @@ def main():
         except Exception as e:  # noqa: BLE001 - report, measure the others
             result[f"llama_{q}_error"] = str(e)[-500:]
             continue
-        out = run_peer("llama", "--gguf", gguf, "--prompt-tokens", a.prompt_tokens, "--decode-tokens",
-                       a.decode_tokens, "--threads", a.threads, "--repeats", 1)
+        env = None if not a.llama_site else dict(os.environ, PYTHONPATH=a.llama_site)
+        out = run_child("bench.peers", ["llama", "--gguf", gguf, "--prompt-tokens", a.prompt_tokens, "--decode-tokens",
+                                        a.decode_tokens, "--threads", a.threads, "--repeats", 1], timeout=3600, env=env)
         result.update({f"llama_{q}_{k}": v for k, v in out.items() if k in ("decode_tok_s", "peak_rss_mib", "error")})
     for ours, theirs in (("int8", "q8_0"), ("int4-g32", "q4_0"), ("int4-g128", "q4_0")):
         if f"ours_{ours}_decode_tok_s" in result and f"llama_{theirs}_decode_tok_s" in result:

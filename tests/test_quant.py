@@ -135,23 +135,25 @@ needs_qdot = pytest.mark.skipif(plan().int8_act is None, reason="qdot.c was not 
 
 
 @needs_qdot
-@pytest.mark.parametrize("bits,group", [(8, None), (8, 32), (4, 32), (4, 128)])
+@pytest.mark.parametrize("bits,group,K", [(8, None, 256), (8, 32, 256), (4, 32, 256), (4, 128, 256), (4, 32, 96),
+                                          (4, 64, 320)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_activation_kernel_equals_its_definition(bits, group, dtype):
+def test_int8_activation_kernel_equals_its_definition(bits, group, K, dtype):
     """int8-act = activations rounded to int8 per 32 columns (qdot.reference, float64) times the
-    dequantized weight; within a float32 summation's rounding of it, on the SIMD and the plain C
-    code; and near the float product (the activations' rounding, as llama.cpp's)."""
-    w = weights(192, 256)
+    dequantized weight; within a float32 summation's rounding of it, on each code level (plain C,
+    AVX2, AVX-512 VNNI); and near the float product (the activations' rounding, as llama.cpp's)."""
+    w = weights(192, K)  # K = 96, 320: an odd number of blocks, and groups across block pairs
     m = module(w, bits, group)
     m.path = "int8-act"
-    x = torch.randn(5, 256).to(dtype)
-    ref = qdot.reference(x, m.weight, m.scales, bits, group or 256)
-    got = {"simd": m(x)}
-    qdot.force_plain(True)
-    try:
-        got["c"] = m(x)
+    x = torch.randn(5, K).to(dtype)
+    ref = qdot.reference(x, m.weight, m.scales, bits, group or K)
+    got = {}
+    try:  # every code level this CPU runs (the AVX-512 one is int4's; the others' results equal it to rounding)
+        for level in qdot.LEVELS[:qdot.LEVELS.index(plan().int8_act) + 1]:
+            qdot.set_level(level)
+            got[level] = m(x)
     finally:
-        qdot.force_plain(False)
+        qdot.set_level(None)
     oracle = torch.nn.functional.linear(x.double(), m.dequantize(torch.float64))
     for name, y in got.items():
         assert y.dtype == dtype
@@ -162,7 +164,7 @@ def test_int8_activation_kernel_equals_its_definition(bits, group, dtype):
 
 
 @needs_qdot
-@pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 128)])
 def test_int8_activation_rows_do_not_depend_on_their_neighbours(bits, group):
     """Speculative decoding verifies k + 1 tokens in one call and must equal k + 1 one-token
     steps: every row, computed among up to MAX_ROWS others, is bit-equal to that row alone."""

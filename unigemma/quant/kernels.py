@@ -56,7 +56,7 @@ class CpuPlan:
     capability: str  # torch's ATen dispatch level (ATEN_CPU_CAPABILITY caps it)
     onednn_isa: str  # ONEDNN_MAX_CPU_ISA, or "native"
     bf16_native: bool  # oneDNN runs bf16 matmuls natively (AVX512-BF16, AMX, AVX-NE-CONVERT)
-    int8_act: str | None  # qdot.c's code path: "avx2", "c" (plain loops), None (not built)
+    int8_act: str | None  # qdot.c's code: "avx512-vnni", "avx2", "c" (plain loops), None (not built)
 
     def quantized(self, bits: int, group: int, in_features: int, out_features: int, dtype: torch.dtype,
                   exact: bool = False) -> str:
@@ -64,7 +64,7 @@ class CpuPlan:
         from .cpu_int4 import ROW_MULTIPLE, kernel_layout
         from .linear import INT4_KERNEL_GROUPS
 
-        if not exact and self.int8_act == "avx2" and qdot.supports(in_features, group):
+        if not exact and self.int8_act in ("avx2", "avx512-vnni") and qdot.supports(in_features, group):
             return "int8-act"
         if dtype == torch.bfloat16 and self.bf16_native:
             if bits == 8 and group == in_features:
@@ -92,7 +92,8 @@ class CpuPlan:
 
     def line(self) -> str:
         bf16 = "native" if self.bf16_native else "emulated"
-        act = {"avx2": "AVX2 int8 dot products", "c": "plain C loops (no AVX2: slow)",
+        act = {"avx512-vnni": "AVX-512 VNNI (int4) / AVX2 (int8) dot products", "avx2": "AVX2 int8 dot products",
+               "c": "plain C loops (no AVX2: slow)",
                None: "not built (no C compiler at install)"}[self.int8_act]
         return f"cpu: {self.cpu_model}; torch ISA {self.capability}, oneDNN {self.onednn_isa}; bf16 {bf16}; int8-act: {act}"
 

@@ -101,7 +101,7 @@ class QuantLinear(nn.Module):
         if not USE_KERNELS or x2.shape[0] > MAX_ROWS.get(path, 0):
             path = "dequantize"
         if path == "int8-act":
-            y = qdot.matmul(x2, self.our_weight(), self.scales, self.bits, self.group_size)
+            y = qdot.linear_op(x2, self.our_weight(), self.scales, self.bits, self.group_size)
         elif path == "int8pack" and x.dtype == torch.bfloat16:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self._scales_for(x.dtype))
         elif path == "int4pack" and x.dtype == torch.bfloat16:

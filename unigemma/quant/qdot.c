@@ -179,7 +179,7 @@ AVX2 static void q8_rows_avx2(const float *x, int64_t M, int64_t K, int8_t *q, f
 #define MT 4
 AVX2 static inline __attribute__((always_inline)) void
 dot_rows_avx2(const int8_t *xq, const float *dx, const int32_t *xs8, const int mt, const void *w,
-              const uint16_t *s, int64_t K, int64_t g, const int bits, float *out, int64_t ostride) {
+              const uint16_t *s, int64_t K, int64_t g, const int bits, float *out) {
     int64_t nb = K / QK, per = g / QK, left = per;
     __m256 acc[MT][2];
     for (int t = 0; t < MT; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
@@ -201,36 +201,105 @@ dot_rows_avx2(const int8_t *xq, const float *dx, const int32_t *xs8, const int m
             acc[t][b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(ws * dx[t * nb + b]), _mm256_cvtepi32_ps(d), acc[t][b & 1]);
         }
     }
-    for (int t = 0; t < mt; t++) out[t * ostride] = hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
+    for (int t = 0; t < mt; t++) out[t] = hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
 }
 
 /* one call per (weight row, tile of rows): constant bits and mt, so each body is specialized */
 AVX2 static void dot_tile_avx2(const int8_t *xq, const float *dx, const int32_t *xs8, int64_t mt, const void *w,
-                               const uint16_t *s, int64_t K, int64_t g, int bits, float *out, int64_t ostride) {
-#define CASE(B, T) if (bits == B && mt == T) { dot_rows_avx2(xq, dx, xs8, T, w, s, K, g, B, out, ostride); return; }
+                               const uint16_t *s, int64_t K, int64_t g, int bits, float *out) {
+#define CASE(B, T) if (bits == B && mt == T) { dot_rows_avx2(xq, dx, xs8, T, w, s, K, g, B, out); return; }
     CASE(8, 1) CASE(8, 2) CASE(8, 3) CASE(8, 4) CASE(4, 1) CASE(4, 2) CASE(4, 3) CASE(4, 4)
 #undef CASE
 }
 
-static int has_avx2(void) {
+/* ---------------------------------------------------------------- AVX-512 VNNI, int4 only
+ * Where int4 is compute-bound on AVX2 code (~35 G weights/s on 2 AVX-512 cores, under the memory
+ * rate there), vpdpbusd does maddubs + madd for two blocks at once: u (unsigned nibbles) x q
+ * (signed activations), minus 8 x q (a second vpdpbusd), exact int32 per block as above. */
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+/* two blocks' 32 bytes → [low nibbles b | high b | low b + 1 | high b + 1], 16 bytes each */
+AVX512 static inline __m512i nibbles64(const uint8_t *p) {
+    __m256i b = _mm256_loadu_si256((const __m256i *)p), m = _mm256_set1_epi8(15);
+    __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+    __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    return _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 4, 5, 2, 3, 6, 7), v);
+}
+
+AVX512 static inline __attribute__((always_inline)) void
+dot_rows_vnni4(const int8_t *xq, const float *dx, const int mt, const uint8_t *w, const uint16_t *s,
+               int64_t K, int64_t g, float *out) {
+    int64_t nb = K / QK, per = g / QK, gi = 0, left = per, b = 0;
+    const __m512i zero = _mm512_setzero_si512(), eights = _mm512_set1_epi8(8);
+    __m512 acc[MT];
+    float tail[MT] = {0};
+    for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
+    for (; b + 1 < nb; b += 2) {
+        if (left == 0) { left = per; gi++; }
+        left--;
+        const float ws0 = _cvtsh_ss(s[gi]);
+        if (left == 0) { left = per; gi++; }
+        left--;
+        const float ws1 = _cvtsh_ss(s[gi]);
+        _mm_prefetch((const char *)w + b * (QK / 2) + PREFETCH, _MM_HINT_T0);
+        __m512i u = nibbles64(w + b * (QK / 2));
+        for (int t = 0; t < mt; t++) {
+            __m512i xv = _mm512_loadu_si512((const void *)(xq + t * K + b * QK));
+            __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, u, xv), _mm512_dpbusd_epi32(zero, eights, xv));
+            __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(ws0 * dx[t * nb + b]), _mm256_set1_ps(ws1 * dx[t * nb + b + 1]), 1);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[t]);
+        }
+    }
+    if (b < nb) {  /* an odd block count: the last block in plain integers */
+        if (left == 0) gi++;
+        const float ws = _cvtsh_ss(s[gi]);
+        const uint8_t *wb = w + b * (QK / 2);
+        for (int t = 0; t < mt; t++) {
+            const int8_t *xb = xq + t * K + b * QK;
+            int32_t sum = 0;
+            for (int i = 0; i < QK / 2; i++) sum += xb[i] * ((wb[i] & 15) - 8) + xb[i + QK / 2] * ((wb[i] >> 4) - 8);
+            tail[t] = ws * dx[t * nb + b] * (float)sum;
+        }
+    }
+    for (int t = 0; t < mt; t++) out[t] = _mm512_reduce_add_ps(acc[t]) + tail[t];
+}
+
+AVX512 static void dot_tile_vnni4(const int8_t *xq, const float *dx, int64_t mt, const uint8_t *w,
+                                  const uint16_t *s, int64_t K, int64_t g, float *out) {
+    switch (mt) {
+        case 1: dot_rows_vnni4(xq, dx, 1, w, s, K, g, out); return;
+        case 2: dot_rows_vnni4(xq, dx, 2, w, s, K, g, out); return;
+        case 3: dot_rows_vnni4(xq, dx, 3, w, s, K, g, out); return;
+        default: dot_rows_vnni4(xq, dx, 4, w, s, K, g, out); return;
+    }
+}
+
+/* the best code this CPU runs: 2 AVX-512 VNNI (int4; int8 stays on AVX2), 1 AVX2, 0 none */
+static int cpu_level(void) {
     static int v = -1;
     if (v < 0) {
         __builtin_cpu_init();
         v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+        if (v && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+                && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
+                && __builtin_cpu_supports("avx512vnni"))
+            v = 2;
     }
     return v;
 }
 #else
-static int has_avx2(void) { return 0; }
+static int cpu_level(void) { return 0; }
 #endif
 
 /* ---------------------------------------------------------------- entry points */
 
-/* 1: the AVX2 code runs; 0: the plain C loops. `allow` 0 forces the C loops (tests). */
-static int use_simd = 1;
-int ug_isa(int allow) {
-    if (allow >= 0) use_simd = allow;
-    return use_simd && has_avx2();
+/* The level of code that runs: 2 AVX-512 VNNI, 1 AVX2, 0 the plain C loops. `cap` >= 0 sets the
+ * highest level allowed (tests, and a process whose torch is capped to a lower ISA); -1 asks. */
+static int cap_level = 2;
+int ug_isa(int cap) {
+    if (cap >= 0) cap_level = cap;
+    int v = cpu_level();
+    return v < cap_level ? v : cap_level;
 }
 
 void ug_quantize(const float *x, int64_t M, int64_t K, int8_t *q, float *d, int32_t *xs8, int deinterleave) {
@@ -239,31 +308,6 @@ void ug_quantize(const float *x, int64_t M, int64_t K, int8_t *q, float *d, int3
 #endif
     ug_q8_rows(x, M, K, q, d, xs8, deinterleave);
 }
-
-/* y float32 [M, N] = activations (q, d, xs8 from ug_quantize) x weights [N, K] (bits 8 or 4). */
-void ug_gemm(const int8_t *xq, const float *dx, const int32_t *xs8, int64_t M, int64_t K, const void *w,
-             const uint16_t *s, int64_t g, int64_t N, int bits, float *y) {
-    int64_t nb = K / QK, wrow = bits == 8 ? K : K / 2, srow = K / g;
-    int simd = ug_isa(-1);
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const void *wn = (const uint8_t *)w + n * wrow;
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            int64_t mt = M - m0 < 4 ? M - m0 : 4;
-#ifdef UG_X86
-            if (simd) {
-                dot_tile_avx2(xq + m0 * K, dx + m0 * nb, xs8 + m0 * nb, mt, wn, s + n * srow, K, g, bits, y + m0 * N + n, N);
-                continue;
-            }
-#endif
-            for (int64_t t = 0; t < mt; t++)
-                y[(m0 + t) * N + n] = dot_row_c(xq + (m0 + t) * K, dx + (m0 + t) * nb, wn, s + n * srow, K, g, bits);
-        }
-    }
-    (void)simd;
-}
-
-/* ---------------------------------------------------------------- one call per layer */
 
 static float bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -280,6 +324,38 @@ static uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch's .to
     return (uint16_t)(u >> 16);
 }
 
+/* y [M, N] (float32, or bfloat16 with y_bf16) = activations (q, d, xs8 from ug_quantize) x weights
+ * [N, K] (bits 8 or 4). One parallel region: weight rows split across the threads. */
+void ug_gemm(const int8_t *xq, const float *dx, const int32_t *xs8, int64_t M, int64_t K, const void *w,
+             const uint16_t *s, int64_t g, int64_t N, int bits, void *y, int y_bf16) {
+    int64_t nb = K / QK, wrow = bits == 8 ? K : K / 2, srow = K / g;
+    int simd = ug_isa(-1);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const void *wn = (const uint8_t *)w + n * wrow;
+        float vals[4];
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            int64_t mt = M - m0 < 4 ? M - m0 : 4;
+#ifdef UG_X86
+            if (simd == 2 && bits == 4)
+                dot_tile_vnni4(xq + m0 * K, dx + m0 * nb, mt, wn, s + n * srow, K, g, vals);
+            else if (simd)
+                dot_tile_avx2(xq + m0 * K, dx + m0 * nb, xs8 + m0 * nb, mt, wn, s + n * srow, K, g, bits, vals);
+            else
+#endif
+                for (int64_t t = 0; t < mt; t++)
+                    vals[t] = dot_row_c(xq + (m0 + t) * K, dx + (m0 + t) * nb, wn, s + n * srow, K, g, bits);
+            for (int64_t t = 0; t < mt; t++) {
+                if (y_bf16) ((uint16_t *)y)[(m0 + t) * N + n] = f32_to_bf16(vals[t]);
+                else ((float *)y)[(m0 + t) * N + n] = vals[t];
+            }
+        }
+    }
+    (void)simd;
+}
+
+/* ---------------------------------------------------------------- one call per layer */
+
 /* y [M, N] = x [M, K] @ weights (bits, g)ᵀ; x and y float32 or bfloat16 (x_bf16, y_bf16): the
  * activations are quantized here and every buffer between lives only in this call, so a layer is
  * one call from Python. Returns 0, or -1 when memory ran out (nothing written). */
@@ -287,23 +363,17 @@ int ug_linear(const void *x, int x_bf16, int64_t M, int64_t K, const void *w, co
               int64_t N, int bits, void *y, int y_bf16) {
     int64_t nb = K / QK;
     float *xf = x_bf16 ? malloc(sizeof(float) * M * K) : (float *)x;
-    float *yf = y_bf16 ? malloc(sizeof(float) * M * N) : (float *)y;
     int8_t *q = malloc(M * K);
     float *d = malloc(sizeof(float) * M * nb);
     int32_t *xs8 = malloc(sizeof(int32_t) * M * nb);
-    int ok = xf && yf && q && d && xs8;
-    if (ok) {
+    int ok = xf && q && d && xs8;
+    if (ok) {  /* the activations are small: converted and quantized on this thread */
         if (x_bf16)
             for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
         ug_quantize(xf, M, K, q, d, xs8, bits == 4);
-        ug_gemm(q, d, xs8, M, K, w, s, g, N, bits, yf);
-        if (y_bf16) {
-#pragma omp parallel for schedule(static)
-            for (int64_t i = 0; i < M * N; i++) ((uint16_t *)y)[i] = f32_to_bf16(yf[i]);
-        }
+        ug_gemm(q, d, xs8, M, K, w, s, g, N, bits, y, y_bf16);
     }
     if (x_bf16) free(xf);
-    if (y_bf16) free(yf);
     free(q);
     free(d);
     free(xs8);

@@ -35,10 +35,11 @@ def _lib() -> ctypes.CDLL | None:
     lib.ug_isa.argtypes, lib.ug_isa.restype = [ctypes.c_int], ctypes.c_int
     lib.ug_quantize.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
     lib.ug_quantize.restype = None
-    lib.ug_gemm.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, ctypes.c_int, ptr]
+    lib.ug_gemm.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
     lib.ug_gemm.restype = None
     lib.ug_linear.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ptr, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
     lib.ug_linear.restype = ctypes.c_int
+    lib.ug_isa(_TORCH_CAP.get(torch.backends.cpu.get_cpu_capability(), 2))
     return lib
 
 
@@ -46,17 +47,29 @@ def available() -> bool:
     return _lib() is not None
 
 
+LEVELS = ("c", "avx2", "avx512-vnni")  # qdot.c's code levels; int8 weights top out at avx2
+# torch capped to a lower ISA (ATEN_CPU_CAPABILITY, to test the other machines' paths) caps these too
+_TORCH_CAP = {"DEFAULT": 0, "AVX2": 1}
+
+
 def isa() -> str | None:
-    """'avx2' or 'c' (the plain loops) for the code that runs; None: not built."""
+    """The code that runs: 'avx512-vnni', 'avx2' or 'c' (the plain loops); None: not built."""
     lib = _lib()
-    return None if lib is None else ("avx2" if lib.ug_isa(-1) else "c")
+    return None if lib is None else LEVELS[lib.ug_isa(-1)]
+
+
+def set_level(level: str | None) -> None:
+    """Cap the code level ('c', 'avx2', 'avx512-vnni'; None: as high as this CPU and torch's
+    capability allow). Tests compare the levels."""
+    lib = _lib()
+    if lib is not None:
+        cap = _TORCH_CAP.get(torch.backends.cpu.get_cpu_capability(), 2)
+        lib.ug_isa(cap if level is None else min(cap, LEVELS.index(level)))
 
 
 def force_plain(on: bool) -> None:
     """Run the plain C loops instead of the SIMD ones (tests compare the two)."""
-    lib = _lib()
-    if lib is not None:
-        lib.ug_isa(0 if on else 1)
+    set_level("c" if on else None)
 
 
 def supports(K: int, group: int) -> bool:
@@ -111,3 +124,15 @@ def reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bits: int,
     xr = torch.round(blocks.float() * inv).double() * (amax / 127.0).double()  # round: half to even
     w = dequantize(q, scales, bits, torch.float64)
     return xr.reshape(M, K) @ w.t()
+
+
+# As a torch operator, so a compiled decode step (generate/runner.py) keeps the layer inside its
+# graph (an opaque call; the norms, rope and residuals around it fuse) instead of breaking there.
+@torch.library.custom_op("unigemma::qdot_linear", mutates_args=())
+def linear_op(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    return matmul(x, q, scales, bits, group)
+
+
+@linear_op.register_fake
+def _(x, q, scales, bits, group):
+    return x.new_empty(x.shape[0], q.shape[0])
