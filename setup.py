@@ -5,5 +5,5 @@ installs, and the quantized layers keep torch's kernels (the start-up plan says 
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("unigemma.quant._qdot", ["unigemma/quant/qdot.c"],
-                             extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"],
+                             extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"], extra_link_args=["-fopenmp"],
                              optional=True)])

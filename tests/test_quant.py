@@ -303,3 +303,18 @@ def test_cli_quantize_writes_a_checkpoint_that_loads(ckpt, tmp_path, capsys):
     assert unigemma.load_model(tmp_path / "q").quant_scheme == QuantScheme.parse("int4-g32")
     assert main(["quantize", "--model", str(ckpt), "--out", str(tmp_path / "r")]) == 2
     assert "needs --quant" in capsys.readouterr().err
+
+
+@needs_qdot
+@pytest.mark.parametrize("bits,group", [(8, None), (8, 32), (4, 32), (4, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_c_weight_quantizer_is_bit_for_bit_the_torch_one(bits, group, dtype):
+    """The loader quantizes in C (qdot.c): the same codes and scales as pack.py's torch ops, for
+    every input dtype, with all-zero rows, ties for the largest magnitude and exact halves."""
+    w = weights(96, 256).to(dtype)
+    w[7, :32] = torch.tensor([1.0, -1.0] * 16).to(dtype)  # a tie: the first of largest magnitude
+    w[9, :32] = (torch.arange(32) - 16.0).to(dtype) / 8  # values that land on halves
+    g = group or 256
+    ours = qdot.quantize_weights(w, bits, g)
+    torch_ = quantize_int8(w, group) if bits == 8 else quantize_int4(w, g)
+    assert torch.equal(ours[0], torch_[0]) and torch.equal(ours[1], torch_[1])

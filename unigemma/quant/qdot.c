@@ -379,3 +379,70 @@ int ug_linear(const void *x, int x_bf16, int64_t M, int64_t K, const void *w, co
     free(xs8);
     return ok ? 0 : -1;
 }
+
+/* ---------------------------------------------------------------- weights, at load
+ * pack.py's quantizers (ggml's reference rounding) bit for bit, ~50x faster than their torch ops:
+ * quantizing a 12B checkpoint as it loads must not cost more than reading it. Built with
+ * -ffp-contract=off: x * id + 8.5 is two roundings there, as in torch and ggml, never one FMA.
+ * w: float32 (wtype 0), bfloat16 (1) or float16 (2) [N, K]; q: int8 [N, K] or packed uint8
+ * [N, K / 2]; d: float32 [N, K / g], the scales before their float16 rounding (pack.py rounds). */
+static inline __attribute__((always_inline)) float load_w(const void *w, int wtype, int64_t i) {
+    if (wtype == 0) return ((const float *)w)[i];
+    if (wtype == 1) return bf16_to_f32(((const uint16_t *)w)[i]);
+    return f16_to_f32(((const uint16_t *)w)[i]);
+}
+
+static inline __attribute__((always_inline)) void
+quantize_weight_row(const void *w, int wtype, int64_t n, int64_t K, int bits, int64_t g, void *q, float *d) {
+    int64_t G = K / g;
+    {
+        for (int64_t gi = 0; gi < G; gi++) {
+            int64_t base = n * K + gi * g;
+            if (bits == 8) {
+                float amax = 0.f;
+                for (int64_t j = 0; j < g; j++) amax = fmaxf(amax, fabsf(load_w(w, wtype, base + j)));
+                float dd = amax / 127.f, id = dd == 0.f ? 0.f : 1.f / dd;
+                d[n * G + gi] = dd;
+                for (int64_t j = 0; j < g; j++) {
+                    float v = load_w(w, wtype, base + j) * id, a = fabsf(v), fl = floorf(a);
+                    float r = fl + floorf(2.f * (a - fl));  /* half away from zero, as ggml's roundf */
+                    ((int8_t *)q)[base + j] = (int8_t)(v < 0.f ? -r : r);
+                }
+            } else {
+                float best = 0.f, amax = 0.f;
+                for (int64_t j = 0; j < g; j++) {  /* the first value of largest magnitude, signed */
+                    float v = load_w(w, wtype, base + j);
+                    if (fabsf(v) > amax) { amax = fabsf(v); best = v; }
+                }
+                float dd = best / -8.f, id = dd == 0.f ? 0.f : 1.f / dd;
+                d[n * G + gi] = dd;
+                uint8_t *qb = (uint8_t *)q + base / 2;
+                for (int64_t j = 0; j < g; j += 2) {
+                    float v0 = load_w(w, wtype, base + j) * id, v1 = load_w(w, wtype, base + j + 1) * id;
+                    float u0 = truncf(v0 + 8.5f), u1 = truncf(v1 + 8.5f);
+                    uint8_t a0 = (uint8_t)(u0 < 0.f ? 0.f : u0 > 15.f ? 15.f : u0);
+                    uint8_t a1 = (uint8_t)(u1 < 0.f ? 0.f : u1 > 15.f ? 15.f : u1);
+                    qb[j / 2] = a0 | (uint8_t)(a1 << 4);
+                }
+            }
+        }
+    }
+}
+
+/* The same code twice: compiled for AVX2 (floorf / truncf become one instruction, the loops
+ * vectorize) and for any x86-64 (libm calls); -ffp-contract=off keeps both bit-equal. */
+#ifdef UG_X86
+__attribute__((target("avx2,f16c"))) static void
+quantize_weights_avx2(const void *w, int wtype, int64_t N, int64_t K, int bits, int64_t g, void *q, float *d) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) quantize_weight_row(w, wtype, n, K, bits, g, q, d);
+}
+#endif
+
+void ug_quantize_weights(const void *w, int wtype, int64_t N, int64_t K, int bits, int64_t g, void *q, float *d) {
+#ifdef UG_X86
+    if (cpu_level() >= 1) { quantize_weights_avx2(w, wtype, N, K, bits, g, q, d); return; }
+#endif
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) quantize_weight_row(w, wtype, n, K, bits, g, q, d);
+}

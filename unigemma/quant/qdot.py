@@ -39,6 +39,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.ug_gemm.restype = None
     lib.ug_linear.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ptr, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
     lib.ug_linear.restype = ctypes.c_int
+    lib.ug_quantize_weights.argtypes = [ptr, ctypes.c_int, i64, i64, ctypes.c_int, i64, ptr, ptr]
+    lib.ug_quantize_weights.restype = None
     lib.ug_isa(_TORCH_CAP.get(torch.backends.cpu.get_cpu_capability(), 2))
     return lib
 
@@ -87,6 +89,24 @@ def quantize(x: torch.Tensor, deinterleave: bool = False) -> tuple[torch.Tensor,
     xs8 = torch.empty(M, K // BLOCK, dtype=torch.int32)
     _lib().ug_quantize(x.data_ptr(), M, K, q.data_ptr(), d.data_ptr(), xs8.data_ptr(), int(deinterleave))
     return q, d, xs8
+
+
+_WTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def quantize_weights(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack.quantize_int8 / quantize_int4 of w [N, K] (float32, bfloat16 or float16, on the CPU),
+    bit for bit, in C: (codes, float16 scales [N, K / group]). Raises as they do."""
+    from .pack import _scales_f16
+
+    w = w.contiguous()
+    N, K = w.shape
+    if K % group or (bits == 4 and group % 2) or w.dtype not in _WTYPES or w.device.type != "cpu":
+        raise ValueError(f"quantize_weights: cannot quantize {w.dtype} {tuple(w.shape)} to int{bits}-g{group}")
+    q = torch.empty(N, K if bits == 8 else K // 2, dtype=torch.int8 if bits == 8 else torch.uint8)
+    d = torch.empty(N, K // group, dtype=torch.float32)
+    _lib().ug_quantize_weights(w.data_ptr(), _WTYPES[w.dtype], N, K, bits, group, q.data_ptr(), d.data_ptr())
+    return q, _scales_f16(d[..., None])
 
 
 def matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bits: int, group: int) -> torch.Tensor:
