@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -38,7 +39,7 @@ GGUF_OF = {"float32": "f32", "bfloat16": "bf16"}
 
 
 def measure_unigemma(path: str, dtype: str, P: int = 512, D: int = 64, threads: int = 2, repeats: int = 2,
-                     media: bool = True, batch: int = 8) -> dict:
+                     media: bool = True, batch: int = 8, quant: str | None = None) -> dict:
     """Our engine (`unigemma.load`: the packed CPU fast path; Engine; Scheduler), in this process."""
     import torch
 
@@ -49,7 +50,7 @@ def measure_unigemma(path: str, dtype: str, P: int = 512, D: int = 64, threads: 
 
     base = rss_mib()
     t = time.perf_counter()
-    gemma = unigemma.load(path, dtype=dtype, tokenizer=gemma4_vocab_gguf())
+    gemma = unigemma.load(path, dtype=dtype, tokenizer=gemma4_vocab_gguf(), quant=quant)
     load_s = time.perf_counter() - t
     engine = gemma.engine
     ids = torch.tensor([text_ids(P)])
@@ -61,8 +62,11 @@ def measure_unigemma(path: str, dtype: str, P: int = 512, D: int = 64, threads: 
     gen(2, ids[:, :64])  # warm-up
     ttft, _ = best(lambda: gen(1, ids), repeats)
     total, toks = best(lambda: gen(D, ids), repeats)
-    out = dict(engine="unigemma", dtype=dtype, threads=threads, load_s=load_s, **summarize(P, D, ttft, total),
-               tokens=toks[:16], distinct_tokens=len(set(toks)))
+    from unigemma.quant.kernels import describe
+
+    out = dict(engine="unigemma", dtype=dtype, quant=quant, threads=threads, load_s=load_s,
+               **summarize(P, D, ttft, total), tokens=toks[:16], distinct_tokens=len(set(toks)),
+               kernels=describe(gemma.model))
     if media:
         mids, types, mm = media_prompt()
         out["media_prompt_tokens"] = mids.shape[1]
@@ -114,16 +118,21 @@ def main():
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--no-media", action="store_true", help="skip the image + audio time to first token")
-    ap.add_argument("--llama-quant", default="q8_0", help="extra GGUF types for llama.cpp, comma-separated ('' for none)")
+    ap.add_argument("--llama-quant", default="q8_0,q4_0", help="extra GGUF types for llama.cpp, comma-separated ('' for none)")
+    ap.add_argument("--ours-quant", default="int8,int4-g32",
+                    help="our quantized configurations (bf16 activations), each against llama.cpp's --llama-quant "
+                         "of the same bits (int8 vs q8_0, int4-* vs q4_0)")
+    ap.add_argument("--llama-site", metavar="DIR", help="run llama.cpp from this build (pip install --target DIR)")
     ap.add_argument("--hidden", type=int, default=1536)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--child-ours", metavar="CKPT", help=argparse.SUPPRESS)
+    ap.add_argument("--child-quant", help=argparse.SUPPRESS)
     a = ap.parse_args()
     dtypes = [d for d in a.dtype.split(",") if d]
     P, D, T, R = a.prompt_tokens, a.decode_tokens, a.threads, a.repeats
 
     if a.child_ours:  # one measurement of our engine, in a fresh process
-        print(json.dumps(measure_unigemma(a.child_ours, dtypes[0], P, D, T, R, not a.no_media)))
+        print(json.dumps(measure_unigemma(a.child_ours, dtypes[0], P, D, T, R, not a.no_media, quant=a.child_quant)))
         return
 
     from bench.checkpoint import make_checkpoint, to_gguf
@@ -133,7 +142,7 @@ def main():
     common = ["--prompt-tokens", P, "--decode-tokens", D, "--threads", T, "--repeats", R]
     media = ["--no-media"] if a.no_media else []
     result = dict(bench="generate_speed", checkpoint=ckpt.name, prompt_tokens=P, decode_tokens=D, repeats=R,
-                  **machine(T))
+                  llama_site=a.llama_site, **machine(T))
     raw = {}
 
     def record(name: str, out: dict):
@@ -142,7 +151,7 @@ def main():
             result[f"{name}_error"] = out["error"]
             print(f"[generate_speed] {name}: {out['error']}", file=sys.stderr)
             return
-        for k in FIGURES:
+        for k in FIGURES + ("kernels",):
             if k in out:
                 result[f"{name}_{k}"] = out[k]
         print(f"[generate_speed] {name}: {json.dumps(out)}", file=sys.stderr)
@@ -152,15 +161,23 @@ def main():
             record(f"ours_{dtype}", run_child("bench.generate_speed", ["--child-ours", ckpt, "--dtype", dtype, *common, *media]))
         if not a.skip_transformers:
             record(f"transformers_{dtype}", run_peer("transformers", "--ckpt", ckpt, "--dtype", dtype, *common, *media))
+    ours_quants = [q for q in a.ours_quant.split(",") if q]
+    if not a.skip_ours:
+        for q in ours_quants:
+            record(f"ours_{q}", run_child("bench.generate_speed", ["--child-ours", ckpt, "--dtype", "bfloat16",
+                                                                   "--child-quant", q, *common, "--no-media"]))
     if not a.skip_llama:
+        from bench.full_12b import llama_q4_0
+
+        env = None if not a.llama_site else dict(os.environ, PYTHONPATH=a.llama_site)
         quants = [GGUF_OF[d] for d in dtypes] + [q for q in a.llama_quant.split(",") if q]
         for q in dict.fromkeys(quants):
             try:
-                gguf = to_gguf(ckpt, q)
+                gguf = llama_q4_0(to_gguf(ckpt, "q8_0")) if q == "q4_0" else to_gguf(ckpt, q)
             except Exception as e:  # noqa: BLE001 - report, measure the others
                 record(f"llama_{q}", {"error": f"conversion failed: {e}"})
                 continue
-            record(f"llama_{q}", run_peer("llama", "--gguf", gguf, *common))
+            record(f"llama_{q}", run_child("bench.peers", ["llama", "--gguf", gguf, *common], env=env))
 
     for dtype in dtypes:
         ours = raw.get(f"ours_{dtype}", {})
@@ -173,6 +190,12 @@ def main():
                 n = next((i for i, (x, y) in enumerate(zip(ours["tokens"], theirs["tokens"])) if x != y),
                          min(len(ours["tokens"]), len(theirs["tokens"])))
                 result[f"same_first_tokens_{dtype}_vs_{peer}"] = n
+    for q in ours_quants:  # our int8 / int4 against llama.cpp's Q8_0 / Q4_0
+        theirs = raw.get("llama_" + ("q8_0" if q.startswith("int8") else "q4_0"), {})
+        ours = raw.get(f"ours_{q}", {})
+        for k in ("decode_tok_s", "prefill_tok_s"):
+            if k in ours and k in theirs:
+                result[f"ratio_{k}_{q}_vs_llama_{'q8_0' if q.startswith('int8') else 'q4_0'}"] = ours[k] / theirs[k]
     for q in [q for q in a.llama_quant.split(",") if q]:  # quantized llama.cpp vs our best dtype
         theirs = raw.get(f"llama_{q}", {})
         for dtype in dtypes:

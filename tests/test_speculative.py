@@ -292,3 +292,27 @@ def test_adaptive_draft_length_rejects_bad_settings():
     for bad in (dict(probe=0), dict(max_k=0), dict(k=True)):
         with pytest.raises(InputError):
             DraftLength(**bad)
+
+
+@pytest.mark.skipif(__import__("unigemma.quant.kernels", fromlist=["plan"]).plan().int8_act is None,
+                    reason="qdot.c was not built (no C compiler at install)")
+@pytest.mark.parametrize("quant", ["int8", "int4-g32"])
+def test_greedy_with_int8_activation_kernels_is_identical_to_plain_decoding(checkpoint, quant):
+    """The int8-activation kernels round activations, but each row on its own: a verify forward
+    of k + 1 rows equals k + 1 one-token steps, so drafted output is plain decoding's, token for
+    token (bf16, where float kernels would need oneDNN's batch-invariant packing)."""
+    import unigemma
+    from unigemma.quant.kernels import describe
+
+    gemma = unigemma.load(checkpoint, dtype="bfloat16", quant=quant)
+    assert any(k.startswith("int8-act") for k in describe(gemma.model))
+    p = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    inputs = gemma.processor(70)(PROMPTS[0])
+    plain = gemma.engine.generate(inputs, p)
+    engine = Engine(gemma.model, gemma.tokenizer, drafter=random_drafter(torch.bfloat16),
+                    draft=DraftLength(k=3, adaptive=False))
+    engine.proposer = Oracle(gemma.model, engine.proposer.drafter, inputs["input_ids"].shape[1], plain.token_ids,
+                             wrong=3)
+    got = engine.generate(inputs, p)
+    assert got.token_ids == plain.token_ids
+    assert 0 < got.timings.acceptance < 1
