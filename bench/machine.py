@@ -1,7 +1,7 @@
 """What machine a benchmark ran on: every benchmark's JSON line carries `machine(threads)`.
 
-CPU model (from /proc/cpuinfo), the ISA torch dispatches to (`ATEN_CPU_CAPABILITY` caps it),
-oneDNN's and fbgemm's caps (`ONEDNN_MAX_CPU_ISA`, `FBGEMM_ENABLE_INSTRUCTIONS`), the kernel plan
+CPU model (from /proc/cpuinfo), the ISA torch dispatches to (`ATEN_CPU_CAPABILITY` caps it, and
+qdot.c's code level with it), oneDNN's cap (`ONEDNN_MAX_CPU_ISA`), the kernel plan
 of quant/kernels.py (bf16 native or not, the int8-activation code, the float kernels), the threads
 used, and the read bandwidth measured here with those threads: figures from AVX-512 and AVX2
 machines differ several-fold, so none is quoted without these. Each model benchmark adds the
@@ -45,7 +45,7 @@ def machine(threads: int, bandwidth_gib: int = 1) -> dict:
     p = plan()
     return dict(cpu_model=cpu_model(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
                 onednn_max_cpu_isa=os.environ.get("ONEDNN_MAX_CPU_ISA", "native"),
-                fbgemm_isa=os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "native"), threads=threads,
+                threads=threads,
                 bf16_native=p.bf16_native, int8_act_kernel=p.int8_act,
                 float_kernels={"float32": p.float_linear(torch.float32), "bfloat16": p.float_linear(torch.bfloat16)},
                 read_bandwidth_gb_s=round(read_bandwidth(threads, bandwidth_gib), 2))

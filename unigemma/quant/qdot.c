@@ -226,27 +226,46 @@ AVX512 static inline __m512i nibbles64(const uint8_t *p) {
     return _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 4, 5, 2, 3, 6, 7), v);
 }
 
-AVX512 static inline __attribute__((always_inline)) void
-dot_rows_vnni4(const int8_t *xq, const float *dx, const int mt, const uint8_t *w, const uint16_t *s,
-               int64_t K, int64_t g, float *out) {
-    int64_t nb = K / QK, per = g / QK, gi = 0, left = per, b = 0;
+/* What depends on the activations alone, once per call rather than once per weight row: for
+ * row t and block pair p, dxv = [d(2p) x 8 | d(2p + 1) x 8] and e8 = 8 x the 4-byte group sums
+ * of q (the second vpdpbusd), 16 lanes each. */
+AVX512 static void vnni_prep(const int8_t *xq, const float *dx, int64_t M, int64_t K, float *dxv, int32_t *e8) {
+    int64_t nb = K / QK, np = nb / 2;
     const __m512i zero = _mm512_setzero_si512(), eights = _mm512_set1_epi8(8);
+    for (int64_t t = 0; t < M; t++)
+        for (int64_t p = 0; p < np; p++) {
+            __m512i xv = _mm512_loadu_si512((const void *)(xq + t * K + p * 2 * QK));
+            _mm512_storeu_si512((void *)(e8 + (t * np + p) * 16), _mm512_dpbusd_epi32(zero, eights, xv));
+            __m512 v = _mm512_insertf32x8(_mm512_set1_ps(dx[t * nb + 2 * p]), _mm256_set1_ps(dx[t * nb + 2 * p + 1]), 1);
+            _mm512_storeu_ps(dxv + (t * np + p) * 16, v);
+        }
+}
+
+AVX512 static inline __attribute__((always_inline)) void
+dot_rows_vnni4(const int8_t *xq, const float *dx, const float *dxv, const int32_t *e8, const int mt,
+               const uint8_t *w, const uint16_t *s, int64_t K, int64_t g, float *out) {
+    int64_t nb = K / QK, np = nb / 2, per = g / QK, gi = 0, left = per, b = 0;
+    const __m512i zero = _mm512_setzero_si512();
     __m512 acc[MT];
     float tail[MT] = {0};
     for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
-    for (; b + 1 < nb; b += 2) {
+    for (int64_t p = 0; p < np; p++, b += 2) {
         if (left == 0) { left = per; gi++; }
         left--;
         const float ws0 = _cvtsh_ss(s[gi]);
         if (left == 0) { left = per; gi++; }
         left--;
         const float ws1 = _cvtsh_ss(s[gi]);
+        /* one group for both blocks (g >= 64): one broadcast; else two halves */
+        const __m512 wsv = ws0 == ws1 ? _mm512_set1_ps(ws0)
+                                      : _mm512_insertf32x8(_mm512_set1_ps(ws0), _mm256_set1_ps(ws1), 1);
         _mm_prefetch((const char *)w + b * (QK / 2) + PREFETCH, _MM_HINT_T0);
         __m512i u = nibbles64(w + b * (QK / 2));
         for (int t = 0; t < mt; t++) {
             __m512i xv = _mm512_loadu_si512((const void *)(xq + t * K + b * QK));
-            __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, u, xv), _mm512_dpbusd_epi32(zero, eights, xv));
-            __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(ws0 * dx[t * nb + b]), _mm256_set1_ps(ws1 * dx[t * nb + b + 1]), 1);
+            __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, u, xv),
+                                         _mm512_loadu_si512((const void *)(e8 + (t * np + p) * 16)));
+            __m512 sc = _mm512_mul_ps(wsv, _mm512_loadu_ps(dxv + (t * np + p) * 16));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[t]);
         }
     }
@@ -264,13 +283,13 @@ dot_rows_vnni4(const int8_t *xq, const float *dx, const int mt, const uint8_t *w
     for (int t = 0; t < mt; t++) out[t] = _mm512_reduce_add_ps(acc[t]) + tail[t];
 }
 
-AVX512 static void dot_tile_vnni4(const int8_t *xq, const float *dx, int64_t mt, const uint8_t *w,
-                                  const uint16_t *s, int64_t K, int64_t g, float *out) {
+AVX512 static void dot_tile_vnni4(const int8_t *xq, const float *dx, const float *dxv, const int32_t *e8, int64_t mt,
+                                  const uint8_t *w, const uint16_t *s, int64_t K, int64_t g, float *out) {
     switch (mt) {
-        case 1: dot_rows_vnni4(xq, dx, 1, w, s, K, g, out); return;
-        case 2: dot_rows_vnni4(xq, dx, 2, w, s, K, g, out); return;
-        case 3: dot_rows_vnni4(xq, dx, 3, w, s, K, g, out); return;
-        default: dot_rows_vnni4(xq, dx, 4, w, s, K, g, out); return;
+        case 1: dot_rows_vnni4(xq, dx, dxv, e8, 1, w, s, K, g, out); return;
+        case 2: dot_rows_vnni4(xq, dx, dxv, e8, 2, w, s, K, g, out); return;
+        case 3: dot_rows_vnni4(xq, dx, dxv, e8, 3, w, s, K, g, out); return;
+        default: dot_rows_vnni4(xq, dx, dxv, e8, 4, w, s, K, g, out); return;
     }
 }
 
@@ -330,6 +349,16 @@ void ug_gemm(const int8_t *xq, const float *dx, const int32_t *xs8, int64_t M, i
              const uint16_t *s, int64_t g, int64_t N, int bits, void *y, int y_bf16) {
     int64_t nb = K / QK, wrow = bits == 8 ? K : K / 2, srow = K / g;
     int simd = ug_isa(-1);
+    float *dxv = NULL;
+    int32_t *e8 = NULL;
+#ifdef UG_X86
+    if (simd == 2 && bits == 4) {
+        dxv = malloc(sizeof(float) * 16 * M * (nb / 2 + 1));
+        e8 = malloc(sizeof(int32_t) * 16 * M * (nb / 2 + 1));
+        if (dxv && e8) vnni_prep(xq, dx, M, K, dxv, e8);
+        else simd = 1;  /* no memory for the tables: the AVX2 code needs none */
+    }
+#endif
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const void *wn = (const uint8_t *)w + n * wrow;
@@ -338,7 +367,8 @@ void ug_gemm(const int8_t *xq, const float *dx, const int32_t *xs8, int64_t M, i
             int64_t mt = M - m0 < 4 ? M - m0 : 4;
 #ifdef UG_X86
             if (simd == 2 && bits == 4)
-                dot_tile_vnni4(xq + m0 * K, dx + m0 * nb, mt, wn, s + n * srow, K, g, vals);
+                dot_tile_vnni4(xq + m0 * K, dx + m0 * nb, dxv + m0 * 16 * (nb / 2), e8 + m0 * 16 * (nb / 2), mt, wn,
+                               s + n * srow, K, g, vals);
             else if (simd)
                 dot_tile_avx2(xq + m0 * K, dx + m0 * nb, xs8 + m0 * nb, mt, wn, s + n * srow, K, g, bits, vals);
             else
@@ -351,6 +381,8 @@ void ug_gemm(const int8_t *xq, const float *dx, const int32_t *xs8, int64_t M, i
             }
         }
     }
+    free(dxv);
+    free(e8);
     (void)simd;
 }
 
