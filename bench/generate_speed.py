@@ -15,6 +15,12 @@ n_threads=threads):
                   of P/4-token prompts in the continuous-batching Scheduler, while all of them
                   decode; batch_ratio = batch8 / batch1
 
+Our quantized configurations (`--ours-quant`, default int8 and int4-g32, bf16 activations, the
+kernels quant/kernels.py picks on this CPU) run against llama.cpp's Q8_0 / Q4_0 of the same weights
+(`--llama-quant`; Q4_0 made by llama.cpp's own quantizer), keys `ours_<quant>_<figure>` and
+`ratio_<figure>_<quant>_vs_llama_<type>`; `--llama-site DIR` runs another llama.cpp build (e.g.
+one without AVX-512, installed with `pip install --target DIR`).
+
 Figures are best of --repeats. One JSON line on stdout, keys `<engine>_<dtype>_<figure>`
 (engine: ours, transformers, llama; llama's dtype is the GGUF type: f32 for float32, bf16 for
 bfloat16, plus --llama-quant e.g. q8_0), and ratios `ratio_<figure>_<dtype>_vs_<peer>` =

@@ -1,10 +1,12 @@
 """The memory planner's arithmetic against hand-computed cases, and the 12B config."""
 
 import pytest
+import torch
 
 from unigemma.config import ModelConfig
 from unigemma.errors import InputError
 from unigemma.plan import RUNTIME_BYTES, parse_memory, plan, weight_bytes
+from unigemma.quant.kernels import plan as kernel_plan
 
 # Text only, tied head: vocab 1024, hidden 64, MLP 128; layer 0 sliding (4 q heads, 2 KV heads
 # of 16), layer 1 full (1 KV head of 32, K=V: no v_proj). Window 8.
@@ -28,16 +30,20 @@ def test_weight_bytes_by_hand():
     nk = sum(n * k for n, k in LINEARS)
     # bf16: everything 2 bytes, plus the packed copy of the tied head
     assert weight_bytes(c, "bf16") == 2 * (nk + VECTORS + EMBED) + 2 * EMBED
-    # int8 per channel: 1 byte a weight, a float16 scale per row (+ its bf16 copy for the kernel);
-    # the table is int8 per channel too (a head served by the int8 kernel)
-    rows = sum(n for n, _ in LINEARS) + 1024
-    assert weight_bytes(c, "int8") == nk + EMBED + 2 * rows + 2 * VECTORS + 2 * rows
-    # int4-g32: half a byte a weight, float16 scale per 32, and the kernel's bf16 scale + zero
-    # (4 bytes a group) where the output size is a multiple of 64 (32-row k/v projections are
-    # not: they dequantize); the table stays int8 per channel
+    # int8 per channel: 1 byte a weight, a float16 scale per row (+ its bf16 copy where this CPU
+    # runs torch's int8 kernel, quant/kernels.py); the table is int8 per channel too
+    cpu = kernel_plan()
+    shapes = LINEARS + [(1024, 64)]  # the decoder's matrices and the tied table
+    rows = sum(n for n, _ in shapes)
+    int8_tables = sum(2 * n for n, k in shapes if cpu.quantized(8, k, k, n, torch.bfloat16) == "int8pack")
+    assert weight_bytes(c, "int8") == nk + EMBED + 2 * rows + 2 * VECTORS + int8_tables
+    # int4-g32: half a byte a weight, float16 scale per 32, and torch's int4 kernel's bf16 scale +
+    # zero (4 bytes a group) where this CPU runs it (and the output size is a multiple of 64);
+    # the table stays int8 per channel
     groups = sum(n * k // 32 for n, k in LINEARS)
-    kernel = sum(n * k // 32 * 4 for n, k in LINEARS if n % 64 == 0)
-    assert weight_bytes(c, "int4-g32") == nk // 2 + 2 * groups + kernel + EMBED + 2 * 1024 + 2 * VECTORS + 2 * 1024
+    kernel = sum(n * k // 32 * 4 for n, k in LINEARS if cpu.quantized(4, 32, k, n, torch.bfloat16) == "int4pack")
+    table = 2 * 1024 if cpu.quantized(8, 64, 64, 1024, torch.bfloat16) == "int8pack" else 0
+    assert weight_bytes(c, "int4-g32") == nk // 2 + 2 * groups + kernel + EMBED + 2 * 1024 + 2 * VECTORS + table
 
 
 def test_context_by_hand():

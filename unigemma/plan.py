@@ -8,9 +8,10 @@ context that fits in the memory given. The weights are counted on a meta-device 
 model with the loader's own quantization plan, so the figures follow the code:
 
     weights   every parameter and buffer as loaded (int8 / int4 codes, float16 scales, the 8-bit
-              token table, float media embedders and norms), plus what runs next to them: the
-              int4 kernel's bf16 scale/zero table (4 bytes per group) and int8's bf16 row
-              scales, and on the bf16 fast path the packed copy of the tied LM head
+              token table, float media embedders and norms), plus what runs next to them where
+              this CPU runs torch's weight-only kernels (quant/kernels.py; not the default
+              int8-activation ones): the int4 kernel's bf16 scale/zero table (4 bytes per group)
+              and int8's bf16 row scales, and on the bf16 fast path the packed copy of the tied LM head
               (models/packed.py: the lookup table stays, the head is packed apart)
     KV        K and V of every layer in bf16: full layers grow with the context, sliding layers
               are ring buffers of window - 1 + reserve tokens whatever the length
@@ -61,7 +62,8 @@ def load_config(path: str | Path) -> ModelConfig:
 
 def weight_bytes(config: ModelConfig, scheme: str) -> int:
     from .quant.apply import QuantScheme
-    from .quant.linear import INT4_KERNEL_GROUPS, QuantLinear
+    from .quant.kernels import plan as kernel_plan
+    from .quant.linear import QuantLinear
     from .weights.loader import build_model
 
     quant = None if scheme == "bf16" else QuantScheme.parse(scheme)
@@ -73,11 +75,13 @@ def weight_bytes(config: ModelConfig, scheme: str) -> int:
         if config.text.tie_word_embeddings:
             total += config.text.vocab_size * config.text.hidden_size * 2  # the packed head
         return total
-    for m in model.modules():
+    cpu = kernel_plan()
+    for m in model.modules():  # the tables torch's weight-only kernels keep, where this CPU runs them
         if isinstance(m, QuantLinear):
-            if m.bits == 8:
+            path = cpu.quantized(m.bits, m.group_size, m.in_features, m.out_features, torch.bfloat16)
+            if path == "int8pack":
                 total += m.out_features * 2
-            elif m.group_size in INT4_KERNEL_GROUPS and m.out_features % 64 == 0 and type(m) is QuantLinear:
+            elif path == "int4pack" and type(m) is QuantLinear:
                 total += (m.in_features // m.group_size) * m.out_features * 4
     return total
 

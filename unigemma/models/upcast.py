@@ -2,10 +2,11 @@
 refuses to pack them (models/packed.py) and torch's bf16 GEMM is emulated: ~0.6 GB/s for a
 64-row prefill against float32's ~8 (bench/quant_kernels.py, AVX2).
 
-`UpcastLinear` keeps the bf16 weight (memory stays 2 bytes a weight) and runs one row, a decode
-step, as plain `F.linear` in bf16 (reading 2 bytes a weight is what decoding costs), while more
-rows (prefill, a speculative verify) upcast a block of ~1 MiB of weight rows at a time to float32
-and run float32 GEMMs, rounding the output to bf16 once. `upcast_linears(model)` swaps the
+`UpcastLinear` keeps the bf16 weight (memory stays 2 bytes a weight) and runs up to `MAX_ROWS`
+rows (decode steps, a short verify) as plain `F.linear` in bf16 — reading 2 bytes a weight is what
+decoding costs, and each extra row costs about one more (capped to AVX2: 0.76 ms at one row, the
+upcast path 1.6–2.7 ms, 8192×1536) — while more rows (prefill) upcast a block of ~1 MiB of weight
+rows at a time to float32 and run float32 GEMMs, rounding the output to bf16 once. `upcast_linears(model)` swaps the
 decoder's Linears for it after loading, where quant/kernels.py's plan says "upcast".
 """
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _BLOCK_BYTES = 1 << 20
+MAX_ROWS = 4  # bf16 F.linear up to here; the float32 GEMMs above
 
 
 class UpcastLinear(nn.Module):
@@ -26,7 +28,7 @@ class UpcastLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1]:  # one row: the weight read once, in its own dtype
+        if x.numel() <= MAX_ROWS * x.shape[-1]:  # a few rows: the weight read in its own dtype
             return F.linear(x, self.weight, self.bias)
         x32 = x.float()
         rows = max(64, _BLOCK_BYTES // (4 * self.in_features))

@@ -89,7 +89,7 @@ def quantize_rows(read_rows, N: int, K: int, bits: int, group_size: int | None) 
     for a in range(0, N, rows):
         b = min(N, a + rows)
         w = read_rows(a, b)
-        if fast and w.device.type == "cpu" and w.dtype in qdot._WTYPES:  # the same bits, in C
+        if fast and w.device.type == "cpu" and w.dtype in qdot.WEIGHT_DTYPES:  # the same bits, in C
             q[a:b], s[a:b] = qdot.quantize_weights(w, bits, g)
         else:
             q[a:b], s[a:b] = quantize_int8(w, g) if bits == 8 else quantize_int4(w, g)

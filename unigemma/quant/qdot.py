@@ -91,7 +91,7 @@ def quantize(x: torch.Tensor, deinterleave: bool = False) -> tuple[torch.Tensor,
     return q, d, xs8
 
 
-_WTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+WEIGHT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def quantize_weights(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,11 +101,11 @@ def quantize_weights(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tens
 
     w = w.contiguous()
     N, K = w.shape
-    if K % group or (bits == 4 and group % 2) or w.dtype not in _WTYPES or w.device.type != "cpu":
+    if K % group or (bits == 4 and group % 2) or w.dtype not in WEIGHT_DTYPES or w.device.type != "cpu":
         raise ValueError(f"quantize_weights: cannot quantize {w.dtype} {tuple(w.shape)} to int{bits}-g{group}")
     q = torch.empty(N, K if bits == 8 else K // 2, dtype=torch.int8 if bits == 8 else torch.uint8)
     d = torch.empty(N, K // group, dtype=torch.float32)
-    _lib().ug_quantize_weights(w.data_ptr(), _WTYPES[w.dtype], N, K, bits, group, q.data_ptr(), d.data_ptr())
+    _lib().ug_quantize_weights(w.data_ptr(), WEIGHT_DTYPES[w.dtype], N, K, bits, group, q.data_ptr(), d.data_ptr())
     return q, _scales_f16(d[..., None])
 
 
