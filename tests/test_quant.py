@@ -158,7 +158,7 @@ def test_int8_activation_kernel_equals_its_definition(bits, group, K, dtype):
     for name, y in got.items():
         assert y.dtype == dtype
         err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
-        assert err < (1e-5 if dtype == torch.float32 else 1e-2), (name, err)
+        assert err < (1e-5 if dtype == torch.float32 else 4e-3), (name, err)  # bf16: the output's rounding
         drift = ((y.double() - oracle).norm() / oracle.norm()).item()
         assert drift < 2e-2, (name, drift)  # ~0.4% a value: 8-bit activations
 

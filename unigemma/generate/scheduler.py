@@ -379,8 +379,11 @@ class Scheduler:
         if room < 1:  # no room left to draft: back to plain steps
             self._leave_solo()
             return self._decode_step()
-        k = min(e.draft.next(), room)
         p = run.request.params
+        # a seeded sampled request drafts the fixed k: the adaptive choice follows wall-clock timings,
+        # and which random draws each position takes depends on the draft lengths
+        seeded = p.seed is not None and p.temperature > 0
+        k = min(e.draft.k if seeded else e.draft.next(), room)
         got, h_next = speculative_round(e.model, e.proposer, e.draft, c, self.sampler, x, h_prev, k,
                                         p.top_logprobs if p.logprobs else None, e.decode_step)
         kept = len(got.tokens) - 1

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..hugepages import advise
 from . import qdot
 from .linear import QuantEmbedding, QuantLinear
 from .pack import quantize_int4, quantize_int8
@@ -84,8 +85,8 @@ def quantize_rows(read_rows, N: int, K: int, bits: int, group_size: int | None) 
     g = group_size or K
     fast = qdot.available()
     rows = max(1, (1 << (22 if fast else 18)) // K)  # C makes no float32 temporaries: larger blocks
-    q = torch.empty(N, K if bits == 8 else K // 2, dtype=torch.int8 if bits == 8 else torch.uint8)
-    s = torch.empty(N, K // g, dtype=torch.float16)
+    q = advise(torch.empty(N, K if bits == 8 else K // 2, dtype=torch.int8 if bits == 8 else torch.uint8))
+    s = advise(torch.empty(N, K // g, dtype=torch.float16))  # scales stream beside the codes
     for a in range(0, N, rows):
         b = min(N, a + rows)
         w = read_rows(a, b)

@@ -140,7 +140,8 @@ def reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bits: int,
     M, K = x.shape
     blocks = x.reshape(M, K // BLOCK, BLOCK)
     amax = blocks.abs().amax(-1, keepdim=True).float()
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # 127 / amax in one rounding, as the C code divides (`127.0 / t` in torch is 127 * (1 / t): two)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     xr = torch.round(blocks.float() * inv).double() * (amax / 127.0).double()  # round: half to even
     w = dequantize(q, scales, bits, torch.float64)
     return xr.reshape(M, K) @ w.t()

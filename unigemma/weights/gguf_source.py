@@ -21,6 +21,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..gguf.arch import config_from_gguf, our_name
+from ..hugepages import advise
 from ..gguf.dequant import dequantize, repack
 from ..gguf.mmproj import mmproj_path_check, mmproj_tensor
 from ..gguf.reader import GGUFFile
@@ -144,7 +145,7 @@ def _repack_blocks(f: GGUFFile, key: str, raw: torch.Tensor, rows: int = 4096):
         b = min(N, a + rows)
         _, qb, sb = repack(raw[a * row:b * row], info.type, (b - a, K))
         if q is None:
-            q, s = torch.empty((N, *qb.shape[1:]), dtype=qb.dtype), torch.empty((N, *sb.shape[1:]), dtype=sb.dtype)
+            q, s = advise(torch.empty((N, *qb.shape[1:]), dtype=qb.dtype)), advise(torch.empty((N, *sb.shape[1:]), dtype=sb.dtype))
         q[a:b], s[a:b] = qb, sb
         f.release(key, a * row, (b - a) * row)
     return q, s
