@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import unigemma
+from unigemma.quant.kernels import plan
 from gguf_convert import converter_available, rewrite_gguf, to_gguf
 from reference import S, F, SMALL_IDS, Shape, audio_frames, patches, write_checkpoint
 from unigemma.errors import CheckpointError
@@ -164,9 +165,10 @@ def test_gguf_packs_as_it_reads(ckpt):
 
 @needs_converter
 def test_q4_0_and_q5_0_gguf(ckpt, tmp_path):
-    """Q4_0 weights load as our int4-g32 (exactly gguf's dequantization); Q5_0, a block type no
-    kernel of ours reads, as int8-g32 (each value within half an 8-bit step of gguf's); with
-    exact=True the model computes the function of those weights."""
+    """Q4_0 weights load as our int4-g32 (exactly gguf's dequantization). Q5_0, a block type no
+    kernel of ours reads: by default as int8-g32 where the int8-activation kernels run (each value
+    within half an 8-bit step of gguf's); with exact=True as gguf's float values, and the model
+    computes the function of gguf's dequantized weights."""
     src = to_gguf(ckpt, "f32")
 
     def qtype(name, shape):  # Q4_0 token table and MLP (as in Google's QAT Q4_0 files), Q5_0 attention
@@ -175,33 +177,32 @@ def test_q4_0_and_q5_0_gguf(ckpt, tmp_path):
         return T.Q4_0 if "ffn" in name or "token_embd" in name else T.Q5_0
 
     path = rewrite_gguf(src, tmp_path / "mixed.gguf", qtype)
-    model = unigemma.load_model(path, dtype="float32", exact=True)
-    layer = model.model.language_model.layers[0]
-    q_proj = layer.self_attn.q_proj
-    assert layer.mlp.up_proj.bits == 4 and (q_proj.bits, q_proj.group_size) == (8, 32)
     r = gguf.GGUFReader(path)
     t = {x.name: x for x in r.tensors}
+    ref = torch.from_numpy(quants.dequantize(t["blk.0.attn_q.weight"].data, T.Q5_0))
+    q_proj = unigemma.load_model(path, dtype="float32").model.language_model.layers[0].self_attn.q_proj
+    if plan().int8_act in ("avx2", "avx512-vnni"):
+        assert (q_proj.bits, q_proj.group_size) == (8, 32)
+        step = q_proj.scales.float().repeat_interleave(32, dim=1)
+        assert ((q_proj.dequantize() - ref).abs() <= step * (0.5 + 127 * 2 ** -11) + 1e-12).all()
+    else:
+        assert isinstance(q_proj, torch.nn.Linear) and q_proj.weight.equal(ref)
+    model = unigemma.load_model(path, dtype="float32", exact=True)
+    layer = model.model.language_model.layers[0]
+    assert layer.mlp.up_proj.bits == 4 and isinstance(layer.self_attn.q_proj, torch.nn.Linear)
     for name, mod in (("blk.0.ffn_up.weight", layer.mlp.up_proj), ("blk.0.ffn_down.weight", layer.mlp.down_proj)):
         assert np.array_equal(mod.dequantize().numpy(), quants.dequantize(t[name].data, t[name].tensor_type))
-    ref = torch.from_numpy(quants.dequantize(t["blk.0.attn_q.weight"].data, T.Q5_0))
-    step = q_proj.scales.float().repeat_interleave(32, dim=1)
-    assert ((q_proj.dequantize() - ref).abs() <= step * (0.5 + 127 * 2 ** -11) + 1e-12).all()
-    assert unigemma.load_model(path, dtype="float32", dequantize=True).model.language_model.layers[0] \
-        .self_attn.q_proj.weight.equal(ref)  # dequantize: gguf's own values as floats
+    assert layer.self_attn.q_proj.weight.equal(ref)
     emb = model.model.language_model.embed_tokens
     table = quants.dequantize(t["token_embd.weight"].data, T.Q4_0)
     assert emb.bits == 4 and np.array_equal(emb(torch.tensor([0, 7, 999])).numpy(), table[[0, 7, 999]])
-    # the whole model computes the function of the weights it holds: gguf's Q4_0 values, ours for Q5_0
+    # the whole model computes the function of gguf's dequantized weights
     oracle = unigemma.load_model(src, dtype="float32")
     state = oracle.state_dict()  # views of the parameters and buffers
-    ours = {n: m for n, m in model.named_modules() if hasattr(m, "dequantize")}
     with torch.no_grad():
         for name, x in t.items():
-            key = our_name(name, "gemma4")
-            if key in state:
-                mod = ours.get(key.removesuffix(".weight"))
-                value = mod.dequantize() if mod is not None else torch.from_numpy(quants.dequantize(x.data, x.tensor_type))
-                state[key].copy_(value)
+            if our_name(name, "gemma4") in state:
+                state[our_name(name, "gemma4")].copy_(torch.from_numpy(quants.dequantize(x.data, x.tensor_type)))
     ids = ids_for(TEXT)
     assert torch.allclose(model.logits(ids), oracle.logits(ids), atol=1e-5, rtol=1e-5)
     # quant= requantizes everything else too

@@ -94,7 +94,8 @@ def test_int4_kernel_on_other_isas(capability):
                         "-k", "nibble or kernels_equal or int8_activation or state_dict_is_our or odd_shapes"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:]
-    assert " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-1000:]
+    # skips only for a missing qdot.c build (no C compiler at install), which the plan reports
+    assert " passed" in r.stdout and ("skipped" not in r.stdout or plan().int8_act is None), r.stdout[-1000:]
 
 
 def module(w, bits, group):

@@ -83,7 +83,8 @@ class GGUFSource:
 
     def requantize(self, name: str) -> tuple[int, int] | None:
         """The layout a weight stored in another block type (Q4_K, Q5_0, Q6_K, ...) loads into
-        when no quantization is asked: int8 in groups of 32, the nearest one our kernels read
+        when no quantization is asked and the int8-activation kernels run (the loader decides;
+        else such weights load as floats): int8 in groups of 32, the nearest one our kernels read
         (its step, 1/254 of a group's largest weight, is far inside those types' own; Gemma 3
         270M's Q4_K_M: KL 0.004 from the float weights, bench/act_quality.py). None for float
         tensors and for our native types."""

@@ -25,6 +25,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..models import model_class
 from ..quant.apply import QuantScheme, is_embedding, is_quantizable, swap_modules
+from ..quant.kernels import plan as kernel_plan
 from .gguf_source import GGUFSource, is_gguf
 from .options import DTYPES, LoadOptions, resolve_dtype
 from .placer import Placer
@@ -110,8 +111,10 @@ def load_model(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_ma
     source = open_source(path, mmproj)
     try:
         scheme = options.scheme_for(source.config, source.describes)
+        # other block types as int8-g32 only where int8-activation kernels run them fast (else floats)
+        fast_int8 = kernel_plan().int8_act in ("avx2", "avx512-vnni") and not options.exact
         model = build_model(source.config, options.block_mask, scheme, options.dtype, source.native,
-                            options.dequantize, source.requantize)
+                            options.dequantize, source.requantize if fast_int8 else None)
         return Placer(model, options, source.describes).stream(source)
     finally:
         source.close()
