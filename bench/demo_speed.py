@@ -12,8 +12,8 @@ For each: load seconds, time to the first token of a P-token prompt (prefill tok
 tokens/s (as bench/peers.py measures them), peak RSS, the kernel plan unigemma printed. llama.cpp
 runs once per build given: the installed one ("llama"; --skip-llama leaves it out) and each
 `--llama-site NAME=DIR`, a build of llama-cpp-python installed with `pip install --target DIR`
-(e.g. one built without AVX-512, see the README's benchmarks section). Rounds are interleaved (--rounds), best of all kept; ratios
-ours / llama.cpp in the same run. One JSON line.
+(e.g. one built without AVX-512: the README's "CPU kernels" section). Rounds are interleaved
+(--rounds), best of all kept; ratios ours / llama.cpp in the same run. One JSON line.
 
     python -m bench.demo_speed [--ours auto,bf16,int8] [--rounds 2] [--llama-site avx2=/path/to/avx2-build]
 """
