@@ -63,13 +63,14 @@ class LoadOptions:
                           DeprecationWarning, stacklevel=3)
             quant, dequantize = None, True
         scheme = None if quant is None else QuantScheme.parse(quant)
-        upcast = bool(pack) and torch.device(device).type == "cpu" and plan().float_linear(resolve_dtype(dtype)) == "upcast"
         if scheme is not None and dequantize:
             raise ValueError(f"dequantize and quant={scheme.name!r} exclude each other: quant already "
                              "requantizes a file's quantized tensors")
         dtype = resolve_dtype(dtype)
         # pack where packing is this CPU's fastest float kernel (quant/kernels.py: bf16 with native
-        # bf16 arithmetic); "upcast" is applied after loading (placer.py)
+        # bf16 arithmetic); "upcast" (bf16 where it is emulated) is applied after loading (placer.py)
+        on_cpu = torch.device(device).type == "cpu"
+        upcast = bool(pack) and on_cpu and plan().float_linear(dtype) == "upcast"
         pack = pack and device_can_pack(device, dtype) and plan().float_linear(dtype) == "onednn-packed"
         return cls(dtype, device, scheme, dequantize, pack, block_mask, progress, bool(exact), upcast)
 
