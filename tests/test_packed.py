@@ -110,3 +110,20 @@ def test_swap_head_refuses_a_module_with_state():
 
     with pytest.raises(ValueError, match="holds tensors"):
         swap_head(nn.Module(), nn.Linear(4, 8))
+
+
+def test_upcast_linear_runs_bf16_rows_as_float32_gemms_and_keeps_the_weight():
+    """models/upcast.py (bf16 where bf16 arithmetic is emulated): up to MAX_ROWS rows are plain
+    bf16 F.linear, more rows a float32 GEMM of the same bf16 weight rounded to bf16 once; the
+    parameter is the Linear's own (no copy, same state-dict name)."""
+    from unigemma.models.upcast import MAX_ROWS, UpcastLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 200, bias=True).bfloat16()
+    up = UpcastLinear(lin)
+    assert up.weight is lin.weight and set(up.state_dict()) == {"weight", "bias"}
+    few = torch.randn(MAX_ROWS, 96).bfloat16()
+    assert torch.equal(up(few), torch.nn.functional.linear(few, lin.weight, lin.bias))
+    many = torch.randn(3, 40, 96).bfloat16()
+    want = (torch.nn.functional.linear(many.float(), lin.weight.float()) + lin.bias.float()).bfloat16()
+    assert torch.equal(up(many), want)
