@@ -25,7 +25,7 @@ import torch
 
 from bench.demo_speed import demo_gguf
 from bench.machine import machine
-from bench.quant_quality import prose
+from bench.quant_quality import logits_of, prose
 
 PATHS = {
     "bf16": dict(dtype="bfloat16", dequantize=True),
@@ -36,17 +36,6 @@ PATHS = {
     "int4-g32": dict(quant="int4-g32"),
     "auto": {},
 }
-
-
-@torch.inference_mode()
-def logits_of(model, ids: list[int], step: int) -> torch.Tensor:
-    cache = model.make_cache(1, len(ids))
-    out = []
-    for a in range(0, len(ids), step):
-        x = torch.tensor([ids[a:a + step]])
-        h = model(x, torch.arange(a, a + x.shape[1])[None], cache=cache)
-        out.append(model.head(h[0]).float())
-    return torch.cat(out)
 
 
 def main():

@@ -72,7 +72,7 @@ static void q8_block(const float *x, int8_t *q, float *d, int32_t *xs8, int dein
 
 /* x float32 [M, K] -> q int8 [M, K], d float32 [M, K / 32], xs8 int32 [M, K / 32] (8 x the sum of
  * a block's q: the int4 kernel's offset). */
-void ug_q8_rows(const float *x, int64_t M, int64_t K, int8_t *q, float *d, int32_t *xs8, int deinterleave) {
+static void ug_q8_rows(const float *x, int64_t M, int64_t K, int8_t *q, float *d, int32_t *xs8, int deinterleave) {
     int64_t nb = K / QK;
     for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < nb; b++)
@@ -321,7 +321,7 @@ int ug_isa(int cap) {
     return v < cap_level ? v : cap_level;
 }
 
-void ug_quantize(const float *x, int64_t M, int64_t K, int8_t *q, float *d, int32_t *xs8, int deinterleave) {
+static void ug_quantize(const float *x, int64_t M, int64_t K, int8_t *q, float *d, int32_t *xs8, int deinterleave) {
 #ifdef UG_X86
     if (ug_isa(-1)) { q8_rows_avx2(x, M, K, q, d, xs8, deinterleave); return; }
 #endif
@@ -345,7 +345,7 @@ static uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch's .to
 
 /* y [M, N] (float32, or bfloat16 with y_bf16) = activations (q, d, xs8 from ug_quantize) x weights
  * [N, K] (bits 8 or 4). One parallel region: weight rows split across the threads. */
-void ug_gemm(const int8_t *xq, const float *dx, const int32_t *xs8, int64_t M, int64_t K, const void *w,
+static void ug_gemm(const int8_t *xq, const float *dx, const int32_t *xs8, int64_t M, int64_t K, const void *w,
              const uint16_t *s, int64_t g, int64_t N, int bits, void *y, int y_bf16) {
     int64_t nb = K / QK, wrow = bits == 8 ? K : K / 2, srow = K / g;
     int simd = ug_isa(-1);

@@ -33,10 +33,6 @@ def _lib() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.ug_isa.argtypes, lib.ug_isa.restype = [ctypes.c_int], ctypes.c_int
-    lib.ug_quantize.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
-    lib.ug_quantize.restype = None
-    lib.ug_gemm.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
-    lib.ug_gemm.restype = None
     lib.ug_linear.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ptr, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
     lib.ug_linear.restype = ctypes.c_int
     lib.ug_quantize_weights.argtypes = [ptr, ctypes.c_int, i64, i64, ctypes.c_int, i64, ptr, ptr]
@@ -69,26 +65,8 @@ def set_level(level: str | None) -> None:
         lib.ug_isa(cap if level is None else min(cap, LEVELS.index(level)))
 
 
-def force_plain(on: bool) -> None:
-    """Run the plain C loops instead of the SIMD ones (tests compare the two)."""
-    set_level("c" if on else None)
-
-
 def supports(K: int, group: int) -> bool:
     return K % BLOCK == 0 and group % BLOCK == 0
-
-
-def quantize(x: torch.Tensor, deinterleave: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x float [M, K] → (int8 [M, K], float32 block scales [M, K / 32], int32 8 x block sums
-    [M, K / 32]); deinterleave: each block stored as its even columns then its odd ones (the int4
-    nibble order, qdot.c)."""
-    x = x.float().contiguous()
-    M, K = x.shape
-    q = torch.empty(M, K, dtype=torch.int8)
-    d = torch.empty(M, K // BLOCK, dtype=torch.float32)
-    xs8 = torch.empty(M, K // BLOCK, dtype=torch.int32)
-    _lib().ug_quantize(x.data_ptr(), M, K, q.data_ptr(), d.data_ptr(), xs8.data_ptr(), int(deinterleave))
-    return q, d, xs8
 
 
 WEIGHT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
