@@ -11,7 +11,9 @@ context, 401 for a missing or wrong key, 413 for a body over the limit, 429 when
 the media pool is full, 503 while shutting down; a 500 is a bug (the log has the traceback,
 the client only its type). Requests with media are converted on a small pool of their own
 (`pool.py`), so they cannot starve plain ones. Response bodies are built in `respond.py`;
-request conversion in `convert.py`; `serve.py` runs it with a bounded shutdown.
+request conversion in `convert.py` and `chat_plan.py`; `serve.py` runs it with a bounded shutdown.
+What routes share (auth, the model name, planning, submitting) is one `Served`, at
+`app.state.served`, so an endpoint in its own file registers itself with `register(app)`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..generate.grammar import Grammars
 from ..generate.scheduler import Scheduler
 from ..inputs import ModelInputs
 from . import convert, respond
+from .chat_plan import chat_plan, client_data, has_media, tensor
 from .guard import LOOPBACK_NAMES, HostCheck
 from .limits import BodyLimit, Closing, Meter
 from .pool import MediaPool
@@ -66,6 +69,62 @@ class ApiError(Exception):
         self.status, self.body = status, error_body(message, type, param, code)
 
 
+class Served:
+    """What every route shares: the model, the scheduler, the grammars, the meter, the media
+    pool, and the steps each generation goes through (auth, the model name, planning, submit).
+    Routes in other files take it from `app.state.served`."""
+
+    def __init__(self, gemma, config: ServerConfig, scheduler: Scheduler, grammars: Grammars, meter: Meter,
+                 media: MediaPool):
+        self.gemma, self.config, self.scheduler, self.grammars = gemma, config, scheduler, grammars
+        self.meter, self.media = meter, media
+        self._processors: dict[int, object] = {}
+
+    def auth(self, request: Request) -> None:
+        """A FastAPI dependency: the bearer key, when the server has one."""
+        key_wanted = self.config.api_key
+        if key_wanted is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), key_wanted.encode()):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                           "authentication_error", code="invalid_api_key")
+
+    def processor(self, budget: int):
+        if budget not in self._processors:
+            self._processors[budget] = self.gemma.processor(budget, max_len=self.scheduler.max_len)
+        return self._processors[budget]
+
+    def check_model(self, name) -> None:
+        if name not in (None, "", self.config.model_name):
+            raise ApiError(404, f"model {name!r} is not served here (this server serves {self.config.model_name!r})",
+                           "not_found_error", param="model", code="model_not_found")
+
+    async def plan(self, body: ChatRequest) -> tuple[ModelInputs, list]:
+        """A chat request's model inputs and constraints; media (decoding, URL fetches) on its
+        own bounded pool, plain text on the shared one."""
+        plan = (body, self.config.limits, self.grammars, self.processor)
+        return await (self.media.run(chat_plan, *plan) if has_media(body) else run_in_threadpool(chat_plan, *plan))
+
+    def submit(self, inputs: dict, params: list, constraints: list) -> list:
+        """One scheduler request per choice: all of them or none."""
+        if self.meter.closing:
+            raise Closing("the server is shutting down; try again later")
+        n, max_len = inputs["input_ids"].shape[1], self.scheduler.max_len
+        if n >= max_len:
+            raise ApiError(400, f"the prompt is {n} tokens; this server's context holds {max_len} "
+                                "(prompt + reply)", param="messages", code="context_length_exceeded")
+        requests = []
+        try:
+            for p, c in zip(params, constraints):
+                requests.append(self.scheduler.submit(inputs, p, constraint=c))
+        except Exception:
+            for r in requests:
+                r.cancel()
+            raise
+        return requests
+
+
 def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler | None = None) -> FastAPI:
     """An app serving `gemma` (a `unigemma.load` result); starts its scheduler thread."""
     config = config or ServerConfig()
@@ -76,10 +135,11 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
     grammars = Grammars(gemma.tokenizer, engine.base_stop_ids, gemma.config.text.vocab_size)
     meter = Meter(scheduler)
     media = MediaPool(config.media_workers, config.media_queue)
-    processors: dict[int, object] = {}
     app = FastAPI(title="unigemma", version="0.1.0",
                   description="OpenAI-compatible API for Gemma 4 unified models (unigemma).")
     app.state.scheduler, app.state.grammars, app.state.meter = scheduler, grammars, meter
+    served = app.state.served = Served(gemma, config, scheduler, grammars, meter, media)
+    auth, submit, check_model = served.auth, served.submit, served.check_model
     refused = lambda: meter.count("rejected")  # noqa: E731
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, on_refuse=refused)
     app.add_middleware(HostCheck, names=config.allowed_hosts, any_ip=config.allow_ip_hosts, on_refuse=refused)
@@ -130,50 +190,11 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
         return refuse(500, error_body(f"internal error ({type(e).__name__}); the server log has the details",
                                       "server_error"))
 
-    def auth(request: Request) -> None:
-        if config.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, key = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), config.api_key.encode()):
-            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                           "authentication_error", code="invalid_api_key")
-
-    def processor(budget: int):
-        if budget not in processors:
-            processors[budget] = gemma.processor(budget, max_len=scheduler.max_len)
-        return processors[budget]
-
-    def submit(inputs: dict, params: list, constraints: list) -> list:
-        if meter.closing:
-            raise Closing("the server is shutting down; try again later")
-        n = inputs["input_ids"].shape[1]
-        if n >= scheduler.max_len:
-            raise ApiError(400, f"the prompt is {n} tokens; this server's context holds {scheduler.max_len} "
-                                "(prompt + reply)", param="messages", code="context_length_exceeded")
-        requests = []
-        try:
-            for p, c in zip(params, constraints):
-                requests.append(scheduler.submit(inputs, p, constraint=c))
-        except Exception:
-            for r in requests:  # all n choices or none
-                r.cancel()
-            raise
-        return requests
-
-    def check_model(name):
-        if name not in (None, "", config.model_name):
-            raise ApiError(404, f"model {name!r} is not served here (this server serves {config.model_name!r})",
-                           "not_found_error", param="model", code="model_not_found")
-
     # -- routes -------------------------------------------------------------------------------
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model)
-        plan = (body, config, grammars, processor)
-        # media (decoding, URL fetches) on its own bounded pool; plain text on the shared one
-        inputs, constraints = await (media.run(_chat_plan, *plan) if _has_media(body) else
-                                     run_in_threadpool(_chat_plan, *plan))
+        inputs, constraints = await served.plan(body)
         params = [convert.params(body, gemma.default_params, i, config.max_tokens_default) for i in range(body.n)]
         requests = submit(inputs, params, constraints)
         return await respond.chat(request, requests, body, config.model_name, gemma.tokenizer, meter)
@@ -187,8 +208,8 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
         requests = []
         try:
             for prompt in prompts:
-                ids = await run_in_threadpool(_client_data, "prompt", gemma.tokenizer.encode, prompt)
-                inputs = {"input_ids": _tensor(ids)}
+                ids = await run_in_threadpool(client_data, "prompt", gemma.tokenizer.encode, prompt)
+                inputs = {"input_ids": tensor(ids)}
                 params = [convert.params(body, gemma.default_params, i, config.max_tokens_default)
                           for i in range(body.n)]
                 requests += submit(inputs, params, [None] * body.n)
@@ -219,12 +240,6 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
     return app
 
 
-def _tensor(ids: list[int]):
-    import torch
-
-    return torch.tensor([ids], dtype=torch.long)
-
-
 _FIELDS = set(ChatRequest.model_fields) | set(CompletionRequest.model_fields)
 
 
@@ -232,58 +247,3 @@ def _param(message: str) -> str | None:
     """The field an InputError's message starts with ('messages[0].content[1]: ...'), if any."""
     head = message.split(":", 1)[0].split(" ", 1)[0]
     return head if head.split("[", 1)[0].split(".", 1)[0] in _FIELDS else None
-
-
-def _has_media(body: ChatRequest) -> bool:
-    return any(isinstance(m.content, list) and any(p.get("type") != "text" for p in m.content)
-               for m in body.messages)
-
-
-def _client_data(where: str, fn, *args):
-    """fn(*args) on the client's data: a ValueError or RecursionError it raises (a decoder's,
-    the tokenizer's, the chat template's) is the client's input, so a 400 naming `where`."""
-    try:
-        return fn(*args)
-    except InputError:
-        raise
-    except (ValueError, RecursionError) as e:
-        log.warning("%s refused: %s: %s", where, type(e).__name__, e)
-        raise InputError(f"{where}: {type(e).__name__}: {str(e)[:200]}") from None
-
-
-def _chat_plan(body: ChatRequest, config: ServerConfig, grammars: Grammars, processor) -> tuple[ModelInputs, list]:
-    """Messages -> model inputs, and one grammar per choice (each keeps its own state) or Nones.
-    Runs in a worker thread: media decoding and grammar compilation take a while."""
-    return _client_data("messages", _plan, body, config, grammars, processor)
-
-
-def _plan(body: ChatRequest, config: ServerConfig, grammars: Grammars, processor) -> tuple[ModelInputs, list]:
-    messages = convert.messages(body, config.limits)
-    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-    choice = body.tool_choice
-    make = None
-    if tools and choice == "none":
-        tools = None
-    elif tools and choice is not None and choice != "auto":
-        forced = tools if choice == "required" else [t for t in tools if t["function"]["name"] == choice.function.name]
-        if not forced:
-            raise InputError(f"tool_choice names {choice.function.name!r}, which is not in tools")
-        make = lambda: grammars.tool_call(forced)  # noqa: E731
-    elif choice not in (None, "auto", "none") and not tools:
-        raise InputError("tool_choice needs tools")
-    fmt = body.response_format
-    if fmt is not None and fmt.type != "text":
-        if make is not None:
-            raise InputError("response_format and a forced tool_choice cannot both constrain the reply")
-        if fmt.type == "json_schema":
-            if fmt.json_schema is None:
-                raise InputError("response_format json_schema needs a json_schema object")
-            schema = fmt.json_schema.schema_
-            make = lambda: grammars.json_schema(schema)  # noqa: E731
-        else:
-            make = grammars.json_object
-    constraints = [make() if make else None for _ in range(body.n)]
-    # a constrained reply starts at once: thinking would put free text before it
-    enable_thinking = convert.thinking(body) and make is None
-    inputs = processor(body.image_budget or 280)(messages, tools=tools, enable_thinking=enable_thinking)
-    return inputs, constraints
