@@ -3,7 +3,7 @@
     app = create_app(gemma, ServerConfig(api_key="k"))   # uvicorn.run(app, host="127.0.0.1")
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
-GET /metrics (queue depth, running rows, KV use, tokens/s), GET / (the chat page). Every
+GET /metrics (queue depth, running rows, KV use, tokens/s), GET / (the chat page, `page.py`). Every
 generation is a `Scheduler.submit`; a client that goes away cancels its requests (the
 scheduler frees their rows at its next step). Errors are OpenAI's error object: 400 for bad
 JSON, fields, media, a Host name the server does not answer to, or a prompt longer than the
@@ -21,11 +21,10 @@ from __future__ import annotations
 import hmac
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -33,14 +32,13 @@ from ..errors import ContextTooLong, InputError, QueueFull
 from ..generate.grammar import Grammars
 from ..generate.scheduler import Scheduler
 from ..inputs import ModelInputs
-from . import convert, respond
+from . import convert, page, respond
 from .chat_plan import chat_plan, client_data, has_media, tensor
 from .guard import LOOPBACK_NAMES, HostCheck
 from .limits import BodyLimit, Closing, Meter
 from .pool import MediaPool
 from .schema import ChatRequest, CompletionRequest, error_body
 
-PAGE = Path(__file__).with_name("static") / "index.html"
 log = logging.getLogger("unigemma.server")
 
 
@@ -233,10 +231,7 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
     async def metrics():
         return meter.snapshot()
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page():
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
-
+    page.register(app)
     return app
 
 
