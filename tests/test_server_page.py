@@ -80,6 +80,15 @@ def replies(driver):
     return driver.find_elements("css selector", ".msg.assistant")
 
 
+def reply_after(driver, n):
+    """The reply after the first n, once it is done."""
+    def done():
+        last = replies(driver)[n:][-1:]
+        return last and last[0].get_attribute("data-done") and last[0]
+
+    return wait(done)
+
+
 def enter_key(driver):
     """The API key, as a user types it (the page remembers it and fetches /v1/models again)."""
     from selenium.webdriver.common.keys import Keys
@@ -153,7 +162,7 @@ def test_a_markdown_reply_is_rendered_sanitised_with_its_thinking_collapsed(page
         page.find_element("id", "input").send_keys("Show me some code")
         n = len(replies(page))
         page.find_element("id", "send").click()
-        reply = wait(lambda: len(replies(page)) > n and replies(page)[-1].get_attribute("data-done") and replies(page)[-1])
+        reply = reply_after(page, n)
     finally:
         page.scheduler.submit = original
         page.find_element("id", "think").click()
@@ -232,7 +241,7 @@ def test_microphone_recording_is_sent_and_decoded(page):
     page.find_element("id", "maxTokens").send_keys("2")
     n = len(replies(page))
     page.find_element("id", "send").click()
-    reply = wait(lambda: len(replies(page)) > n and replies(page)[-1].get_attribute("data-done") and replies(page)[-1])
+    reply = reply_after(page, n)
     assert "error" not in reply.get_attribute("class"), reply.text
     assert reply.get_attribute("data-finish") == "length"
     player = page.find_elements("css selector", ".msg.user .media audio")[-1]
