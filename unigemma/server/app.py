@@ -233,6 +233,10 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
     async def metrics():
         return meter.snapshot()
 
+    from . import transcribe  # /v1/audio/transcriptions, /v1/audio/translations (it imports ApiError from here)
+
+    transcribe.register(app)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
