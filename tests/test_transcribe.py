@@ -16,7 +16,8 @@ import soundfile
 from server_helpers import Running, tiny_gemma
 
 from unigemma.server import ServerConfig, create_app
-from unigemma.server.transcribe import CUT_FRAME, InOrder, Joiner, split
+from unigemma.server.transcribe import CUT_FRAME, split
+from unigemma.server.transcript import InOrder, Joiner
 
 KEY = "test-key"
 RATE = 16_000
