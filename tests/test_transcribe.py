@@ -48,6 +48,7 @@ def server(tmp_path_factory):
                           max_tokens_default=8)
     app = create_app(gemma, config)
     with Running(app) as s:
+        s.app = app
         yield s
     app.state.scheduler.stop()
 
@@ -180,6 +181,12 @@ def test_too_long_is_refused_before_decoding(server):
 def test_translation_takes_no_stream(server):
     r = post(server, "/v1/audio/translations", stream="true")
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+
+
+def test_a_model_without_ears_says_so(server, monkeypatch):
+    monkeypatch.setattr(server.app.state.served.gemma.config, "audio", None)  # as a text-only checkpoint
+    r = post(server)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
 
 
 def test_model_and_key(server):

@@ -216,6 +216,9 @@ def register(app: FastAPI) -> None:
 
     async def answer(request: Request, form: _AudioForm, translate: bool):
         served.check_model(form.model)
+        if served.gemma.config.audio is None:
+            raise _bad(f"model: {served.config.model_name!r} has no audio input (a Gemma 4 unified checkpoint has)",
+                       "model", "model_not_audio")
         task = check(form, translate)
         data = await read_upload(form.file, served.config.limits.max_media_bytes)
         job = await served.media.run(prepare, served, data, task)
