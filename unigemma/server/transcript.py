@@ -13,6 +13,7 @@ import math
 import re
 import zlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -20,6 +21,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from . import respond
 from .convert import finite
 from .sse import sse
+
+if TYPE_CHECKING:
+    from .transcribe import Job, Task
 
 _ENGLISH_MARK = re.compile(r"(?:^|\n)\s*English:[ \t]*")  # speech translation: the answer follows it
 
