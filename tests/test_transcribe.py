@@ -17,7 +17,7 @@ from server_helpers import Running, tiny_gemma
 
 from unigemma.server import ServerConfig, create_app
 from unigemma.server.transcribe import CUT_FRAME, split
-from unigemma.server.transcript import InOrder, Joiner
+from unigemma.server.transcript import InOrder, Joiner, answer_text
 
 KEY = "test-key"
 RATE = 16_000
@@ -240,3 +240,9 @@ def test_in_order_releases_segments_in_order():
     assert [d.content for d in got] == ["a"]
     got = order.push(0, D("", last=True))
     assert [d and d.content for d in got] == ["", None, "b", None]
+
+
+def test_translation_keeps_what_follows_the_english_mark():
+    assert answer_text("Bonjour à tous.\nEnglish: Hello everyone.", translate=True) == "Hello everyone."
+    assert answer_text("Hello everyone.", translate=True) == "Hello everyone."  # no transcription first
+    assert answer_text("Bonjour\nEnglish: Hi", translate=False) == "Bonjour\nEnglish: Hi"

@@ -47,6 +47,12 @@ class Segment:
             self.finish = delta.finish_reason
 
 
+def answer_text(reply: str, translate: bool) -> str:
+    """A segment's text from its reply; a speech translation's is what follows 'English: '
+    (the model card's format puts the transcription before it), or the whole reply without it."""
+    return (_ENGLISH_MARK.split(reply)[-1] if translate else reply).strip()
+
+
 class Joiner:
     """Segment texts, fed piece by piece, out as deltas that add up to
     " ".join(each segment's text stripped, the empty ones left out)."""
@@ -110,10 +116,7 @@ class Result:
         self.prompt_tokens = sum(r.prompt_tokens for r in requests)
 
     def text_of(self, s: Segment) -> str:
-        text = "".join(s.pieces)
-        if self.task.translate:
-            text = _ENGLISH_MARK.split(text)[-1]
-        return text.strip()
+        return answer_text("".join(s.pieces), self.task.translate)
 
     def text(self) -> str:
         return " ".join(t for t in map(self.text_of, self.segments) if t)
