@@ -15,6 +15,7 @@ import pytest
 import soundfile
 from server_helpers import Running, tiny_gemma
 
+from unigemma.errors import QueueFull
 from unigemma.server import ServerConfig, create_app
 from unigemma.server.transcribe import CUT_FRAME, split
 from unigemma.server.transcript import InOrder, Joiner, answer_text
@@ -187,6 +188,22 @@ def test_too_long_is_refused_before_decoding(server):
     r = post(server, files={"file": ("long.wav", wav(130, rate=1000))})
     assert r.status_code == 400 and r.json()["error"]["param"] == "file"
     assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_segments_are_submitted_all_or_none(server, monkeypatch):
+    scheduler, taken = server.app.state.served.scheduler, []
+    real = scheduler.submit
+
+    def second_is_refused(*args, **kw):
+        if taken:
+            raise QueueFull("full")
+        taken.append(real(*args, **kw))
+        return taken[-1]
+
+    monkeypatch.setattr(scheduler, "submit", second_is_refused)
+    r = post(server, files={"file": ("long.wav", LONG)})
+    assert r.status_code == 429 and r.headers["retry-after"]
+    assert len(taken) == 1 and taken[0].cancelled  # the first segment does not run on alone
 
 
 def test_translation_takes_no_stream(server):
