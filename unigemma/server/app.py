@@ -232,6 +232,9 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
         return meter.snapshot()
 
     page.register(app)
+    from . import transcribe  # /v1/audio/transcriptions, /v1/audio/translations (it imports ApiError from here)
+
+    transcribe.register(app)
     return app
 
 
