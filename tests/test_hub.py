@@ -87,6 +87,12 @@ def test_load_by_hub_id_from_the_cache(offline):
     assert unigemma.load_model("org/tiny@main", dtype="float32").config.text.num_hidden_layers == 2
 
 
+def test_resolve_leaves_local_paths_alone(offline, tmp_path):
+    assert hub.resolve(tmp_path) == tmp_path and hub.resolve(str(tmp_path)) == str(tmp_path)
+    # `unigemma plan` asks for config.json alone
+    assert hub.resolve("org/tiny", files=["config.json"]) == offline / "models--org--tiny" / "snapshots" / SHA
+
+
 def test_not_cached_offline_is_a_clear_error(offline, capsys):
     with pytest.raises(CheckpointError, match=r"org/missing is not a local path, nor in the hub cache .*HF_HUB_OFFLINE "
                                               r"is set: run `unigemma pull org/missing`"):

@@ -260,7 +260,10 @@ def cmd_quantize(args) -> None:
 def cmd_plan(args) -> None:
     from .plan import load_config, parse_memory, plan, render
 
-    config, memory = load_config(args.model), parse_memory(args.memory)
+    from .weights.hub import resolve
+
+    # a hub id: its config.json is all a plan needs
+    config, memory = load_config(resolve(args.model, files=["config.json"])), parse_memory(args.memory)
     print(render(config, memory, plan(config, memory)))
 
 
@@ -417,7 +420,8 @@ def main(argv=None) -> int:
     _model_flags(q, model_required=True)
     q.add_argument("--out", required=True, help="directory to write")
     pl = sub.add_parser("plan", help="weight and KV memory per quantization, and the longest context that fits")
-    pl.add_argument("--model", required=True, help="checkpoint directory or its config.json (no weights needed)")
+    pl.add_argument("--model", required=True,
+                    help="checkpoint directory or its config.json, or a hub id (its config.json alone is fetched)")
     pl.add_argument("--memory", default="16GB", help="memory to plan for, e.g. 16GB, 8GB (default 16GB)")
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, ...) and a chat page at /")
     _model_flags(sv)

@@ -53,11 +53,12 @@ def parse(model: str | os.PathLike) -> HubRef | None:
     return HubRef(m["repo"], m["tag"], m["revision"])
 
 
-def resolve(model: str | os.PathLike) -> str | os.PathLike:
+def resolve(model: str | os.PathLike, files: list[str] | None = None) -> str | os.PathLike:
     """A local path for `model`: itself when it is one, else its hub snapshot (downloaded if
-    needed and allowed; CheckpointError naming the model when it cannot be had)."""
+    needed and allowed; CheckpointError naming the model when it cannot be had). files: the
+    patterns to fetch of a safetensors checkpoint (default `CHECKPOINT_FILES`)."""
     ref = parse(model)
-    return model if ref is None else fetch(ref)
+    return model if ref is None else fetch(ref, files)
 
 
 def _hub():
@@ -79,7 +80,7 @@ def cache_dir() -> str:
     return constants.HF_HUB_CACHE
 
 
-def fetch(ref: HubRef) -> Path:
+def fetch(ref: HubRef, files: list[str] | None = None) -> Path:
     """Download (or, offline, find) `ref` in the hub cache; the checkpoint directory or .gguf file."""
     hub, _, errors = _hub()
     gguf = ref.tag is not None
@@ -88,7 +89,7 @@ def fetch(ref: HubRef) -> Path:
     elif gguf:  # a quant tag: which file is known only from the listing, so list first
         patterns = [_pick_gguf(_listing(ref), ref)] if not offline() else ["*.gguf"]
     else:
-        patterns = CHECKPOINT_FILES
+        patterns = files or CHECKPOINT_FILES
     try:
         folder = Path(hub.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns,
                                             cache_dir=cache_dir(), local_files_only=offline()))
