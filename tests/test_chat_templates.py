@@ -29,7 +29,8 @@ FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "chat-t
 GEMMA3_TURNS = ("<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n<start_of_turn>model\nHello!"
                 "<end_of_turn>\n<start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n")
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": [{"type": "text", "text": "2+2?"}]}]
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": [{"type": "text", "text": "2+2?"}]}]
 
 
 def tiny_gemma3() -> unigemma.Gemma:
@@ -104,7 +105,8 @@ def test_load_checks_its_chat_template_argument_before_the_weights(tmp_path):
 def test_cli_refuses_a_bad_template_file_before_loading(tmp_path, capsys, cmd):
     bad = tmp_path / "bad.jinja"
     bad.write_text("{% if %}")
-    argv = [cmd, "--model", str(tmp_path / "no-checkpoint"), "--chat-template", str(bad)] + (["hi"] if cmd == "run" else [])
+    argv = [cmd, "--model", str(tmp_path / "no-checkpoint"), "--chat-template", str(bad)]
+    argv += ["hi"] if cmd == "run" else []
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "error: --chat-template:" in err and "not a valid Jinja template" in err
@@ -153,7 +155,8 @@ def test_no_template_server_error_names_the_server_flag(tmp_path):
 def test_gemma3_default_renders_and_tokenizes_as_the_references():
     """transformers' own renderer writes the text; the sentencepiece library (test_tokenizer's
     Gemma 3 oracle) tokenizes it between the control tokens, which it never reads from text."""
-    render = pytest.importorskip("transformers.utils.chat_template_utils", reason="the test oracle").render_jinja_template
+    oracle = pytest.importorskip("transformers.utils.chat_template_utils", reason="the test oracle")
+    render = oracle.render_jinja_template
     from test_tokenizer import gemma3_gguf, gemma3_sentencepiece
 
     sp, meta = gemma3_sentencepiece()

@@ -47,7 +47,8 @@ def cache(tmp_path_factory) -> Path:
     # a GGUF repository: two quantizations and a projector (any bytes: only resolved, never loaded)
     gguf = tmp_path_factory.mktemp("gguf") / "x.gguf"
     gguf.write_bytes(b"GGUF")
-    cache_repo(cache, "org/tiny-GGUF", {n: gguf for n in ("tiny-Q4_K_M.gguf", "tiny-q8_0.gguf", "mmproj-tiny-Q8_0.gguf")})
+    names = ("tiny-Q4_K_M.gguf", "tiny-q8_0.gguf", "mmproj-tiny-Q8_0.gguf")
+    cache_repo(cache, "org/tiny-GGUF", {n: gguf for n in names})
     return cache
 
 
@@ -136,7 +137,8 @@ def test_ls_lists_cached_models_with_their_size(offline, capsys):
     assert lines[0].split() == ["MODEL", "SIZE", "REFS", "PATH"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert set(rows) == {"org/tiny", "org/tiny-GGUF"}
-    assert rows["org/tiny"][2] == "main" and rows["org/tiny"][-1] == str(offline / "models--org--tiny" / "snapshots" / SHA)
+    assert rows["org/tiny"][2] == "main"
+    assert rows["org/tiny"][-1] == str(offline / "models--org--tiny" / "snapshots" / SHA)
     assert rows["org/tiny"][1].endswith("M")  # the tiny checkpoint: tens of megabytes (its real vocabulary)
 
 

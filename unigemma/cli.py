@@ -329,7 +329,8 @@ def cmd_pull(args) -> None:
 
     ref = parse(args.model)
     if ref is None:
-        raise UnigemmaError(f"{args.model} is a local path; pull takes a hub id: ORG/NAME[:FILE.gguf|:QUANT][@REVISION]")
+        raise UnigemmaError(f"{args.model} is a local path; pull takes a hub id: "
+                            "ORG/NAME[:FILE.gguf|:QUANT][@REVISION]")
     print(fetch(ref))
 
 

@@ -74,8 +74,8 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
     `chat_template.jinja`, or a GGUF file's own vocabulary) unless `tokenizer` names another
     directory, a GGUF file or a Tokenizer; chat_template: a Jinja file to chat with instead. A
     checkpoint with no template chats with its family's published one (unigemma/templates); a
-    checkpoint without a tokenizer still loads: `logits` works and `chat` says what is missing. quant: "int8", "int8-g32", "int4-g32" or "int4-g128", each
-    weight quantized as it loads (`load_model`); dequantize: a GGUF's quantized tensors as floats.
+    checkpoint without a tokenizer still loads: `logits` works and `chat` says what is missing.
+    quant: "int8", "int8-g32", "int4-g32" or "int4-g128", each weight quantized as it loads (`load_model`); dequantize: a GGUF's quantized tensors as floats.
     mmproj: a GGUF model's image/audio embedders. draft: an MTP drafter's directory, or the name
     of one shipped with unigemma (unigemma/drafters: "gemma-3-270m"); draft_tokens: a fixed
     draft length (default adaptive). exact: quantized layers keep float activations, never the
@@ -150,7 +150,8 @@ class Gemma:
             raise InputError("this checkpoint has no tokenizer.json: pass tokenizer='path/to/tokenizer-dir' "
                              "or a .gguf file to unigemma.load")
         context = self.model.config.text.max_position_embeddings
-        return Processor(self.tokenizer, self.template.source, image_budget=image_budget, max_len=min(max_len or context, context),
+        return Processor(self.tokenizer, self.template.source, image_budget=image_budget,
+                         max_len=min(max_len or context, context),
                          limits=limits)
 
     def inputs(self, messages: Any, *, tools: list[dict] | None = None, enable_thinking: bool = False,

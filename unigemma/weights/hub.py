@@ -95,8 +95,8 @@ def fetch(ref: HubRef, files: list[str] | None = None) -> Path:
                                             cache_dir=cache_dir(), local_files_only=offline()))
     except errors.LocalEntryNotFoundError as e:
         if offline():
-            raise CheckpointError(f"{ref} is not a local path, nor in the hub cache ({cache_dir()}), and HF_HUB_OFFLINE is set: "
-                                  f"run `unigemma pull {ref}` with network access first") from None
+            raise CheckpointError(f"{ref} is not a local path, nor in the hub cache ({cache_dir()}), and "
+                                  f"HF_HUB_OFFLINE is set: run `unigemma pull {ref}` with network access first") from None
         raise CheckpointError(f"{ref}: cannot reach the hub and it is not cached ({cache_dir()}): {e}") from None
     except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
         raise CheckpointError(f"{ref}: not a local path, and no such model on the hub (or it needs a token with "
@@ -107,8 +107,8 @@ def fetch(ref: HubRef, files: list[str] | None = None) -> Path:
         raise CheckpointError(f"{ref}: download failed: {type(e).__name__}: {e}") from None
     if not gguf:
         if not (folder / "config.json").is_file():
-            raise CheckpointError(f"{ref} has no config.json (a GGUF repository? name its file: {ref.repo_id}:FILE.gguf "
-                                  "or a quant tag such as :Q4_K_M)")
+            raise CheckpointError(f"{ref} has no config.json (a GGUF repository? name its file: "
+                                  f"{ref.repo_id}:FILE.gguf or a quant tag such as :Q4_K_M)")
         return folder
     if patterns == ["*.gguf"]:  # offline with a quant tag: pick among the cached files
         patterns = [_pick_gguf([str(p.relative_to(folder)) for p in folder.rglob("*.gguf")], ref)]
