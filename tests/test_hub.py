@@ -24,8 +24,12 @@ from unigemma.weights.hub import HubRef, parse
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
-def cache_repo(cache: Path, repo_id: str, files: dict[str, Path]) -> Path:
-    """A cached snapshot as huggingface_hub writes one: blobs, symlinks to them, refs/main."""
+def cache_repo(cache: Path, repo_id: str, files: dict[str, Path], listed: tuple[str, ...] = ()) -> Path:
+    """A cached snapshot as huggingface_hub writes one: blobs, symlinks to them, refs/main, and
+    the repository's file listing (trees/<sha>.json, by the hub's own writer), which names
+    `listed` files too: in the repository, never downloaded."""
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+
     root = cache / ("models--" + repo_id.replace("/", "--"))
     snapshot = root / "snapshots" / SHA
     snapshot.mkdir(parents=True)
@@ -36,6 +40,8 @@ def cache_repo(cache: Path, repo_id: str, files: dict[str, Path]) -> Path:
         (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
     (root / "refs").mkdir()
     (root / "refs" / "main").write_text(SHA)
+    write_tree_cache(str(root), SHA, {name: TreeCacheEntry(size=4, blob_id=f"{i:040x}")
+                                      for i, name in enumerate([*files, *listed])})
     return snapshot
 
 
@@ -48,7 +54,7 @@ def cache(tmp_path_factory) -> Path:
     gguf = tmp_path_factory.mktemp("gguf") / "x.gguf"
     gguf.write_bytes(b"GGUF")
     names = ("tiny-Q4_K_M.gguf", "tiny-q8_0.gguf", "mmproj-tiny-Q8_0.gguf")
-    cache_repo(cache, "org/tiny-GGUF", {n: gguf for n in names})
+    cache_repo(cache, "org/tiny-GGUF", {n: gguf for n in names}, listed=("tiny-Q2_K.gguf", "tiny-f16.gguf"))
     return cache
 
 
@@ -112,9 +118,12 @@ def test_pull_prints_the_local_path(offline, capsys):
     for tag, name in [("Q4_K_M", "tiny-Q4_K_M.gguf"), ("Q8_0", "tiny-q8_0.gguf"), ("tiny-q8_0.gguf", "tiny-q8_0.gguf")]:
         assert main(["pull", f"org/tiny-GGUF:{tag}"]) == 0  # the projector is never the model
         assert capsys.readouterr().out.strip() == str(gguf / name)
+    # offline, a tag picks among the files downloaded; one only listed is not there
     assert main(["pull", "org/tiny-GGUF:Q2_K"]) == 2
     err = capsys.readouterr().err
     assert "no .gguf file for 'Q2_K'" in err and "tiny-Q4_K_M.gguf" in err
+    assert main(["pull", "org/tiny-GGUF:tiny-Q2_K.gguf"]) == 2
+    assert "lacks some of its files" in capsys.readouterr().err
     assert main(["pull", "org/tiny-GGUF"]) == 2  # a GGUF repository needs a file or a tag
     assert "name its file: org/tiny-GGUF:FILE.gguf" in capsys.readouterr().err
     assert main(["pull", str(snapshot)]) == 2

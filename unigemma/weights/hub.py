@@ -86,17 +86,19 @@ def fetch(ref: HubRef, files: list[str] | None = None) -> Path:
     gguf = ref.tag is not None
     if gguf and ref.tag.lower().endswith(".gguf"):
         patterns = [ref.tag]
-    elif gguf:  # a quant tag: which file is known only from the listing, so list first
-        patterns = [_pick_gguf(_listing(ref), ref)] if not offline() else ["*.gguf"]
+    elif gguf:  # a quant tag: which file is known only from a listing (offline: of the files downloaded)
+        patterns = [_pick_gguf(_cached_files(ref) if offline() else _listing(ref), ref)]
     else:
         patterns = files or CHECKPOINT_FILES
     try:
         folder = Path(hub.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns,
                                             cache_dir=cache_dir(), local_files_only=offline()))
+    except errors.IncompleteSnapshotError:
+        raise CheckpointError(f"{ref}: the cached copy lacks some of its files, and HF_HUB_OFFLINE is set: run "
+                              f"`unigemma pull {ref}` with network access") from None
     except errors.LocalEntryNotFoundError as e:
         if offline():
-            raise CheckpointError(f"{ref} is not a local path, nor in the hub cache ({cache_dir()}), and "
-                                  f"HF_HUB_OFFLINE is set: run `unigemma pull {ref}` with network access first") from None
+            raise _not_cached(ref) from None
         raise CheckpointError(f"{ref}: cannot reach the hub and it is not cached ({cache_dir()}): {e}") from None
     except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
         raise CheckpointError(f"{ref}: not a local path, and no such model on the hub (or it needs a token with "
@@ -110,8 +112,6 @@ def fetch(ref: HubRef, files: list[str] | None = None) -> Path:
             raise CheckpointError(f"{ref} has no config.json (a GGUF repository? name its file: "
                                   f"{ref.repo_id}:FILE.gguf or a quant tag such as :Q4_K_M)")
         return folder
-    if patterns == ["*.gguf"]:  # offline with a quant tag: pick among the cached files
-        patterns = [_pick_gguf([str(p.relative_to(folder)) for p in folder.rglob("*.gguf")], ref)]
     path = folder / patterns[0]
     if not path.is_file():
         raise CheckpointError(f"{ref}: {patterns[0]} is not in the repository" +
@@ -128,6 +128,24 @@ def _listing(ref: HubRef) -> list[str]:
                               f"{type(e).__name__}") from None
     except (errors.HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"{ref}: cannot list the repository's files: {type(e).__name__}: {e}") from None
+
+
+def _cached_files(ref: HubRef) -> list[str]:
+    """The files of `ref`'s revision that are in the cache (what `scan_cache_dir` finds)."""
+    hub, constants, _ = _hub()
+    root = Path(cache_dir())
+    repos = hub.scan_cache_dir(root).repos if root.is_dir() else ()
+    for repo in repos:
+        if repo.repo_id == ref.repo_id and repo.repo_type == "model":
+            for rev in repo.revisions:
+                if (ref.revision or constants.DEFAULT_REVISION) in rev.refs or rev.commit_hash == ref.revision:
+                    return [str(f.file_path.relative_to(rev.snapshot_path)) for f in rev.files]
+    raise _not_cached(ref)
+
+
+def _not_cached(ref: HubRef) -> CheckpointError:
+    return CheckpointError(f"{ref} is not a local path, nor in the hub cache ({cache_dir()}), and HF_HUB_OFFLINE is "
+                           f"set: run `unigemma pull {ref}` with network access first")
 
 
 def _pick_gguf(names: list[str], ref: HubRef) -> str:
