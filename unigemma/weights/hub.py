@@ -94,8 +94,8 @@ def fetch(ref: HubRef, files: list[str] | None = None) -> Path:
         folder = Path(hub.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns,
                                             cache_dir=cache_dir(), local_files_only=offline()))
     except errors.IncompleteSnapshotError:
-        raise CheckpointError(f"{ref}: the cached copy lacks some of its files, and HF_HUB_OFFLINE is set: run "
-                              f"`unigemma pull {ref}` with network access") from None
+        raise CheckpointError(f"{ref}: the cached copy lacks some of its files and the hub is not reachable (or "
+                              f"HF_HUB_OFFLINE is set): run `unigemma pull {ref}` with network access") from None
     except errors.LocalEntryNotFoundError as e:
         if offline():
             raise _not_cached(ref) from None
