@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..errors import ContextTooLong, InputError, QueueFull
+from ..errors import ContextTooLong, InputError, NoChatTemplate, QueueFull
 from ..generate.grammar import Grammars
 from ..generate.scheduler import Scheduler
 from ..inputs import ModelInputs
@@ -171,6 +171,14 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
     async def _input(_, e: InputError):
         code = "context_length_exceeded" if isinstance(e, ContextTooLong) else None
         return refuse(400, error_body(str(e), param=_param(str(e)), code=code))
+
+    @app.exception_handler(NoChatTemplate)
+    async def _no_template(_, e: NoChatTemplate):
+        # the server's setup, not the request, is at fault; still a 4xx: retrying cannot help
+        return refuse(400, error_body(f"the served model ({config.model_name}) has no chat template, so it cannot "
+                                      "chat: start the server with --chat-template FILE (a Jinja chat template); "
+                                      "/v1/completions continues plain text without one",
+                                      "server_configuration_error", code="chat_template_missing"))
 
     @app.exception_handler(QueueFull)
     async def _full(_, e: QueueFull):
