@@ -240,9 +240,11 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
         return meter.snapshot()
 
     page.register(app)
-    from . import transcribe  # /v1/audio/transcriptions, /v1/audio/translations (it imports ApiError from here)
+    # /v1/audio/transcriptions, /v1/audio/translations; /v1/responses (they import ApiError from here)
+    from . import responses, transcribe
 
     transcribe.register(app)
+    responses.register(app)
     return app
 
 
