@@ -141,6 +141,31 @@ def test_stream_event_sequence(server, client):
     names = [line[7:] for line in lines if line.startswith("event: ")]
     datas = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
     assert names == [d["type"] for d in datas] and names[-1] == "response.incomplete"
+    assert not any("[DONE]" in line for line in lines)
+
+
+@pytest.mark.parametrize("body", [
+    {"input": "Hi", "max_output_tokens": 3, "include": ["message.output_text.logprobs"], "top_logprobs": 2},
+    {"input": "Roll", "tools": TOOLS, "tool_choice": "required", "max_output_tokens": 60, "temperature": 0.8},
+    {"input": "JSON", "text": {"format": {"type": "json_schema", "name": "roll", "schema": ROLL, "strict": True}},
+     "max_output_tokens": 60},
+])
+def test_wire_format_validates_as_the_sdk_types(server, body):
+    # the SDK builds its objects without validating them: check our JSON against its types strictly
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    r = Response.model_validate(post(server, body).json())
+    assert r.output and r.usage.output_tokens > 0
+    if "include" in body:
+        lps = r.output[0].content[0].logprobs
+        assert len(lps) == 3 and all(len(lp.top_logprobs) == 2 and lp.logprob <= 0 for lp in lps)
+    with httpx.stream("POST", server.url + "/v1/responses", headers={"Authorization": f"Bearer {KEY}"},
+                      json={**body, "stream": True}, timeout=60) as stream:
+        lines = [line for line in stream.iter_lines() if line]
+    names = [line[7:] for line in lines if line.startswith("event: ")]
+    events = [TypeAdapter(ResponseStreamEvent).validate_json(line[6:]) for line in lines if line.startswith("data: ")]
+    assert names == [e.type for e in events] and events[-1].type in ("response.completed", "response.incomplete")
 
 
 def test_forced_function_call_then_its_output(client):
@@ -253,6 +278,16 @@ def test_reasoning_item_from_the_thought_channel(server, client, gemma):
     ({"input": [{"type": "computer_call_output", "call_id": "c"}]}, "input[0].type"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
     ({"input": [{"type": "function_call_output", "call_id": "nope", "output": "1"}]}, "input[0].call_id"),
+    ({"input": [{"type": "function_call_output", "call_id": ["x"], "output": "1"}]}, "input[0].call_id"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "roll", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c", "output": 7}]}, "input[1].output"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": 3, "arguments": "{}"}]}, "input[0]"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": '{"a": "\\ud800"}'}]},
+     "input[0].arguments"),
+    ({"input": [{"role": "user", "content": [{"type": "input_audio", "input_audio": "x"}]}]}, "input[0].content[0]"),
+    ({"input": [{"role": "user", "content": 5}]}, "input[0].content"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}]}, "input[0].arguments"),
+    ({"input": [{"role": "user", "content": ["text"]}]}, "input[0].content[0]"),
     ({"input": [{"type": "function_call", "call_id": "c", "name": "roll", "arguments": "{oops"}]},
      "input[0].arguments"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
@@ -271,9 +306,16 @@ def test_reasoning_item_from_the_thought_channel(server, client, gemma):
     ({"input": "x", "metadata": {"k": "v" * 600}}, "metadata"),
     ({"input": []}, "input"),
     ({}, "input"),
+    ({"input": "x", "conversation": "conv_1"}, "conversation"),
+    ({"input": "x", "tools": [{"type": "function", "name": "n" * 65}]}, "tools"),
+    ('{"input": "x", "max_output_tokens": 1, "user": "\\ud800"}', "user"),  # JSON text: a lone surrogate
 ])
 def test_bad_requests_are_400_naming_the_field(server, body, where):
-    r = post(server, {"max_output_tokens": 1, **body})
+    if isinstance(body, str):
+        r = httpx.post(server.url + "/v1/responses", content=body, timeout=60,
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    else:
+        r = post(server, {"max_output_tokens": 1, **body})
     assert r.status_code == 400, r.text
     e = r.json()["error"]
     assert e["type"] == "invalid_request_error" and (where in str(e["param"]) or where in e["message"]), e

@@ -239,6 +239,8 @@ def _messages(items: str | list[dict], names: dict[str, str]) -> list[dict]:
                 parsed = json.loads(args or "{}")
             except (ValueError, RecursionError):
                 raise FieldError(f"{where}.arguments", "not JSON (or nested too deep)") from None
+            if not isinstance(parsed, dict):
+                raise FieldError(f"{where}.arguments", "must be a JSON object")
             if (bad := check_tree(parsed, f"{where}.arguments")) is not None:  # escapes can spell a surrogate
                 raise FieldError(bad[0], bad[1])
             # calls join the assistant turn they follow (its text, the calls before them)
@@ -248,14 +250,15 @@ def _messages(items: str | list[dict], names: dict[str, str]) -> list[dict]:
             names[call_id] = name
         elif kind == "function_call_output":
             call_id = item.get("call_id")
-            if call_id not in names:
+            if not isinstance(call_id, str) or call_id not in names:
                 raise FieldError(f"{where}.call_id", f"no function_call with call_id {call_id!r} in this "
                                                      "conversation")
             output = item.get("output")
             content = output if isinstance(output, str) else _content(output, f"{where}.output", False)
             out.append({"role": "tool", "tool_call_id": call_id, "name": names[call_id], "content": content})
         elif kind == "reasoning":
-            parts = (item.get("content") or []) or (item.get("summary") or [])
+            # the thought itself when it came back whole, else its summary
+            parts = next((item[k] for k in ("content", "summary") if isinstance(item.get(k), list) and item[k]), [])
             reasoning += [p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str)]
         elif kind == "item_reference":
             raise FieldError(where, "item references are not supported; send the item, or use previous_response_id")
