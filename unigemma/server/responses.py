@@ -23,6 +23,7 @@ from collections import OrderedDict
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from . import convert
 from .replies import Choice, absorb, failure, items, pumping
@@ -252,10 +253,11 @@ def register(app: FastAPI, store: Store | None = None) -> None:
         requests = served.submit(inputs, [params], constraints)
         reply = _Reply(body, served, params, requests[0].prompt_tokens)
 
-        def kept(created: int) -> dict:
+        async def kept(created: int) -> dict:
             response = reply.response(created, reply.status)
             if body.store is not False and reply.status != "cancelled":
-                store.put(response, conversation + _as_messages(reply.output.items))
+                # measuring it serialises the whole conversation (media too): off the event loop
+                await run_in_threadpool(store.put, response, conversation + _as_messages(reply.output.items))
             return response
 
         if not body.stream:
@@ -266,7 +268,7 @@ def register(app: FastAPI, store: Store | None = None) -> None:
                         return JSONResponse(err, status_code=status)
                     reply.feed(item)
             reply.finish()
-            return kept(pump.created)
+            return await kept(pump.created)
 
         async def events():
             seq = itertools.count()
@@ -286,8 +288,9 @@ def register(app: FastAPI, store: Store | None = None) -> None:
                         yield _event(seq, event)
                 for event in reply.finish():
                     yield _event(seq, event)
-                final = kept(pump.created)
-                kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
+                final = await kept(pump.created)
+                kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
+                    final["status"], "response.failed")
                 yield _event(seq, {"type": kind, "response": final})
 
         return StreamingResponse(events(), media_type="text/event-stream",
