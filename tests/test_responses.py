@@ -294,7 +294,7 @@ def test_reasoning_item_from_the_thought_channel(server, client, gemma):
     ({"input": "x", "tools": TOOLS, "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}},
      "tool_choice"),
     ({"input": "x", "tool_choice": "required"}, "tool"),
-    ({"input": "x", "tools": TOOLS, "tool_choice": {"type": "function", "name": "nope"}}, "nope"),
+    ({"input": "x", "tools": TOOLS, "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
     ({"input": "x", "include": ["file_search_call.results"]}, "include[0]"),
     ({"input": "x", "truncation": "auto"}, "truncation"),
     ({"input": "x", "background": True}, "background"),
@@ -307,6 +307,9 @@ def test_reasoning_item_from_the_thought_channel(server, client, gemma):
     ({"input": []}, "input"),
     ({}, "input"),
     ({"input": "x", "conversation": "conv_1"}, "conversation"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,!!"}]}]},
+     "input"),
+    ({"input": "word " * 1100}, "input"),  # longer than the context
     ({"input": "x", "tools": [{"type": "function", "name": "n" * 65}]}, "tools"),
     ('{"input": "x", "max_output_tokens": 1, "user": "\\ud800"}', "user"),  # JSON text: a lone surrogate
 ])
@@ -318,7 +321,7 @@ def test_bad_requests_are_400_naming_the_field(server, body, where):
         r = post(server, {"max_output_tokens": 1, **body})
     assert r.status_code == 400, r.text
     e = r.json()["error"]
-    assert e["type"] == "invalid_request_error" and (where in str(e["param"]) or where in e["message"]), e
+    assert e["type"] == "invalid_request_error" and where in (e["param"] or e["message"]), e
 
 
 def test_unknown_ids_model_and_auth(server):

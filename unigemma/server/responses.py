@@ -25,6 +25,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..errors import InputError
 from . import convert
 from .replies import Choice, absorb, failure, items, pumping
 from .responses_schema import FieldError, ResponsesRequest, to_chat
@@ -248,9 +249,18 @@ def register(app: FastAPI, store: Store | None = None) -> None:
             chat, conversation = to_chat(body, history)
         except FieldError as e:
             raise ApiError(400, str(e), param=e.param) from None
-        inputs, constraints = await served.plan(chat)
         params = convert.params(chat, gemma.default_params, 0, config.max_tokens_default)
-        requests = served.submit(inputs, [params], constraints)
+        try:
+            inputs, constraints = await served.plan(chat)
+            requests = served.submit(inputs, [params], constraints)
+        except InputError as e:  # the chat path names its messages: they are this request's input
+            if not str(e).startswith("messages"):
+                raise
+            raise ApiError(400, f"input (as chat messages, instructions first): {e}", param="input") from None
+        except ApiError as e:
+            if e.body["error"]["param"] == "messages":  # a prompt longer than the context
+                e.body["error"]["param"] = "input"
+            raise
         reply = _Reply(body, served, params, requests[0].prompt_tokens)
 
         async def kept(created: int) -> dict:
