@@ -305,6 +305,7 @@ def test_reasoning_item_from_the_thought_channel(server, client, gemma):
     ({"input": "x", "reasoning": {"effort": "maximal"}}, "reasoning.effort"),
     ({"input": "x", "metadata": {"k": "v" * 600}}, "metadata"),
     ({"input": []}, "input"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input"),  # no message left to answer
     ({}, "input"),
     ({"input": "x", "conversation": "conv_1"}, "conversation"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,!!"}]}]},

@@ -172,7 +172,9 @@ def to_chat(body: ResponsesRequest, history: list[dict]) -> tuple[ChatRequest, l
     except ValidationError as e:  # what the chat schema refuses (a tool name over 64 characters, ...)
         first = e.errors()[0]
         where = ".".join(str(x) for x in first.get("loc", ()))
-        raise FieldError(where.split(".", 1)[0] or "input", f"{where}: {first.get('msg', 'invalid')}") from None
+        head = where.split(".", 1)[0]
+        raise FieldError("input" if head in ("", "messages") else head, f"{where}: {first.get('msg', 'invalid')}") \
+            from None
 
 
 def _call_names(messages: list[dict]) -> dict[str, str]:
