@@ -9,14 +9,124 @@ come whole; each choice ends with a chunk holding its finish_reason; with
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..errors import InputError
 from . import convert
-# the helpers every generating route shares (pumping, collecting, failures) live in replies.py
-from .replies import Choice as _Choice, absorb as _absorb, collect as _collect, failure as _failure
-from .replies import items as _items, pumping as _pumping, total_usage as _usage
-from .sse import DONE, chunk, new_id
+from .limits import Closing
+from .schema import error_body
+from .sse import DONE, END, Pump, chunk, new_id, usage
+
+log = logging.getLogger("unigemma.server")
+
+
+async def _watch(request: Request, pump: Pump) -> None:
+    """Cancel the pump's requests when the client disconnects."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            pump.outcome = pump.outcome or "disconnected"
+            pump.cancel()
+            return
+
+
+@contextlib.asynccontextmanager
+async def _pumping(request: Request, requests: list, meter):
+    pump = Pump(requests, asyncio.get_running_loop())
+    watcher = asyncio.create_task(_watch(request, pump))
+    meter.live.add(pump)
+    outcome = None
+    try:
+        yield pump
+        outcome = pump.outcome or "ok"
+    except Exception:
+        outcome = pump.outcome or "failed"
+        raise
+    except BaseException:  # CancelledError or GeneratorExit: the client left, or the server is stopping
+        outcome = pump.outcome or ("cancelled" if meter.closing else "disconnected")
+        raise
+    finally:
+        meter.live.discard(pump)
+        watcher.cancel()
+        pump.cancel()  # a no-op for finished requests; frees the rows of any still running
+        meter.count(outcome or "failed")  # each reply is counted once, whichever way it ended
+
+
+def _status(e: BaseException) -> int:
+    return 400 if isinstance(e, InputError) else 503 if isinstance(e, Closing) else 500
+
+
+def _failure(e: BaseException) -> tuple[int, dict]:
+    status = _status(e)
+    if status == 400:
+        return 400, error_body(str(e))
+    if status == 503:
+        return 503, error_body(str(e), "server_error", code="server_shutting_down")
+    log.error("generation failed", exc_info=e)  # the details go to the log, not to the client
+    return 500, error_body(f"generation failed: {type(e).__name__}", "server_error")
+
+
+class _Choice:
+    """What one choice accumulated (non-streaming), or just its counts (streaming)."""
+
+    def __init__(self):
+        self.content, self.reasoning, self.calls, self.logprobs = [], [], [], []
+        self.tokens, self.reasoning_tokens, self.finish = 0, 0, None
+        self.drafted = self.accepted = 0  # speculative decoding (from the last delta's timings)
+
+
+def _usage(prompt_tokens: int, choices: list[_Choice], reasoning: bool = True) -> dict:
+    return usage(prompt_tokens, sum(c.tokens for c in choices),
+                 sum(c.reasoning_tokens for c in choices) if reasoning else None,
+                 sum(c.drafted for c in choices), sum(c.accepted for c in choices))
+
+
+def _absorb(c: _Choice, delta) -> None:
+    c.tokens += len(delta.token_ids)
+    if delta.reasoning:
+        c.reasoning_tokens += len(delta.token_ids)
+    c.content.append(delta.content)
+    c.reasoning.append(delta.reasoning)
+    c.calls += delta.tool_calls
+    c.logprobs += delta.logprobs
+    if delta.finish_reason is not None:
+        c.finish = delta.finish_reason
+    if delta.timings is not None:
+        c.drafted, c.accepted = delta.timings.drafted, delta.timings.accepted
+
+
+async def _items(pump: Pump, n: int):
+    """(index, delta) from n requests until every one has ended; a failure is the last item,
+    (index, exception)."""
+    open_ = n
+    while open_:
+        i, item = await pump.get()
+        if item is END:
+            open_ -= 1
+            continue
+        if isinstance(item, BaseException):
+            pump.outcome = pump.outcome or ("rejected" if _status(item) < 500 else "failed")
+            yield i, item
+            return
+        yield i, item
+
+
+async def _collect(request: Request, requests: list, meter):
+    """Every request's whole reply (non-streamed answers): (choices, created), or the error
+    response of the first request that failed."""
+    choices = [_Choice() for _ in requests]
+    async with _pumping(request, requests, meter) as pump:
+        async for i, item in _items(pump, len(requests)):
+            if isinstance(item, BaseException):
+                status, err = _failure(item)
+                return JSONResponse(err, status_code=status), pump.created
+            _absorb(choices[i], item)
+    return choices, pump.created
 
 
 async def chat(request: Request, requests: list, body, model: str, tokenizer, meter):

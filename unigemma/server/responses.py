@@ -1,8 +1,8 @@
 """POST /v1/responses (OpenAI's Responses API), GET and DELETE /v1/responses/{id}.
 
-A Responses request becomes a chat request (`responses_schema.to_chat`) and runs the chat path
-(`Served.plan` / `Served.submit`, the pump in `replies.py`). The reply's deltas become output
-items in order: a `reasoning` item (the thought channel), a `message` with one `output_text`
+A Responses request becomes a chat request (`responses_schema.to_chat`) and runs the chat path:
+`Served.plan` / `Served.submit`, then respond.py's pump, so a client that goes away cancels and
+/metrics counts the reply as for chat. The reply's deltas become output items in order: a `reasoning` item (the thought channel), a `message` with one `output_text`
 part, a `function_call` item per call; a new item starts whenever the kind changes. Streaming
 sends OpenAI's event sequence (`response.created`, `response.in_progress`, per item
 `output_item.added` ... `output_item.done`, then `response.completed` or `response.incomplete`,
@@ -26,8 +26,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import InputError
-from . import convert
-from .replies import Choice, absorb, failure, items, pumping
+from . import convert, respond
+from .app import ApiError  # app.py imports this module inside create_app
 from .responses_schema import FieldError, ResponsesRequest, to_chat
 
 log = logging.getLogger("unigemma.server")
@@ -182,11 +182,13 @@ class _Reply:
     def __init__(self, body: ResponsesRequest, served, params, prompt_tokens: int):
         self.body, self.rid, self.model = body, _id("resp"), served.config.model_name
         self.params, self.prompt_tokens = params, prompt_tokens
-        self.choice = Choice()
+        self.choice, self.cached = respond._Choice(), 0
         self.output = Output(served.gemma.tokenizer, body.wants_logprobs, body.wants_summary)
 
     def feed(self, delta) -> list[dict]:
-        absorb(self.choice, delta)
+        respond._absorb(self.choice, delta)
+        if delta.timings is not None:
+            self.cached = delta.timings.cached_tokens
         return self.output.feed(delta)
 
     @property
@@ -216,7 +218,7 @@ class _Reply:
             "user": b.user, "background": False, "service_tier": "default",
             "usage": None if not done else {
                 "input_tokens": self.prompt_tokens, "output_tokens": c.tokens,
-                "input_tokens_details": {"cached_tokens": c.cached, "cache_write_tokens": 0},
+                "input_tokens_details": {"cached_tokens": self.cached, "cache_write_tokens": 0},
                 "output_tokens_details": {"reasoning_tokens": c.reasoning_tokens},
                 "total_tokens": self.prompt_tokens + c.tokens},
         }
@@ -228,8 +230,6 @@ def _event(seq, event: dict) -> bytes:
 
 
 def register(app: FastAPI, store: Store | None = None) -> None:
-    from .app import ApiError  # app.py imports this module to register it
-
     served = app.state.served
     store = app.state.responses = store or Store()
     gemma, config = served.gemma, served.config
@@ -271,10 +271,10 @@ def register(app: FastAPI, store: Store | None = None) -> None:
             return response
 
         if not body.stream:
-            async with pumping(request, requests, served.meter) as pump:
-                async for _, item in items(pump, 1):
+            async with respond._pumping(request, requests, served.meter) as pump:
+                async for _, item in respond._items(pump, 1):
                     if isinstance(item, BaseException):
-                        status, err = failure(item)
+                        status, err = respond._failure(item)
                         return JSONResponse(err, status_code=status)
                     reply.feed(item)
             reply.finish()
@@ -282,13 +282,13 @@ def register(app: FastAPI, store: Store | None = None) -> None:
 
         async def events():
             seq = itertools.count()
-            async with pumping(request, requests, served.meter) as pump:
+            async with respond._pumping(request, requests, served.meter) as pump:
                 start = reply.response(pump.created, "in_progress")
                 yield _event(seq, {"type": "response.created", "response": start})
                 yield _event(seq, {"type": "response.in_progress", "response": start})
-                async for _, item in items(pump, 1):
+                async for _, item in respond._items(pump, 1):
                     if isinstance(item, BaseException):
-                        status, err = failure(item)
+                        status, err = respond._failure(item)
                         code = "invalid_prompt" if status == 400 else "server_error"
                         failed = reply.response(pump.created, "failed", {"code": code,
                                                                         "message": err["error"]["message"]})
