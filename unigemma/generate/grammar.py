@@ -18,6 +18,7 @@ import json
 import threading
 
 import llguidance
+import numpy as np
 import torch
 
 from ..errors import InputError
@@ -26,7 +27,6 @@ from ..processing.tokenizer import Tokenizer
 from .tool_grammar import ToolRules, regex_escape as _spelled
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 class Constraint:
@@ -39,11 +39,11 @@ class Constraint:
 
     def allowed(self) -> torch.Tensor:
         """[vocab_size] bool: the tokens the grammar accepts next (stop ids once it is complete)."""
-        words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
-        bits = ((words[:, None] >> _BITS) & 1).bool().reshape(-1)
+        # llguidance's mask is little-endian 32-bit words: token i is bit i % 8 of byte i // 8
+        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
         out = torch.zeros(self.vocab_size, dtype=torch.bool)
-        n = min(self.vocab_size, bits.numel())
-        out[:n] = bits[:n]
+        n = min(self.vocab_size, bits.size)
+        out[:n] = torch.from_numpy(bits[:n].view(np.bool_))
         if self.matcher.is_error() or not out.any():  # nothing fits: let the reply end
             out[list(self.stop_ids)] = True
         return out
