@@ -311,6 +311,13 @@ def test_tool_or_text_refuses_a_spelled_out_call_opener(setup):
         c.advance(t)
     (gt,) = tok.encode(">", add_special_tokens=False)
     assert not c.allowed()[gt]
+    # nor can a thought spell its own end (the text after it would be free of the grammar)
+    c = setup[1].tool_or_text([tool("f", HAND["empty"])], thinking=True)
+    c.advance(tok.token_to_id("<|channel>"))
+    for piece in ["hi", "<", "channel", "|"]:
+        (t,) = tok.encode(piece, add_special_tokens=False)
+        c.advance(t)
+    assert not c.allowed()[gt]
 
 
 def test_tools_or_json_reply(setup):
@@ -375,6 +382,9 @@ def _deep(n: int) -> dict:
     (obj({"xs": {"type": "array", "minItems": 10**9}}), "minItems"),
     (obj({"s": {"type": "string", "minLength": 10**9}}), "minLength"),
     (obj({"x": {"allOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "uuid"}]}}), "combine"),
+    ({"$defs": {"A": {"allOf": [{"$ref": "#/$defs/A"}]}}, **obj({"a": {"$ref": "#/$defs/A"}})}, "deeper"),
+    (obj({"a": {"anyOf": [{"$ref": "#/properties/a"}]}}, ["a"]), "nothing matches"),
+    ({"$ref": "#"}, "nothing matches"),
 ])
 def test_hostile_schemas_are_refused_quickly(setup, schema, message):
     t0 = time.monotonic()

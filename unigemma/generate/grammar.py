@@ -110,15 +110,15 @@ class Grammars:
     def tool_or_text(self, tools: list[dict], parallel: bool = False, thinking: bool = False) -> Constraint:
         """tool_choice "auto": free text, then optionally schema-true calls (as `tool_call`);
         with `thinking`, a thought channel (`<|channel>...<channel|>`) may come first. The
-        text cannot spell a call or channel opener in plain characters, so every call the
-        parser finds went through the grammar."""
+        text cannot spell a call or channel opener in plain characters (nor the thought a channel
+        close), so every call the parser finds went through the grammar."""
         calls, rules = self._calls(tools, parallel)
         thought = ""
         if thinking:
             opened, closed = self._token(THOUGHT_OPEN), self._token(THOUGHT_CLOSE)
-            thought = f"(<[{opened}]> FREE <[{closed}]>)? "
+            thought = f"(<[{opened}]> THOUGHT <[{closed}]>)? "
         return self._lark(f"start: {thought}TEXT? ({calls})?\n" + rules +
-                          "FREE: /(?s:.*)/\n"
+                          f"THOUGHT: /(?s:.*)/ & ~/(?s:.*){_spelled(THOUGHT_CLOSE)}(?s:.*)/\n"
                           f"TEXT: /(?s:.+)/ & ~/(?s:.*)({_spelled(CALL_OPEN)}|{_spelled(THOUGHT_OPEN)})(?s:.*)/\n")
 
     def tool_or_json(self, tools: list[dict], schema: dict | None, parallel: bool = False) -> Constraint:

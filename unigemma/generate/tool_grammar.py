@@ -319,7 +319,7 @@ class ToolRules:
             target = self._resolve(ref, where)
             self.refs[key] = name = self._name("d")
             body = self.value(target, f"{where}.$ref({ref})", depth + 1, only_object)
-            if body is None:
+            if body is None or body == name:  # `d: d` derives no value
                 raise InputError(f"{where}.$ref: nothing matches {ref!r}")
             self._emit(name, body)
         return self.refs[key]
