@@ -394,7 +394,8 @@ def test_hostile_schemas_are_refused_quickly(setup, schema, message):
 
 
 def test_wide_but_reasonable_schema_compiles(setup):
-    schema = obj({f"k{i:03}": {"type": ["integer", "null"]} for i in range(300)}, [f"k{i:03}" for i in range(0, 300, 7)])
+    schema = obj({f"k{i:03}": {"type": ["integer", "null"]} for i in range(300)},
+                 [f"k{i:03}" for i in range(0, 300, 7)])
     t0 = time.monotonic()
     c = setup[1].tool_call([tool("f", schema)])
     assert time.monotonic() - t0 < 10

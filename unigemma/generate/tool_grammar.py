@@ -32,7 +32,12 @@ in `REFUSED` (not, if/then/else, uniqueItems, contains, patternProperties, prope
 min/maxProperties, dependent*, unevaluated*, dynamic refs) are refused.
 
 A client's schema is hostile: nesting, visited nodes, rules, repetition counts, string
-lengths and the grammar's size are capped (InputError, a 400) before llguidance sees it.
+lengths and the grammar's size are capped (InputError, a 400) before llguidance sees it; a
+maxItems / maxLength above the caps is not enforced (the reply's max_tokens bounds it).
+
+Known gaps: a recursive schema can nest past parse.py's limit of 64 (read back as a malformed
+call); oneOf is anyOf; a required recursive object with no way out compiles but cannot finish.
+A JSON reply beside tools (`tool_or_json`) is llguidance's JSON: its strings could spell a call.
 """
 
 from __future__ import annotations
@@ -51,8 +56,9 @@ from ..processing.parse import QUOTE
 MAX_DEPTH = 24  # schema nesting below one tool's parameters
 MAX_NODES = 20_000  # schema nodes and enum values visited, all tools together
 MAX_RULES = 4_000  # lark rules and terminals, all tools together
-MAX_REPEAT = 64  # minItems, or a finite maxItems, written out
-MAX_LENGTH = 4_096  # minLength / maxLength written into a regex (a larger maxLength is not enforced)
+MAX_REPEAT = 10_000  # minItems / maxItems enforced (a repeat count: cheap in llguidance)
+MAX_LENGTH = 100_000  # minLength / maxLength enforced (a counted regex: cheap too)
+MAX_PREFIX = 256  # prefixItems, each its own expression
 MAX_GRAMMAR = 2 << 20  # characters of lark text
 FREE_DEPTH = 3  # nesting of the values a schema leaves free (`{}`, `true`, additionalProperties)
 
@@ -392,7 +398,8 @@ class ToolRules:
             items = [self.literal(x, where) for x in v]
             return '"[" ' + ' "," '.join(items) + ' "]"' if items else '"[]"'
         if isinstance(v, dict):
-            pairs = [f"{self._key(k, where)} {self.literal(x, where)}" for k, x in sorted(v.items(), key=lambda kv: kv[0].lower())]
+            pairs = [f"{self._key(k, where)} {self.literal(x, where)}"
+                     for k, x in sorted(v.items(), key=lambda kv: kv[0].lower())]  # dictsort
             return '"{" ' + ' "," '.join(pairs) + ' "}"' if pairs else '"{}"'
         raise InputError(f"{where}: {type(v).__name__} is not a JSON value")
 
@@ -474,8 +481,8 @@ class ToolRules:
             items, prefix = s.get("additionalItems", True), items
         if not isinstance(prefix, list):
             raise InputError(f"{where}.prefixItems must be an array")
-        if len(prefix) > MAX_REPEAT:
-            raise InputError(f"{where}.prefixItems: at most {MAX_REPEAT} items")
+        if len(prefix) > MAX_PREFIX:
+            raise InputError(f"{where}.prefixItems: at most {MAX_PREFIX} items")
         firsts = []
         for i, p in enumerate(prefix[:hi] if hi is not None else prefix):
             firsts.append(self.value(p, f"{where}.prefixItems[{i}]", depth + 1))
