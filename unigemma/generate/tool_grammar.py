@@ -93,15 +93,18 @@ _FORMATS = {
 _NOT_BARE = re.compile(r"[{}\[\],:<>]")
 _NAME = re.compile(r"[^{}\[\],<>\s\"]+")  # what parse.py reads as a function name
 _REGEX_META = set("\\.+*?()|[]{}^$#&-~/")
+_CONTROL = re.compile("[\x7f-\x9f\u2028\u2029]")
 
 
 def _lit(text: str) -> str:
-    """A lark string literal (JSON's escapes are lark's)."""
-    return json.dumps(text, ensure_ascii=False)
+    """A lark string literal (JSON's escapes are lark's; lark's lexer refuses a raw DEL)."""
+    return _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(text, ensure_ascii=False))
 
 
 def regex_escape(text: str) -> str:
-    return "".join("\\" + c if c in _REGEX_META else {"\n": r"\n", "\r": r"\r", "\t": r"\t"}.get(c, c) for c in text)
+    """`text` matched literally inside a lark /.../ regex."""
+    return "".join("\\" + c if c in _REGEX_META else f"\\x{{{ord(c):X}}}" if c < " " or _CONTROL.match(c) else c
+                   for c in text)
 
 
 def _regex_body(pattern: str) -> str:
@@ -129,7 +132,7 @@ def is_bare_key(key: str) -> bool:
 def check_name(name, where: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name) or QUOTE in name:
         raise InputError(f"{where}.name {name!r} cannot be written in a Gemma tool call "
-                         "(no whitespace, quotes or any of {{}}[],<>)")
+                         "(no whitespace, quotes or any of {}[],<>)")
     return name
 
 
