@@ -249,3 +249,13 @@ def test_schema_of_every_tool_is_checked_before_work(server):
     r = post(server, "/v1/chat/completions", {"messages": ask("x"), "max_tokens": 1, "tools": [bad]})
     assert r.status_code == 400 and "uniqueItems" in r.json()["error"]["message"]
     jsonschema.Draft202012Validator.check_schema(bad["function"]["parameters"])  # a valid schema, refused
+
+
+def test_n_choices_each_follow_their_own_copy_of_the_grammar(client, close_strings):
+    r = client.chat.completions.create(model="tiny", messages=ask("Order"), max_tokens=200, n=3, seed=1,
+                                       temperature=1.0, tools=[tool(Order)], tool_choice="required",
+                                       parallel_tool_calls=False, logit_bias=close_strings)
+    assert len(r.choices) == 3
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls"
+        Order.model_validate_json(c.message.tool_calls[0].function.arguments)

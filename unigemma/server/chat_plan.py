@@ -68,16 +68,16 @@ def _plan(body: ChatRequest, limits: convert.Limits, grammars: Grammars, process
     # a reply constrained from its first token starts at once: thinking would put free text
     # before it; tool_choice "auto" alone leaves text (and thinking) free until a call opens
     enable_thinking = convert.thinking(body) and (schema is None and not forced)
-    make = None
     if callable_ and schema is not None:
-        make = lambda: grammars.tool_or_json(callable_, schema, parallel)  # noqa: E731
+        first = grammars.tool_or_json(callable_, schema, parallel)
     elif callable_ and forced:
-        make = lambda: grammars.tool_call(callable_, parallel)  # noqa: E731
+        first = grammars.tool_call(callable_, parallel)
     elif callable_:
-        make = lambda: grammars.tool_or_text(callable_, parallel, thinking=enable_thinking)  # noqa: E731
+        first = grammars.tool_or_text(callable_, parallel, thinking=enable_thinking)
     elif schema is not None:
-        make = lambda: grammars.json_schema(schema)  # noqa: E731
-    first = make() if make else None
+        first = grammars.json_schema(schema)
+    else:
+        first = None
     # one compiled grammar, copied per choice (each copy keeps its own state)
     constraints = [first] + [first.copy() if first else None for _ in range(body.n - 1)]
     inputs = processor(body.image_budget or 280)(messages, tools=tools, enable_thinking=enable_thinking)
