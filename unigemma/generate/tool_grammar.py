@@ -24,12 +24,13 @@ date-time, uuid, ipv4, email enforced; other formats ignored: they are annotatio
 multipleOf (via %json; an open side is closed at +-1e15, +-1e18 for integers, so the number
 reads back finite).
 
-Unsupported keywords are refused (400 naming the keyword and where it is) or ignored the way
+Other keywords are refused (400 naming the keyword and where it is) or ignored as
 llguidance's own JSON-schema compiler does: annotations (title, description, default,
 examples, $schema, $id, $comment, readOnly, writeOnly, deprecated, content*) and keys that are
-no JSON-schema keyword (x-*, discriminator, nullable) are ignored; the JSON-schema keywords
-in `REFUSED` (not, if/then/else, uniqueItems, contains, patternProperties, propertyNames,
-min/maxProperties, dependent*, unevaluated*, dynamic refs) are refused.
+no JSON-schema keyword (x-*, discriminator, nullable) are ignored; the JSON-schema keywords it
+refuses (not, if/then/else, uniqueItems, contains, propertyNames, dependent*, unevaluated*,
+dynamic refs) are refused, and so are patternProperties and min/maxProperties, which it
+supports only in part (see `REFUSED`).
 
 A client's schema is hostile: nesting, visited nodes, rules, repetition counts, string
 lengths and the grammar's size are capped (InputError, a 400) before llguidance sees it; a
