@@ -89,6 +89,8 @@ class _Sampling(_Body):
     repetition_penalty: Optional[float] = Field(default=None, gt=0, description="extension")
     ignore_eos: bool = Field(default=False, description="extension: end-of-turn does not stop (benchmarks)")
     seed: Optional[int] = Field(default=None, ge=0, le=2**63 - 1)
+    logit_bias: Optional[dict[str, float]] = Field(
+        default=None, description="token id -> bias in [-100, 100] added to its logit (at most 300)")
     stop: Union[str, list[str], None] = None
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
