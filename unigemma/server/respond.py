@@ -1,10 +1,12 @@
 """Turning running scheduler requests into OpenAI responses: one JSON body or an SSE stream.
 
 Both watch the connection: when the client goes away, every request of the response is
-cancelled (the scheduler frees the rows at its next step). A stream's first chunk carries the
-role; content and `reasoning_content` deltas follow as the engine parses them; tool calls
-come whole; each choice ends with a chunk holding its finish_reason; with
-`stream_options.include_usage` a last chunk has the usage and no choices.
+cancelled (the scheduler frees the rows at its next step). A chat stream's first chunk of a
+choice carries the role, sent with the choice's first delta, so after prefill (clients time the
+first token from it); content and `reasoning_content` deltas follow as the engine parses them;
+tool calls come whole; each choice ends with a chunk holding its finish_reason; with
+`stream_options.include_usage` a last chunk has the usage and no choices. Each finished choice's
+timings go to the meter (/metrics histograms).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -38,6 +41,7 @@ async def _watch(request: Request, pump: Pump) -> None:
 @contextlib.asynccontextmanager
 async def _pumping(request: Request, requests: list, meter):
     pump = Pump(requests, asyncio.get_running_loop())
+    pump.meter = meter
     watcher = asyncio.create_task(_watch(request, pump))
     meter.live.add(pump)
     outcome = None
@@ -113,6 +117,8 @@ async def _items(pump: Pump, n: int):
             pump.outcome = pump.outcome or ("rejected" if _status(item) < 500 else "failed")
             yield i, item
             return
+        if item.timings is not None:
+            pump.meter.observe(item.timings)
         yield i, item
 
 
@@ -158,13 +164,15 @@ async def chat(request: Request, requests: list, body, model: str, tokenizer, me
     async def events():
         async with _pumping(request, requests, meter) as pump:
             choices = [_Choice() for _ in range(n)]
-            for i in range(n):
-                yield chunk(cid, model, pump.created, [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                        "logprobs": None, "finish_reason": None}])
+            started = [False] * n
             async for i, item in _items(pump, n):
                 if isinstance(item, BaseException):
                     yield sse_error(item)
                     break
+                if not started[i]:  # the role with the first delta: after prefill, so TTFT is right
+                    started[i] = True
+                    yield chunk(cid, model, pump.created, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                            "logprobs": None, "finish_reason": None}])
                 c = choices[i]
                 calls_before = len(c.calls)
                 _absorb(c, item)
@@ -198,11 +206,11 @@ def sse_error(e: BaseException) -> bytes:
     return sse(_failure(e)[1])
 
 
-def _completion_logprobs(tokenizer, entries: list[dict]) -> dict:
+def _completion_logprobs(tokenizer, entries: list[dict], start: int = 0) -> dict:
     tokens = [tokenizer.token_bytes(e["token_id"]).decode("utf-8", "replace") for e in entries]
     top = [{tokenizer.token_bytes(t).decode("utf-8", "replace"): convert.finite(lp) for t, lp in e["top"]}
            for e in entries]
-    offsets, pos = [], 0
+    offsets, pos = [], start
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
@@ -210,19 +218,35 @@ def _completion_logprobs(tokenizer, entries: list[dict]) -> dict:
             "text_offset": offsets}
 
 
-async def completion(request: Request, requests: list, body, model: str, tokenizer, meter):
-    n = len(requests)
-    prompt_tokens = sum(r.prompt_tokens for r in requests[::body.n])
+def _joined(echo_lp: dict | None, lp: dict | None) -> dict | None:
+    """An echoed prompt's logprobs followed by the completion's."""
+    if echo_lp is None or lp is None:
+        return echo_lp or lp
+    return {k: echo_lp[k] + lp[k] for k in lp}
+
+
+async def completion(request: Request, requests: list, body, model: str, tokenizer, meter, prompt_tokens: int,
+                     echoes: list[tuple[str, dict | None]] | None = None):
+    """echoes: per choice, the prompt's text and logprobs (or None) that go before its
+    completion (`echo`). With no requests (max_tokens 0) the echoes are the whole reply."""
+    n = len(echoes) if echoes is not None else len(requests)
+    echoes = echoes or [("", None)] * n
     cid = new_id("cmpl")
     want_lp = body.logprobs is not None
     if not body.stream:
-        choices, created = await _collect(request, requests, meter)
-        if isinstance(choices, JSONResponse):
-            return choices
-        return {"id": cid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": i, "text": "".join(c.reasoning) + "".join(c.content), "finish_reason": c.finish,
-                             "logprobs": _completion_logprobs(tokenizer, c.logprobs) if want_lp else None}
-                            for i, c in enumerate(choices)],
+        if requests:
+            choices, created = await _collect(request, requests, meter)
+            if isinstance(choices, JSONResponse):
+                return choices
+        else:  # scoring only: nothing was generated
+            choices, created = [_Choice() for _ in range(n)], int(time.time())
+            meter.count("ok")
+        out = []
+        for i, (c, (echo, echo_lp)) in enumerate(zip(choices, echoes)):
+            lp = _completion_logprobs(tokenizer, c.logprobs, len(echo)) if want_lp else None
+            out.append({"index": i, "text": echo + "".join(c.reasoning) + "".join(c.content),
+                        "finish_reason": c.finish or "length", "logprobs": _joined(echo_lp, lp)})
+        return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": out,
                 "usage": _usage(prompt_tokens, choices, reasoning=False)}
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -230,13 +254,21 @@ async def completion(request: Request, requests: list, body, model: str, tokeniz
     async def events():
         async with _pumping(request, requests, meter) as pump:
             choices = [_Choice() for _ in range(n)]
-            async for i, item in _items(pump, n):
+            for i, (echo, echo_lp) in enumerate(echoes):
+                if echo or not requests:
+                    yield chunk(cid, model, pump.created, [{"index": i, "text": echo, "logprobs": echo_lp,
+                                                            "finish_reason": None if requests else "length"}],
+                                obj="text_completion")
+            offsets = [len(echo) for echo, _ in echoes]
+            async for i, item in _items(pump, len(requests)):
                 if isinstance(item, BaseException):
                     yield sse_error(item)
                     break
                 _absorb(choices[i], item)
                 text = item.reasoning + item.content
-                lp = _completion_logprobs(tokenizer, item.logprobs) if want_lp and item.logprobs else None
+                lp = (_completion_logprobs(tokenizer, item.logprobs, offsets[i])
+                      if want_lp and item.logprobs else None)
+                offsets[i] += len(text)
                 if text or lp or item.finish_reason is not None:
                     yield chunk(cid, model, pump.created, [{"index": i, "text": text, "logprobs": lp,
                                                             "finish_reason": item.finish_reason}],
