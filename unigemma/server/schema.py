@@ -57,7 +57,7 @@ class Strict(_Body):
             ok = self.harmless.get(name)
             if ok is None or not ok(value):
                 why = "is not supported by this server" if ok is None else f"value {value!r} is not supported"
-                raise PydanticCustomError("unsupported_field", "unsupported field {where!r}: {why}",
+                raise PydanticCustomError("unsupported_field", "unsupported field '{where}': {why}",
                                           {"where": name, "why": why[:120]})
         return self
 
@@ -127,6 +127,7 @@ class _Sampling(Strict):
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     repetition_penalty: Optional[float] = Field(default=None, gt=0, description="extension")
     ignore_eos: bool = Field(default=False, description="extension: end-of-turn does not stop (benchmarks)")
+    min_tokens: Optional[int] = Field(default=None, ge=0, description="extension: no end-of-turn before this many tokens")
     seed: Optional[int] = Field(default=None, ge=0, le=2**63 - 1)
     stop: Union[str, list[str], None] = None
     n: int = Field(default=1, ge=1, le=MAX_N)
