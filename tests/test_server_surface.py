@@ -220,6 +220,21 @@ def test_min_tokens_is_honoured(server):
     error(post(server, "/v1/completions", {"prompt": "a", "max_tokens": 2, "min_tokens": 3}), 400, "min_tokens")
 
 
+def test_return_token_ids(server, gemma):
+    # vLLM's extension, which llama-benchy sends to count tokens
+    r = post(server, "/v1/chat/completions", chat(max_tokens=4, return_token_ids=True)).json()
+    assert len(r["prompt_token_ids"]) == r["usage"]["prompt_tokens"]
+    assert len(r["choices"][0]["token_ids"]) == r["usage"]["completion_tokens"] == 4
+    with httpx.Client(timeout=60) as c, c.stream("POST", server.url + "/v1/chat/completions", headers=AUTH,
+                                                 json=chat(max_tokens=4, stream=True, return_token_ids=True)) as res:
+        chunks = [json.loads(line[6:]) for line in res.iter_lines() if line.startswith("data: {")]
+    assert chunks[0]["prompt_token_ids"] == r["prompt_token_ids"]
+    assert sum(len(ch["choices"][0].get("token_ids", [])) for ch in chunks) == 4
+    ids = gemma.tokenizer.encode("a b")
+    r = post(server, "/v1/completions", {"prompt": "a b", "max_tokens": 3, "return_token_ids": True}).json()
+    assert r["choices"][0]["prompt_token_ids"] == ids and len(r["choices"][0]["token_ids"]) == 3
+
+
 # -- the role chunk after prefill -----------------------------------------------------------------
 def test_role_chunk_waits_for_prefill(server, gemma):
     engine = gemma.engine

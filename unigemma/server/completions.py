@@ -130,4 +130,6 @@ def register(app: FastAPI) -> None:
                     r.cancel()
                 raise
         prompt_tokens = sum(len(x) for x in ids)
-        return await respond.completion(request, requests, body, model, tokenizer, meter, prompt_tokens, echoes)
+        prompt_ids = [x for x in ids for _ in range(body.n)] if body.return_token_ids else None
+        return await respond.completion(request, requests, body, model, tokenizer, meter, prompt_tokens, echoes,
+                                        prompt_ids)

@@ -5,8 +5,10 @@ cancelled (the scheduler frees the rows at its next step). A chat stream's first
 choice carries the role, sent with the choice's first delta, so after prefill (clients time the
 first token from it); content and `reasoning_content` deltas follow as the engine parses them;
 tool calls come whole; each choice ends with a chunk holding its finish_reason; with
-`stream_options.include_usage` a last chunk has the usage and no choices. Each finished choice's
-timings go to the meter (/metrics histograms).
+`stream_options.include_usage` a last chunk has the usage and no choices. With
+`return_token_ids` (vLLM's extension, which llama-benchy sends) the prompt's ids come with the
+first chunk (whole reply: at its top; completions: on each choice) and each choice or delta
+carries its token ids. Each finished choice's timings go to the meter (/metrics histograms).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class _Choice:
     def __init__(self):
         self.content, self.reasoning, self.calls, self.logprobs = [], [], [], []
         self.tokens, self.reasoning_tokens, self.finish = 0, 0, None
+        self.token_ids: list[int] = []
         self.drafted = self.accepted = 0  # speculative decoding (from the last delta's timings)
 
 
@@ -92,6 +95,7 @@ def _usage(prompt_tokens: int, choices: list[_Choice], reasoning: bool = True) -
 
 def _absorb(c: _Choice, delta) -> None:
     c.tokens += len(delta.token_ids)
+    c.token_ids += delta.token_ids
     if delta.reasoning:
         c.reasoning_tokens += len(delta.token_ids)
     c.content.append(delta.content)
@@ -135,10 +139,15 @@ async def _collect(request: Request, requests: list, meter):
     return choices, pump.created
 
 
+def _prompt_ids(request) -> list[int]:
+    return request.inputs["input_ids"][0].tolist()
+
+
 async def chat(request: Request, requests: list, body, model: str, tokenizer, meter):
     n = len(requests)
     prompt_tokens = requests[0].prompt_tokens
     cid = new_id("chatcmpl")
+    want_ids = getattr(body, "return_token_ids", False)
     if not body.stream:
         choices, created = await _collect(request, requests, meter)
         if isinstance(choices, JSONResponse):
@@ -155,9 +164,14 @@ async def chat(request: Request, requests: list, body, model: str, tokenizer, me
                 msg["content"] = msg["content"] or None
             choice = {"index": i, "message": msg, "finish_reason": c.finish,
                       "logprobs": {"content": convert.logprobs_chat(tokenizer, c.logprobs)} if body.logprobs else None}
+            if want_ids:
+                choice["token_ids"] = c.token_ids
             out.append(choice)
-        return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": out,
-                "usage": _usage(prompt_tokens, choices)}
+        reply = {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": out,
+                 "usage": _usage(prompt_tokens, choices)}
+        if want_ids:
+            reply["prompt_token_ids"] = _prompt_ids(requests[0])
+        return reply
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -165,6 +179,7 @@ async def chat(request: Request, requests: list, body, model: str, tokenizer, me
         async with _pumping(request, requests, meter) as pump:
             choices = [_Choice() for _ in range(n)]
             started = [False] * n
+            first = {"prompt_token_ids": _prompt_ids(requests[0])} if want_ids else {}
             async for i, item in _items(pump, n):
                 if isinstance(item, BaseException):
                     yield sse_error(item)
@@ -172,7 +187,8 @@ async def chat(request: Request, requests: list, body, model: str, tokenizer, me
                 if not started[i]:  # the role with the first delta: after prefill, so TTFT is right
                     started[i] = True
                     yield chunk(cid, model, pump.created, [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                            "logprobs": None, "finish_reason": None}])
+                                                            "logprobs": None, "finish_reason": None}], **first)
+                    first = {}
                 c = choices[i]
                 calls_before = len(c.calls)
                 _absorb(c, item)
@@ -186,9 +202,10 @@ async def chat(request: Request, requests: list, body, model: str, tokenizer, me
                 lp = None
                 if body.logprobs and item.logprobs:
                     lp = {"content": convert.logprobs_chat(tokenizer, item.logprobs)}
-                if delta or lp:
+                ids = {"token_ids": item.token_ids} if want_ids and item.token_ids else {}
+                if delta or lp or ids:
                     yield chunk(cid, model, pump.created, [{"index": i, "delta": delta, "logprobs": lp,
-                                                            "finish_reason": None}])
+                                                            "finish_reason": None, **ids}])
                 if item.finish_reason is not None:
                     yield chunk(cid, model, pump.created, [{"index": i, "delta": {}, "logprobs": None,
                                                             "finish_reason": item.finish_reason}])
@@ -226,10 +243,12 @@ def _joined(echo_lp: dict | None, lp: dict | None) -> dict | None:
 
 
 async def completion(request: Request, requests: list, body, model: str, tokenizer, meter, prompt_tokens: int,
-                     echoes: list[tuple[str, dict | None]] | None = None):
+                     echoes: list[tuple[str, dict | None]] | None = None, prompt_ids: list[list[int]] | None = None):
     """echoes: per choice, the prompt's text and logprobs (or None) that go before its
-    completion (`echo`). With no requests (max_tokens 0) the echoes are the whole reply."""
+    completion (`echo`). With no requests (max_tokens 0) the echoes are the whole reply.
+    prompt_ids: per choice, its prompt's token ids (return_token_ids)."""
     n = len(echoes) if echoes is not None else len(requests)
+    want_ids = prompt_ids is not None
     echoes = echoes or [("", None)] * n
     cid = new_id("cmpl")
     want_lp = body.logprobs is not None
@@ -246,6 +265,8 @@ async def completion(request: Request, requests: list, body, model: str, tokeniz
             lp = _completion_logprobs(tokenizer, c.logprobs, len(echo)) if want_lp else None
             out.append({"index": i, "text": echo + "".join(c.reasoning) + "".join(c.content),
                         "finish_reason": c.finish or "length", "logprobs": _joined(echo_lp, lp)})
+            if want_ids:
+                out[-1].update(prompt_token_ids=prompt_ids[i], token_ids=c.token_ids)
         return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": out,
                 "usage": _usage(prompt_tokens, choices, reasoning=False)}
 
@@ -255,9 +276,10 @@ async def completion(request: Request, requests: list, body, model: str, tokeniz
         async with _pumping(request, requests, meter) as pump:
             choices = [_Choice() for _ in range(n)]
             for i, (echo, echo_lp) in enumerate(echoes):
-                if echo or not requests:
+                ids = {"prompt_token_ids": prompt_ids[i], "token_ids": []} if want_ids else {}
+                if echo or not requests or ids:
                     yield chunk(cid, model, pump.created, [{"index": i, "text": echo, "logprobs": echo_lp,
-                                                            "finish_reason": None if requests else "length"}],
+                                                            "finish_reason": None if requests else "length", **ids}],
                                 obj="text_completion")
             offsets = [len(echo) for echo, _ in echoes]
             async for i, item in _items(pump, len(requests)):
@@ -269,9 +291,10 @@ async def completion(request: Request, requests: list, body, model: str, tokeniz
                 lp = (_completion_logprobs(tokenizer, item.logprobs, offsets[i])
                       if want_lp and item.logprobs else None)
                 offsets[i] += len(text)
-                if text or lp or item.finish_reason is not None:
+                ids = {"token_ids": item.token_ids} if want_ids else {}
+                if text or lp or item.finish_reason is not None or item.token_ids and ids:
                     yield chunk(cid, model, pump.created, [{"index": i, "text": text, "logprobs": lp,
-                                                            "finish_reason": item.finish_reason}],
+                                                            "finish_reason": item.finish_reason, **ids}],
                                 obj="text_completion")
             if include_usage:
                 yield chunk(cid, model, pump.created, [], obj="text_completion",
