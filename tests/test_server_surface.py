@@ -211,7 +211,8 @@ def test_fields_clients_send_as_a_matter_of_course_are_accepted(server):
     harmless = {"user": "u1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto",
                 "prompt_cache_key": "k", "safety_identifier": "s", "modalities": ["text"], "cache_prompt": True}
     assert post(server, "/v1/chat/completions", chat(**harmless)).status_code == 200
-    assert post(server, "/v1/completions", {"prompt": "a", "max_tokens": 1, "best_of": 1, **harmless}).status_code == 200
+    body = {"prompt": "a", "max_tokens": 1, "best_of": 1, **harmless}
+    assert post(server, "/v1/completions", body).status_code == 200
 
 
 def test_min_tokens_is_honoured(server):

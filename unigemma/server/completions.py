@@ -64,17 +64,19 @@ def _encode(tokenizer, prompt: str | list[int], suffix: str | None, fim, vocab: 
 def echo_logprobs(tokenizer, ids: list[int], entries: list[dict | None], added_bos: bool) -> dict:
     """The prompt's part of a choice's `logprobs` (OpenAI's completions shape). A `<bos>` the
     tokenizer added is listed (its logprob null) but takes no room in the echoed text."""
+    def text(i: int) -> str:
+        return tokenizer.token_bytes(i).decode("utf-8", "replace")
+
     tokens, offsets, pos = [], [], 0
     for j, i in enumerate(ids):
-        piece = tokenizer.token_bytes(i).decode("utf-8", "replace")
+        piece = text(i)
         tokens.append(piece)
         offsets.append(pos)
         if not (added_bos and j == 0):
             pos += len(piece)
     return {"tokens": tokens, "text_offset": offsets,
             "token_logprobs": [None if e is None else convert.finite(e["logprob"]) for e in entries],
-            "top_logprobs": [None if e is None else
-                             {tokenizer.token_bytes(t).decode("utf-8", "replace"): convert.finite(lp) for t, lp in e["top"]}
+            "top_logprobs": [None if e is None else {text(t): convert.finite(lp) for t, lp in e["top"]}
                              for e in entries]}
 
 

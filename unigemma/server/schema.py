@@ -129,7 +129,8 @@ class _Sampling(Strict):
     ignore_eos: bool = Field(default=False, description="extension: end-of-turn does not stop (benchmarks)")
     return_token_ids: bool = Field(default=False, description="extension (vLLM): the prompt's and each "
                                    "choice's token ids in the reply")
-    min_tokens: Optional[int] = Field(default=None, ge=0, description="extension: no end-of-turn before this many tokens")
+    min_tokens: Optional[int] = Field(default=None, ge=0,
+                                      description="extension: no end-of-turn before this many tokens")
     seed: Optional[int] = Field(default=None, ge=0, le=2**63 - 1)
     stop: Union[str, list[str], None] = None
     n: int = Field(default=1, ge=1, le=MAX_N)
