@@ -140,6 +140,22 @@ def test_echo_logprobs_score_the_prompt_without_generating(client, gemma):
     assert lp.text_offset[1] == 0 and lp.text_offset[2] == len(lp.tokens[1])  # <bos> takes no room in the text
 
 
+def test_prompt_logprobs_in_chunks_match_one_forward(gemma):
+    # chunks (40) and head slices (32) shorter than the prompt (> 80), itself past the sliding window (16)
+    from unigemma.generate import score
+
+    ids = gemma.tokenizer.encode("one two three four five six seven eight nine ten " * 8)
+    assert len(ids) > 2 * 40 > 40 > score.HEAD_ROWS
+    got = score.prompt_logprobs(gemma.engine.model, ids, top=3, chunk=40)
+    with torch.inference_mode():
+        want = gemma.engine.model.logits(torch.tensor([ids])).float().log_softmax(-1)[0]
+    assert got[0] is None and len(got) == len(ids)
+    for j in range(1, len(ids)):
+        assert got[j]["token_id"] == ids[j]
+        assert got[j]["logprob"] == pytest.approx(want[j - 1, ids[j]].item(), abs=1e-3)
+        assert [t for t, _ in got[j]["top"]] == want[j - 1].topk(3).indices.tolist()
+
+
 def test_echo_logprobs_with_a_completion_and_streamed(client):
     r = client.completions.create(model="tiny", prompt="Once upon", max_tokens=3, echo=True, logprobs=1, temperature=0)
     lp, prompt_len = r.choices[0].logprobs, r.usage.prompt_tokens
@@ -309,6 +325,9 @@ def test_tokenize_detokenize_round_trip(server, gemma):
 
 
 def test_tokenize_errors(server):
+    raw = b'{"content": "a\\ud800"}'  # a lone surrogate must not reach the tokenizer
+    r = httpx.post(server.url + "/tokenize", content=raw, headers={**AUTH, "Content-Type": "application/json"})
+    error(r, 400, "content")
     error(post(server, "/detokenize", {"tokens": [1, 262144]}), 400, "tokens")
     error(post(server, "/detokenize", {"tokens": ["a"]}), 400)
     error(post(server, "/tokenize", {}), 400, "content")

@@ -44,12 +44,22 @@ HARMLESS: dict[str, Callable[[Any], bool]] = {
 
 class Strict(_Body):
     """A request body that refuses fields it does not implement: 400 "unsupported field 'x'"
-    with param x (the app turns the `unsupported_field` error into it). `harmless` lists the
+    with param x (the app turns the `unsupported_field` error into it). Its strings must be
+    valid Unicode and it may not nest too deep (400 naming the path, `unsound_body`). `harmless` lists the
     unimplemented fields accepted anyway, each with a check of its value; a subclass (another
     endpoint) may widen or narrow it."""
 
     model_config = ConfigDict(extra="allow")
     harmless: ClassVar[dict[str, Callable[[Any], bool]]] = HARMLESS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sound_text(cls, data):
+        # a surrogate would reach the tokenizer (a TypeError, once a 500), a deep nest the chat
+        # template's recursion; the app turns this error into a 400 whose param is the path
+        if (bad := check_tree(data)) is not None:
+            raise PydanticCustomError("unsound_body", "{where}: {why}", {"where": bad[0], "why": bad[1]})
+        return data
 
     @model_validator(mode="after")
     def _no_unsupported(self):
@@ -108,15 +118,6 @@ class Message(_Body):
 
 
 class _Sampling(Strict):
-    @model_validator(mode="before")
-    @classmethod
-    def _sound_text(cls, data):
-        # a surrogate would reach the tokenizer (a TypeError, once a 500), a deep nest the chat
-        # template's recursion; the app turns this error into a 400 whose param is the path
-        if (bad := check_tree(data)) is not None:
-            raise PydanticCustomError("unsound_body", "{where}: {why}", {"where": bad[0], "why": bad[1]})
-        return data
-
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0, le=2)

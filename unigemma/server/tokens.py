@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Optional
 
 from fastapi import Depends, FastAPI
-from pydantic import Field, StrictInt
+from pydantic import Field, StrictInt, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import InputError
@@ -61,7 +61,10 @@ def register(app: FastAPI) -> None:
         if len(given) != 1:
             raise InputError("content: send one of content, prompt or messages")
         if body.messages is not None:
-            chat = ChatRequest(messages=[m.model_dump(exclude_none=True) for m in body.messages])
+            try:  # the messages were validated as such already; this only wraps them
+                chat = ChatRequest(messages=[m.model_dump(exclude_none=True) for m in body.messages])
+            except ValidationError as e:
+                raise InputError(f"messages: {e.errors()[0].get('msg', 'invalid')}") from None
             inputs, _ = await served.plan(chat)
             ids = inputs["input_ids"][0].tolist()
         else:
