@@ -180,6 +180,8 @@ def test_token_id_prompts(server, client, gemma):
     assert by_ids.choices[0].text == text.choices[0].text and by_ids.usage.prompt_tokens == len(ids)
     two = client.completions.create(model="tiny", prompt=[ids, ids[:2]], max_tokens=2, temperature=0, echo=True)
     assert len(two.choices) == 2 and two.choices[1].text.startswith(gemma.tokenizer.decode(ids[:2]))
+    one = client.completions.create(model="tiny", prompt=[2], max_tokens=0, echo=True, logprobs=1)  # <bos> alone
+    assert one.choices[0].text == "<bos>" and one.choices[0].logprobs.token_logprobs == [None]
     for bad in ([5, 262144], [[1, 2], [-1]], [], [[]]):
         e = error(post(server, "/v1/completions", {"prompt": bad, "max_tokens": 1}), 400)
         assert e["param"] in ("prompt", "prompt[1]", "prompt[0]"), e

@@ -18,7 +18,7 @@ from fastapi import Depends, FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import InputError
-from ..generate.score import prompt_logprobs
+from ..generate.score import PromptScorer
 from . import convert, respond
 from .chat_plan import client_data, tensor
 from .schema import CompletionRequest
@@ -116,9 +116,10 @@ def register(app: FastAPI) -> None:
                 text = p if isinstance(p, str) else tokenizer.decode(x)
                 lp = None
                 if body.logprobs is not None:
-                    entries = await asyncio.wrap_future(served.scheduler.call(prompt_logprobs, gemma.engine.model,
-                                                                              x, body.logprobs))
-                    lp = echo_logprobs(tokenizer, x, entries, isinstance(p, str) and x[0] == tokenizer.bos_id)
+                    scorer = PromptScorer(gemma.engine.model, x, body.logprobs, gemma.engine.prefill_chunk)
+                    while not await asyncio.wrap_future(served.scheduler.call(scorer.step)):
+                        pass  # one chunk per call: running streams wait a chunk at a time, as for a prefill
+                    lp = echo_logprobs(tokenizer, x, scorer.entries, isinstance(p, str) and x[0] == tokenizer.bos_id)
                 echoes += [(text, lp)] * body.n
         requests = []
         if body.max_tokens != 0:
