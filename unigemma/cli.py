@@ -294,13 +294,14 @@ def cmd_serve(args) -> None:
     gemma = load_for(args)
     names = args.served_name or default_names(args.model)
     config = ServerConfig(model_name=names[0], aliases=tuple(names[1:]), strict_model_name=args.strict_model_name,
-                          cors_origins=tuple(args.cors_origin or ()), api_key=api_key, max_seqs=args.max_seqs, max_len=args.max_len,
-                          max_queue=args.max_queue, max_body_bytes=args.max_body_mb << 20,
+                          cors_origins=tuple(args.cors_origin or ()), api_key=api_key, max_seqs=args.max_seqs,
+                          max_len=args.max_len, max_queue=args.max_queue, max_body_bytes=args.max_body_mb << 20,
                           limits=Limits(allow_url_fetch=args.allow_url_fetch), allowed_hosts=hosts,
                           allow_ip_hosts=any_ip, media_workers=args.media_workers,
                           media_queue=4 * args.media_workers)
     app = create_app(gemma, config)
-    print(f"serving {', '.join(app.state.served.names.names)} on http://{args.host}:{args.port}/ (chat page at /, API at /v1); "
+    print(f"serving {', '.join(app.state.served.names.names)} on http://{args.host}:{args.port}/ "
+          "(chat page at /, API at /v1); "
           f"{args.max_seqs} rows x {app.state.scheduler.max_len} tokens, KV cache "
           f"{app.state.scheduler.kv_bytes / 2**30:.2f} GiB", file=sys.stderr)
     serve(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout)

@@ -44,10 +44,10 @@ HARMLESS: dict[str, Callable[[Any], bool]] = {
 
 class Strict(_Body):
     """A request body that refuses fields it does not implement: 400 "unsupported field 'x'"
-    with param x (the app turns the `unsupported_field` error into it). Its strings must be
-    valid Unicode and it may not nest too deep (400 naming the path, `unsound_body`). `harmless` lists the
+    with param x (the app turns the `unsupported_field` error into it). `harmless` lists the
     unimplemented fields accepted anyway, each with a check of its value; a subclass (another
-    endpoint) may widen or narrow it."""
+    endpoint) may widen or narrow it. Its strings must be valid Unicode and it may not nest too
+    deep (400 naming the path: `unsound_body`)."""
 
     model_config = ConfigDict(extra="allow")
     harmless: ClassVar[dict[str, Callable[[Any], bool]]] = HARMLESS
@@ -66,7 +66,8 @@ class Strict(_Body):
         for name, value in (self.model_extra or {}).items():
             ok = self.harmless.get(name)
             if ok is None or not ok(value):
-                why = "is not supported by this server" if ok is None else f"value {value!r} is not supported"
+                why = ("this server does not implement it" if ok is None
+                       else f"this server does not support the value {value!r}")
                 raise PydanticCustomError("unsupported_field", "unsupported field '{where}': {why}",
                                           {"where": name, "why": why[:120]})
         return self
