@@ -362,3 +362,36 @@ def test_cors_origin_allows_a_browser_app(gemma):
         assert "access-control-allow-origin" not in other.headers
     with serve(gemma, cors_origins=("*",)) as s:
         assert preflight(s).headers["access-control-allow-origin"] == "*"
+
+
+# -- the serve command's flags --------------------------------------------------------------------
+def test_serve_flags_names_strict_and_cors(tmp_path_factory):
+    import subprocess
+    import sys
+
+    from server_helpers import free_port, tiny_checkpoint
+    from unigemma.vocab import gemma4_vocab_gguf
+
+    port, ckpt = free_port(), tiny_checkpoint(tmp_path_factory.mktemp("surface"))
+    proc = subprocess.Popen([sys.executable, "-m", "unigemma", "serve", "--model", str(ckpt), "--dtype", "float32",
+                             "--tokenizer", str(gemma4_vocab_gguf()), "--port", str(port), "--max-seqs", "1",
+                             "--max-len", "64", "--served-name", "first", "--served-name", "second",
+                             "--strict-model-name", "--cors-origin", "http://app.example"],
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        models = httpx.get(url + "/v1/models", headers={"Origin": "http://app.example"})
+        assert [m["id"] for m in models.json()["data"]] == ["first", "second"]
+        assert models.headers["access-control-allow-origin"] == "http://app.example"
+        r = httpx.post(url + "/v1/chat/completions", json=chat(model="gpt-3.5-turbo"), timeout=60)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    finally:
+        proc.terminate()
+        proc.wait(30)
