@@ -29,7 +29,8 @@ def test_no_server_errors(fuzz_schema):
     # hypothesis drives schemathesis' strategies directly (its pytest plugin needs pytest internals
     # this pytest no longer has)
     operations = [result.ok() for result in fuzz_schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"}
+    assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
+                                              "/v1/audio/transcriptions", "/v1/audio/translations"}
     statuses = collections.Counter()
     for op in operations:
         @given(case=op.as_strategy())

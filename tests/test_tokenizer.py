@@ -223,11 +223,14 @@ def gemma3_gguf() -> Path:
     return Path(pkg.assemble())
 
 
-def test_gemma3_gguf_matches_sentencepiece():
+@functools.lru_cache(maxsize=None)
+def gemma3_sentencepiece():
+    """The `sentencepiece` library over the 270M GGUF's pieces and scores (an oracle for Gemma 3's
+    vocabulary, shared with test_chat_templates); and the GGUF's metadata."""
     path = gemma3_gguf()
     spm = pytest.importorskip("sentencepiece")
     model_pb2 = pytest.importorskip("sentencepiece.sentencepiece_model_pb2", reason="needs protobuf")
-    meta, tok = read_gguf_metadata(path), Tokenizer.from_gguf(path)
+    meta = read_gguf_metadata(path)
     proto = model_pb2.ModelProto()
     for piece, score, kind in zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"],
                                   meta["tokenizer.ggml.token_type"]):
@@ -239,7 +242,12 @@ def test_gemma3_gguf_matches_sentencepiece():
     proto.trainer_spec.bos_id, proto.trainer_spec.eos_id, proto.trainer_spec.pad_id = 2, 1, 0
     proto.normalizer_spec.name, proto.normalizer_spec.escape_whitespaces = "identity", True
     proto.normalizer_spec.add_dummy_prefix = proto.normalizer_spec.remove_extra_whitespaces = False
-    sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString()), meta
+
+
+def test_gemma3_gguf_matches_sentencepiece():
+    sp, meta = gemma3_sentencepiece()
+    tok = Tokenizer.from_gguf(gemma3_gguf())
     # SentencePiece never reads control tokens out of text; transformers does: compare without them.
     control = [t for t, k in zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]) if k == 3]
     strings = [s for s in parity_strings() if not any(c in s for c in control)]

@@ -1,10 +1,11 @@
-"""Command line: `unigemma demo | run | chat | generate | quantize | plan`.
+"""Command line: `unigemma demo | run | chat | serve | generate | quantize | plan | pull | ls`.
 
 `run` answers one message and streams it; `chat` is an interactive session that keeps the
 history (and its KV cache, so a turn prefills only the new message). Without `--model` both use
 the demo checkpoint: small, random weights, the real 262,144-token vocabulary and the real
 on-disk layout, written on first use (no model download). Random weights make its answers
-gibberish; every step on the way to them is the real one.
+gibberish; every step on the way to them is the real one. `--model` also takes a hub id
+(ORG/NAME, weights/hub.py), which `pull` downloads and `ls` lists from the hub cache.
 """
 
 from __future__ import annotations
@@ -51,9 +52,12 @@ def demo_checkpoint(directory: str | None = None) -> Path:
 
 def load_for(args):
     from .pipeline import load
+    from .templates import from_file
     from .vocab import gemma4_vocab_gguf
 
-    common = dict(dtype=args.dtype, progress=True, quant=getattr(args, "quant", None),
+    template = getattr(args, "chat_template", None)
+    template = from_file(template, "--chat-template") if template else None  # before the weights: fail fast
+    common = dict(chat_template=template, dtype=args.dtype, progress=True, quant=getattr(args, "quant", None),
                   dequantize=getattr(args, "dequantize", False), exact=getattr(args, "exact", False),
                   draft=getattr(args, "draft", None), draft_tokens=getattr(args, "draft_tokens", None))
     if args.model:
@@ -63,6 +67,8 @@ def load_for(args):
         gemma = load(demo_checkpoint(getattr(args, "dir", None)), tokenizer=args.tokenizer or gemma4_vocab_gguf(),
                      **common)
     print_kernels(gemma.model)
+    if not getattr(args, "raw", False):
+        print(f"chat template: {gemma.template.origin}", file=sys.stderr)
     return gemma
 
 
@@ -254,7 +260,10 @@ def cmd_quantize(args) -> None:
 def cmd_plan(args) -> None:
     from .plan import load_config, parse_memory, plan, render
 
-    config, memory = load_config(args.model), parse_memory(args.memory)
+    from .weights.hub import resolve
+
+    # a hub id: its config.json is all a plan needs
+    config, memory = load_config(resolve(args.model, files=["config.json"])), parse_memory(args.memory)
     print(render(config, memory, plan(config, memory)))
 
 
@@ -307,9 +316,36 @@ def cmd_serve(args) -> None:
     serve(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
 
 
+def cmd_pull(args) -> None:
+    """Download a hub model into the hub cache (progress bars on stderr); print its local path."""
+    from .weights.hub import fetch, parse
+
+    ref = parse(args.model)
+    if ref is None:
+        raise UnigemmaError(f"{args.model} is a local path; pull takes a hub id: "
+                            "ORG/NAME[:FILE.gguf|:QUANT][@REVISION]")
+    print(fetch(ref))
+
+
+def cmd_ls(args) -> None:
+    """The models in the hub cache, with their size on disk."""
+    from .weights.hub import cache_dir, cached
+
+    models = cached()
+    if not models:
+        print(f"no models in the hub cache ({cache_dir()})", file=sys.stderr)
+        return
+    width = max(len(m.repo_id) for m in models)
+    print(f"{'MODEL':<{width}}  {'SIZE':>9}  {'REFS':<12}  PATH")
+    for m in models:
+        print(f"{m.repo_id:<{width}}  {m.size:>9}  {','.join(m.refs) or '-':<12}  {m.path}")
+
+
 def _model_flags(p, model_required=False) -> None:
     p.add_argument("--model", required=model_required,
-                   help="checkpoint directory (config.json + safetensors) or a .gguf file (gemma3 / gemma4)")
+                   help="checkpoint directory (config.json + safetensors), a .gguf file (gemma3 / gemma4), or a "
+                        "hub id ORG/NAME[:FILE.gguf|:QUANT][@REVISION], downloaded into the hub cache "
+                        "(HF_HUB_OFFLINE=1: the cache only)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     from .quant.apply import NAMES
 
@@ -343,6 +379,13 @@ def _chat_flags(p) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    _template_flag(p)
+
+
+def _template_flag(p) -> None:
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="a Jinja chat template to chat with (default: the checkpoint's, else its family's "
+                        "published one: Gemma 3's, Gemma 4's)")
 
 
 def main(argv=None) -> int:
@@ -371,11 +414,13 @@ def main(argv=None) -> int:
     _model_flags(q, model_required=True)
     q.add_argument("--out", required=True, help="directory to write")
     pl = sub.add_parser("plan", help="weight and KV memory per quantization, and the longest context that fits")
-    pl.add_argument("--model", required=True, help="checkpoint directory or its config.json (no weights needed)")
+    pl.add_argument("--model", required=True,
+                    help="checkpoint directory or its config.json, or a hub id (its config.json alone is fetched)")
     pl.add_argument("--memory", default="16GB", help="memory to plan for, e.g. 16GB, 8GB (default 16GB)")
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, ...) and a chat page at /")
     _model_flags(sv)
     sv.add_argument("--tokenizer", help="tokenizer directory or .gguf (default: the checkpoint's)")
+    _template_flag(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 and /metrics (visible in ps: "
@@ -408,12 +453,17 @@ def main(argv=None) -> int:
     sv.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                     help="let browser pages on ORIGIN (e.g. http://localhost:3000; '*': any) call the API "
                          "(CORS; repeatable). Off by default: no CORS headers")
+    pu = sub.add_parser("pull", help="download a hub model (ORG/NAME[:FILE.gguf|:QUANT][@REVISION]) into the "
+                                     "hub cache; prints its local path")
+    pu.add_argument("model")
+    sub.add_parser("ls", help="the models in the hub cache, with their size")
     args = p.parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
         {"generate": cmd_generate, "demo": cmd_demo, "run": cmd_run, "chat": cmd_chat,
-         "quantize": cmd_quantize, "plan": cmd_plan, "serve": cmd_serve}[args.cmd](args)
+         "quantize": cmd_quantize, "plan": cmd_plan, "serve": cmd_serve, "pull": cmd_pull,
+         "ls": cmd_ls}[args.cmd](args)
     except UnigemmaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

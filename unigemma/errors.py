@@ -26,5 +26,10 @@ class ContextTooLong(InputError):
     `context_length_exceeded`)."""
 
 
+class NoChatTemplate(InputError):
+    """A chat was asked of a model with no chat template. Not the request's fault: whoever
+    loaded the model must give one (a server answers naming its --chat-template flag)."""
+
+
 class QueueFull(UnigemmaError):
     """The scheduler's queue is full; the request was not taken (a server answers 429/503)."""

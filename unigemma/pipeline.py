@@ -27,11 +27,14 @@ from .generate.sampling import SamplingParams
 from .generate.speculative import DraftLength
 from .generate.stream import Delta, Timings
 from .inputs import ModelInputs
+from .models import family_of
 from .models.base import CausalLM
 from .processing.chat import Processor
 from .processing.cost import Limits as ProcessingLimits
 from .processing.parse import ToolCallError
 from .processing.tokenizer import Tokenizer
+from .templates import ChatTemplate, choose, from_file
+from .weights.hub import resolve
 from .weights.loader import load_model
 
 
@@ -61,19 +64,26 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
          tokenizer: str | os.PathLike | Tokenizer | None = None, progress: bool = False,
          fast: bool = True, quant: str | None = None, mmproj: str | os.PathLike | None = None,
          draft: str | os.PathLike | None = None, draft_tokens: int | None = None,
-         dequantize: bool = False, exact: bool = False) -> "Gemma":
-    """Load a checkpoint directory or a GGUF file for chat and for the reference forward.
+         dequantize: bool = False, exact: bool = False,
+         chat_template: str | os.PathLike | ChatTemplate | None = None) -> "Gemma":
+    """Load a checkpoint directory, a GGUF file or a hub model id for chat and for the reference forward.
 
+    path: a local directory or .gguf, or "ORG/NAME" (optionally ":FILE.gguf" or ":QUANT", and
+    "@REVISION"), fetched into the hub cache first (weights/hub.py; offline with HF_HUB_OFFLINE=1).
     The tokenizer and chat template come from the checkpoint (`tokenizer.json`,
     `chat_template.jinja`, or a GGUF file's own vocabulary) unless `tokenizer` names another
-    directory, a GGUF file or a Tokenizer. A checkpoint without one still loads: `logits` works
-    and `chat` says what is missing. quant: "int8", "int8-g32", "int4-g32" or "int4-g128", each
-    weight quantized as it loads (`load_model`); dequantize: a GGUF's quantized tensors as floats.
+    directory, a GGUF file or a Tokenizer; chat_template: a Jinja file to chat with instead. A
+    checkpoint with no template chats with its family's published one (unigemma/templates); a
+    checkpoint without a tokenizer still loads: `logits` works and `chat` says what is missing.
+    quant: "int8", "int8-g32", "int4-g32" or "int4-g128", each weight quantized as it loads (`load_model`); dequantize: a GGUF's quantized tensors as floats.
     mmproj: a GGUF model's image/audio embedders. draft: an MTP drafter's directory, or the name
     of one shipped with unigemma (unigemma/drafters: "gemma-3-270m"); draft_tokens: a fixed
     draft length (default adaptive). exact: quantized layers keep float activations, never the
     int8-activation kernels (the fastest quantized path on CPUs, quant/kernels.py).
     """
+    if chat_template is not None and not isinstance(chat_template, ChatTemplate):
+        chat_template = from_file(chat_template, "chat_template=")  # before the weights: fail fast
+    path = resolve(path)
     # fast: the CPU fast path, prepacked oneDNN weights (~2x faster decoding, models/packed.py),
     # packed as they load; fast=False keeps the plain modules (the tests' oracle)
     model = load_model(path, dtype=dtype, device=device, block_mask=block_mask, progress=progress, quant=quant,
@@ -95,21 +105,28 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
 
         drafter = load_drafter(drafter_path(draft), dtype=dtype, device=device)
     return Gemma(model, load_tokenizer(tokenizer) if tokenizer is not None else None, defaults,
-                 drafter=drafter, draft_tokens=draft_tokens)
+                 drafter=drafter, draft_tokens=draft_tokens, chat_template=chat_template)
 
 
 class Gemma:
     """A loaded model with its tokenizer: messages in, text out."""
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None = None,
-                 default_params: SamplingParams | None = None, drafter=None, draft_tokens: int | None = None):
+                 default_params: SamplingParams | None = None, drafter=None, draft_tokens: int | None = None,
+                 chat_template: str | ChatTemplate | None = None):
         """drafter: an MTP drafter (models/drafter.py); draft_tokens: a fixed draft length
-        (default: adaptive, generate/speculative.py)."""
+        (default: adaptive, generate/speculative.py). chat_template: Jinja text (or a
+        `templates.ChatTemplate`) to chat with instead of the tokenizer's; without either, the
+        family's published template. `self.template.origin` says which one is in use."""
         self.drafter = drafter
         self.draft = DraftLength(k=draft_tokens, adaptive=False) if draft_tokens else DraftLength()
         if drafter is not None:
             drafter.config.check_target(model.config.text)
         self.model, self.tokenizer = model, tokenizer
+        if isinstance(chat_template, str):
+            chat_template = ChatTemplate(chat_template, "given to Gemma (chat_template=)")
+        self.template = choose(chat_template, tokenizer.chat_template if tokenizer is not None else None,
+                               family_of(model.config.model_type).chat_template)
         self.default_params = default_params or SamplingParams(temperature=0.0)
         self._engine: Engine | None = None
         if tokenizer is not None and tokenizer.vocab_size > model.config.text.vocab_size:
@@ -133,7 +150,8 @@ class Gemma:
             raise InputError("this checkpoint has no tokenizer.json: pass tokenizer='path/to/tokenizer-dir' "
                              "or a .gguf file to unigemma.load")
         context = self.model.config.text.max_position_embeddings
-        return Processor(self.tokenizer, image_budget=image_budget, max_len=min(max_len or context, context),
+        return Processor(self.tokenizer, self.template.source, image_budget=image_budget,
+                         max_len=min(max_len or context, context),
                          limits=limits)
 
     def inputs(self, messages: Any, *, tools: list[dict] | None = None, enable_thinking: bool = False,

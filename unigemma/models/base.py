@@ -74,6 +74,8 @@ class Family:
     gguf_config: Callable | None = None  # (GGUF file, read(name) → float tensor) → config.json-style dict
     gguf_name: Callable[[str], str | None] | None = None  # llama.cpp tensor name → ours (None: not a weight)
     takes_media: bool = False  # its embed takes images / audio / video (and a GGUF mmproj)
+    # its published chat template (unigemma/templates/<name>.jinja), for checkpoints that ship none
+    chat_template: str | None = None
 
 
 class CausalLM(nn.Module):

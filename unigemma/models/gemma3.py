@@ -214,4 +214,5 @@ def tiny_config(model_type: str = "gemma3_text") -> dict:
 FAMILY = Family(name="Gemma 3 text", model_types=("gemma3_text",), model=Gemma3ForCausalLM,
                 parse_config=parse_config, to_ours=checkpoint_name_to_module, to_disk=module_name_to_checkpoint,
                 is_quantizable=is_quantizable, tiny_config=tiny_config, load_transform=transform,
-                save_transform=untransform, gguf_archs=("gemma3",), gguf_config=gguf_config, gguf_name=gguf_name)
+                save_transform=untransform, gguf_archs=("gemma3",), gguf_config=gguf_config, gguf_name=gguf_name,
+                chat_template="gemma3")

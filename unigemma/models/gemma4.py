@@ -238,4 +238,5 @@ def tiny_config(model_type: str = "gemma4_unified") -> dict:
 FAMILY = Family(name="Gemma 4 unified", model_types=("gemma4_unified", "gemma4_unified_text"), model=Gemma4Unified,
                 parse_config=parse_config, to_ours=checkpoint_name_to_module, to_disk=module_name_to_checkpoint,
                 is_quantizable=is_quantizable, tiny_config=tiny_config, gguf_archs=("gemma4",),
-                gguf_config=gguf_config, gguf_name=gguf_name, takes_media=True)
+                gguf_config=gguf_config, gguf_name=gguf_name, takes_media=True,
+                chat_template="gemma4")

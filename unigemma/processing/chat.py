@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from unigemma.errors import InputError, UnigemmaError
+from unigemma.errors import InputError, NoChatTemplate, UnigemmaError
 from unigemma.inputs import MM_TYPE, AudioInputs, ImageInputs, ModelInputs, VideoInputs
 from unigemma.processing import cost
 from unigemma.processing.tokenizer import Tokenizer
@@ -267,8 +267,9 @@ class Processor:
 
     def _render(self, messages, tools, enable_thinking, add_generation_prompt, template_kwargs) -> str:
         if not self.chat_template:
-            raise InputError(f"{self.tokenizer.name} has no chat template (a base model? `unigemma run --raw` "
-                             "continues plain text); pass chat_template= to Processor")
+            raise NoChatTemplate(f"{self.tokenizer.name} has no chat template and its family publishes none: pass "
+                                 "chat_template='path/to/template.jinja' to unigemma.load (--chat-template FILE on "
+                                 "the command line); plain text continuation needs none (`unigemma run --raw`)")
         return render(self.chat_template, messages, tools=_check_tools(tools) if tools is not None else None,
                       add_generation_prompt=add_generation_prompt, special_tokens=self.tokenizer.special_tokens_map,
                       enable_thinking=enable_thinking, **template_kwargs)

@@ -4,8 +4,8 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions (completions.py), GET /v1/models and
 GET /v1/models/{id} (names.py), POST /tokenize and /detokenize (tokens.py), GET /health, GET
-/metrics (Prometheus text, or JSON with ?format=json: metrics.py), GET / (the chat page). With
-`cors_origins`, browsers on those origins may call it (CORS, preflight included). Every
+/metrics (Prometheus text, or JSON with ?format=json: metrics.py), GET / (the chat page, `page.py`).
+With `cors_origins`, browsers on those origins may call it (CORS, preflight included). Every
 generation is a `Scheduler.submit`; a client that goes away cancels its requests (the
 scheduler frees their rows at its next step). Errors are OpenAI's error object: 400 for bad
 JSON, fields, media, a Host name the server does not answer to, or a prompt longer than the
@@ -23,20 +23,19 @@ from __future__ import annotations
 import hmac
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from ..errors import ContextTooLong, InputError, QueueFull
+from ..errors import ContextTooLong, InputError, NoChatTemplate, QueueFull
 from ..generate.grammar import Grammars
 from ..generate.scheduler import Scheduler
 from ..inputs import ModelInputs
-from . import completions, convert, metrics, names, respond, tokens
+from . import completions, convert, metrics, names, page, respond, tokens
 from .chat_plan import chat_plan, has_media
 from .guard import LOOPBACK_NAMES, HostCheck
 from .limits import BodyLimit, Closing, Meter
@@ -44,7 +43,6 @@ from .names import ModelNames
 from .pool import MediaPool
 from .schema import ChatRequest, CompletionRequest, error_body
 
-PAGE = Path(__file__).with_name("static") / "index.html"
 log = logging.getLogger("unigemma.server")
 
 
@@ -195,6 +193,14 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
         code = "context_length_exceeded" if isinstance(e, ContextTooLong) else None
         return refuse(400, error_body(str(e), param=_param(str(e)), code=code))
 
+    @app.exception_handler(NoChatTemplate)
+    async def _no_template(_, e: NoChatTemplate):
+        # the server's setup, not the request, is at fault; still a 4xx: retrying cannot help
+        return refuse(400, error_body(f"the served model ({config.model_name}) has no chat template, so it cannot "
+                                      "chat: start the server with --chat-template FILE (a Jinja chat template); "
+                                      "/v1/completions continues plain text without one",
+                                      "server_configuration_error", code="chat_template_missing"))
+
     @app.exception_handler(QueueFull)
     async def _full(_, e: QueueFull):
         return refuse(429, error_body(str(e), "rate_limit_error", code="queue_full"), {"Retry-After": "1"})
@@ -225,12 +231,13 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
         alive = scheduler.is_alive
         return JSONResponse({"status": "ok" if alive else "scheduler stopped"}, status_code=200 if alive else 503)
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page():
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
-
-    for endpoint in (completions, names, tokens, metrics):
+    for endpoint in (page, completions, names, tokens, metrics):
         endpoint.register(app)
+    # /v1/audio/transcriptions, /v1/audio/translations; /v1/responses (they import ApiError from here)
+    from . import responses, transcribe
+
+    transcribe.register(app)
+    responses.register(app)
     return app
 
 

@@ -39,16 +39,21 @@ class ModelNames:
 
 
 def default_names(model: str | None) -> list[str]:
-    """The names a checkpoint is served under when no --served-name is given: a GGUF file by
-    its stem (`gemma-3-270m-q4_k_m`), with the file name as an alias; a directory by its name;
-    a hub id (`org/name`, not a local path) by itself, with its last part as an alias."""
+    """The names a checkpoint is served under when no --served-name is given: a hub model by its
+    id (what clients are configured with; with its tag when it has one), then the id without the
+    tag and the bare name as aliases; a GGUF file by its stem (`gemma-3-270m-q4_k_m`), with the
+    file name as an alias; a directory by its name."""
+    from ..weights.hub import parse
+
     if not model:
         return ["unigemma-demo"]
+    ref = parse(model)
+    if ref is not None:
+        return list(dict.fromkeys([ref.repo_id + (f":{ref.tag}" if ref.tag else ""), ref.repo_id,
+                                   ref.repo_id.split("/")[-1]]))
     path = Path(model)
     if path.suffix.lower() == ".gguf":
         return [path.stem, path.name]
-    if not path.exists() and model.count("/") == 1 and not model.startswith((".", "/")):
-        return [model, model.split("/")[1]]
     return [path.resolve().name or model]
 
 

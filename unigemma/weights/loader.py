@@ -27,6 +27,7 @@ from ..models import model_class
 from ..quant.apply import QuantScheme, is_embedding, is_quantizable, swap_modules
 from ..quant.kernels import plan as kernel_plan
 from .gguf_source import GGUFSource, is_gguf
+from .hub import resolve
 from .options import DTYPES, LoadOptions, resolve_dtype
 from .placer import Placer
 from .sources import SafetensorsSource, TensorSource
@@ -96,7 +97,7 @@ def open_source(path: str | os.PathLike, mmproj=None) -> TensorSource:
 def load_model(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: str = "sliding",
                progress: bool = False, quant: str | QuantScheme | None = None, mmproj=None,
                pack: bool = False, dequantize: bool = False, exact: bool = False) -> nn.Module:
-    """Load a checkpoint directory (safetensors) or a GGUF file.
+    """Load a checkpoint directory (safetensors), a GGUF file, or a hub id (weights/hub.py).
 
     dtype: float32 or bfloat16 (or float16), the activations' dtype. quant: None (as stored),
     "int8" (per channel), "int8-g32", "int4-g32" or "int4-g128": each decoder weight is
@@ -108,7 +109,7 @@ def load_model(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_ma
     embedding table stays as placed (mapped, for safetensors: lookups touch only their rows).
     exact: quantized layers keep float activations (no int8-activation kernels: quant/kernels.py)."""
     options = LoadOptions.parse(dtype, device, quant, dequantize, pack, block_mask, progress, exact)
-    source = open_source(path, mmproj)
+    source = open_source(resolve(path), mmproj)  # a hub id ("ORG/NAME") through the hub cache: weights/hub.py
     try:
         scheme = options.scheme_for(source.config, source.describes)
         # other block types as int8-g32 only where int8-activation kernels run them fast (else floats)
