@@ -219,6 +219,7 @@ def test_suffix_builds_a_fim_prompt_when_the_vocabulary_has_fim_tokens():
     ("/v1/completions", {"prompt": "a", "max_tokens": 1, "best_of": 3}, "best_of"),
     ("/v1/completions", {"prompt": "a", "max_tokens": 1, "guided_json": {}}, "guided_json"),
     ("/tokenize", {"content": "a", "add_generation_prompt": True}, "add_generation_prompt"),
+    ("/v1/responses", {"input": "x", "max_output_tokens": 1, "frobnicate": 1}, "frobnicate"),
 ])
 def test_unsupported_fields_are_400_naming_them(server, path, body, field):
     e = error(post(server, path, body), 400, field)
