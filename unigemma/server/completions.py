@@ -21,6 +21,7 @@ from ..errors import InputError
 from ..generate.score import PromptScorer
 from . import convert, respond
 from .chat_plan import client_data, tensor
+from .limits import Closing
 from .schema import CompletionRequest
 
 FIM = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
@@ -109,6 +110,11 @@ def register(app: FastAPI) -> None:
             if len(x) >= served.scheduler.max_len:
                 raise InputError(f"{where(k)}: the prompt is {len(x)} tokens; this server's context holds "
                                  f"{served.scheduler.max_len} (prompt + reply)")
+        # every check before any work: the parameters too, though only a generation uses them
+        params = ([convert.params(body, gemma.default_params, i, config.max_tokens_default) for i in range(body.n)]
+                  if body.max_tokens != 0 else None)
+        if meter.closing:
+            raise Closing("the server is shutting down; try again later")
         echoes = None
         if body.echo:
             echoes = []
@@ -122,11 +128,9 @@ def register(app: FastAPI) -> None:
                     lp = echo_logprobs(tokenizer, x, scorer.entries, isinstance(p, str) and x[0] == tokenizer.bos_id)
                 echoes += [(text, lp)] * body.n
         requests = []
-        if body.max_tokens != 0:
+        if params is not None:
             try:
                 for x in ids:
-                    params = [convert.params(body, gemma.default_params, i, config.max_tokens_default)
-                              for i in range(body.n)]
                     requests += served.submit({"input_ids": tensor(x)}, params, [None] * body.n)
             except Exception:
                 for r in requests:
