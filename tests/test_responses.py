@@ -59,12 +59,9 @@ def post(server, body, path="/v1/responses", **kw):
 
 
 def check_args(call) -> dict:
-    """A forced call's arguments: JSON, an object, only the declared keys."""
+    """A forced call's arguments: JSON valid under the tool's schema (the grammar holds it to it)."""
     args = json.loads(call.arguments)
-    assert isinstance(args, dict) and set(args) <= set(ROLL["properties"]), args
-    # TODO(schema-true tool grammar, issue 18 item 2): enable once it is merged; the current grammar
-    # lets any declared key take a short string, an integer or a boolean, and may leave keys out
-    # jsonschema.validate(args, ROLL)
+    jsonschema.validate(args, ROLL)
     return args
 
 

@@ -1,7 +1,8 @@
 """Constrained decoding with llguidance: a per-request grammar that masks the tokens it forbids.
 
     grammars = Grammars(tokenizer, stop_ids)            # builds llguidance's tokenizer once (~2 s)
-    constraint = grammars.json_schema({"type": "object", ...})   # or json_object(), tool_call(...)
+    constraint = grammars.json_schema({"type": "object", ...})   # or json_object(), tool_call(...),
+                                                                 # tool_or_text(...), tool_or_json(...)
     scheduler.submit(inputs, params, constraint=constraint)
 
 A `Constraint` holds one llguidance matcher. Each decode step the scheduler asks every
@@ -13,17 +14,19 @@ ends there. Knows nothing about HTTP or the chat format beyond Gemma's tool-call
 
 from __future__ import annotations
 
-import re
+import json
 import threading
 
 import llguidance
+import numpy as np
 import torch
 
 from ..errors import InputError
-from ..processing.parse import CALL_CLOSE, CALL_OPEN, QUOTE
+from ..processing.parse import CALL_CLOSE, CALL_OPEN, QUOTE, THOUGHT_CLOSE, THOUGHT_OPEN
 from ..processing.tokenizer import Tokenizer
+from .tool_grammar import ToolRules, regex_escape as _spelled
 
-_BITS = torch.arange(32, dtype=torch.int32)
+
 
 
 class Constraint:
@@ -36,14 +39,18 @@ class Constraint:
 
     def allowed(self) -> torch.Tensor:
         """[vocab_size] bool: the tokens the grammar accepts next (stop ids once it is complete)."""
-        words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
-        bits = ((words[:, None] >> _BITS) & 1).bool().reshape(-1)
+        # llguidance's mask is little-endian 32-bit words: token i is bit i % 8 of byte i // 8
+        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
         out = torch.zeros(self.vocab_size, dtype=torch.bool)
-        n = min(self.vocab_size, bits.numel())
-        out[:n] = bits[:n]
+        n = min(self.vocab_size, bits.size)
+        out[:n] = torch.from_numpy(bits[:n].view(np.bool_))
         if self.matcher.is_error() or not out.any():  # nothing fits: let the reply end
             out[list(self.stop_ids)] = True
         return out
+
+    def copy(self) -> "Constraint":
+        """The same grammar at the same point, with its own state (one per choice)."""
+        return Constraint(self.matcher.deep_copy(), self.vocab_size, self.stop_ids)
 
     def advance(self, token: int) -> None:
         if token not in self.stop_ids:
@@ -93,23 +100,50 @@ class Grammars:
         """Any JSON object."""
         return self.json_schema({"type": "object"})
 
-    def tool_call(self, tools: list[dict]) -> Constraint:
-        """A reply that is exactly one call of one of `tools`, in Gemma 4's syntax
-        (`<|tool_call>call:NAME{key:VALUE,...}<tool_call|>`), with keys from the tool's
-        parameters and string / number / boolean values (nested values are not generated)."""
-        call_open, call_close, quote = (self._token(t) for t in (CALL_OPEN, CALL_CLOSE, QUOTE))
-        rules, alts = [], []
+    def tool_call(self, tools: list[dict], parallel: bool = False) -> Constraint:
+        """A reply that is one call (or, with `parallel`, one or more calls) of `tools`, in
+        Gemma 4's syntax (`<|tool_call>call:NAME{key:VALUE,...}<tool_call|>`), each with
+        arguments valid under its tool's parameters schema (tool_grammar.py)."""
+        calls, rules = self._calls(tools, parallel)
+        return self._lark(f"start: {calls}\n" + rules)
+
+    def tool_or_text(self, tools: list[dict], parallel: bool = False, thinking: bool = False) -> Constraint:
+        """tool_choice "auto": free text, then optionally schema-true calls (as `tool_call`);
+        with `thinking`, a thought channel (`<|channel>...<channel|>`) may come first. The
+        text cannot spell a call or channel opener in plain characters (nor the thought a channel
+        close), so every call the parser finds went through the grammar."""
+        calls, rules = self._calls(tools, parallel)
+        thought = ""
+        if thinking:
+            opened, closed = self._token(THOUGHT_OPEN), self._token(THOUGHT_CLOSE)
+            thought = f"(<[{opened}]> THOUGHT <[{closed}]>)? "
+        return self._lark(f"start: {thought}TEXT? ({calls})?\n" + rules +
+                          f"THOUGHT: /(?s:.*)/ & ~/(?s:.*){_spelled(THOUGHT_CLOSE)}(?s:.*)/\n"
+                          f"TEXT: /(?s:.+)/ & ~/(?s:.*)({_spelled(CALL_OPEN)}|{_spelled(THOUGHT_OPEN)})(?s:.*)/\n")
+
+    def tool_or_json(self, tools: list[dict], schema: dict | None, parallel: bool = False) -> Constraint:
+        """Tools beside response_format: schema-true calls (as `tool_call`) or one JSON value
+        valid under `schema` (None: any JSON object), compact as `json_schema` writes it."""
+        if schema is None:
+            schema = {"type": "object"}
+        if not isinstance(schema, dict):
+            raise InputError(f"json_schema.schema must be an object, got {type(schema).__name__}")
+        schema = {"x-guidance": {"whitespace_flexible": False}, **schema}
+        calls, rules = self._calls(tools, parallel)
+        return self._lark(f"start: ({calls}) | reply\nreply: %json {json.dumps(schema)}\n" + rules)
+
+    def _calls(self, tools: list[dict], parallel: bool) -> tuple[str, str]:
+        """(the expression for the calls, the rules it needs)."""
+        call_open, call_close = self._token(CALL_OPEN), self._token(CALL_CLOSE)
+        rules = ToolRules(self._token(QUOTE))
+        alts = []
         for i, tool in enumerate(tools):
-            fn = tool.get("function", {})
-            name, props = fn.get("name", ""), (fn.get("parameters") or {}).get("properties") or {}
-            if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name or ""):
-                raise InputError(f"tools[{i}].function.name {name!r} cannot be forced (letters, digits, _ . - only)")
-            keys = [k for k in props if re.fullmatch(r"[A-Za-z0-9_]+", k)]
-            arg = " | ".join(f'"{k}:" value' for k in sorted(keys, key=str.lower)) or '"x:" value'
-            rules.append(f'call{i}: "call:{name}{{" (arg{i} ("," arg{i})*)? "}}"\narg{i}: {arg}')
-            alts.append(f"call{i}")
-        lark = (f"start: <[{call_open}]> ({' | '.join(alts)}) <[{call_close}]>\n" + "\n".join(rules) +
-                f'\nvalue: <[{quote}]> /[A-Za-z0-9 .,!?]{{0,40}}/ <[{quote}]> | /-?[0-9]{{1,9}}/ | "true" | "false"\n')
+            fn = tool.get("function") or {}
+            alts.append(rules.function(fn.get("name"), fn.get("parameters"), f"tools[{i}].function"))
+        one = f"<[{call_open}]> ({' | '.join(alts)}) <[{call_close}]>"
+        return (f"({one})+" if parallel else one), rules.text()
+
+    def _lark(self, lark: str) -> Constraint:
         return self._constraint(llguidance.LLMatcher.grammar_from_lark(lark))
 
     def _token(self, text: str) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from ..errors import InputError
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
 
 
 # --- per-request parameters --------------------------------------------------------------
@@ -44,6 +45,30 @@ def _seq(name, v, kind):
     return tuple(v)
 
 
+def _bias(v) -> tuple[tuple[int, float], ...]:
+    """logit_bias {token id (an int or its decimal string): bias in [-100, 100]} -> sorted pairs."""
+    if isinstance(v, dict):
+        v = list(v.items())
+    if not isinstance(v, (list, tuple)):
+        raise InputError(f"logit_bias must be a map of token id to bias, got {type(v).__name__}")
+    if len(v) > MAX_LOGIT_BIAS:
+        raise InputError(f"logit_bias: at most {MAX_LOGIT_BIAS} entries, got {len(v)}")
+    out = {}
+    for pair in v:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise InputError(f"logit_bias entries must be (token id, bias) pairs, got {pair!r}")
+        key, bias = pair
+        if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 19:
+            key = int(key)
+        if isinstance(key, bool) or not isinstance(key, numbers.Integral) or key < 0:
+            raise InputError(f"logit_bias: {key!r} is not a token id")
+        bias = _float(f"logit_bias[{key}]", bias)
+        if not -100 <= bias <= 100:
+            raise InputError(f"logit_bias[{key}] must be in [-100, 100], got {bias}")
+        out[int(key)] = bias
+    return tuple(sorted(out.items()))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request samples. Validated on construction: bad values raise InputError."""
@@ -63,6 +88,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives per token, 0..20; needs logprobs
     min_tokens: int = 0  # stop ids cannot be sampled before this many tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); a dict is accepted
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise in place)
@@ -90,6 +116,7 @@ class SamplingParams:
         put("stop", _seq("stop", self.stop, str))
         put("stop_token_ids", _seq("stop_token_ids", self.stop_token_ids, int))
         put("suppress_tokens", _seq("suppress_tokens", self.suppress_tokens, int))
+        put("logit_bias", _bias(self.logit_bias))
 
     @property
     def is_greedy(self) -> bool:

@@ -10,7 +10,8 @@
 values): every choice it makes on the host comes from the requests' parameters, so it can sit
 inside a decode step without a sync (it is not made for CUDA-graph capture: each sampled row
 draws its noise from its own generator, one small kernel per row). Per step it applies, in order:
-suppress_tokens and min_tokens' stop-id mask -> repetition/presence/frequency penalties ->
+logit_bias -> a grammar's mask -> suppress_tokens and min_tokens' stop-id mask ->
+repetition/presence/frequency penalties ->
 temperature -> top-k -> top-p -> min-p -> one draw per row.
 
 Logprobs are "processed-before-temperature": log_softmax of the logits after the masks and
@@ -131,6 +132,7 @@ class Sampler:
         # [B, V] state, allocated only once some row needs it (most requests need none):
         self.counts = self.seen = None  # output token counts (int32), prompt tokens seen (bool)
         self.banned = self.stops = None  # suppress_tokens, stop ids masked before min_tokens (bool)
+        self.bias = None  # logit_bias (float32)
         for p in params_list:
             self._append(p)
         self._refresh()
@@ -158,7 +160,7 @@ class Sampler:
         for r in keep:
             self._check_row(r)
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        for name in ("steps", "counts", "seen", "banned", "stops"):
+        for name in ("steps", "counts", "seen", "banned", "stops", "bias"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.index_select(0, index))
@@ -194,12 +196,18 @@ class Sampler:
             self._grow("banned", torch.bool)
         if p.min_tokens > 0:
             self._grow("stops", torch.bool)
+        biased = self._check_ids("logit_bias", [i for i, _ in p.logit_bias])
+        if biased:
+            self._grow("bias", torch.float32)
         stops = stop_ids + ([] if p.ignore_eos else list(self.eos_ids))
-        for name, ids in (("counts", []), ("seen", []), ("banned", suppress), ("stops", stops)):
+        for name, ids in (("counts", []), ("seen", []), ("banned", suppress), ("stops", stops), ("bias", biased)):
             t = getattr(self, name)
             if t is not None:  # every [B, V] tensor that exists gets the new row
                 row = t.new_zeros(1, self.vocab_size)
-                row[0, ids] = 1
+                if name == "bias" and ids:
+                    row[0, ids] = torch.tensor([b for _, b in p.logit_bias], device=t.device)
+                else:
+                    row[0, ids] = 1
                 setattr(self, name, torch.cat([t, row]))
         self.steps = torch.cat([self.steps, self.steps.new_zeros(1)])
         gen = None
@@ -251,12 +259,14 @@ class Sampler:
     @property
     def plain(self) -> bool:
         """No row masks or penalises tokens: process() only casts to float32."""
-        return self.banned is None and self.stops is None and self.counts is None
+        return self.banned is None and self.stops is None and self.counts is None and self.bias is None
 
     def process(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """Masks and penalties: the float32 logits that logprobs and greedy rows use.
         allowed: [B, V] bool, the tokens each row may take (a grammar's mask), or None."""
         x = logits.float()
+        if self.bias is not None:  # before the grammar's mask: a bias never revives a forbidden token
+            x = x + self.bias
         if allowed is not None:
             x = x.masked_fill(~allowed.to(x.device), NEG_INF)
         if self.banned is not None or self.stops is not None:

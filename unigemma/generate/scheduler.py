@@ -144,6 +144,9 @@ class Scheduler:
         if ids.dim() != 2 or ids.shape[0] != 1:
             raise InputError(f"submit takes one conversation (input_ids [1, S]), got {list(ids.shape)}")
         n = ids.shape[1]
+        if params.logit_bias and params.logit_bias[-1][0] >= self.sampler.vocab_size:  # sorted by id
+            raise InputError(f"logit_bias: token id {params.logit_bias[-1][0]} is outside the vocabulary "
+                             f"(0..{self.sampler.vocab_size - 1})")
         if n >= self.max_len:
             raise InputError(f"the prompt is {n} tokens; at most {self.max_len - 1} fit with room for a reply")
         with self._lock:

@@ -48,29 +48,37 @@ def _plan(body: ChatRequest, limits: convert.Limits, grammars: Grammars, process
     messages = convert.messages(body, limits)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     choice = body.tool_choice
-    make = None
+    if choice not in (None, "auto", "none") and not tools:
+        raise InputError("tool_choice needs tools")
     if tools and choice == "none":
         tools = None
-    elif tools and choice is not None and choice != "auto":
-        forced = tools if choice == "required" else [t for t in tools if t["function"]["name"] == choice.function.name]
-        if not forced:
+    callable_ = tools  # the tools the reply may call
+    if tools and choice not in (None, "auto", "required"):
+        callable_ = [t for t in tools if t["function"]["name"] == choice.function.name]
+        if not callable_:
             raise InputError(f"tool_choice names {choice.function.name!r}, which is not in tools")
-        make = lambda: grammars.tool_call(forced)  # noqa: E731
-    elif choice not in (None, "auto", "none") and not tools:
-        raise InputError("tool_choice needs tools")
+    forced = bool(tools) and choice not in (None, "auto")
+    parallel = body.parallel_tool_calls is not False
     fmt = body.response_format
+    schema = None  # response_format's JSON schema, {"type": "object"} for json_object
     if fmt is not None and fmt.type != "text":
-        if make is not None:
-            raise InputError("response_format and a forced tool_choice cannot both constrain the reply")
-        if fmt.type == "json_schema":
-            if fmt.json_schema is None:
-                raise InputError("response_format json_schema needs a json_schema object")
-            schema = fmt.json_schema.schema_
-            make = lambda: grammars.json_schema(schema)  # noqa: E731
-        else:
-            make = grammars.json_object
-    constraints = [make() if make else None for _ in range(body.n)]
-    # a constrained reply starts at once: thinking would put free text before it
-    enable_thinking = convert.thinking(body) and make is None
+        if fmt.type == "json_schema" and fmt.json_schema is None:
+            raise InputError("response_format json_schema needs a json_schema object")
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else {"type": "object"}
+    # a reply constrained from its first token starts at once: thinking would put free text
+    # before it; tool_choice "auto" alone leaves text (and thinking) free until a call opens
+    enable_thinking = convert.thinking(body) and (schema is None and not forced)
+    if callable_ and schema is not None:
+        first = grammars.tool_or_json(callable_, schema, parallel)
+    elif callable_ and forced:
+        first = grammars.tool_call(callable_, parallel)
+    elif callable_:
+        first = grammars.tool_or_text(callable_, parallel, thinking=enable_thinking)
+    elif schema is not None:
+        first = grammars.json_schema(schema)
+    else:
+        first = None
+    # one compiled grammar, copied per choice (each copy keeps its own state)
+    constraints = [first] + [first.copy() if first else None for _ in range(body.n - 1)]
     inputs = processor(body.image_budget or 280)(messages, tools=tools, enable_thinking=enable_thinking)
     return inputs, constraints

@@ -135,6 +135,8 @@ def params(body: ChatRequest | CompletionRequest, defaults: SamplingParams, inde
         kw["ignore_eos"] = True
     if body.seed is not None:
         kw["seed"] = (body.seed + index) % 2**63
+    if body.logit_bias:
+        kw["logit_bias"] = body.logit_bias
     if body.stop is not None:
         stops = [body.stop] if isinstance(body.stop, str) else body.stop
         if len(stops) > 4 or any(not s for s in stops):

@@ -100,6 +100,7 @@ class ResponsesRequest(Strict):
     presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     repetition_penalty: Optional[float] = Field(default=None, gt=0)
+    logit_bias: Optional[dict[str, float]] = None
 
     @field_validator("metadata")
     @classmethod
@@ -118,7 +119,7 @@ class ResponsesRequest(Strict):
 
 
 _SAMPLING = ("temperature", "top_p", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-             "repetition_penalty")
+             "repetition_penalty", "logit_bias")
 
 
 def check_supported(body: ResponsesRequest) -> None:

@@ -134,6 +134,8 @@ class _Sampling(Strict):
     min_tokens: Optional[int] = Field(default=None, ge=0,
                                       description="extension: no end-of-turn before this many tokens")
     seed: Optional[int] = Field(default=None, ge=0, le=2**63 - 1)
+    logit_bias: Optional[dict[str, float]] = Field(
+        default=None, description="token id -> bias in [-100, 100] added to its logit (at most 300)")
     stop: Union[str, list[str], None] = None
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
