@@ -267,7 +267,7 @@ class Bench:
         return self.measure(cls, case, once)
 
     def metrics(self) -> dict:
-        status, reply = self.request(path="/metrics", method="GET")
+        status, reply = self.request(path="/metrics?format=json", method="GET")
         return dict(reply["requests"]) if status == 200 else {}
 
     def check_metrics(self, cls: str, before: dict) -> None:

@@ -326,7 +326,7 @@ def run_server(cwd: Path, args, fetch: bool, deadline: float, media: dict | None
             step()
             b.check_metrics(cls, before)
         info["health_after"] = b.request(path="/health", method="GET")[0]
-        info["final_metrics"] = b.request(path="/metrics", method="GET")[1]
+        info["final_metrics"] = b.request(path="/metrics?format=json", method="GET")[1]
         b.client.close()
         if trip:
             opened = list(trip.opened)

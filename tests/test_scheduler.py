@@ -153,3 +153,18 @@ def test_batch_cache_rollback_equals_never_decoding(gemma):
         for t in range(1, 4):
             h = decode_step(m, cache, tokens + t, cache.positions[:, None])[:, -1]
             torch.testing.assert_close(h, seq[t], rtol=0, atol=1e-5)
+
+
+def test_call_runs_on_the_scheduler_thread_between_steps(gemma):
+    # other work on the model (scoring a prompt) must not race the batch from another thread
+    s = Scheduler(gemma.engine, max_seqs=1, max_len=128, max_queue=2)
+    assert s.call(lambda: threading.current_thread().name).result() == threading.current_thread().name  # no thread
+    s.start()
+    try:
+        r = s.submit(gemma.processor(70)([user("Hi")]), SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+        assert s.call(lambda: threading.current_thread().name).result(timeout=60) == "unigemma-scheduler"
+        with pytest.raises(ZeroDivisionError):  # the caller gets the exception; the batch goes on
+            s.call(lambda: 1 / 0).result(timeout=60)
+        assert r.result().finish_reason == "length"
+    finally:
+        s.stop()

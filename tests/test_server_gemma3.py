@@ -53,3 +53,16 @@ def test_chat_completion_streams_the_same_reply(client):
             finish = choice.finish_reason or finish
     assert text == whole.choices[0].message.content and text.strip()
     assert finish == whole.choices[0].finish_reason in ("stop", "length")
+
+
+def test_log_likelihoods_as_lm_eval_asks_for_them(client):
+    # echo + max_tokens 0 + logprobs: the prompt's own logprobs (lm-eval-harness' loglikelihood);
+    # trained weights put the right continuation well above a wrong one
+    def continuation_logprob(text: str) -> float:
+        r = client.completions.create(model="gemma-3-270m", prompt="The capital of France is" + text, max_tokens=0,
+                                      echo=True, logprobs=1)
+        lp = r.choices[0].logprobs
+        assert r.choices[0].text == "The capital of France is" + text and lp.token_logprobs[0] is None
+        return lp.token_logprobs[-1]  # the continuation is one token
+
+    assert continuation_logprob(" Paris") > continuation_logprob(" London") + 2

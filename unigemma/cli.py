@@ -290,6 +290,7 @@ def cmd_serve(args) -> None:
     from .server import ServerConfig, create_app
     from .server.convert import Limits
     from .server.guard import allowed_hosts
+    from .server.names import default_names
     from .server.serve import serve
 
     if min(args.max_seqs, args.max_queue, args.max_body_mb, args.media_workers) < 1 or args.max_len < 16:
@@ -300,27 +301,19 @@ def cmd_serve(args) -> None:
     api_key = _api_key(args)
     hosts, any_ip = allowed_hosts(args.host, args.allowed_host or ())
     gemma = load_for(args)
-    config = ServerConfig(model_name=args.served_name or _served_name(args.model),
-                          api_key=api_key, max_seqs=args.max_seqs, max_len=args.max_len,
-                          max_queue=args.max_queue, max_body_bytes=args.max_body_mb << 20,
+    names = args.served_name or default_names(args.model)
+    config = ServerConfig(model_name=names[0], aliases=tuple(names[1:]), strict_model_name=args.strict_model_name,
+                          cors_origins=tuple(args.cors_origin or ()), api_key=api_key, max_seqs=args.max_seqs,
+                          max_len=args.max_len, max_queue=args.max_queue, max_body_bytes=args.max_body_mb << 20,
                           limits=Limits(allow_url_fetch=args.allow_url_fetch), allowed_hosts=hosts,
                           allow_ip_hosts=any_ip, media_workers=args.media_workers,
                           media_queue=4 * args.media_workers)
     app = create_app(gemma, config)
-    print(f"serving {config.model_name} on http://{args.host}:{args.port}/ (chat page at /, API at /v1); "
+    print(f"serving {', '.join(app.state.served.names.names)} on http://{args.host}:{args.port}/ "
+          "(chat page at /, API at /v1); "
           f"{args.max_seqs} rows x {app.state.scheduler.max_len} tokens, KV cache "
           f"{app.state.scheduler.kv_bytes / 2**30:.2f} GiB", file=sys.stderr)
     serve(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
-
-
-def _served_name(model: str | None) -> str:
-    """/v1/models' name: a hub model's id (what clients are configured with), else the file's name."""
-    from .weights.hub import parse
-
-    if not model:
-        return "unigemma-demo"
-    ref = parse(model)
-    return ref.repo_id + (f":{ref.tag}" if ref.tag else "") if ref else Path(model).name
 
 
 def cmd_pull(args) -> None:
@@ -451,7 +444,15 @@ def main(argv=None) -> int:
     sv.add_argument("--max-body-mb", type=int, default=32, help="largest request body in MiB (413 above)")
     sv.add_argument("--allow-url-fetch", action="store_true",
                     help="fetch http(s) image/video URLs (public addresses only)")
-    sv.add_argument("--served-name", help="model name reported by /v1/models (default: the checkpoint's)")
+    sv.add_argument("--served-name", action="append", metavar="NAME",
+                    help="a name the model answers to (repeatable: aliases; the first is listed first). Default: "
+                         "the checkpoint's directory name, or a .gguf file's name without .gguf (and with it)")
+    sv.add_argument("--strict-model-name", action="store_true",
+                    help="refuse (404) a request whose model is not a served name; by default the one served "
+                         "model answers any name, as llama-server does (clients' default names just work)")
+    sv.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                    help="let browser pages on ORIGIN (e.g. http://localhost:3000; '*': any) call the API "
+                         "(CORS; repeatable). Off by default: no CORS headers")
     pu = sub.add_parser("pull", help="download a hub model (ORG/NAME[:FILE.gguf|:QUANT][@REVISION]) into the "
                                      "hub cache; prints its local path")
     pu.add_argument("model")

@@ -23,15 +23,20 @@ It is the only decode loop: `Engine.generate` / `stream` / `generate_batch` subm
 of their own and step it on the caller's thread (`drive`, `run_until_done`). A chat session's
 row is saved back into the session's cache when its reply is done (`submit(..., session=)`).
 
+Other work on the model (scoring a prompt: generate/score.py) goes through `call(fn, ...)`,
+which runs it on the scheduler's thread between two steps: the model and its caches belong to
+that thread, and a forward from another thread would race the batch's.
+
 Limits: `max_seqs` rows decode at once, each up to `max_len` tokens (prompt + reply); their KV
-memory is allocated once (`kv_bytes`). `max_queue` requests may wait; more are refused with
-`QueueFull` (a server answers 429/503).
+memory is allocated once (`kv_bytes`). `max_queue` requests (and calls) may wait; more are
+refused with `QueueFull` (a server answers 429/503).
 """
 
 from __future__ import annotations
 
 import itertools
 import queue
+from concurrent.futures import Future
 import threading
 import time
 from collections import deque
@@ -115,6 +120,7 @@ class Scheduler:
         self.running: list[Running] = []
         self.h = torch.zeros(0, m.config.text.hidden_size, dtype=m.dtype, device=m.device)  # [n, hidden]
         self.waiting: deque[Request] = deque()
+        self.jobs: deque[tuple[Future, object, tuple]] = deque()  # call(): run between two steps
         self.prefilling: tuple[Request, object] | None = None
         self.tokens_out = 0  # completion tokens produced so far (metrics)
         self.solo: tuple[int, torch.Tensor] | None = None  # speculating: (emitted token not yet fed, its hidden)
@@ -144,12 +150,43 @@ class Scheduler:
         if n >= self.max_len:
             raise InputError(f"the prompt is {n} tokens; at most {self.max_len - 1} fit with room for a reply")
         with self._lock:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting; try again later")
+            if len(self.waiting) + len(self.jobs) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting) + len(self.jobs)} requests are already waiting; try again later")
             request = Request(next(self._ids), inputs, params, n, constraint, session, embeds)
             self.waiting.append(request)
             self._wake.notify()
         return request
+
+    def call(self, fn, *args) -> Future:
+        """fn(*args) on the scheduler's thread, between two steps (under inference mode); its
+        result or exception in the returned Future. Without a running thread, here and now."""
+        future: Future = Future()
+        if not self.is_alive:
+            self._run(future, fn, args)
+            return future
+        with self._lock:
+            if len(self.waiting) + len(self.jobs) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting) + len(self.jobs)} requests are already waiting; try again later")
+            self.jobs.append((future, fn, args))
+            self._wake.notify()
+        return future
+
+    @staticmethod
+    @torch.inference_mode()
+    def _run(future: Future, fn, args) -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except Exception as e:  # the caller's to handle (a bad prompt, ...); the batch is untouched
+                future.set_exception(e)
+
+    def _run_jobs(self) -> None:
+        while True:
+            with self._lock:
+                if not self.jobs:
+                    return
+                future, fn, args = self.jobs.popleft()
+            self._run(future, fn, args)
 
     def stats(self) -> dict:
         """Queue depth, running rows, KV use: what a metrics endpoint shows."""
@@ -180,6 +217,10 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        with self._lock:
+            jobs, self.jobs = list(self.jobs), deque()
+        for future, _, _ in jobs:
+            future.cancel()
 
     def _loop(self) -> None:
         while True:
@@ -191,7 +232,7 @@ class Scheduler:
             self.step()
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.prefilling)
+        return bool(self.waiting or self.running or self.prefilling or self.jobs)
 
     def run_until_done(self) -> None:
         """Step on this thread until nothing is waiting or running (tests, offline batches)."""
@@ -214,6 +255,7 @@ class Scheduler:
     # -- one scheduler step --------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
+        self._run_jobs()
         self._drop_cancelled()
         try:
             if self.solo is not None and not self._can_speculate():

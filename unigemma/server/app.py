@@ -2,8 +2,10 @@
 
     app = create_app(gemma, ServerConfig(api_key="k"))   # uvicorn.run(app, host="127.0.0.1")
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
-GET /metrics (queue depth, running rows, KV use, tokens/s), GET / (the chat page, `page.py`). Every
+Routes: POST /v1/chat/completions, POST /v1/completions (completions.py), GET /v1/models and
+GET /v1/models/{id} (names.py), POST /tokenize and /detokenize (tokens.py), GET /health, GET
+/metrics (Prometheus text, or JSON with ?format=json: metrics.py), GET / (the chat page, `page.py`).
+With `cors_origins`, browsers on those origins may call it (CORS, preflight included). Every
 generation is a `Scheduler.submit`; a client that goes away cancels its requests (the
 scheduler frees their rows at its next step). Errors are OpenAI's error object: 400 for bad
 JSON, fields, media, a Host name the server does not answer to, or a prompt longer than the
@@ -27,15 +29,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from ..errors import ContextTooLong, InputError, NoChatTemplate, QueueFull
 from ..generate.grammar import Grammars
 from ..generate.scheduler import Scheduler
 from ..inputs import ModelInputs
-from . import convert, page, respond
-from .chat_plan import chat_plan, client_data, has_media, tensor
+from . import completions, convert, metrics, names, page, respond, tokens
+from .chat_plan import chat_plan, has_media
 from .guard import LOOPBACK_NAMES, HostCheck
 from .limits import BodyLimit, Closing, Meter
+from .names import ModelNames
 from .pool import MediaPool
 from .schema import ChatRequest, CompletionRequest, error_body
 
@@ -45,6 +49,8 @@ log = logging.getLogger("unigemma.server")
 @dataclass
 class ServerConfig:
     model_name: str = "unigemma"
+    aliases: tuple[str, ...] = ()  # more names the model answers to (names.py)
+    strict_model_name: bool = False  # True: a name not served is a 404; False: the one model answers any
     api_key: str | None = None
     max_seqs: int = 8
     # tokens per sequence (prompt + reply): each of max_seqs rows holds this much KV from the start,
@@ -59,6 +65,7 @@ class ServerConfig:
     allow_ip_hosts: bool = False  # any IP literal as Host too (a server other machines reach)
     media_workers: int = 2  # threads converting requests with media; media_queue more may wait, then 429
     media_queue: int = 8
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any); none: no CORS headers
 
 
 class ApiError(Exception):
@@ -76,6 +83,7 @@ class Served:
                  media: MediaPool):
         self.gemma, self.config, self.scheduler, self.grammars = gemma, config, scheduler, grammars
         self.meter, self.media = meter, media
+        self.names = ModelNames([config.model_name, *config.aliases], config.strict_model_name)
         self._processors: dict[int, object] = {}
 
     def auth(self, request: Request) -> None:
@@ -93,10 +101,18 @@ class Served:
             self._processors[budget] = self.gemma.processor(budget, max_len=self.scheduler.max_len)
         return self._processors[budget]
 
-    def check_model(self, name) -> None:
-        if name not in (None, "", self.config.model_name):
-            raise ApiError(404, f"model {name!r} is not served here (this server serves {self.config.model_name!r})",
-                           "not_found_error", param="model", code="model_not_found")
+    def check_model(self, name) -> str:
+        """The model name a reply reports for the request's `model` (names.py); 404 when no
+        served model answers to it."""
+        reported = self.names.resolve(name)
+        if reported is None:
+            self.unknown_model(name)
+        return reported
+
+    def unknown_model(self, name):
+        served = ", ".join(repr(n) for n in self.names.names)
+        raise ApiError(404, f"model {name!r} is not served here (this server serves {served})",
+                       "not_found_error", param="model", code="model_not_found")
 
     async def plan(self, body: ChatRequest) -> tuple[ModelInputs, list]:
         """A chat request's model inputs and constraints; media (decoding, URL fetches) on its
@@ -141,6 +157,9 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
     refused = lambda: meter.count("rejected")  # noqa: E731
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, on_refuse=refused)
     app.add_middleware(HostCheck, names=config.allowed_hosts, any_ip=config.allow_ip_hosts, on_refuse=refused)
+    if config.cors_origins:  # outermost: refusals (413, a bad Host) carry the headers too, so a page can read them
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])  # "*": Authorization and the SDKs' own x-stainless-* headers
 
     # -- errors: always OpenAI's error object; each refusal counted once in /metrics ------------
     def refuse(status: int, body: dict, headers=None) -> JSONResponse:
@@ -159,6 +178,8 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
             return refuse(400, error_body(f"the body is not valid JSON: {first.get('msg', '')}", code="invalid_json"))
         if first.get("type") == "unsound_body":  # schema._sound_text names the field in its message
             return refuse(400, error_body(first["msg"], param=first["ctx"]["where"], code="invalid_text"))
+        if first.get("type") == "unsupported_field":  # schema.Strict
+            return refuse(400, error_body(first["msg"], param=first["ctx"]["where"], code="unsupported_field"))
         where = ".".join(loc) or "body"
         return refuse(400, error_body(f"{where}: {first.get('msg', 'invalid')}", param=where))
 
@@ -199,47 +220,19 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
     # -- routes -------------------------------------------------------------------------------
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat_completions(body: ChatRequest, request: Request):
-        check_model(body.model)
+        model = check_model(body.model)
         inputs, constraints = await served.plan(body)
         params = [convert.params(body, gemma.default_params, i, config.max_tokens_default) for i in range(body.n)]
         requests = submit(inputs, params, constraints)
-        return await respond.chat(request, requests, body, config.model_name, gemma.tokenizer, meter)
-
-    @app.post("/v1/completions", dependencies=[Depends(auth)])
-    async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts or len(prompts) * body.n > 16:
-            raise ApiError(400, "prompt: 1 to 16 prompts × n", param="prompt")
-        requests = []
-        try:
-            for prompt in prompts:
-                ids = await run_in_threadpool(client_data, "prompt", gemma.tokenizer.encode, prompt)
-                inputs = {"input_ids": tensor(ids)}
-                params = [convert.params(body, gemma.default_params, i, config.max_tokens_default)
-                          for i in range(body.n)]
-                requests += submit(inputs, params, [None] * body.n)
-        except Exception:
-            for r in requests:
-                r.cancel()
-            raise
-        return await respond.completion(request, requests, body, config.model_name, gemma.tokenizer, meter)
-
-    @app.get("/v1/models", dependencies=[Depends(auth)])
-    async def models():
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": meter.started,
-                                            "owned_by": "unigemma", "max_model_len": scheduler.max_len}]}
+        return await respond.chat(request, requests, body, model, gemma.tokenizer, meter)
 
     @app.get("/health")
     async def health():
         alive = scheduler.is_alive
         return JSONResponse({"status": "ok" if alive else "scheduler stopped"}, status_code=200 if alive else 503)
 
-    @app.get("/metrics", dependencies=[Depends(auth)])
-    async def metrics():
-        return meter.snapshot()
-
-    page.register(app)
+    for endpoint in (page, completions, names, tokens, metrics):
+        endpoint.register(app)
     # /v1/audio/transcriptions, /v1/audio/translations; /v1/responses (they import ApiError from here)
     from . import responses, transcribe
 
@@ -248,7 +241,8 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
     return app
 
 
-_FIELDS = set(ChatRequest.model_fields) | set(CompletionRequest.model_fields)
+_FIELDS = (set(ChatRequest.model_fields) | set(CompletionRequest.model_fields)
+           | set(tokens.TokenizeRequest.model_fields) | set(tokens.DetokenizeRequest.model_fields))
 
 
 def _param(message: str) -> str | None:

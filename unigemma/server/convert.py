@@ -122,7 +122,7 @@ def params(body: ChatRequest | CompletionRequest, defaults: SamplingParams, inde
     """SamplingParams for choice `index` (n > 1: seed + index, so choices differ but repeat)."""
     kw = {}
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty"):
+                 "repetition_penalty", "min_tokens"):
         v = getattr(body, name)
         if v is not None:
             kw[name] = v

@@ -7,7 +7,8 @@ handed on to the app, and later `receive` calls go to the server (so disconnects
 
 `Meter` counts each request's outcome once: ok, rejected (a 4xx, before or during
 generation), failed (a 5xx), disconnected (the client left), cancelled (the server ended it at
-shutdown). It also holds the live pumps, so a shutdown can end them (`end_all`).
+shutdown). It also holds the live pumps, so a shutdown can end them (`end_all`), and hands
+each finished reply's timings to the Prometheus histograms (`metrics.py`), once they exist.
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ class Meter:
         self.requests = {"ok": 0, "rejected": 0, "failed": 0, "disconnected": 0, "cancelled": 0}
         self.live: set = set()  # the pumps of replies in progress
         self.closing = False  # set at shutdown: new generations are refused
+        self.metrics = None  # metrics.Metrics, set when /metrics is registered
+
+    def observe(self, timings) -> None:
+        """A finished reply's timings (generate/stream.py Timings)."""
+        if self.metrics is not None:
+            self.metrics.observe(timings)
 
     def count(self, outcome: str) -> None:
         self.requests[outcome] = self.requests.get(outcome, 0) + 1

@@ -1,10 +1,14 @@
 """Turning running scheduler requests into OpenAI responses: one JSON body or an SSE stream.
 
 Both watch the connection: when the client goes away, every request of the response is
-cancelled (the scheduler frees the rows at its next step). A stream's first chunk carries the
-role; content and `reasoning_content` deltas follow as the engine parses them; tool calls
-come whole; each choice ends with a chunk holding its finish_reason; with
-`stream_options.include_usage` a last chunk has the usage and no choices.
+cancelled (the scheduler frees the rows at its next step). A chat stream's first chunk of a
+choice carries the role, sent with the choice's first delta, so after prefill (clients time the
+first token from it); content and `reasoning_content` deltas follow as the engine parses them;
+tool calls come whole; each choice ends with a chunk holding its finish_reason; with
+`stream_options.include_usage` a last chunk has the usage and no choices. With
+`return_token_ids` (vLLM's extension, which llama-benchy sends) the prompt's ids come with the
+first chunk (whole reply: at its top; completions: on each choice) and each choice or delta
+carries its token ids. Each finished choice's timings go to the meter (/metrics histograms).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -38,6 +43,7 @@ async def _watch(request: Request, pump: Pump) -> None:
 @contextlib.asynccontextmanager
 async def _pumping(request: Request, requests: list, meter):
     pump = Pump(requests, asyncio.get_running_loop())
+    pump.meter = meter
     watcher = asyncio.create_task(_watch(request, pump))
     meter.live.add(pump)
     outcome = None
@@ -77,6 +83,7 @@ class _Choice:
     def __init__(self):
         self.content, self.reasoning, self.calls, self.logprobs = [], [], [], []
         self.tokens, self.reasoning_tokens, self.finish = 0, 0, None
+        self.token_ids: list[int] = []
         self.drafted = self.accepted = 0  # speculative decoding (from the last delta's timings)
 
 
@@ -88,6 +95,7 @@ def _usage(prompt_tokens: int, choices: list[_Choice], reasoning: bool = True) -
 
 def _absorb(c: _Choice, delta) -> None:
     c.tokens += len(delta.token_ids)
+    c.token_ids += delta.token_ids
     if delta.reasoning:
         c.reasoning_tokens += len(delta.token_ids)
     c.content.append(delta.content)
@@ -113,6 +121,8 @@ async def _items(pump: Pump, n: int):
             pump.outcome = pump.outcome or ("rejected" if _status(item) < 500 else "failed")
             yield i, item
             return
+        if item.timings is not None:
+            pump.meter.observe(item.timings)
         yield i, item
 
 
@@ -129,10 +139,15 @@ async def _collect(request: Request, requests: list, meter):
     return choices, pump.created
 
 
+def _prompt_ids(request) -> list[int]:
+    return request.inputs["input_ids"][0].tolist()
+
+
 async def chat(request: Request, requests: list, body, model: str, tokenizer, meter):
     n = len(requests)
     prompt_tokens = requests[0].prompt_tokens
     cid = new_id("chatcmpl")
+    want_ids = getattr(body, "return_token_ids", False)
     if not body.stream:
         choices, created = await _collect(request, requests, meter)
         if isinstance(choices, JSONResponse):
@@ -149,22 +164,31 @@ async def chat(request: Request, requests: list, body, model: str, tokenizer, me
                 msg["content"] = msg["content"] or None
             choice = {"index": i, "message": msg, "finish_reason": c.finish,
                       "logprobs": {"content": convert.logprobs_chat(tokenizer, c.logprobs)} if body.logprobs else None}
+            if want_ids:
+                choice["token_ids"] = c.token_ids
             out.append(choice)
-        return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": out,
-                "usage": _usage(prompt_tokens, choices)}
+        reply = {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": out,
+                 "usage": _usage(prompt_tokens, choices)}
+        if want_ids:
+            reply["prompt_token_ids"] = _prompt_ids(requests[0])
+        return reply
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events():
         async with _pumping(request, requests, meter) as pump:
             choices = [_Choice() for _ in range(n)]
-            for i in range(n):
-                yield chunk(cid, model, pump.created, [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                        "logprobs": None, "finish_reason": None}])
+            started = [False] * n
+            first = {"prompt_token_ids": _prompt_ids(requests[0])} if want_ids else {}
             async for i, item in _items(pump, n):
                 if isinstance(item, BaseException):
                     yield sse_error(item)
                     break
+                if not started[i]:  # the role with the first delta: after prefill, so TTFT is right
+                    started[i] = True
+                    yield chunk(cid, model, pump.created, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                            "logprobs": None, "finish_reason": None}], **first)
+                    first = {}
                 c = choices[i]
                 calls_before = len(c.calls)
                 _absorb(c, item)
@@ -178,9 +202,10 @@ async def chat(request: Request, requests: list, body, model: str, tokenizer, me
                 lp = None
                 if body.logprobs and item.logprobs:
                     lp = {"content": convert.logprobs_chat(tokenizer, item.logprobs)}
-                if delta or lp:
+                ids = {"token_ids": item.token_ids} if want_ids and item.token_ids else {}
+                if delta or lp or ids:
                     yield chunk(cid, model, pump.created, [{"index": i, "delta": delta, "logprobs": lp,
-                                                            "finish_reason": None}])
+                                                            "finish_reason": None, **ids}])
                 if item.finish_reason is not None:
                     yield chunk(cid, model, pump.created, [{"index": i, "delta": {}, "logprobs": None,
                                                             "finish_reason": item.finish_reason}])
@@ -198,11 +223,11 @@ def sse_error(e: BaseException) -> bytes:
     return sse(_failure(e)[1])
 
 
-def _completion_logprobs(tokenizer, entries: list[dict]) -> dict:
+def _completion_logprobs(tokenizer, entries: list[dict], start: int = 0) -> dict:
     tokens = [tokenizer.token_bytes(e["token_id"]).decode("utf-8", "replace") for e in entries]
     top = [{tokenizer.token_bytes(t).decode("utf-8", "replace"): convert.finite(lp) for t, lp in e["top"]}
            for e in entries]
-    offsets, pos = [], 0
+    offsets, pos = [], start
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
@@ -210,19 +235,39 @@ def _completion_logprobs(tokenizer, entries: list[dict]) -> dict:
             "text_offset": offsets}
 
 
-async def completion(request: Request, requests: list, body, model: str, tokenizer, meter):
-    n = len(requests)
-    prompt_tokens = sum(r.prompt_tokens for r in requests[::body.n])
+def _joined(echo_lp: dict | None, lp: dict | None) -> dict | None:
+    """An echoed prompt's logprobs followed by the completion's."""
+    if echo_lp is None or lp is None:
+        return echo_lp or lp
+    return {k: echo_lp[k] + lp[k] for k in lp}
+
+
+async def completion(request: Request, requests: list, body, model: str, tokenizer, meter, prompt_tokens: int,
+                     echoes: list[tuple[str, dict | None]] | None = None, prompt_ids: list[list[int]] | None = None):
+    """echoes: per choice, the prompt's text and logprobs (or None) that go before its
+    completion (`echo`). With no requests (max_tokens 0) the echoes are the whole reply.
+    prompt_ids: per choice, its prompt's token ids (return_token_ids)."""
+    n = len(echoes) if echoes is not None else len(requests)
+    want_ids = prompt_ids is not None
+    echoes = echoes or [("", None)] * n
     cid = new_id("cmpl")
     want_lp = body.logprobs is not None
     if not body.stream:
-        choices, created = await _collect(request, requests, meter)
-        if isinstance(choices, JSONResponse):
-            return choices
-        return {"id": cid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": i, "text": "".join(c.reasoning) + "".join(c.content), "finish_reason": c.finish,
-                             "logprobs": _completion_logprobs(tokenizer, c.logprobs) if want_lp else None}
-                            for i, c in enumerate(choices)],
+        if requests:
+            choices, created = await _collect(request, requests, meter)
+            if isinstance(choices, JSONResponse):
+                return choices
+        else:  # scoring only: nothing was generated
+            choices, created = [_Choice() for _ in range(n)], int(time.time())
+            meter.count("ok")
+        out = []
+        for i, (c, (echo, echo_lp)) in enumerate(zip(choices, echoes)):
+            lp = _completion_logprobs(tokenizer, c.logprobs, len(echo)) if want_lp else None
+            out.append({"index": i, "text": echo + "".join(c.reasoning) + "".join(c.content),
+                        "finish_reason": c.finish or "length", "logprobs": _joined(echo_lp, lp)})
+            if want_ids:
+                out[-1].update(prompt_token_ids=prompt_ids[i], token_ids=c.token_ids)
+        return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": out,
                 "usage": _usage(prompt_tokens, choices, reasoning=False)}
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -230,16 +275,26 @@ async def completion(request: Request, requests: list, body, model: str, tokeniz
     async def events():
         async with _pumping(request, requests, meter) as pump:
             choices = [_Choice() for _ in range(n)]
-            async for i, item in _items(pump, n):
+            for i, (echo, echo_lp) in enumerate(echoes):
+                ids = {"prompt_token_ids": prompt_ids[i], "token_ids": []} if want_ids else {}
+                if echo or not requests or ids:
+                    yield chunk(cid, model, pump.created, [{"index": i, "text": echo, "logprobs": echo_lp,
+                                                            "finish_reason": None if requests else "length", **ids}],
+                                obj="text_completion")
+            offsets = [len(echo) for echo, _ in echoes]
+            async for i, item in _items(pump, len(requests)):
                 if isinstance(item, BaseException):
                     yield sse_error(item)
                     break
                 _absorb(choices[i], item)
                 text = item.reasoning + item.content
-                lp = _completion_logprobs(tokenizer, item.logprobs) if want_lp and item.logprobs else None
-                if text or lp or item.finish_reason is not None:
+                lp = (_completion_logprobs(tokenizer, item.logprobs, offsets[i])
+                      if want_lp and item.logprobs else None)
+                offsets[i] += len(text)
+                ids = {"token_ids": item.token_ids} if want_ids else {}
+                if text or lp or item.finish_reason is not None or item.token_ids and ids:
                     yield chunk(cid, model, pump.created, [{"index": i, "text": text, "logprobs": lp,
-                                                            "finish_reason": item.finish_reason}],
+                                                            "finish_reason": item.finish_reason, **ids}],
                                 obj="text_completion")
             if include_usage:
                 yield chunk(cid, model, pump.created, [], obj="text_completion",

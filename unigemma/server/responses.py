@@ -180,7 +180,7 @@ class _Reply:
     """One response being answered: the request's echo fields and the output as it grows."""
 
     def __init__(self, body: ResponsesRequest, served, params, prompt_tokens: int):
-        self.body, self.rid, self.model = body, _id("resp"), served.config.model_name
+        self.body, self.rid, self.model = body, _id("resp"), served.check_model(body.model)  # names.py
         self.params, self.prompt_tokens = params, prompt_tokens
         self.choice, self.cached = respond._Choice(), 0
         self.output = Output(served.gemma.tokenizer, body.wants_logprobs, body.wants_summary)

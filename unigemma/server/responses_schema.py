@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import InputError
 from .guard import check_tree
-from .schema import ChatRequest
+from .schema import ChatRequest, Strict
 
 # include values that mean something here; the rest name hosted tools and OpenAI's storage
 INCLUDABLE = ("message.output_text.logprobs",
@@ -59,13 +58,9 @@ class ReasoningConfig(_Body):
     generate_summary: Optional[Literal["auto", "concise", "detailed"]] = None  # the older name of summary
 
 
-class ResponsesRequest(_Body):
-    @model_validator(mode="before")
-    @classmethod
-    def _sound_text(cls, data):  # as schema._Sampling: no surrogates, no deep nests (the app makes it a 400)
-        if (bad := check_tree(data)) is not None:
-            raise PydanticCustomError("unsound_body", "{where}: {why}", {"where": bad[0], "why": bad[1]})
-        return data
+class ResponsesRequest(Strict):
+    # Strict: an undeclared top-level field is a 400 naming it (bookkeeping ones aside: schema.HARMLESS),
+    # and no surrogates or deep nests (the app makes each a 400)
 
     model: Optional[str] = None
     input: Union[str, list[dict[str, Any]]]

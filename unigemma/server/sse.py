@@ -28,8 +28,10 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def chunk(cid: str, model: str, created: int, choices: list[dict], obj="chat.completion.chunk", usage=None) -> bytes:
-    body = {"id": cid, "object": obj, "created": created, "model": model, "choices": choices}
+def chunk(cid: str, model: str, created: int, choices: list[dict], obj="chat.completion.chunk", usage=None,
+          **extra) -> bytes:
+    """extra: more top-level fields (vLLM's prompt_token_ids)."""
+    body = {"id": cid, "object": obj, "created": created, "model": model, "choices": choices, **extra}
     if usage is not None:
         body["usage"] = usage
     return sse(body)
