@@ -35,13 +35,13 @@ from ..errors import ContextTooLong, InputError, NoChatTemplate, QueueFull
 from ..generate.grammar import Grammars
 from ..generate.scheduler import Scheduler
 from ..inputs import ModelInputs
-from . import completions, convert, metrics, names, page, respond, tokens
+from . import completions, convert, metrics, names, page, respond, responses, tokens, transcribe
 from .chat_plan import chat_plan, has_media
 from .guard import LOOPBACK_NAMES, HostCheck
 from .limits import BodyLimit, Closing, Meter
 from .names import ModelNames
 from .pool import MediaPool
-from .schema import ChatRequest, CompletionRequest, error_body
+from .schema import ApiError, ChatRequest, CompletionRequest, error_body
 
 log = logging.getLogger("unigemma.server")
 
@@ -66,12 +66,6 @@ class ServerConfig:
     media_workers: int = 2  # threads converting requests with media; media_queue more may wait, then 429
     media_queue: int = 8
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any); none: no CORS headers
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param=None, code=None):
-        super().__init__(message)
-        self.status, self.body = status, error_body(message, type, param, code)
 
 
 class Served:
@@ -231,13 +225,8 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
         alive = scheduler.is_alive
         return JSONResponse({"status": "ok" if alive else "scheduler stopped"}, status_code=200 if alive else 503)
 
-    for endpoint in (page, completions, names, tokens, metrics):
+    for endpoint in (page, completions, names, tokens, metrics, transcribe, responses):
         endpoint.register(app)
-    # /v1/audio/transcriptions, /v1/audio/translations; /v1/responses (they import ApiError from here)
-    from . import responses, transcribe
-
-    transcribe.register(app)
-    responses.register(app)
     return app
 
 

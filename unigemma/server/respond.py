@@ -41,7 +41,9 @@ async def _watch(request: Request, pump: Pump) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _pumping(request: Request, requests: list, meter):
+async def pumping(request: Request, requests: list, meter):
+    """The requests' Pump while a reply is written: it stops them when the client leaves, and
+    the meter counts how the reply ended, once."""
     pump = Pump(requests, asyncio.get_running_loop())
     pump.meter = meter
     watcher = asyncio.create_task(_watch(request, pump))
@@ -67,7 +69,8 @@ def _status(e: BaseException) -> int:
     return 400 if isinstance(e, InputError) else 503 if isinstance(e, Closing) else 500
 
 
-def _failure(e: BaseException) -> tuple[int, dict]:
+def failure(e: BaseException) -> tuple[int, dict]:
+    """(status, OpenAI error body) for a failed generation; a 500's details go to the log only."""
     status = _status(e)
     if status == 400:
         return 400, error_body(str(e))
@@ -77,7 +80,7 @@ def _failure(e: BaseException) -> tuple[int, dict]:
     return 500, error_body(f"generation failed: {type(e).__name__}", "server_error")
 
 
-class _Choice:
+class Choice:
     """What one choice accumulated (non-streaming), or just its counts (streaming)."""
 
     def __init__(self):
@@ -87,13 +90,14 @@ class _Choice:
         self.drafted = self.accepted = 0  # speculative decoding (from the last delta's timings)
 
 
-def _usage(prompt_tokens: int, choices: list[_Choice], reasoning: bool = True) -> dict:
+def _usage(prompt_tokens: int, choices: list[Choice], reasoning: bool = True) -> dict:
     return usage(prompt_tokens, sum(c.tokens for c in choices),
                  sum(c.reasoning_tokens for c in choices) if reasoning else None,
                  sum(c.drafted for c in choices), sum(c.accepted for c in choices))
 
 
-def _absorb(c: _Choice, delta) -> None:
+def absorb(c: Choice, delta) -> None:
+    """Add one scheduler delta to what its choice accumulated."""
     c.tokens += len(delta.token_ids)
     c.token_ids += delta.token_ids
     if delta.reasoning:
@@ -108,7 +112,7 @@ def _absorb(c: _Choice, delta) -> None:
         c.drafted, c.accepted = delta.timings.drafted, delta.timings.accepted
 
 
-async def _items(pump: Pump, n: int):
+async def items(pump: Pump, n: int):
     """(index, delta) from n requests until every one has ended; a failure is the last item,
     (index, exception)."""
     open_ = n
@@ -129,13 +133,13 @@ async def _items(pump: Pump, n: int):
 async def _collect(request: Request, requests: list, meter):
     """Every request's whole reply (non-streamed answers): (choices, created), or the error
     response of the first request that failed."""
-    choices = [_Choice() for _ in requests]
-    async with _pumping(request, requests, meter) as pump:
-        async for i, item in _items(pump, len(requests)):
+    choices = [Choice() for _ in requests]
+    async with pumping(request, requests, meter) as pump:
+        async for i, item in items(pump, len(requests)):
             if isinstance(item, BaseException):
-                status, err = _failure(item)
+                status, err = failure(item)
                 return JSONResponse(err, status_code=status), pump.created
-            _absorb(choices[i], item)
+            absorb(choices[i], item)
     return choices, pump.created
 
 
@@ -176,11 +180,11 @@ async def chat(request: Request, requests: list, body, model: str, tokenizer, me
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events():
-        async with _pumping(request, requests, meter) as pump:
-            choices = [_Choice() for _ in range(n)]
+        async with pumping(request, requests, meter) as pump:
+            choices = [Choice() for _ in range(n)]
             started = [False] * n
             first = {"prompt_token_ids": _prompt_ids(requests[0])} if want_ids else {}
-            async for i, item in _items(pump, n):
+            async for i, item in items(pump, n):
                 if isinstance(item, BaseException):
                     yield sse_error(item)
                     break
@@ -191,7 +195,7 @@ async def chat(request: Request, requests: list, body, model: str, tokenizer, me
                     first = {}
                 c = choices[i]
                 calls_before = len(c.calls)
-                _absorb(c, item)
+                absorb(c, item)
                 delta = {}
                 if item.content:
                     delta["content"] = item.content
@@ -220,7 +224,7 @@ async def chat(request: Request, requests: list, body, model: str, tokenizer, me
 def sse_error(e: BaseException) -> bytes:
     from .sse import sse
 
-    return sse(_failure(e)[1])
+    return sse(failure(e)[1])
 
 
 def _completion_logprobs(tokenizer, entries: list[dict], start: int = 0) -> dict:
@@ -258,7 +262,7 @@ async def completion(request: Request, requests: list, body, model: str, tokeniz
             if isinstance(choices, JSONResponse):
                 return choices
         else:  # scoring only: nothing was generated
-            choices, created = [_Choice() for _ in range(n)], int(time.time())
+            choices, created = [Choice() for _ in range(n)], int(time.time())
             meter.count("ok")
         out = []
         for i, (c, (echo, echo_lp)) in enumerate(zip(choices, echoes)):
@@ -273,8 +277,8 @@ async def completion(request: Request, requests: list, body, model: str, tokeniz
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events():
-        async with _pumping(request, requests, meter) as pump:
-            choices = [_Choice() for _ in range(n)]
+        async with pumping(request, requests, meter) as pump:
+            choices = [Choice() for _ in range(n)]
             for i, (echo, echo_lp) in enumerate(echoes):
                 ids = {"prompt_token_ids": prompt_ids[i], "token_ids": []} if want_ids else {}
                 if echo or not requests or ids:
@@ -282,11 +286,11 @@ async def completion(request: Request, requests: list, body, model: str, tokeniz
                                                             "finish_reason": None if requests else "length", **ids}],
                                 obj="text_completion")
             offsets = [len(echo) for echo, _ in echoes]
-            async for i, item in _items(pump, len(requests)):
+            async for i, item in items(pump, len(requests)):
                 if isinstance(item, BaseException):
                     yield sse_error(item)
                     break
-                _absorb(choices[i], item)
+                absorb(choices[i], item)
                 text = item.reasoning + item.content
                 lp = (_completion_logprobs(tokenizer, item.logprobs, offsets[i])
                       if want_lp and item.logprobs else None)

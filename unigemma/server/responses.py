@@ -27,8 +27,8 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import InputError
 from . import convert, respond
-from .app import ApiError  # app.py imports this module inside create_app
 from .responses_schema import FieldError, ResponsesRequest, to_chat
+from .schema import ApiError
 
 log = logging.getLogger("unigemma.server")
 
@@ -182,11 +182,11 @@ class _Reply:
     def __init__(self, body: ResponsesRequest, served, params, prompt_tokens: int):
         self.body, self.rid, self.model = body, _id("resp"), served.check_model(body.model)  # names.py
         self.params, self.prompt_tokens = params, prompt_tokens
-        self.choice, self.cached = respond._Choice(), 0
+        self.choice, self.cached = respond.Choice(), 0
         self.output = Output(served.gemma.tokenizer, body.wants_logprobs, body.wants_summary)
 
     def feed(self, delta) -> list[dict]:
-        respond._absorb(self.choice, delta)
+        respond.absorb(self.choice, delta)
         if delta.timings is not None:
             self.cached = delta.timings.cached_tokens
         return self.output.feed(delta)
@@ -271,10 +271,10 @@ def register(app: FastAPI, store: Store | None = None) -> None:
             return response
 
         if not body.stream:
-            async with respond._pumping(request, requests, served.meter) as pump:
-                async for _, item in respond._items(pump, 1):
+            async with respond.pumping(request, requests, served.meter) as pump:
+                async for _, item in respond.items(pump, 1):
                     if isinstance(item, BaseException):
-                        status, err = respond._failure(item)
+                        status, err = respond.failure(item)
                         return JSONResponse(err, status_code=status)
                     reply.feed(item)
             reply.finish()
@@ -282,13 +282,13 @@ def register(app: FastAPI, store: Store | None = None) -> None:
 
         async def events():
             seq = itertools.count()
-            async with respond._pumping(request, requests, served.meter) as pump:
+            async with respond.pumping(request, requests, served.meter) as pump:
                 start = reply.response(pump.created, "in_progress")
                 yield _event(seq, {"type": "response.created", "response": start})
                 yield _event(seq, {"type": "response.in_progress", "response": start})
-                async for _, item in respond._items(pump, 1):
+                async for _, item in respond.items(pump, 1):
                     if isinstance(item, BaseException):
-                        status, err = respond._failure(item)
+                        status, err = respond.failure(item)
                         code = "invalid_prompt" if status == 400 else "server_error"
                         failed = reply.response(pump.created, "failed", {"code": code,
                                                                         "message": err["error"]["message"]})

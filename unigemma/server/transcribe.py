@@ -29,6 +29,7 @@ from ..processing import cost
 from ..processing.audio import SAMPLES_PER_TOKEN, SAMPLING_RATE, load_audio
 from . import transcript
 from .languages import language_name
+from .schema import ApiError
 
 TOKENS_PER_SECOND = SAMPLING_RATE // SAMPLES_PER_TOKEN  # 25
 SEGMENT_SECONDS = 30  # what the model was trained on per clip (the model card's limit)
@@ -110,7 +111,6 @@ class Job:
 
 
 def _bad(message: str, param: str, code: str | None = None, too_long: bool = False) -> Exception:
-    from .app import ApiError  # here, not at the top: app.py imports this module
 
     return ApiError(400, message, param=param, code="context_length_exceeded" if too_long else code)
 

@@ -193,10 +193,10 @@ def stamp(seconds: float, comma: str) -> str:
 
 async def collect(request: Request, requests: list, meter, segments: list[Segment]):
     """Every segment's whole reply; an error response when one failed."""
-    async with respond._pumping(request, requests, meter) as pump:
-        async for i, item in respond._items(pump, len(requests)):
+    async with respond.pumping(request, requests, meter) as pump:
+        async for i, item in respond.items(pump, len(requests)):
             if isinstance(item, BaseException):
-                status, body = respond._failure(item)
+                status, body = respond.failure(item)
                 return JSONResponse(body, status_code=status)
             segments[i].absorb(item)
     return None
@@ -204,7 +204,7 @@ async def collect(request: Request, requests: list, meter, segments: list[Segmen
 
 def stream(request: Request, requests: list, meter, segments: list[Segment], result: Result):
     async def events():
-        async with respond._pumping(request, requests, meter) as pump:
+        async with respond.pumping(request, requests, meter) as pump:
             order, joiner, held = InOrder(len(requests)), Joiner(), []
 
             def deltas(items):
@@ -220,7 +220,7 @@ def stream(request: Request, requests: list, meter, segments: list[Segment], res
                         held.clear()
                         yield sse(event)
 
-            async for i, item in respond._items(pump, len(requests)):
+            async for i, item in respond.items(pump, len(requests)):
                 if isinstance(item, BaseException):
                     yield respond.sse_error(item)
                     return
