@@ -364,8 +364,7 @@ def test_agents_sdk_default_mode_calls_the_function_tool(server):
 
     called = []
 
-    # one integer parameter and greedy decoding: the current tool grammar lets a key take any of
-    # string / integer / boolean, and greedy picks an integer here; the schema-true grammar always does
+    # one integer parameter: the tool grammar holds the call to it, and no free string needs closing
     @function_tool
     def lucky(count: int) -> str:
         """Say a lucky number."""
