@@ -296,6 +296,8 @@ def cmd_serve(args) -> None:
     if min(args.max_seqs, args.max_queue, args.max_body_mb, args.media_workers) < 1 or args.max_len < 16:
         raise UnigemmaError("--max-seqs, --max-queue, --max-body-mb and --media-workers must be at least 1, "
                             "--max-len at least 16")
+    if args.prefix_cache_mb < 0:
+        raise UnigemmaError("--prefix-cache-mb must be at least 0 (0: no prefix caching)")
     if not 0 <= args.shutdown_timeout <= 3600:
         raise UnigemmaError("--shutdown-timeout must be between 0 and 3600 seconds")
     api_key = _api_key(args)
@@ -305,6 +307,7 @@ def cmd_serve(args) -> None:
     config = ServerConfig(model_name=names[0], aliases=tuple(names[1:]), strict_model_name=args.strict_model_name,
                           cors_origins=tuple(args.cors_origin or ()), api_key=api_key, max_seqs=args.max_seqs,
                           max_len=args.max_len, max_queue=args.max_queue, max_body_bytes=args.max_body_mb << 20,
+                          prefix_cache_mb=args.prefix_cache_mb,
                           limits=Limits(allow_url_fetch=args.allow_url_fetch), allowed_hosts=hosts,
                           allow_ip_hosts=any_ip, media_workers=args.media_workers,
                           media_queue=4 * args.media_workers)
@@ -312,7 +315,8 @@ def cmd_serve(args) -> None:
     print(f"serving {', '.join(app.state.served.names.names)} on http://{args.host}:{args.port}/ "
           "(chat page at /, API at /v1); "
           f"{args.max_seqs} rows x {app.state.scheduler.max_len} tokens, KV cache "
-          f"{app.state.scheduler.kv_bytes / 2**30:.2f} GiB", file=sys.stderr)
+          f"{app.state.scheduler.kv_bytes / 2**30:.2f} GiB, prefix cache "
+          f"{f'{args.prefix_cache_mb:g} MiB' if args.prefix_cache_mb else 'off'}", file=sys.stderr)
     serve(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
 
 
@@ -441,6 +445,10 @@ def main(argv=None) -> int:
     sv.add_argument("--max-len", type=int, default=8192,
                     help="tokens per sequence, prompt + reply; KV for max-seqs of them is allocated at start (default 8192)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
+    sv.add_argument("--prefix-cache-mb", type=float, default=1024,
+                    help="automatic prefix caching: MiB of K/V kept from earlier requests, so a prompt that "
+                         "starts like an earlier one (system prompt, tools, history) prefills only the rest; "
+                         "least recently used evicted; 0: off (default 1024)")
     sv.add_argument("--max-body-mb", type=int, default=32, help="largest request body in MiB (413 above)")
     sv.add_argument("--allow-url-fetch", action="store_true",
                     help="fetch http(s) image/video URLs (public addresses only)")

@@ -26,8 +26,9 @@ from typing import Iterator
 import torch
 
 from ..cache.kv import KVCache
+from ..cache.prefix import PrefixCache
 from ..errors import InputError
-from ..inputs import ModelInputs
+from ..inputs import VISION_TYPES, ModelInputs, chunk_bounds
 from ..models.drafter import Drafter
 from ..models.base import CausalLM
 from ..processing.tokenizer import Tokenizer
@@ -54,8 +55,10 @@ class Session:
 class Engine:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, prefill_chunk: int = 512,
                  reserve: int = CHAT_RESERVE, drafter: Drafter | None = None, draft: DraftLength | None = None,
-                 compile_step: bool = False):
+                 compile_step: bool = False, prefix_cache_mb: float = 0):
         """reserve: spare ring slots of the caches this engine decodes in (CHAT_RESERVE).
+        prefix_cache_mb: a prefix cache (cache/prefix.py) of this many MiB shared by this
+        engine's calls (0: none; a Scheduler may have its own).
         drafter: an MTP drafter; a conversation decoding alone then decodes speculatively
         (`draft`: the draft length, fixed or adaptive). compile_step: run the decode step
         under torch.compile (generate/runner.py; eager by default)."""
@@ -68,6 +71,13 @@ class Engine:
         self.context = c.text.max_position_embeddings
         self.media_ids = {"image": c.image_token_id, "video": c.video_token_id, "audio": c.audio_token_id}
         self.base_stop_ids = set(tokenizer.eos_ids) | set(c.stop_token_ids)
+        self.prefix_cache = self.make_prefix_cache(prefix_cache_mb)
+
+    def make_prefix_cache(self, mb: float) -> PrefixCache | None:
+        """A prefix cache of `mb` MiB for this model (None for 0)."""
+        if mb < 0:
+            raise InputError(f"the prefix cache size is a number of MiB >= 0, got {mb}")
+        return PrefixCache(self.model.config.text, int(mb * 2**20)) if mb else None
 
     def session(self) -> Session:
         return Session()
@@ -83,9 +93,11 @@ class Engine:
         return min(self.context, n_prompt + max(p.max_tokens for p in params))
 
     @torch.inference_mode()
-    def prefill(self, inputs: dict, params: list[SamplingParams], session: Session | None = None):
-        """Run the prompt (minus what the session already holds) -> (cache, last hidden [B, hidden], cached)."""
-        steps = self.prefill_steps(inputs, params, session)
+    def prefill(self, inputs: dict, params: list[SamplingParams], session: Session | None = None,
+                prefix: PrefixCache | None = None):
+        """Run the prompt (minus what the session or prefix cache holds) -> (cache, last hidden
+        [B, hidden], cached)."""
+        steps = self.prefill_steps(inputs, params, session, prefix=prefix)
         while True:
             try:
                 next(steps)
@@ -93,10 +105,13 @@ class Engine:
                 return done.value
 
     def prefill_steps(self, inputs: dict, params: list[SamplingParams], session: Session | None = None,
-                      max_len: int | None = None, embeds: torch.Tensor | None = None):
+                      max_len: int | None = None, embeds: torch.Tensor | None = None,
+                      prefix: PrefixCache | None = None):
         """`prefill` one chunk per `next()` (the scheduler interleaves chunks with decode steps);
         returns what `prefill` returns. max_len: the cache's size (default: prompt + max_tokens).
-        embeds [B, S, hidden]: the prompt's input embeddings when the caller has them already."""
+        embeds [B, S, hidden]: the prompt's input embeddings when the caller has them already.
+        prefix: a prefix cache to restore the longest cached prefix from and to keep this prompt
+        in (one conversation without a session; a session reuses its own cache)."""
         m = self.model
         inputs = ModelInputs.coerce(inputs)
         ids = inputs["input_ids"].to(m.device)
@@ -128,19 +143,37 @@ class Engine:
             session.keys = keys[:cached]  # extended below once the prefill succeeded
         else:
             cache = m.make_cache(B, max_len, reserve=self.reserve)
+        record, split = None, 0
+        # (precomputed embeds come without their media: placeholder keys would lack the digests)
+        if prefix is not None and session is None and embeds is None and B == 1 and bool(mask.all()):
+            keys = inputs.token_keys(self.media_ids)
+            vision = None if types is None else torch.isin(types[0], torch.tensor(VISION_TYPES)).tolist()
+            hit = prefix.lookup(keys, vision, S - 1)  # the last prompt token is always run
+            if hit.length:
+                prefix.restore(hit, cache)
+                cached = hit.length
+            record = prefix.recorder(hit)
+            split = hit.shared  # a snapshot where this prompt parts from the cached ones
         if embeds is None:
             with torch.inference_mode():
                 embeds = m.embed(ids, **inputs.media())  # once for the whole prompt: chunks take slices
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         h = None
-        for a, b in inputs.chunks(cached, self.prefill_chunk):
+        bounds = inputs.chunks(cached, self.prefill_chunk)
+        if split > cached:
+            bounds = chunk_bounds(types, cached, split, self.prefill_chunk) + inputs.chunks(split, self.prefill_chunk)
+        for a, b in bounds:
             with torch.inference_mode():
                 h = m(ids[:, a:b], positions[:, a:b], attention_mask=mask[:, a:b], embeds=embeds[:, a:b],
                       mm_token_type_ids=None if types is None else types[:, a:b].to(m.device), cache=cache)
+            if record is not None:  # a restore point at each chunk bound
+                record.snapshot(cache, b)
             if b < S:
                 yield
         if session is not None:
             session.keys = keys
+        if record is not None:
+            prefix.insert(keys, cache, record)
         return cache, h[:, -1], cached
 
     @torch.inference_mode()

@@ -106,9 +106,11 @@ class Running:
 
 class Scheduler:
     def __init__(self, engine: Engine, *, max_seqs: int = 8, max_len: int | None = None,
-                 max_queue: int = 64, reserve: int = RESERVE):
+                 max_queue: int = 64, reserve: int = RESERVE, prefix_cache_mb: float | None = None):
         """reserve: the batch rings' spare slots (cache/kv.py RESERVE): a speculative verify
-        forward writes at most `reserve - 1` drafts and its x."""
+        forward writes at most `reserve - 1` drafts and its x. prefix_cache_mb: automatic
+        prefix caching (cache/prefix.py) in a store of this many MiB (0: off; None: the
+        engine's store, if it has one)."""
         self.engine = engine
         m = engine.model
         self.max_len = min(max_len or engine.context, engine.context)
@@ -125,6 +127,7 @@ class Scheduler:
         self.tokens_out = 0  # completion tokens produced so far (metrics)
         self.solo: tuple[int, torch.Tensor] | None = None  # speculating: (emitted token not yet fed, its hidden)
         self.drafted = self.accepted = 0  # speculative totals (metrics)
+        self.prefix = engine.prefix_cache if prefix_cache_mb is None else engine.make_prefix_cache(prefix_cache_mb)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -195,7 +198,8 @@ class Scheduler:
                 "running": len(self.running), "max_seqs": self.max_seqs,
                 "kv_tokens_used": used, "kv_tokens_total": self.max_seqs * self.max_len,
                 "kv_bytes": self.kv_bytes, "completion_tokens": self.tokens_out,
-                "drafted_tokens": self.drafted, "accepted_tokens": self.accepted}
+                "drafted_tokens": self.drafted, "accepted_tokens": self.accepted,
+                **(self.prefix.stats() if self.prefix is not None else {})}
 
     # -- the background thread ---------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -303,7 +307,7 @@ class Scheduler:
             # session's cache is the one it keeps, so it is sized for the reply too.
             max_len = self.max_len if request.session is not None else request.prompt_tokens
             steps = self.engine.prefill_steps(request.inputs, [request.params], request.session,
-                                              max_len=max_len, embeds=request.embeds)
+                                              max_len=max_len, embeds=request.embeds, prefix=self.prefix)
             self.prefilling = (request, steps)
         request, steps = self.prefilling
         try:
@@ -376,6 +380,7 @@ class Scheduler:
         finished = [r for r, run in enumerate(self.running) if run.reply.finished]
         for r in finished:  # before the last delta is out: a chat's next turn may follow at once
             self._save(r)
+            self._remember(r)
         for run, ds in zip(self.running, deltas):
             for d in ds:
                 run.request._deltas.put(d)
@@ -395,6 +400,17 @@ class Scheduler:
             self.cache.trim(excess, row=r)
         self.cache.save(r, session.cache)
         session.keys = session.keys[:run.request.prompt_tokens] + ids[:-1]
+
+    def _remember(self, r: int) -> None:
+        """A finished row's prompt and reply into the prefix cache: every token fed but the last
+        sampled one (the next turn of an agent loop starts with them)."""
+        run = self.running[r]
+        if self.prefix is None or run.request.session is not None or run.request.embeds is not None:
+            return
+        ids = run.reply.text.ids
+        fed = min(self.cache.host_lengths[r], run.request.prompt_tokens + len(ids) - 1)
+        keys = run.request.inputs.token_keys(self.engine.media_ids) + ids
+        self.prefix.remember(keys[:fed], self.cache, r)
 
     # -- speculative rounds for a request decoding alone ---------------------------------------
     def _can_speculate(self) -> bool:

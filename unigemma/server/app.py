@@ -57,6 +57,8 @@ class ServerConfig:
     # so the model's whole context (262,144 for the 12B) would not fit; None: the model's context
     max_len: int | None = 8192
     max_queue: int = 64
+    # automatic prefix caching (cache/prefix.py): MiB of K/V kept from earlier requests; 0: off
+    prefix_cache_mb: float = 1024
     max_body_bytes: int = 32 << 20
     max_tokens_default: int = 1024  # a request that sets no max_tokens gets at most this many
     limits: convert.Limits = field(default_factory=convert.Limits)
@@ -138,7 +140,7 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
     config = config or ServerConfig()
     engine = gemma.engine
     scheduler = scheduler or Scheduler(engine, max_seqs=config.max_seqs, max_len=config.max_len,
-                                       max_queue=config.max_queue)
+                                       max_queue=config.max_queue, prefix_cache_mb=config.prefix_cache_mb)
     scheduler.start()
     grammars = Grammars(gemma.tokenizer, engine.base_stop_ids, gemma.config.text.vocab_size)
     meter = Meter(scheduler)

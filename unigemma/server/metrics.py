@@ -47,6 +47,22 @@ class _Live:
                                   value=s["drafted_tokens"])
         yield CounterMetricFamily("unigemma:spec_decode_num_accepted_tokens", "Speculative drafts the target kept",
                                   value=s["accepted_tokens"])
+        if "prefix_cache_lookups" in s:  # automatic prefix caching is on (cache/prefix.py)
+            yield CounterMetricFamily("unigemma:prefix_cache_queries", "Prompts looked up in the prefix cache",
+                                      value=s["prefix_cache_lookups"])
+            yield CounterMetricFamily("unigemma:prefix_cache_hits", "Prompts that restored a cached prefix",
+                                      value=s["prefix_cache_hits"])
+            lookups = s["prefix_cache_lookups"]
+            yield GaugeMetricFamily("unigemma:prefix_cache_hit_rate", "Hits per lookup so far (0 to 1)",
+                                    value=s["prefix_cache_hits"] / lookups if lookups else 0.0)
+            yield CounterMetricFamily("unigemma:prefix_cache_saved_tokens", "Prompt tokens restored instead of "
+                                      "prefilled", value=s["prefix_cache_saved_tokens"])
+            yield GaugeMetricFamily("unigemma:prefix_cache_bytes", "K/V bytes the prefix cache holds",
+                                    value=s["prefix_cache_bytes"])
+            yield GaugeMetricFamily("unigemma:prefix_cache_budget_bytes", "The prefix cache's byte budget",
+                                    value=s["prefix_cache_budget"])
+            yield CounterMetricFamily("unigemma:prefix_cache_evictions", "Entries evicted to stay in budget",
+                                      value=s["prefix_cache_evictions"])
 
 
 class Metrics:

@@ -88,12 +88,14 @@ class Choice:
         self.tokens, self.reasoning_tokens, self.finish = 0, 0, None
         self.token_ids: list[int] = []
         self.drafted = self.accepted = 0  # speculative decoding (from the last delta's timings)
+        self.cached = 0  # prompt tokens restored from the prefix cache (the last delta's timings)
 
 
 def _usage(prompt_tokens: int, choices: list[Choice], reasoning: bool = True) -> dict:
     return usage(prompt_tokens, sum(c.tokens for c in choices),
                  sum(c.reasoning_tokens for c in choices) if reasoning else None,
-                 sum(c.drafted for c in choices), sum(c.accepted for c in choices))
+                 sum(c.drafted for c in choices), sum(c.accepted for c in choices),
+                 cached_tokens=choices[0].cached if choices else 0)  # the prompt is counted once: its first choice
 
 
 def absorb(c: Choice, delta) -> None:
@@ -110,6 +112,7 @@ def absorb(c: Choice, delta) -> None:
         c.finish = delta.finish_reason
     if delta.timings is not None:
         c.drafted, c.accepted = delta.timings.drafted, delta.timings.accepted
+        c.cached = delta.timings.cached_tokens
 
 
 async def items(pump: Pump, n: int):

@@ -38,11 +38,13 @@ def chunk(cid: str, model: str, created: int, choices: list[dict], obj="chat.com
 
 
 def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None,
-          drafted: int = 0, accepted: int = 0) -> dict:
+          drafted: int = 0, accepted: int = 0, cached_tokens: int = 0) -> dict:
     """OpenAI's usage object. With speculative decoding (--draft) the drafts the target kept and
-    threw away are reported as OpenAI reports predicted-output tokens."""
+    threw away are reported as OpenAI reports predicted-output tokens; prompt tokens restored
+    from the prefix cache as OpenAI reports cached ones (prompt_tokens_details, always there)."""
     out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-           "total_tokens": prompt_tokens + completion_tokens}
+           "total_tokens": prompt_tokens + completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": cached_tokens}}
     details = {}
     if reasoning_tokens is not None:
         details["reasoning_tokens"] = reasoning_tokens
