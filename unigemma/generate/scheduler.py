@@ -47,6 +47,7 @@ import torch
 from ..cache.batch import BatchCache, bytes_per_row
 from ..cache.kv import RESERVE
 from ..errors import InputError, QueueFull
+from ..inputs import ModelInputs
 from .engine import Engine, Session
 from .sampling import Sampler, SamplingParams
 from .speculative import speculative_round
@@ -409,7 +410,7 @@ class Scheduler:
             return
         ids = run.reply.text.ids
         fed = min(self.cache.host_lengths[r], run.request.prompt_tokens + len(ids) - 1)
-        keys = run.request.inputs.token_keys(self.engine.media_ids) + ids
+        keys = ModelInputs.coerce(run.request.inputs).token_keys(self.engine.media_ids) + ids
         self.prefix.remember(keys[:fed], self.cache, r)
 
     # -- speculative rounds for a request decoding alone ---------------------------------------
