@@ -5,9 +5,10 @@ inputs.py `token_keys`) with the K/V that computing it left:
 - full-attention layers: every token's K/V, `[1, H, L, D]` per tensor of the layer's tuple;
 - sliding layers: a ring only holds the last window - 1 + reserve tokens, so one snapshot
   cannot restore an arbitrary prefix. The entry keeps *pieces*: the sliding layers' K/V of
-  the `window` tokens before each snapshot point (the chunk bounds of the prefill that
-  built it, the prompt's end, the end of the reply), minus what an earlier piece already
-  holds. Consecutive points closer than a window apart leave contiguous pieces.
+  the tokens the ring holds at each snapshot point (the chunk bounds of the prefill that
+  built it, the prompt's end, the end of the reply: at least the window before it, up to
+  window - 1 + reserve tokens), minus what an earlier piece already holds. Consecutive
+  points closer than a window apart leave contiguous pieces.
 A point P can be restored when the pieces cover tokens [P - window + 1, P) (what a query at P
 attends on a sliding layer) and P does not cut a vision block (its tokens attend each other
 both ways: the caller passes the request's vision flags). A hit restores the longest such
@@ -88,15 +89,18 @@ class Recorder:
         return self.pieces[-1].end if self.pieces else 0
 
     def snapshot(self, cache, end: int, row: int = 0) -> bool:
-        """Keep the sliding K/V a query at `end` or at `end - 1` attends (tokens end - window ..
-        end - 1) from the cache's rings; `cache` has written tokens [0, end). (end - 1: the same
-        prompt again restores all but its last token.) False when the ring no longer holds them
-        (nothing is kept then)."""
-        start = max(self.covered, end - self.window, 0)
-        if start >= end:
+        """Keep the sliding K/V of the tokens before `end` that the cache's rings hold: at least
+        the window a query at `end` attends, and as many more as the ring holds (up to its
+        reserve), so the points just before `end` can be restored too (a next prompt that
+        differs in its last tokens: a chat template's generation prompt, a retry). `cache` has
+        written tokens [0, end) (and a row may have more). False when the ring no longer
+        holds the window (nothing is kept then)."""
+        need = max(self.covered, end - self.window, 0)
+        start = max(self.covered, end - cache.capacity[SLIDING], 0)
+        if need >= end:
             return True
-        slots = _ring_slots(cache, SLIDING, row, start, end)
-        if slots is None:
+        slots, start = _held_slots(cache, row, start, end)
+        if start > need:
             return False
         layers = {i: tuple(buf[row:row + 1, :, slots].clone() for buf in cache.layers[i])
                   for i, t in enumerate(cache.config.layer_types) if t == SLIDING}
@@ -104,14 +108,16 @@ class Recorder:
         return True
 
 
-def _ring_slots(cache, kind: str, row: int, start: int, end: int) -> torch.Tensor | None:
-    """Slots of tokens [start, end) in one row of a KVCache or BatchCache (token i lives in
-    slot i % capacity), or None when one of them was overwritten."""
-    idx = torch.arange(start, end, device=cache.slot_idx[kind].device)
-    slots = idx % cache.capacity[kind]
-    held = cache.slot_idx[kind]
+def _held_slots(cache, row: int, start: int, end: int) -> tuple[torch.Tensor, int]:
+    """Ring slots of the longest run of tokens [s, end), s >= start, that one row of a KVCache
+    or BatchCache still holds (token i lives in slot i % capacity), and that s."""
+    held = cache.slot_idx[SLIDING]
     held = held[row] if held.dim() == 2 else held
-    return slots if bool((held[slots] == idx).all()) else None
+    idx = torch.arange(start, end, device=held.device)
+    slots = idx % cache.capacity[SLIDING]
+    missing = (held[slots] != idx).nonzero()
+    first = int(missing[-1]) + 1 if len(missing) else 0
+    return slots[first:], start + first
 
 
 def common_prefix(a: list, b: list) -> int:
