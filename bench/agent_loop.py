@@ -3,7 +3,7 @@
 A ~2,000-token system prompt with tools, then `--turns` tool-call turns: each request is the
 whole history, each reply a forced, greedy tool call (tool_choice names the tool; its one
 argument is an enum, so the call ends in a few tokens), and the next turn appends that call and a
-tool result. Two servers (uvicorn on loopback, the `openai` client) share one model: one with
+tool result (one call per turn: parallel_tool_calls false). Two servers (uvicorn on loopback, the `openai` client) share one model: one with
 `--prefix-cache-mb`, one with 0; the turns alternate between them (which goes first alternates
 too), so both see the same machine state. Per arm: total wall time of the loop, and per turn
 the prompt tokens, the cached ones and the prefilled ones (prompt - cached), next to the tokens
@@ -84,7 +84,7 @@ def turn(client, messages: list, max_tokens: int) -> tuple[dict, float, dict]:
     """One request: (assistant message to append, wall seconds, usage figures)."""
     t0 = time.perf_counter()
     r = client.chat.completions.create(model="bench", messages=messages, tools=TOOLS, tool_choice=FORCED,
-                                       temperature=0, max_tokens=max_tokens)
+                                       parallel_tool_calls=False, temperature=0, max_tokens=max_tokens)
     wall = time.perf_counter() - t0
     msg = r.choices[0].message
     calls = [{"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}

@@ -8,7 +8,9 @@
 `inputs` are the processor's tensors (`Processor(...)(messages)`). Prefill runs in chunks of at
 most `prefill_chunk` tokens that never cut an image (or video frame): its bidirectional block
 must see itself whole within one forward. A session remembers the tokens (and media) in its
-cache; the next turn prefills only what differs from them.
+cache; the next turn prefills only what differs from them. Without a session, a prefix cache
+(cache/prefix.py) does the same across requests: the prompt's longest cached prefix is
+restored, and the prompt is kept (restore points at its chunk bounds and its end).
 
 Decoding is not here: `stream`, `generate` and `generate_batch` submit their conversations to a
 Scheduler of their own (generate/scheduler.py, the only decode loop) and step it on the

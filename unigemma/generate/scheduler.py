@@ -27,6 +27,10 @@ Other work on the model (scoring a prompt: generate/score.py) goes through `call
 which runs it on the scheduler's thread between two steps: the model and its caches belong to
 that thread, and a forward from another thread would race the batch's.
 
+With a prefix cache (`prefix_cache_mb`, cache/prefix.py), a prompt's prefill first restores the
+longest prefix computed before (Engine.prefill_steps), and a finished row's prompt + reply is
+remembered (`_remember`), so an agent loop's next turn prefills only what it added.
+
 Limits: `max_seqs` rows decode at once, each up to `max_len` tokens (prompt + reply); their KV
 memory is allocated once (`kv_bytes`). `max_queue` requests (and calls) may wait; more are
 refused with `QueueFull` (a server answers 429/503).
