@@ -1,18 +1,18 @@
 """An agent loop over the API, with automatic prefix caching and without: one JSON line.
 
 A ~2,000-token system prompt with tools, then `--turns` tool-call turns: each request is the
-whole history, each reply a forced, greedy tool call (tool_choice names the tool; its one
-argument is an enum, so the call ends in a few tokens), and the next turn appends that call and a
-tool result (one call per turn: parallel_tool_calls false). Two servers (uvicorn on loopback, the `openai` client) share one model: one with
-`--prefix-cache-mb`, one with 0; the turns alternate between them (which goes first alternates
-too), so both see the same machine state. Per arm: total wall time of the loop, and per turn
-the prompt tokens, the cached ones and the prefilled ones (prompt - cached), next to the tokens
-the turn added to the history (target: prefilled ≈ added).
+whole history, each reply a forced, greedy tool call (tool_choice names the tool, one call per
+turn; its one argument is an enum, so the call ends in a few tokens), and the next turn appends
+that call and a tool result. Two servers (uvicorn on loopback, the `openai` client) share one
+model: one with `--prefix-cache-mb`, one with 0; the turns alternate between them (which goes
+first alternates too), so both see the same machine state. Per arm: total wall time of the
+loop, and per turn the prompt tokens, the cached ones and the prefilled ones (prompt - cached),
+next to the tokens the turn added to the history (target: prefilled ≈ added).
 
 Model: bench/checkpoint.py's random checkpoint (default shape: 12B layout scaled down, where a
 2,000-token prefill dominates a turn on a CPU), bf16, this CPU's fast kernels.
 
-    python -m bench.agent_loop [--turns 10] [--system-tokens 2000] [--threads 2] [--root DIR]
+    python -m bench.agent_loop [--turns 10] [--system-tokens 2000] [--threads 2] [--root DIR] [--layers 8]
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--prefix-cache-mb", type=float, default=1024)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--root", default=None, help="where the benchmark checkpoint is (written there once)")
+    ap.add_argument("--layers", type=int, default=8, help="decoder layers of the benchmark model (bench_config)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -114,7 +115,7 @@ def main() -> None:
     from unigemma.server import ServerConfig, create_app
     from unigemma.vocab import gemma4_vocab_gguf
 
-    path = make_checkpoint(args.root)
+    path = make_checkpoint(args.root, layers=args.layers)
     gemma = unigemma.load(path, tokenizer=gemma4_vocab_gguf())
     system = system_prompt(gemma.tokenizer, args.system_tokens)
     arms = {}
