@@ -82,7 +82,10 @@ class Hit:
 class Recorder:
     """Pieces gathered while one sequence is prefilled (or decoded), for the entry it becomes."""
     window: int
+    limit: int  # bytes: past this the entry could not be kept anyway, so recording stops
     pieces: list[Piece] = field(default_factory=list)
+    nbytes: int = 0
+    off: bool = False  # over the limit: nothing more is recorded (a very long prompt)
 
     @property
     def covered(self) -> int:
@@ -95,6 +98,8 @@ class Recorder:
         differs in its last tokens: a chat template's generation prompt, a retry). `cache` has
         written tokens [0, end) (and a row may have more). False when the ring no longer
         holds the window (nothing is kept then)."""
+        if self.off:
+            return False
         need = max(self.covered, end - self.window, 0)
         start = max(self.covered, end - cache.capacity[SLIDING], 0)
         if need >= end:
@@ -105,6 +110,10 @@ class Recorder:
         layers = {i: tuple(buf[row:row + 1, :, slots].clone() for buf in cache.layers[i])
                   for i, t in enumerate(cache.config.layer_types) if t == SLIDING}
         self.pieces.append(Piece(start, end, layers))
+        self.nbytes += self.pieces[-1].nbytes
+        if self.nbytes > self.limit:  # keeps the prefill's memory flat however long the prompt
+            self.pieces, self.off = [], True
+            return False
         return True
 
 
@@ -217,7 +226,7 @@ class PrefixCache:
     def recorder(self, hit: Hit | None = None) -> Recorder:
         """A recorder for a sequence that starts with the hit's prefix: its pieces there are
         the hit entry's (shared, cut at the restored length)."""
-        rec = Recorder(self.window)
+        rec = Recorder(self.window, self.budget)
         if hit is not None and hit.entry is not None:
             for p in hit.entry.pieces:
                 if p.end <= hit.length:

@@ -149,7 +149,7 @@ class Engine:
         # (precomputed embeds come without their media: placeholder keys would lack the digests)
         if prefix is not None and session is None and embeds is None and B == 1 and bool(mask.all()):
             keys = inputs.token_keys(self.media_ids)
-            vision = None if types is None else torch.isin(types[0], torch.tensor(VISION_TYPES)).tolist()
+            vision = None if types is None else torch.isin(types[0], torch.tensor(VISION_TYPES, device=types.device)).tolist()
             hit = prefix.lookup(keys, vision, S - 1)  # the last prompt token is always run
             if hit.length:
                 prefix.restore(hit, cache)
