@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 
-from ..cache.kv import KVCache
+from ..cache.kv import KVCache, layer_dtypes
 from ..errors import InputError
 from ..inputs import ModelInputs
 from ..models.drafter import Drafter
@@ -54,12 +54,15 @@ class Session:
 class Engine:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, prefill_chunk: int = 512,
                  reserve: int = CHAT_RESERVE, drafter: Drafter | None = None, draft: DraftLength | None = None,
-                 compile_step: bool = False):
+                 compile_step: bool = False, kv_cache_dtype: str = "auto", kv_quant_layers: str = "all"):
         """reserve: spare ring slots of the caches this engine decodes in (CHAT_RESERVE).
         drafter: an MTP drafter; a conversation decoding alone then decodes speculatively
         (`draft`: the draft length, fixed or adaptive). compile_step: run the decode step
-        under torch.compile (generate/runner.py; eager by default)."""
+        under torch.compile (generate/runner.py; eager by default). kv_cache_dtype /
+        kv_quant_layers: how every cache of this engine (and of its schedulers) stores K/V
+        ("auto" | "bf16" | "fp16" | "fp32" | "int8", on "all" | "full" | "sliding" layers; cache/kv.py)."""
         self.model, self.tokenizer = model, tokenizer
+        self.set_kv_cache(kv_cache_dtype, kv_quant_layers)
         self.prefill_chunk, self.reserve = prefill_chunk, reserve
         self.proposer = MTPProposer(model, drafter) if drafter is not None else None
         self.draft = draft or DraftLength()
@@ -71,6 +74,17 @@ class Engine:
 
     def session(self) -> Session:
         return Session()
+
+    def set_kv_cache(self, kv_cache_dtype: str = "auto", kv_quant_layers: str = "all") -> None:
+        """Store K/V of caches made from now on this way (ValueError for a bad name). A session
+        cached in another format is prefilled afresh on its next turn."""
+        self.layer_dtypes = layer_dtypes(self.model.dtype, kv_cache_dtype, kv_quant_layers)
+        self.kv_cache_dtype, self.kv_quant_layers = kv_cache_dtype, kv_quant_layers
+
+    def make_cache(self, batch: int, max_len: int) -> KVCache:
+        """A cache for `batch` prompts of up to `max_len` tokens, in this engine's KV format."""
+        return self.model.make_cache(batch, max_len, reserve=self.reserve, kv_dtype=self.kv_cache_dtype,
+                                     quant_layers=self.kv_quant_layers)
 
     def stop_ids(self, p: SamplingParams) -> set[int]:
         """The token ids that end a reply under these parameters."""
@@ -110,7 +124,8 @@ class Engine:
             if B != 1:
                 raise InputError("a chat session holds one conversation")
             keys = inputs.token_keys(self.media_ids)
-            if session.cache is not None and not session.cache.broken:
+            if (session.cache is not None and not session.cache.broken
+                    and session.cache.layer_dtypes == self.layer_dtypes):
                 common = 0
                 for a, b in zip(session.keys, keys):
                     if a != b:
@@ -123,11 +138,11 @@ class Engine:
                     session.cache.grow(max_len)
                     cached = common
             if cached == 0:
-                session.cache = m.make_cache(1, max_len, reserve=self.reserve)
+                session.cache = self.make_cache(1, max_len)
             cache = session.cache
             session.keys = keys[:cached]  # extended below once the prefill succeeded
         else:
-            cache = m.make_cache(B, max_len, reserve=self.reserve)
+            cache = self.make_cache(B, max_len)
         if embeds is None:
             with torch.inference_mode():
                 embeds = m.embed(ids, **inputs.media())  # once for the whole prompt: chunks take slices
