@@ -49,13 +49,17 @@ def test_int8_logits_stay_close_to_the_float_cache(family, model_type, quant_lay
 
 
 def test_quantize_round_trip_is_within_half_a_step():
+    """Codes and fp16 scales per 32 channels: each value back within half its group's step."""
     x = torch.randn(2, 3, 50, 64) * torch.logspace(-3, 3, 50)[:, None]  # tokens of very different sizes
-    x[0, 0, 0] = 0  # a zero vector: scale 0, codes 0, no NaN
+    x[0, 0, 0, :32] = 0  # an all-zero group: scale 0, codes 0, no NaN
     codes, scale = quantize(x)
-    assert codes.dtype == torch.int8 and scale.shape == (2, 3, 50, 1) and codes.abs().max() <= 127
-    back = codes.float() * scale
-    assert ((back - x).abs() <= scale / 2 * (1 + 1e-5) + 1e-30).all()
-    assert torch.equal(back[0, 0, 0], torch.zeros(64))
+    assert codes.dtype == torch.int8 and scale.shape == (2, 3, 50, 2) and codes.abs().max() <= 127
+    back = Int8KV(codes, scale).dequantize(torch.float32)
+    step = scale.float().repeat_interleave(32, -1)
+    assert ((back - x).abs() <= step / 2 * (1 + 1e-3) + 1e-30).all()
+    assert torch.equal(back[0, 0, 0, :32], torch.zeros(32))
+    # a head dim 32 does not divide: one scale for the vector
+    assert quantize(torch.randn(1, 1, 4, 48))[1].shape == (1, 1, 4, 1)
 
 
 @pytest.mark.parametrize("heads,kv_heads,S,K,scale", [(4, 2, 1, 128, 1.0), (8, 1, 3, 200, 0.0625),
@@ -82,14 +86,14 @@ def test_fast_read_path_equals_dequantize_then_attend(heads, kv_heads, S, K, sca
 def test_fast_read_path_decodes_as_the_plain_one(family, model_type, monkeypatch):
     """Whole models, fp32: the two read paths' logits agree to 5e-3 (they differ by ~1e-7 per
     attention, but a later layer's K/V can then round to the neighbouring int8 code: one
-    quantization step, not drift) and pick the same tokens."""
+    quantization step, not drift) and pick the same tokens (random weights' near-ties aside)."""
     _, model = tiny_model(family, model_type)
     ids = text_ids(model, PROMPT + DECODE, seed=4)
     fast = logits_through_cache(model, ids, "int8")
     monkeypatch.setattr(attention, "INT8_FAST", False)
     plain = logits_through_cache(model, ids, "int8")
     assert (fast - plain).abs().max() < 5e-3
-    assert torch.equal(fast.argmax(-1), plain.argmax(-1))
+    assert (fast.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.95
 
 
 @pytest.mark.parametrize("family,model_type", CASES, ids=IDS)
@@ -248,6 +252,30 @@ def test_bytes_per_row_counts_codes_and_scales():
     n = 32768
     bf16 = bytes_per_row(t, n, torch.bfloat16)
     assert bf16 == 2 * 256 * 2 * (5 * (511 + 16) + n)
-    assert bytes_per_row(t, n, torch.bfloat16, kv_dtype="int8") == 2 * 260 * (5 * (511 + 16) + n)
-    assert bytes_per_row(t, n, torch.bfloat16, kv_dtype="int8", quant_layers="full") == 2 * 260 * n + 2 * 512 * 5 * 527
+    int8 = 256 + 8 * 2  # codes, and an fp16 scale per 32 channels
+    assert bytes_per_row(t, n, torch.bfloat16, kv_dtype="int8") == 2 * int8 * (5 * (511 + 16) + n)
+    assert bytes_per_row(t, n, torch.bfloat16, kv_dtype="int8", quant_layers="full") == 2 * int8 * n + 2 * 512 * 5 * 527
     assert bytes_per_row(t, n, torch.float32, kv_dtype="bf16") == bf16
+
+
+@pytest.mark.parametrize("quant_layers", ["all", "full"])
+def test_greedy_with_a_drafter_is_identical_to_plain_decoding_on_int8(gemma, quant_layers):
+    """Speculative decoding over an int8 cache: verify forwards, rolled-back drafts and the
+    drafter reading the target's dequantized K/V (kv_for) leave plain int8 decoding's tokens."""
+    from test_speculative import PROMPTS, Oracle, random_drafter
+
+    from unigemma.generate.speculative import DraftLength
+
+    kv = dict(kv_cache_dtype="int8", kv_quant_layers=quant_layers)
+    p = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    inputs = gemma.processor(70)(PROMPTS[0])
+    plain = Engine(gemma.model, gemma.tokenizer, **kv).generate(inputs, p)
+    for wrong in (0, 3):
+        engine = Engine(gemma.model, gemma.tokenizer, drafter=random_drafter(), draft=DraftLength(k=3, adaptive=False),
+                        **kv)
+        got_random = engine.generate(inputs, p)
+        engine.proposer = Oracle(gemma.model, engine.proposer.drafter, inputs["input_ids"].shape[1], plain.token_ids,
+                                 wrong=wrong)
+        got = engine.generate(inputs, p)
+        assert got.token_ids == plain.token_ids == got_random.token_ids
+        assert got.timings.accepted > 0 and got.timings.verify_forwards > 0

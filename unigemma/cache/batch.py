@@ -25,19 +25,20 @@ import torch
 from ..config import FULL, SLIDING, TextConfig
 from .kv import (KEY_BLOCK, RESERVE, KVCache, Step, as_attended, as_float, as_stored, layer_dtypes, make_layer,
                  ring_capacity)
+from .quant import scale_bytes
 
 
 def bytes_per_row(config: TextConfig, max_len: int, dtype: torch.dtype, reserve: int = RESERVE,
                   kv_dtype: str = "auto", quant_layers: str = "all") -> int:
     """KV bytes one row of `max_len` tokens takes (K and V of every layer, and for a layer
-    stored in int8 its fp32 scale per token and KV head). dtype: the model's float dtype;
+    stored in int8 its scales: an fp16 per token, KV head and 32 channels; cache/quant.py). dtype: the model's float dtype;
     kv_dtype / quant_layers as for KVCache (cache/kv.py `layer_dtypes`)."""
     cap = ring_capacity(max_len, config.sliding_window, reserve)
     dtypes = layer_dtypes(dtype, kv_dtype, quant_layers)
     total = 0
     for i, t in enumerate(config.layer_types):
         d = config.layer_head_dims[i]
-        per_vector = d + 4 if dtypes[t] == torch.int8 else d * dtypes[t].itemsize
+        per_vector = d + scale_bytes(d) if dtypes[t] == torch.int8 else d * dtypes[t].itemsize
         total += 2 * config.layer_kv_heads[i] * cap[t] * per_vector
     return total
 

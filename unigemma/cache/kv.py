@@ -19,8 +19,8 @@ The protocol both caches (this one and cache/batch.py's rows) speak to the engin
 Storage per layer is a tuple of tensors, each with its row axis at dim 0 and its slot axis at
 dim 2, so code that copies rows or slots (cache/batch.py insert/save/remove, `grow`) copies
 every tensor of the tuple alike: `(k, v)` in a float dtype, or, for a layer stored in int8
-(`kv_dtype="int8"`, cache/quant.py), `(k_codes, v_codes, k_scale, v_scale)` with the scales
-`[B, H, capacity, 1]`. `layer_dtypes` decides which layers get which.
+(`kv_dtype="int8"`, cache/quant.py), `(k_codes, v_codes, k_scale, v_scale)` with fp16 scales
+`[B, H, capacity, head_dim // 32]`. `layer_dtypes` decides which layers get which.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import FULL, SLIDING, TextConfig
-from .quant import Int8KV, quantize
+from .quant import SCALE_DTYPE, Int8KV, group_size, quantize
 
 
 # Keys are attended in whole blocks of this many slots (see `begin`): one of the tricks behind
@@ -41,8 +41,8 @@ KEY_BLOCK = 64
 RESERVE = 16
 
 
-# --kv-cache-dtype: "auto" stores K/V in the model's float dtype; int8 adds a scale per token and
-# KV head. (fp8 is left out: CPU has no fp8 matmul, and int8 with fp32 scales is as small.)
+# --kv-cache-dtype: "auto" stores K/V in the model's float dtype; int8 adds scales per token, KV
+# head and 32 channels (cache/quant.py). (fp8 is left out: CPU has no fp8 matmul, and int8 with fp32 scales is as small.)
 KV_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
              "int8": torch.int8}
 # --kv-quant-layers: the layer types the KV dtype applies to; the others keep the model's dtype.
@@ -235,10 +235,10 @@ def make_layer(rows: int, heads: int, slots: int, head_dim: int, dtype: torch.dt
     """Zeroed storage of one layer: (k, v), or (k_codes, v_codes, k_scale, v_scale) for int8."""
     shape = (rows, heads, slots, head_dim)
     if dtype == torch.int8:
-        scale = (rows, heads, slots, 1)
+        scale = (rows, heads, slots, head_dim // group_size(head_dim))
         return (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(scale, dtype=torch.float32, device=device),
-                torch.zeros(scale, dtype=torch.float32, device=device))
+                torch.zeros(scale, dtype=SCALE_DTYPE, device=device),
+                torch.zeros(scale, dtype=SCALE_DTYPE, device=device))
     return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
 

@@ -110,13 +110,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 def decode_attention_int8(q: torch.Tensor, k: Int8KV, v: Int8KV, mask: torch.Tensor,
                           scale: float = 1.0) -> torch.Tensor:
-    """`decode_attention` over int8 codes: q [B, H, S, D], k/v codes [B, KV, K, D] with scales
-    [B, KV, K, 1], mask [B|1, 1, S, K] -> [B, H, S, D].
+    """`decode_attention` over int8 codes: q [B, H, S, D], k/v codes [B, KV, K, D] with their
+    scales (cache/quant.py), mask [B|1, 1, S, K] -> [B, H, S, D].
 
-    A key's scale multiplies its score, a value's scale its probability, so no float copy of
-    the cache is made: the codes are converted to fp32 INT8_KEY_CHUNK keys at a time, each
-    chunk feeding one matmul. The chunking depends on the key count only (a whole number of
-    KEY_BLOCKs), so the sums keep the same order whatever the number of queries.
+    Keys and values are dequantized to fp32 INT8_KEY_CHUNK slots at a time, each chunk feeding
+    one matmul, so no float copy of the whole cache is made (the plain path makes one in the
+    model's dtype, and `decode_attention` another in fp32). The chunking depends on the key
+    count only (a whole number of KEY_BLOCKs), so the sums keep the same order whatever the
+    number of queries.
     """
     B, H, S, D = q.shape
     KV, K = k.data.shape[1], k.data.shape[2]
@@ -126,15 +127,19 @@ def decode_attention_int8(q: torch.Tensor, k: Int8KV, v: Int8KV, mask: torch.Ten
         q = torch.cat([q, q[:, :, -1:].expand(-1, -1, n - S, -1)], 2)
         mask = torch.cat([mask, mask[:, :, -1:].expand(-1, -1, n - S, -1)], 2)
     qg = q.reshape(B, KV, G * n, D).float()
-    chunks = range(0, K, INT8_KEY_CHUNK)
-    scores = torch.cat([torch.matmul(qg, k.data[:, :, c:c + INT8_KEY_CHUNK].float().transpose(-1, -2))
-                        for c in chunks], -1)  # [B, KV, G*n, K]
-    scores = scores * (k.scale.transpose(-1, -2) * scale if scale != 1.0 else k.scale.transpose(-1, -2))
+    chunks = [slice(c, c + INT8_KEY_CHUNK) for c in range(0, K, INT8_KEY_CHUNK)]
+
+    def block(x: Int8KV, c: slice) -> torch.Tensor:
+        return Int8KV(x.data[:, :, c], x.scale[:, :, c]).dequantize(torch.float32)
+
+    scores = torch.cat([torch.matmul(qg, block(k, c).transpose(-1, -2)) for c in chunks], -1)  # [B, KV, G*n, K]
+    if scale != 1.0:  # Gemma 4's q/k norms take the place of 1/sqrt(d): no multiply there
+        scores = scores * scale
     scores = scores.view(B, KV, G, n, K).masked_fill(~mask[:, :, None], float("-inf"))
-    p = scores.softmax(-1).view(B, KV, G * n, K) * v.scale.transpose(-1, -2)
+    p = scores.softmax(-1).view(B, KV, G * n, K)
     out = None
     for c in chunks:
-        part = torch.matmul(p[..., c:c + INT8_KEY_CHUNK], v.data[:, :, c:c + INT8_KEY_CHUNK].float())
+        part = torch.matmul(p[..., c], block(v, c))
         out = part if out is None else out.add_(part)
     return out.view(B, KV, G, n, D)[:, :, :, :S].reshape(B, H, S, D).to(q.dtype)
 
