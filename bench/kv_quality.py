@@ -6,7 +6,8 @@ steps (the decode / verify read path, models/attention.py `decode_attention_int8
 their next-token logits kept. The same runs with the int8 cache on the full layers, the sliding
 layers, or all of them (run in lockstep with it) give per position KL(bf16 cache || int8 cache)
 and top-1 agreement, from fp32 logits of the float (dequantized) weights
-(targets: mean KL <= 0.002, top-1 >= 99%). Then, at the longest prompt's length, one-token
+(targets: mean KL <= 0.002, top-1 >= 99%), beside the same figures for a bf16 cache whose
+prompt was prefilled in half-size chunks (`floor_*`: bf16 inference's own rounding noise). Then, at the longest prompt's length, one-token
 decode steps are timed with each cache (best of `--repeats` rounds of `--steps` steps).
 
 The text: the GNU/Apache/Mozilla/Artistic/CC0 licence texts of /usr/share/common-licenses (Debian
@@ -15,7 +16,7 @@ copies of earlier parts (GPL-2 after GPL-3, LGPL-3 after LGPL-2.1), which long-r
 over the cache must get right. One JSON line per choice of quantized layers (full / sliding /
 all), each with bench/machine.py's machine info.
 
-    python -m bench.kv_quality [--lengths 8192,24576] [--positions 1000] [--threads 2]
+    python -m bench.kv_quality [--lengths 8192,16384] [--positions 1000] [--threads 2]
 """
 
 from __future__ import annotations
@@ -46,21 +47,30 @@ def text_ids(tokenizer, n: int) -> list[int]:
 
 
 @torch.inference_mode()
-def compare(model, ids: list[int], positions: int) -> tuple[dict, dict]:
+def compare(model, ids: list[int], positions: int):
     """Every cache choice over one prompt, in lockstep (the logits of 1,000 positions over a
-    262K vocabulary are 1 GB: each step's are compared, then dropped). Returns per choice its
-    cache and its figures: KL(bf16 cache || int8 cache) per position and top-1 agreement."""
+    262K vocabulary are 1 GB: each step's are compared, then dropped). Returns the caches and
+    per choice KL(bf16 cache || choice) per position and top-1 agreement. The "floor" choice is
+    the bf16 cache again with the prompt prefilled in half-size chunks: bf16 inference's own
+    rounding noise, what the int8 figures are to be read against."""
     n, first = len(ids), len(ids) - positions
-    kvs = {"bf16": {}, **{c: dict(kv_dtype="int8", quant_layers=c) for c in CHOICES}}
+    kvs = {"bf16": {}, "floor": {}, **{c: dict(kv_dtype="int8", quant_layers=c) for c in CHOICES}}
     caches = {c: model.make_cache(1, n + RESERVE, reserve=RESERVE, **kv) for c, kv in kvs.items()}
     w = model.head_weight().float()  # fp32 logits: bf16 ones tie at the top (steps of 1/8 at 20)
     cap = model.config.text.final_logit_softcapping
     x = torch.tensor([ids])
     starts = [*range(0, first, PREFILL_CHUNK), *range(first, n, STEP)]
-    kl, agree, margin = {c: [] for c in CHOICES}, {c: [] for c in CHOICES}, []
+    kl, agree, margin = {c: [] for c in kvs if c != "bf16"}, {c: [] for c in kvs if c != "bf16"}, []
     for a, b in zip(starts, starts[1:] + [n]):
         b = min(b, first) if a < first else b
-        hs = {c: model(x[:, a:b], torch.arange(a, b)[None], cache=cache) for c, cache in caches.items()}
+        hs = {}
+        for c, cache in caches.items():
+            if c == "floor" and a < first and b - a > 1:
+                mid = (a + b) // 2
+                model(x[:, a:mid], torch.arange(a, mid)[None], cache=cache)
+                hs[c] = model(x[:, mid:b], torch.arange(mid, b)[None], cache=cache)
+            else:
+                hs[c] = model(x[:, a:b], torch.arange(a, b)[None], cache=cache)
         if a < first:
             continue
         lp = {}
@@ -73,28 +83,30 @@ def compare(model, ids: list[int], positions: int) -> tuple[dict, dict]:
         for c, got in lp.items():
             kl[c].append((ref.exp() * (ref - got)).sum(-1))
             agree[c].append(got.argmax(-1) == ref.argmax(-1))
-    figures = {c: dict(kl=torch.cat(kl[c]), top1=torch.cat(agree[c]).float().mean()) for c in CHOICES}
+    figures = {c: dict(kl=torch.cat(kl[c]), top1=torch.cat(agree[c]).float().mean()) for c in kl}
     return caches, figures, torch.cat(margin).median()
 
 
 @torch.inference_mode()
-def decode_tok_s(model, cache, steps: int, repeats: int) -> float:
-    """One-token steps on a cache `cache.length` long, best of `repeats` rounds, each rolled back."""
-    best = float("inf")
+def decode_tok_s(model, caches: dict, steps: int, repeats: int) -> dict:
+    """One-token steps on each cache (all `cache.length` long), rounds interleaved across the
+    caches (a busy machine slows them alike), best of `repeats`, each round rolled back."""
+    best = {c: float("inf") for c in caches}
     tok = torch.tensor([[5]])
     for _ in range(repeats):
-        start = cache.length
-        t = time.perf_counter()
-        for j in range(steps):
-            model(tok, torch.tensor([[start + j]]), cache=cache)
-        best = min(best, time.perf_counter() - t)
-        cache.trim(steps)
-    return steps / best
+        for c, cache in caches.items():
+            start = cache.length
+            t = time.perf_counter()
+            for j in range(steps):
+                model(tok, torch.tensor([[start + j]]), cache=cache)
+            best[c] = min(best[c], time.perf_counter() - t)
+            cache.trim(steps)
+    return {c: steps / t for c, t in best.items()}
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default="8192,24576", help="prompt lengths in tokens (Gemma 3 270M: up to 32768)")
+    ap.add_argument("--lengths", default="8192,16384", help="prompt lengths in tokens (Gemma 3 270M: up to 32768)")
     ap.add_argument("--positions", type=int, default=1000, help="last positions compared per prompt")
     ap.add_argument("--steps", type=int, default=32, help=f"decode steps per timing round (at most {RESERVE})")
     ap.add_argument("--repeats", type=int, default=3)
@@ -120,15 +132,18 @@ def main():
     for n in lengths:
         caches, figures, margin = compare(model, ids[:n], a.positions)
         for c in CHOICES:
-            r, f = results[c], figures[c]
-            r[f"kl_mean_{n}"] = float(f["kl"].mean())
-            r[f"kl_p99_{n}"] = float(f["kl"].quantile(0.99))
-            r[f"top1_agreement_{n}"] = float(f["top1"])
+            r = results[c]
+            for name, f in (("", figures[c]), ("floor_", figures["floor"])):
+                r[f"{name}kl_mean_{n}"] = float(f["kl"].mean())
+                r[f"{name}kl_p99_{n}"] = float(f["kl"].quantile(0.99))
+                r[f"{name}top1_agreement_{n}"] = float(f["top1"])
             r[f"bf16_median_top1_logprob_margin_{n}"] = float(margin)
         if n == max(lengths):
-            base = decode_tok_s(model, caches.pop("bf16"), a.steps, a.repeats)
-            for c, cache in caches.items():
-                results[c]["decode_tok_s"] = decode_tok_s(model, cache, a.steps, a.repeats)
+            caches.pop("floor")
+            speed = decode_tok_s(model, caches, a.steps, a.repeats)
+            base = speed.pop("bf16")
+            for c, tok_s in speed.items():
+                results[c]["decode_tok_s"] = tok_s
         del caches
     from unigemma.cache.batch import bytes_per_row
 

@@ -31,21 +31,22 @@ def logits_through_cache(model, ids, kv_dtype="auto", quant_layers="all", prompt
 
 
 @pytest.mark.parametrize("family,model_type", CASES, ids=IDS)
-@pytest.mark.parametrize("quant_layers", ["all", "full", "sliding"])
-def test_int8_logits_stay_close_to_the_float_cache(family, model_type, quant_layers):
-    """fp32 model, 120 tokens (24 windows): the int8 cache's logits differ from the fp32
-    cache's by at most 0.35 (logits' std ~0.43 on these random models) and on average by at
-    most 5x what storing K/V in bf16 costs (measured: 3.5-4.2x; int8 keeps 7 bits of the
-    vector's largest element, bf16 8 of each element's own)."""
+def test_int8_logits_stay_close_to_the_float_cache(family, model_type):
+    """fp32 model, 120 tokens (24 windows), int8 on the full, the sliding or all layers: the
+    logits differ from the fp32 cache's by at most 0.3 (logits' std ~0.43 on these random
+    models; measured 0.26 at most) and on average by at most 4.5x what storing every layer's
+    K/V in bf16 costs (measured 3.4-3.6x with int8 on all layers: int8 keeps 7 bits of its
+    group's largest value, bf16 8 of each value's own; head dim 16 here: one group a vector)."""
     _, model = tiny_model(family, model_type)
     ids = text_ids(model, PROMPT + DECODE, seed=3)
     ref = logits_through_cache(model, ids)
-    int8 = logits_through_cache(model, ids, "int8", quant_layers)
-    bf16 = logits_through_cache(model, ids, "bf16", quant_layers)
-    err, err_bf16 = (int8 - ref).abs(), (bf16 - ref).abs()
-    assert 0 < err.max() < 0.35
-    assert err.mean() < 5 * err_bf16.mean()
-    assert (int8.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    bf16 = (logits_through_cache(model, ids, "bf16") - ref).abs()
+    for quant_layers in ("all", "full", "sliding"):
+        int8 = logits_through_cache(model, ids, "int8", quant_layers)
+        err = (int8 - ref).abs()
+        assert 0 < err.max() < 0.3, quant_layers
+        assert err.mean() < 4.5 * bf16.mean(), quant_layers
+        assert (int8.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9, quant_layers
 
 
 def test_quantize_round_trip_is_within_half_a_step():
