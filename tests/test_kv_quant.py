@@ -280,3 +280,26 @@ def test_greedy_with_a_drafter_is_identical_to_plain_decoding_on_int8(gemma, qua
         got = engine.generate(inputs, p)
         assert got.token_ids == plain.token_ids == got_random.token_ids
         assert got.timings.accepted > 0 and got.timings.verify_forwards > 0
+
+
+def test_server_config_chooses_the_kv_cache(checkpoint):
+    """ServerConfig's kv_cache_dtype / kv_quant_layers set the served engine's caches (its
+    batch, its prefill, kv_bytes), a chat completion answers, and a bad name fails create_app
+    before its scheduler starts."""
+    import httpx
+    from server_helpers import Running
+
+    from unigemma.server import ServerConfig, create_app
+
+    gemma = unigemma.load(checkpoint, dtype="float32")  # its own engine: create_app sets its KV format
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        create_app(gemma, ServerConfig(kv_cache_dtype="fp8"))
+    app = create_app(gemma, ServerConfig(model_name="tiny", max_seqs=2, max_len=256, kv_cache_dtype="int8",
+                                         kv_quant_layers="full"))
+    s = app.state.scheduler
+    assert s.cache.layer_dtypes == {FULL: torch.int8, SLIDING: torch.float32} == gemma.engine.layer_dtypes
+    assert s.kv_bytes == 2 * bytes_per_row(gemma.config.text, 256, torch.float32, 16, "int8", "full")
+    with Running(app) as server:
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1

@@ -314,7 +314,8 @@ def cmd_serve(args) -> None:
     print(f"serving {', '.join(app.state.served.names.names)} on http://{args.host}:{args.port}/ "
           "(chat page at /, API at /v1); "
           f"{args.max_seqs} rows x {app.state.scheduler.max_len} tokens, KV cache "
-          f"{app.state.scheduler.kv_bytes / 2**30:.2f} GiB", file=sys.stderr)
+          f"{app.state.scheduler.kv_bytes / 2**30:.2f} GiB ({args.kv_cache_dtype} on {args.kv_quant_layers} layers)",
+          file=sys.stderr)
     serve(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
 
 

@@ -42,7 +42,8 @@ RESERVE = 16
 
 
 # --kv-cache-dtype: "auto" stores K/V in the model's float dtype; int8 adds scales per token, KV
-# head and 32 channels (cache/quant.py). (fp8 is left out: CPU has no fp8 matmul, and int8 with fp32 scales is as small.)
+# head and 32 channels (cache/quant.py). fp8 is left out: no CPU kernel reads it, and int8 with
+# its scales is as small.
 KV_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
              "int8": torch.int8}
 # --kv-quant-layers: the layer types the KV dtype applies to; the others keep the model's dtype.
@@ -52,7 +53,7 @@ QUANT_LAYERS = {"all": (FULL, SLIDING), "full": (FULL,), "sliding": (SLIDING,)}
 
 
 def layer_dtypes(dtype: torch.dtype, kv_dtype: str = "auto", quant_layers: str = "all") -> dict[str, torch.dtype]:
-    """Layer type → storage dtype (torch.int8: codes plus fp32 scales) for a model in `dtype`."""
+    """Layer type → storage dtype (torch.int8: codes plus scales) for a model in `dtype`."""
     if kv_dtype not in KV_DTYPES:
         hint = " (fp8 needs a GPU kernel this engine does not have; int8 is as small)" if "fp8" in str(kv_dtype) else ""
         raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}{hint}")

@@ -13,8 +13,8 @@ drafts), `decode_attention`: the same math as two small matmuls in fp32, on CPU 
 SDPA's flash kernel for one query (0.1 vs 0.9 ms per layer at head dim 256 and 520 keys),
 equal to it to rounding. It owns the fast / oracle switch and every padding rule that keeps a
 token's output independent of how many tokens share its forward (its docstring lists them).
-An int8 KV cache hands it `Int8KV` codes and scales (cache/quant.py): decode steps read them
-in place (`decode_attention_int8`), everything else dequantizes and attends as above.
+An int8 KV cache hands it `Int8KV` codes and scales (cache/quant.py): decode steps dequantize
+a block of keys at a time (`decode_attention_int8`), everything else dequantizes and attends as above.
 This file knows nothing of caches' layout or of any family but Gemma 4's projections.
 """
 
@@ -32,7 +32,7 @@ FAST_DECODE = True  # False: SDPA for every step (the oracle the tests compare a
 # False: an int8 cache is dequantized to the model's dtype and attended like a float one (the
 # plain path the tests compare `decode_attention_int8` against)
 INT8_FAST = True
-INT8_KEY_CHUNK = 1024  # keys converted from int8 to fp32 at a time by decode_attention_int8
+INT8_KEY_CHUNK = 1024  # keys dequantized to fp32 at a time by decode_attention_int8 (1 MiB per KV head at dim 256)
 
 
 DECODE_QUERIES = 16  # steps of up to this many tokens per row (decode, verifying drafts) use decode_attention
