@@ -8,7 +8,8 @@ layers, or all of them (run in lockstep with it) give per position KL(bf16 cache
 and top-1 agreement, from fp32 logits of the float (dequantized) weights
 (targets: mean KL <= 0.002, top-1 >= 99%), beside the same figures for a bf16 cache whose
 prompt was prefilled in half-size chunks (`floor_*`: bf16 inference's own rounding noise). Then, at the longest prompt's length, one-token
-decode steps are timed with each cache (best of `--repeats` rounds of `--steps` steps).
+decode steps are timed with each cache (best of `--repeats` rounds of `--steps` steps), the bf16
+cache both as served (SDPA: Gemma 3's kernel) and through the matmul kernel int8 decode uses.
 
 The text: the GNU/Apache/Mozilla/Artistic/CC0 licence texts of /usr/share/common-licenses (Debian
 base-files), concatenated in a fixed order (`TEXTS`); legal English prose, and some of it near-
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -88,18 +90,49 @@ def compare(model, ids: list[int], positions: int):
 
 
 @torch.inference_mode()
+def prefill(model, ids: list[int], **kv):
+    """A cache holding `ids`, prefilled in PREFILL_CHUNK-token chunks."""
+    cache = model.make_cache(1, len(ids) + RESERVE, reserve=RESERVE, **kv)
+    x = torch.tensor([ids])
+    for a in range(0, len(ids), PREFILL_CHUNK):
+        b = min(len(ids), a + PREFILL_CHUNK)
+        model(x[:, a:b], torch.arange(a, b)[None], cache=cache)
+    return cache
+
+
+@contextmanager
+def matmul_decode(on: bool):
+    """Gemma 3 attends through SDPA at every size (models/gemma3.py: parity with the references);
+    an int8 cache's decode steps take the matmul kernel (decode_attention_int8). With `on`, the
+    float cache's steps take the matmul kernel too (`decode_attention`), so the two caches are
+    timed through the same kind of kernel."""
+    from unigemma.models import attention, gemma3
+
+    plain = gemma3.attend
+    if on:
+        gemma3.attend = lambda *args, **kw: attention.attend(*args, **{**kw, "use_decode_kernel": True})
+    try:
+        yield
+    finally:
+        gemma3.attend = plain
+
+
+@torch.inference_mode()
 def decode_tok_s(model, caches: dict, steps: int, repeats: int) -> dict:
     """One-token steps on each cache (all `cache.length` long), rounds interleaved across the
-    caches (a busy machine slows them alike), best of `repeats`, each round rolled back."""
-    best = {c: float("inf") for c in caches}
+    caches (a busy machine slows them alike), best of `repeats`, each round rolled back.
+    "bf16" is timed twice: as served (SDPA) and through the matmul kernel ("bf16_matmul")."""
+    runs = {**{c: (cache, False) for c, cache in caches.items()}, "bf16_matmul": (caches["bf16"], True)}
+    best = {c: float("inf") for c in runs}
     tok = torch.tensor([[5]])
     for _ in range(repeats):
-        for c, cache in caches.items():
+        for c, (cache, matmul) in runs.items():
             start = cache.length
-            t = time.perf_counter()
-            for j in range(steps):
-                model(tok, torch.tensor([[start + j]]), cache=cache)
-            best[c] = min(best[c], time.perf_counter() - t)
+            with matmul_decode(matmul):
+                t = time.perf_counter()
+                for j in range(steps):
+                    model(tok, torch.tensor([[start + j]]), cache=cache)
+                best[c] = min(best[c], time.perf_counter() - t)
             cache.trim(steps)
     return {c: steps / t for c, t in best.items()}
 
@@ -111,6 +144,7 @@ def main():
     ap.add_argument("--steps", type=int, default=32, help=f"decode steps per timing round (at most {RESERVE})")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--decode-only", action="store_true", help="only the decode timing, at the longest length")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     import unigemma
@@ -129,7 +163,7 @@ def main():
     results = {c: dict(bench="kv_quality", model="gemma-3-270m Q4_K_M GGUF", quant_layers=c, kv_cache_dtype="int8",
                        text=f"{LICENSES} ({', '.join(TEXTS)})", positions=a.positions, lengths=lengths,
                        kernels=describe(model), **info) for c in CHOICES}
-    for n in lengths:
+    for n in lengths if not a.decode_only else []:
         caches, figures, margin = compare(model, ids[:n], a.positions)
         for c in CHOICES:
             r = results[c]
@@ -138,25 +172,27 @@ def main():
                 r[f"{name}kl_p99_{n}"] = float(f["kl"].quantile(0.99))
                 r[f"{name}top1_agreement_{n}"] = float(f["top1"])
             r[f"bf16_median_top1_logprob_margin_{n}"] = float(margin)
-        if n == max(lengths):
-            caches.pop("floor")
-            speed = decode_tok_s(model, caches, a.steps, a.repeats)
-            base = speed.pop("bf16")
-            for c, tok_s in speed.items():
-                results[c]["decode_tok_s"] = tok_s
         del caches
+    n = max(lengths)
+    caches = {"bf16": prefill(model, ids[:n]), **{c: prefill(model, ids[:n], kv_dtype="int8", quant_layers=c)
+                                                  for c in CHOICES}}
+    speed = decode_tok_s(model, caches, a.steps, a.repeats)
+    del caches
     from unigemma.cache.batch import bytes_per_row
 
-    t, n = model.config.text, max(lengths)
+    t = model.config.text
     for c in CHOICES:
         r = results[c]
-        r["decode_context"] = n
-        r["bf16_decode_tok_s"] = base
-        r["decode_speed_ratio"] = r["decode_tok_s"] / base
+        r["decode_context"], r["decode_tok_s"] = n, speed[c]
+        r["bf16_decode_tok_s"], r["bf16_matmul_decode_tok_s"] = speed["bf16"], speed["bf16_matmul"]
+        r["decode_speed_ratio"] = speed[c] / speed["bf16"]  # against bf16 as served (SDPA on Gemma 3)
+        r["decode_speed_ratio_same_kernel"] = speed[c] / speed["bf16_matmul"]
         r["kv_bytes"] = bytes_per_row(t, n, model.dtype, kv_dtype="int8", quant_layers=c)
         r["bf16_kv_bytes"] = bytes_per_row(t, n, model.dtype)
         r["kv_bytes_ratio"] = r["kv_bytes"] / r["bf16_kv_bytes"]
-        r["meets_targets"] = all(r[f"kl_mean_{m}"] <= 0.002 and r[f"top1_agreement_{m}"] >= 0.99 for m in lengths)
+        if not a.decode_only:
+            r["meets_targets"] = all(r[f"kl_mean_{m}"] <= 0.002 and r[f"top1_agreement_{m}"] >= 0.99
+                                     for m in lengths)
         print(json.dumps(r))
 
 
