@@ -74,7 +74,7 @@ class MockModel(torch.nn.Module):
         self.forwards = 0  # how many forwards ran (prefill chunks and decode steps)
 
     def make_cache(self, batch: int, max_len: int, reserve: int = RESERVE, kv_dtype: str = "auto",
-                   quant_layers: str = "all") -> KVCache:
+                   quant_layers: str | None = None) -> KVCache:
         return KVCache(self.config.text, batch, max_len, self.dtype, self.device, reserve, kv_dtype, quant_layers)
 
     def embed(self, input_ids: torch.Tensor, require_media: bool = True, **media) -> torch.Tensor:

@@ -107,7 +107,7 @@ def test_rollback_then_redecode_equals_never_having_decoded(family, model_type):
         other = text_ids(model, 6, seed=6)
         runs = []
         for detour in (True, False):
-            cache = model.make_cache(1, 64, reserve=8, kv_dtype="int8")
+            cache = model.make_cache(1, 64, reserve=8, kv_dtype="int8", quant_layers="all")
             with torch.inference_mode():
                 model(ids[:, :34], torch.arange(34)[None], cache=cache)
                 if detour:
@@ -131,7 +131,7 @@ def test_a_token_does_not_depend_on_how_many_share_its_step(family, model_type):
     pack_linears(model)
     ids = text_ids(model, 68, seed=7)
     with torch.inference_mode():
-        cache = model.make_cache(1, 128, reserve=16, kv_dtype="int8")
+        cache = model.make_cache(1, 128, reserve=16, kv_dtype="int8", quant_layers="all")
         model(ids[:, :60], torch.arange(60)[None], cache=cache)
         singles = torch.cat([model(ids[:, j:j + 1], torch.tensor([[j]]), cache=cache) for j in range(60, 68)], 1)
         for n in range(2, 9):
@@ -179,7 +179,7 @@ def test_batch_insert_save_round_trip_copies_every_tensor(quant_layers):
 def test_a_float_row_does_not_go_into_an_int8_batch():
     family, model_type = CASES[0]
     _, model = tiny_model(family, model_type)
-    batch = BatchCache(model.config.text, 2, 40, model.dtype, kv_dtype="int8")
+    batch = BatchCache(model.config.text, 2, 40, model.dtype, kv_dtype="int8", quant_layers="all")
     with pytest.raises(ValueError, match="stored as"):
         batch.insert(model.make_cache(1, 10))
     with pytest.raises(ValueError, match="stored as"):
@@ -254,7 +254,7 @@ def test_bytes_per_row_counts_codes_and_scales():
     bf16 = bytes_per_row(t, n, torch.bfloat16)
     assert bf16 == 2 * 256 * 2 * (5 * (511 + 16) + n)
     int8 = 256 + 8 * 2  # codes, and an fp16 scale per 32 channels
-    assert bytes_per_row(t, n, torch.bfloat16, kv_dtype="int8") == 2 * int8 * (5 * (511 + 16) + n)
+    assert bytes_per_row(t, n, torch.bfloat16, kv_dtype="int8", quant_layers="all") == 2 * int8 * (5 * (511 + 16) + n)
     assert bytes_per_row(t, n, torch.bfloat16, kv_dtype="int8", quant_layers="full") == 2 * int8 * n + 2 * 512 * 5 * 527
     assert bytes_per_row(t, n, torch.float32, kv_dtype="bf16") == bf16
 
@@ -303,3 +303,11 @@ def test_server_config_chooses_the_kv_cache(checkpoint):
         r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
             "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_default_layers_are_full_for_int8_and_all_for_a_float_dtype():
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert layer_dtypes(bf16, "int8") == {FULL: torch.int8, SLIDING: bf16}
+    assert layer_dtypes(f32, "bf16") == {FULL: bf16, SLIDING: bf16}
+    assert layer_dtypes(f32) == {FULL: f32, SLIDING: f32}
+    assert layer_dtypes(f32, "int8", "sliding") == {FULL: f32, SLIDING: torch.int8}

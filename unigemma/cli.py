@@ -61,7 +61,7 @@ def load_for(args):
                   dequantize=getattr(args, "dequantize", False), exact=getattr(args, "exact", False),
                   draft=getattr(args, "draft", None), draft_tokens=getattr(args, "draft_tokens", None),
                   kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
-                  kv_quant_layers=getattr(args, "kv_quant_layers", "all"))
+                  kv_quant_layers=getattr(args, "kv_quant_layers", None))
     if args.model:
         gemma = load(args.model, tokenizer=args.tokenizer, mmproj=args.mmproj, **common)
     else:
@@ -314,7 +314,8 @@ def cmd_serve(args) -> None:
     print(f"serving {', '.join(app.state.served.names.names)} on http://{args.host}:{args.port}/ "
           "(chat page at /, API at /v1); "
           f"{args.max_seqs} rows x {app.state.scheduler.max_len} tokens, KV cache "
-          f"{app.state.scheduler.kv_bytes / 2**30:.2f} GiB ({args.kv_cache_dtype} on {args.kv_quant_layers} layers)",
+          f"{app.state.scheduler.kv_bytes / 2**30:.2f} GiB ({args.kv_cache_dtype} on "
+          f"{app.state.scheduler.cache.layer_dtypes})",
           file=sys.stderr)
     serve(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
 
@@ -351,9 +352,10 @@ def _kv_flags(p) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_DTYPES),
                    help="how the KV cache stores keys and values: auto = the model's --dtype; int8: a scale per "
                         "token and head, about half of bf16 (fp8: not on CPU)")
-    p.add_argument("--kv-quant-layers", default="all", choices=list(QUANT_LAYERS),
+    p.add_argument("--kv-quant-layers", choices=list(QUANT_LAYERS),
                    help="the layers --kv-cache-dtype applies to: all, full (the global layers, whose cache grows "
-                        "with the context) or sliding (the windowed ones); the others keep --dtype")
+                        "with the context) or sliding (the windowed ones); the others keep --dtype. Default: full "
+                        "for int8 (the sliding layers are the more sensitive), all for a float dtype")
 
 
 def _model_flags(p, model_required=False) -> None:

@@ -66,7 +66,7 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
          draft: str | os.PathLike | None = None, draft_tokens: int | None = None,
          dequantize: bool = False, exact: bool = False,
          chat_template: str | os.PathLike | ChatTemplate | None = None,
-         kv_cache_dtype: str = "auto", kv_quant_layers: str = "all") -> "Gemma":
+         kv_cache_dtype: str = "auto", kv_quant_layers: str | None = None) -> "Gemma":
     """Load a checkpoint directory, a GGUF file or a hub model id for chat and for the reference forward.
 
     path: a local directory or .gguf, or "ORG/NAME" (optionally ":FILE.gguf" or ":QUANT", and
@@ -82,8 +82,9 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
     draft length (default adaptive). exact: quantized layers keep float activations, never the
     int8-activation kernels (the fastest quantized path on CPUs, quant/kernels.py).
     kv_cache_dtype: how the KV cache stores K/V: "auto" (the model's dtype), "bf16", "fp16",
-    "fp32" or "int8" (per token and head scales, ~half of bf16); kv_quant_layers: on which layers
-    ("all", "full": the global ones, "sliding"), the others in the model's dtype (cache/kv.py).
+    "fp32" or "int8" (fp16 scales per token, head and 32 channels: 53% of bf16); kv_quant_layers:
+    on which layers ("all", "full": the global ones, "sliding"; default "full" for int8, "all"
+    for a float dtype), the others in the model's dtype (cache/kv.py).
     """
     from .cache.kv import layer_dtypes
 
@@ -122,7 +123,7 @@ class Gemma:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None = None,
                  default_params: SamplingParams | None = None, drafter=None, draft_tokens: int | None = None,
                  chat_template: str | ChatTemplate | None = None, kv_cache_dtype: str = "auto",
-                 kv_quant_layers: str = "all"):
+                 kv_quant_layers: str | None = None):
         """drafter: an MTP drafter (models/drafter.py); draft_tokens: a fixed draft length
         (default: adaptive, generate/speculative.py). chat_template: Jinja text (or a
         `templates.ChatTemplate`) to chat with instead of the tokenizer's; without either, the

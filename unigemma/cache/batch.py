@@ -29,7 +29,7 @@ from .quant import scale_bytes
 
 
 def bytes_per_row(config: TextConfig, max_len: int, dtype: torch.dtype, reserve: int = RESERVE,
-                  kv_dtype: str = "auto", quant_layers: str = "all") -> int:
+                  kv_dtype: str = "auto", quant_layers: str | None = None) -> int:
     """KV bytes one row of `max_len` tokens takes (K and V of every layer, and for a layer
     stored in int8 its scales: an fp16 per token, KV head and 32 channels; cache/quant.py). dtype: the model's float dtype;
     kv_dtype / quant_layers as for KVCache (cache/kv.py `layer_dtypes`)."""
@@ -46,7 +46,7 @@ def bytes_per_row(config: TextConfig, max_len: int, dtype: torch.dtype, reserve:
 class BatchCache:
     def __init__(self, config: TextConfig, rows: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", reserve: int = RESERVE,
-                 kv_dtype: str = "auto", quant_layers: str = "all"):
+                 kv_dtype: str = "auto", quant_layers: str | None = None):
         """dtype: the model's float dtype; kv_dtype / quant_layers: the storage (cache/kv.py)."""
         self.config, self.rows, self.max_len, self.reserve = config, rows, max_len, reserve
         self.dtype, self.kv_dtype, self.quant_layers = dtype, kv_dtype, quant_layers

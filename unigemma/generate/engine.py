@@ -54,13 +54,14 @@ class Session:
 class Engine:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, prefill_chunk: int = 512,
                  reserve: int = CHAT_RESERVE, drafter: Drafter | None = None, draft: DraftLength | None = None,
-                 compile_step: bool = False, kv_cache_dtype: str = "auto", kv_quant_layers: str = "all"):
+                 compile_step: bool = False, kv_cache_dtype: str = "auto", kv_quant_layers: str | None = None):
         """reserve: spare ring slots of the caches this engine decodes in (CHAT_RESERVE).
         drafter: an MTP drafter; a conversation decoding alone then decodes speculatively
         (`draft`: the draft length, fixed or adaptive). compile_step: run the decode step
         under torch.compile (generate/runner.py; eager by default). kv_cache_dtype /
         kv_quant_layers: how every cache of this engine (and of its schedulers) stores K/V
-        ("auto" | "bf16" | "fp16" | "fp32" | "int8", on "all" | "full" | "sliding" layers; cache/kv.py)."""
+        ("auto" | "bf16" | "fp16" | "fp32" | "int8", on "all" | "full" | "sliding" layers, None: full
+        for int8, all for a float dtype; cache/kv.py `layer_dtypes`)."""
         self.model, self.tokenizer = model, tokenizer
         self.set_kv_cache(kv_cache_dtype, kv_quant_layers)
         self.prefill_chunk, self.reserve = prefill_chunk, reserve
@@ -75,7 +76,7 @@ class Engine:
     def session(self) -> Session:
         return Session()
 
-    def set_kv_cache(self, kv_cache_dtype: str = "auto", kv_quant_layers: str = "all") -> None:
+    def set_kv_cache(self, kv_cache_dtype: str = "auto", kv_quant_layers: str | None = None) -> None:
         """Store K/V of caches made from now on this way (ValueError for a bad name). A session
         cached in another format is prefilled afresh on its next turn."""
         self.layer_dtypes = layer_dtypes(self.model.dtype, kv_cache_dtype, kv_quant_layers)

@@ -132,7 +132,7 @@ class CausalLM(nn.Module):
         return self.text.norm.weight.device
 
     def make_cache(self, batch: int, max_len: int, reserve: int = 16, kv_dtype: str = "auto",
-                   quant_layers: str = "all") -> KVCache:
+                   quant_layers: str | None = None) -> KVCache:
         """kv_dtype / quant_layers: how K/V are stored (cache/kv.py `layer_dtypes`)."""
         return KVCache(self.config.text, batch, max_len, self.dtype, self.device, reserve, kv_dtype, quant_layers)
 
