@@ -73,8 +73,9 @@ class MockModel(torch.nn.Module):
         self.dtype, self.device = torch.float32, torch.device("cpu")
         self.forwards = 0  # how many forwards ran (prefill chunks and decode steps)
 
-    def make_cache(self, batch: int, max_len: int, reserve: int = RESERVE) -> KVCache:
-        return KVCache(self.config.text, batch, max_len, self.dtype, self.device, reserve)
+    def make_cache(self, batch: int, max_len: int, reserve: int = RESERVE, kv_dtype: str = "auto",
+                   quant_layers: str | None = None) -> KVCache:
+        return KVCache(self.config.text, batch, max_len, self.dtype, self.device, reserve, kv_dtype, quant_layers)
 
     def embed(self, input_ids: torch.Tensor, require_media: bool = True, **media) -> torch.Tensor:
         return input_ids.to(self.dtype)[..., None]  # [B, S, 1]: the id itself

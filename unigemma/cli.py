@@ -59,7 +59,9 @@ def load_for(args):
     template = from_file(template, "--chat-template") if template else None  # before the weights: fail fast
     common = dict(chat_template=template, dtype=args.dtype, progress=True, quant=getattr(args, "quant", None),
                   dequantize=getattr(args, "dequantize", False), exact=getattr(args, "exact", False),
-                  draft=getattr(args, "draft", None), draft_tokens=getattr(args, "draft_tokens", None))
+                  draft=getattr(args, "draft", None), draft_tokens=getattr(args, "draft_tokens", None),
+                  kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
+                  kv_quant_layers=getattr(args, "kv_quant_layers", None))
     if args.model:
         gemma = load(args.model, tokenizer=args.tokenizer, mmproj=args.mmproj, **common)
     else:
@@ -315,7 +317,8 @@ def cmd_serve(args) -> None:
     print(f"serving {', '.join(app.state.served.names.names)} on http://{args.host}:{args.port}/ "
           "(chat page at /, API at /v1); "
           f"{args.max_seqs} rows x {app.state.scheduler.max_len} tokens, KV cache "
-          f"{app.state.scheduler.kv_bytes / 2**30:.2f} GiB, prefix cache "
+          f"{app.state.scheduler.kv_bytes / 2**30:.2f} GiB ({args.kv_cache_dtype} on "
+          f"{app.state.scheduler.cache.layer_dtypes}), prefix cache "
           f"{f'{args.prefix_cache_mb:g} MiB' if args.prefix_cache_mb else 'off'}", file=sys.stderr)
     serve(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
 
@@ -345,6 +348,19 @@ def cmd_ls(args) -> None:
         print(f"{m.repo_id:<{width}}  {m.size:>9}  {','.join(m.refs) or '-':<12}  {m.path}")
 
 
+def _kv_flags(p) -> None:
+    """The KV cache's storage (cache/kv.py) for the commands that generate."""
+    from .cache.kv import KV_DTYPES, QUANT_LAYERS
+
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_DTYPES),
+                   help="how the KV cache stores keys and values: auto = the model's --dtype; int8: a scale per "
+                        "token and head, about half of bf16 (fp8: not on CPU)")
+    p.add_argument("--kv-quant-layers", choices=list(QUANT_LAYERS),
+                   help="the layers --kv-cache-dtype applies to: all, full (the global layers, whose cache grows "
+                        "with the context) or sliding (the windowed ones); the others keep --dtype. Default: full "
+                        "for int8 (the sliding layers are the more sensitive), all for a float dtype")
+
+
 def _model_flags(p, model_required=False) -> None:
     p.add_argument("--model", required=model_required,
                    help="checkpoint directory (config.json + safetensors), a .gguf file (gemma3 / gemma4), or a "
@@ -363,6 +379,7 @@ def _model_flags(p, model_required=False) -> None:
                    help="quantized layers keep float activations (torch's weight-only kernels) instead of the "
                         "faster int8-activation kernels, which round activations as llama.cpp does")
     p.add_argument("--mmproj", help="a .gguf model's mmproj file (gemma4uv / gemma4ua embedders)")
+
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--draft", nargs="?", const="gemma-3-270m", metavar="PATH",
                    help="an MTP drafter checkpoint directory, or a shipped one by name (alone: gemma-3-270m, "
@@ -408,6 +425,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("chat", help="interactive chat with history; /image, /audio, /video attach files")
     for s in (d, r, c):
         _model_flags(s)
+        _kv_flags(s)
         _chat_flags(s)
     d.set_defaults(max_tokens=48, temperature=0.0)
     g = sub.add_parser("generate", help="greedy continuation of token ids")
@@ -423,6 +441,7 @@ def main(argv=None) -> int:
     pl.add_argument("--memory", default="16GB", help="memory to plan for, e.g. 16GB, 8GB (default 16GB)")
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, ...) and a chat page at /")
     _model_flags(sv)
+    _kv_flags(sv)
     sv.add_argument("--tokenizer", help="tokenizer directory or .gguf (default: the checkpoint's)")
     _template_flag(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

@@ -65,7 +65,8 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
          fast: bool = True, quant: str | None = None, mmproj: str | os.PathLike | None = None,
          draft: str | os.PathLike | None = None, draft_tokens: int | None = None,
          dequantize: bool = False, exact: bool = False,
-         chat_template: str | os.PathLike | ChatTemplate | None = None) -> "Gemma":
+         chat_template: str | os.PathLike | ChatTemplate | None = None,
+         kv_cache_dtype: str = "auto", kv_quant_layers: str | None = None) -> "Gemma":
     """Load a checkpoint directory, a GGUF file or a hub model id for chat and for the reference forward.
 
     path: a local directory or .gguf, or "ORG/NAME" (optionally ":FILE.gguf" or ":QUANT", and
@@ -80,7 +81,14 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
     of one shipped with unigemma (unigemma/drafters: "gemma-3-270m"); draft_tokens: a fixed
     draft length (default adaptive). exact: quantized layers keep float activations, never the
     int8-activation kernels (the fastest quantized path on CPUs, quant/kernels.py).
+    kv_cache_dtype: how the KV cache stores K/V: "auto" (the model's dtype), "bf16", "fp16",
+    "fp32" or "int8" (fp16 scales per token, head and 32 channels: 53% of bf16); kv_quant_layers:
+    on which layers ("all", "full": the global ones, "sliding"; default "full" for int8, "all"
+    for a float dtype), the others in the model's dtype (cache/kv.py).
     """
+    from .cache.kv import layer_dtypes
+
+    layer_dtypes(torch.float32, kv_cache_dtype, kv_quant_layers)  # a bad name fails before the weights load
     if chat_template is not None and not isinstance(chat_template, ChatTemplate):
         chat_template = from_file(chat_template, "chat_template=")  # before the weights: fail fast
     path = resolve(path)
@@ -105,7 +113,8 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
 
         drafter = load_drafter(drafter_path(draft), dtype=dtype, device=device)
     return Gemma(model, load_tokenizer(tokenizer) if tokenizer is not None else None, defaults,
-                 drafter=drafter, draft_tokens=draft_tokens, chat_template=chat_template)
+                 drafter=drafter, draft_tokens=draft_tokens, chat_template=chat_template,
+                 kv_cache_dtype=kv_cache_dtype, kv_quant_layers=kv_quant_layers)
 
 
 class Gemma:
@@ -113,12 +122,15 @@ class Gemma:
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None = None,
                  default_params: SamplingParams | None = None, drafter=None, draft_tokens: int | None = None,
-                 chat_template: str | ChatTemplate | None = None):
+                 chat_template: str | ChatTemplate | None = None, kv_cache_dtype: str = "auto",
+                 kv_quant_layers: str | None = None):
         """drafter: an MTP drafter (models/drafter.py); draft_tokens: a fixed draft length
         (default: adaptive, generate/speculative.py). chat_template: Jinja text (or a
         `templates.ChatTemplate`) to chat with instead of the tokenizer's; without either, the
-        family's published template. `self.template.origin` says which one is in use."""
+        family's published template. `self.template.origin` says which one is in use.
+        kv_cache_dtype / kv_quant_layers: the engine's KV storage (`load`)."""
         self.drafter = drafter
+        self.kv_cache = (kv_cache_dtype, kv_quant_layers)
         self.draft = DraftLength(k=draft_tokens, adaptive=False) if draft_tokens else DraftLength()
         if drafter is not None:
             drafter.config.check_target(model.config.text)
@@ -164,7 +176,8 @@ class Gemma:
         if self._engine is None:
             if self.tokenizer is None:
                 self.processor()  # raises the "no tokenizer" error
-            self._engine = Engine(self.model, self.tokenizer, drafter=self.drafter, draft=self.draft)
+            self._engine = Engine(self.model, self.tokenizer, drafter=self.drafter, draft=self.draft,
+                                  kv_cache_dtype=self.kv_cache[0], kv_quant_layers=self.kv_cache[1])
         return self._engine
 
     def session(self) -> Session:

@@ -23,21 +23,34 @@ from __future__ import annotations
 import torch
 
 from ..config import FULL, SLIDING, TextConfig
-from .kv import KEY_BLOCK, RESERVE, KVCache, Step, ring_capacity
+from .kv import (KEY_BLOCK, RESERVE, KVCache, Step, as_attended, as_float, as_stored, layer_dtypes, make_layer,
+                 ring_capacity)
+from .quant import scale_bytes
 
 
-def bytes_per_row(config: TextConfig, max_len: int, dtype: torch.dtype, reserve: int = RESERVE) -> int:
-    """KV bytes one row of `max_len` tokens takes (K and V of every layer)."""
+def bytes_per_row(config: TextConfig, max_len: int, dtype: torch.dtype, reserve: int = RESERVE,
+                  kv_dtype: str = "auto", quant_layers: str | None = None) -> int:
+    """KV bytes one row of `max_len` tokens takes (K and V of every layer, and for a layer
+    stored in int8 its scales: an fp16 per token, KV head and 32 channels; cache/quant.py). dtype: the model's float dtype;
+    kv_dtype / quant_layers as for KVCache (cache/kv.py `layer_dtypes`)."""
     cap = ring_capacity(max_len, config.sliding_window, reserve)
-    size = torch.empty((), dtype=dtype).element_size()
-    return sum(2 * config.layer_kv_heads[i] * cap[t] * config.layer_head_dims[i] * size
-               for i, t in enumerate(config.layer_types))
+    dtypes = layer_dtypes(dtype, kv_dtype, quant_layers)
+    total = 0
+    for i, t in enumerate(config.layer_types):
+        d = config.layer_head_dims[i]
+        per_vector = d + scale_bytes(d) if dtypes[t] == torch.int8 else d * dtypes[t].itemsize
+        total += 2 * config.layer_kv_heads[i] * cap[t] * per_vector
+    return total
 
 
 class BatchCache:
     def __init__(self, config: TextConfig, rows: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", reserve: int = RESERVE):
+                 device: torch.device | str = "cpu", reserve: int = RESERVE,
+                 kv_dtype: str = "auto", quant_layers: str | None = None):
+        """dtype: the model's float dtype; kv_dtype / quant_layers: the storage (cache/kv.py)."""
         self.config, self.rows, self.max_len, self.reserve = config, rows, max_len, reserve
+        self.dtype, self.kv_dtype, self.quant_layers = dtype, kv_dtype, quant_layers
+        self.layer_dtypes = layer_dtypes(dtype, kv_dtype, quant_layers)
         self.window = config.sliding_window
         self.device = torch.device(device)
         self.n = 0  # active rows: [0, n)
@@ -46,11 +59,8 @@ class BatchCache:
         self.capacity = ring_capacity(max_len, self.window, reserve)
         self.slot_idx = {t: torch.full((rows, c), -1, dtype=torch.long, device=self.device)
                          for t, c in self.capacity.items()}
-        self.layers = []
-        for i, t in enumerate(config.layer_types):
-            shape = (rows, config.layer_kv_heads[i], self.capacity[t], config.layer_head_dims[i])
-            self.layers.append((torch.zeros(shape, dtype=dtype, device=self.device),
-                                torch.zeros(shape, dtype=dtype, device=self.device)))
+        self.layers = [make_layer(rows, config.layer_kv_heads[i], self.capacity[t], config.layer_head_dims[i],
+                                  self.layer_dtypes[t], self.device) for i, t in enumerate(config.layer_types)]
         self.steps: dict[str, Step] = {}
         self._pending = 0
         self.broken = False
@@ -66,6 +76,8 @@ class BatchCache:
             raise ValueError("insert takes a one-sequence cache without padding")
         if src.broken:
             raise ValueError("insert got a cache left half-written by a failed forward")
+        if src.layer_dtypes != self.layer_dtypes:
+            raise ValueError(f"insert got a cache stored as {src.layer_dtypes}, the batch stores {self.layer_dtypes}")
         if not self.can_insert(src.length):
             raise ValueError(f"no room for a row of {src.length} tokens ({self.n}/{self.rows} rows used, "
                              f"{self.max_len} tokens per row)")
@@ -91,6 +103,8 @@ class BatchCache:
         is grown to hold it. Its ring may not promise more rollback than ours holds."""
         if dst.batch != 1 or dst.reserve > self.reserve:
             raise ValueError("save takes a one-sequence cache whose ring reserve is at most the batch's")
+        if dst.layer_dtypes != self.layer_dtypes:
+            raise ValueError(f"save got a cache stored as {dst.layer_dtypes}, the batch stores {self.layer_dtypes}")
         L = self.host_lengths[row]
         dst.grow(L)
         for t, cap in dst.capacity.items():
@@ -162,15 +176,16 @@ class BatchCache:
     def query_index(self, S: int) -> torch.Tensor:
         return self.steps[FULL].new_idx if FULL in self.steps else self.steps[SLIDING].new_idx
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [n, H, S, D] at each row's own slots; return the keys/values to attend."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v [n, H, S, D] at each row's own slots; return the keys/values to attend
+        (float tensors, or two `Int8KV` for an int8 layer: see KVCache.update)."""
         step = self.steps[self.config.layer_types[layer]]
-        ck, cv = self.layers[layer]
+        bufs = self.layers[layer]
         n = k.shape[0]
         rows = torch.arange(n, device=self.device)[:, None]
-        ck[rows, :, step.write_slots] = k.transpose(1, 2)  # [n, S, H, D] at (row, slot)
-        cv[rows, :, step.write_slots] = v.transpose(1, 2)
-        return ck[:n, :, :step.num_keys], cv[:n, :, :step.num_keys]
+        for buf, x in zip(bufs, as_stored(k, v, bufs)):
+            buf[rows, :, step.write_slots] = x.transpose(1, 2)  # [n, S, H, D|1] at (row, slot)
+        return as_attended(tuple(buf[:n, :, :step.num_keys] for buf in bufs))
 
     def end(self) -> None:
         for t, step in self.steps.items():
@@ -199,10 +214,10 @@ class BatchCache:
             slots[row][slots[row] >= self.host_lengths[row]] = -1
 
     def kv_for(self, layer: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One row's K/V buffers of `layer` ([1, kv_heads, capacity, head_dim]) and the sequence
-        index each slot holds ([capacity], -1: empty)."""
-        k, v = self.layers[layer]
-        return k[row:row + 1], v[row:row + 1], self.slot_idx[self.config.layer_types[layer]][row]
+        """One row's K/V of `layer` ([1, kv_heads, capacity, head_dim], in the model's dtype:
+        an int8 layer is dequantized) and the sequence index each slot holds ([capacity], -1: empty)."""
+        k, v = as_float(self.layers[layer], row, self.dtype)
+        return k, v, self.slot_idx[self.config.layer_types[layer]][row]
 
     @property
     def positions(self) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Iterator
 
 import torch
 
-from ..cache.kv import KVCache
+from ..cache.kv import KVCache, layer_dtypes
 from ..cache.prefix import PrefixCache
 from ..errors import InputError
 from ..inputs import VISION_TYPES, ModelInputs, chunk_bounds
@@ -57,14 +57,19 @@ class Session:
 class Engine:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, prefill_chunk: int = 512,
                  reserve: int = CHAT_RESERVE, drafter: Drafter | None = None, draft: DraftLength | None = None,
-                 compile_step: bool = False, prefix_cache_mb: float = 0):
+                 compile_step: bool = False, prefix_cache_mb: float = 0, kv_cache_dtype: str = "auto",
+                 kv_quant_layers: str | None = None):
         """reserve: spare ring slots of the caches this engine decodes in (CHAT_RESERVE).
         prefix_cache_mb: a prefix cache (cache/prefix.py) of this many MiB shared by this
         engine's calls (0: none; a Scheduler may have its own).
         drafter: an MTP drafter; a conversation decoding alone then decodes speculatively
         (`draft`: the draft length, fixed or adaptive). compile_step: run the decode step
-        under torch.compile (generate/runner.py; eager by default)."""
+        under torch.compile (generate/runner.py; eager by default). kv_cache_dtype /
+        kv_quant_layers: how every cache of this engine (and of its schedulers) stores K/V
+        ("auto" | "bf16" | "fp16" | "fp32" | "int8", on "all" | "full" | "sliding" layers, None: full
+        for int8, all for a float dtype; cache/kv.py `layer_dtypes`)."""
         self.model, self.tokenizer = model, tokenizer
+        self.set_kv_cache(kv_cache_dtype, kv_quant_layers)
         self.prefill_chunk, self.reserve = prefill_chunk, reserve
         self.proposer = MTPProposer(model, drafter) if drafter is not None else None
         self.draft = draft or DraftLength()
@@ -83,6 +88,21 @@ class Engine:
 
     def session(self) -> Session:
         return Session()
+
+    def set_kv_cache(self, kv_cache_dtype: str = "auto", kv_quant_layers: str | None = None) -> None:
+        """Store K/V of caches made from now on this way (ValueError for a bad name). A session
+        cached in another format is prefilled afresh on its next turn; the engine's prefix
+        cache, whose entries hold K/V in the old format, is emptied."""
+        dtypes = layer_dtypes(self.model.dtype, kv_cache_dtype, kv_quant_layers)
+        if getattr(self, "prefix_cache", None) is not None and dtypes != self.layer_dtypes:
+            self.prefix_cache.clear()
+        self.layer_dtypes = dtypes
+        self.kv_cache_dtype, self.kv_quant_layers = kv_cache_dtype, kv_quant_layers
+
+    def make_cache(self, batch: int, max_len: int) -> KVCache:
+        """A cache for `batch` prompts of up to `max_len` tokens, in this engine's KV format."""
+        return self.model.make_cache(batch, max_len, reserve=self.reserve, kv_dtype=self.kv_cache_dtype,
+                                     quant_layers=self.kv_quant_layers)
 
     def stop_ids(self, p: SamplingParams) -> set[int]:
         """The token ids that end a reply under these parameters."""
@@ -127,7 +147,8 @@ class Engine:
             if B != 1:
                 raise InputError("a chat session holds one conversation")
             keys = inputs.token_keys(self.media_ids)
-            if session.cache is not None and not session.cache.broken:
+            if (session.cache is not None and not session.cache.broken
+                    and session.cache.layer_dtypes == self.layer_dtypes):
                 common = 0
                 for a, b in zip(session.keys, keys):
                     if a != b:
@@ -140,11 +161,11 @@ class Engine:
                     session.cache.grow(max_len)
                     cached = common
             if cached == 0:
-                session.cache = m.make_cache(1, max_len, reserve=self.reserve)
+                session.cache = self.make_cache(1, max_len)
             cache = session.cache
             session.keys = keys[:cached]  # extended below once the prefill succeeded
         else:
-            cache = m.make_cache(B, max_len, reserve=self.reserve)
+            cache = self.make_cache(B, max_len)
         record, split = None, 0
         # (precomputed embeds come without their media: placeholder keys would lack the digests)
         if prefix is not None and session is None and embeds is None and B == 1 and bool(mask.all()):

@@ -115,14 +115,17 @@ class Scheduler:
         """reserve: the batch rings' spare slots (cache/kv.py RESERVE): a speculative verify
         forward writes at most `reserve - 1` drafts and its x. prefix_cache_mb: automatic
         prefix caching (cache/prefix.py) in a store of this many MiB (0: off; None: the
-        engine's store, if it has one)."""
+        engine's store, if it has one). The batch stores K/V as the engine's caches do
+        (Engine.kv_cache_dtype / kv_quant_layers): its rows are prefilled there."""
         self.engine = engine
         m = engine.model
         self.max_len = min(max_len or engine.context, engine.context)
         self.max_seqs, self.max_queue = max_seqs, max_queue
         with torch.inference_mode():
-            self.cache = BatchCache(m.config.text, max_seqs, self.max_len, m.dtype, m.device, reserve)
-        self.kv_bytes = max_seqs * bytes_per_row(m.config.text, self.max_len, m.dtype, reserve)
+            self.cache = BatchCache(m.config.text, max_seqs, self.max_len, m.dtype, m.device, reserve,
+                                    engine.kv_cache_dtype, engine.kv_quant_layers)
+        self.kv_bytes = max_seqs * bytes_per_row(m.config.text, self.max_len, m.dtype, reserve,
+                                                 engine.kv_cache_dtype, engine.kv_quant_layers)
         self.sampler = Sampler([], m.config.text.vocab_size, m.device, eos_ids=sorted(engine.base_stop_ids))
         self.running: list[Running] = []
         self.h = torch.zeros(0, m.config.text.hidden_size, dtype=m.dtype, device=m.device)  # [n, hidden]
@@ -283,7 +286,8 @@ class Scheduler:
     def _reset(self) -> None:
         c = self.cache
         with torch.inference_mode():
-            self.cache = BatchCache(c.config, c.rows, c.max_len, self.h.dtype, self.h.device, c.reserve)
+            self.cache = BatchCache(c.config, c.rows, c.max_len, self.h.dtype, self.h.device, c.reserve,
+                                    c.kv_dtype, c.quant_layers)
         self.sampler = Sampler([], self.sampler.vocab_size, self.sampler.device, eos_ids=self.sampler.eos_ids)
         self.running, self.h, self.solo = [], self.h[:0], None
 

@@ -13,6 +13,8 @@ drafts), `decode_attention`: the same math as two small matmuls in fp32, on CPU 
 SDPA's flash kernel for one query (0.1 vs 0.9 ms per layer at head dim 256 and 520 keys),
 equal to it to rounding. It owns the fast / oracle switch and every padding rule that keeps a
 token's output independent of how many tokens share its forward (its docstring lists them).
+An int8 KV cache hands it `Int8KV` codes and scales (cache/quant.py): decode steps dequantize
+a block of keys at a time (`decode_attention_int8`), everything else dequantizes and attends as above.
 This file knows nothing of caches' layout or of any family but Gemma 4's projections.
 """
 
@@ -20,12 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cache.quant import Int8KV
 from ..config import SLIDING, TextConfig
 from .layers import RMSNorm, rms_norm
 from .rope import apply_rope
 
 
 FAST_DECODE = True  # False: SDPA for every step (the oracle the tests compare against)
+# False: an int8 cache is dequantized to the model's dtype and attended like a float one (the
+# plain path the tests compare `decode_attention_int8` against)
+INT8_FAST = True
+INT8_KEY_CHUNK = 1024  # keys dequantized to fp32 at a time by decode_attention_int8 (1 MiB per KV head at dim 256)
 
 
 DECODE_QUERIES = 16  # steps of up to this many tokens per row (decode, verifying drafts) use decode_attention
@@ -52,10 +59,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
       * models/packed.py: a lone bf16 row goes through oneDNN's linear as two rows.
     use_decode_kernel=False keeps a family on SDPA at every size (Gemma 3: its parity with the
     references was established on SDPA's rounding). The padded rows are dropped before return.
+
+    k, v may be `Int8KV` (an int8 cache): with INT8_FAST, steps of ≤ DECODE_QUERIES queries run
+    `decode_attention_int8` whatever `use_decode_kernel` says (a quantized cache has no
+    reference rounding to keep; the same padding rules hold); other steps dequantize first.
     """
+    if isinstance(k, Int8KV):
+        if INT8_FAST and q.shape[2] <= DECODE_QUERIES:
+            return decode_attention_int8(q, k, v, mask, scale)
+        k, v = k.dequantize(q.dtype), v.dequantize(q.dtype)
     if use_decode_kernel and FAST_DECODE and q.shape[2] <= DECODE_QUERIES:
         return decode_attention(q, k, v, mask, scale)
-    return sdpa(q, k, v, mask, scale)
+    return sdpa(q, k.to(q.dtype), v.to(q.dtype), mask, scale)  # (.to: a bf16 cache under an fp32 model)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -90,6 +105,42 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         scores = scores * scale
     scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
     out = torch.matmul(scores.softmax(-1).view(B, KV, G * n, -1), v.float())  # [B, KV, G*n, D]
+    return out.view(B, KV, G, n, D)[:, :, :, :S].reshape(B, H, S, D).to(q.dtype)
+
+
+def decode_attention_int8(q: torch.Tensor, k: Int8KV, v: Int8KV, mask: torch.Tensor,
+                          scale: float = 1.0) -> torch.Tensor:
+    """`decode_attention` over int8 codes: q [B, H, S, D], k/v codes [B, KV, K, D] with their
+    scales (cache/quant.py), mask [B|1, 1, S, K] -> [B, H, S, D].
+
+    Keys and values are dequantized to fp32 INT8_KEY_CHUNK slots at a time, each chunk feeding
+    one matmul, so no float copy of the whole cache is made (the plain path makes one in the
+    model's dtype, and `decode_attention` another in fp32). The chunking depends on the key
+    count only (a whole number of KEY_BLOCKs), so the sums keep the same order whatever the
+    number of queries.
+    """
+    B, H, S, D = q.shape
+    KV, K = k.data.shape[1], k.data.shape[2]
+    G = H // KV
+    n = max(S, -(-MIN_ROWS // G))
+    if n > S:
+        q = torch.cat([q, q[:, :, -1:].expand(-1, -1, n - S, -1)], 2)
+        mask = torch.cat([mask, mask[:, :, -1:].expand(-1, -1, n - S, -1)], 2)
+    qg = q.reshape(B, KV, G * n, D).float()
+    chunks = [slice(c, c + INT8_KEY_CHUNK) for c in range(0, K, INT8_KEY_CHUNK)]
+
+    def block(x: Int8KV, c: slice) -> torch.Tensor:
+        return Int8KV(x.data[:, :, c], x.scale[:, :, c]).dequantize(torch.float32)
+
+    scores = torch.cat([torch.matmul(qg, block(k, c).transpose(-1, -2)) for c in chunks], -1)  # [B, KV, G*n, K]
+    if scale != 1.0:  # Gemma 4's q/k norms take the place of 1/sqrt(d): no multiply there
+        scores = scores * scale
+    scores = scores.view(B, KV, G, n, K).masked_fill(~mask[:, :, None], float("-inf"))
+    p = scores.softmax(-1).view(B, KV, G * n, K)
+    out = None
+    for c in chunks:
+        part = torch.matmul(p[..., c], block(v, c))
+        out = part if out is None else out.add_(part)
     return out.view(B, KV, G, n, D)[:, :, :, :S].reshape(B, H, S, D).to(q.dtype)
 
 

@@ -131,8 +131,10 @@ class CausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.text.norm.weight.device
 
-    def make_cache(self, batch: int, max_len: int, reserve: int = 16) -> KVCache:
-        return KVCache(self.config.text, batch, max_len, self.dtype, self.device, reserve)
+    def make_cache(self, batch: int, max_len: int, reserve: int = 16, kv_dtype: str = "auto",
+                   quant_layers: str | None = None) -> KVCache:
+        """kv_dtype / quant_layers: how K/V are stored (cache/kv.py `layer_dtypes`)."""
+        return KVCache(self.config.text, batch, max_len, self.dtype, self.device, reserve, kv_dtype, quant_layers)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, *, attention_mask=None,
                 mm_token_type_ids=None, cache: KVCache | None = None, block_mask: str | None = None,

@@ -68,6 +68,10 @@ class ServerConfig:
     media_workers: int = 2  # threads converting requests with media; media_queue more may wait, then 429
     media_queue: int = 8
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any); none: no CORS headers
+    # KV storage (cache/kv.py): "auto" | "bf16" | "fp16" | "fp32" | "int8" on "all" | "full" | "sliding"
+    # layers; None: as the model was loaded (unigemma.load's kv_cache_dtype / kv_quant_layers)
+    kv_cache_dtype: str | None = None
+    kv_quant_layers: str | None = None
 
 
 class Served:
@@ -139,6 +143,9 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
     """An app serving `gemma` (a `unigemma.load` result); starts its scheduler thread."""
     config = config or ServerConfig()
     engine = gemma.engine
+    if config.kv_cache_dtype is not None or config.kv_quant_layers is not None:
+        engine.set_kv_cache(config.kv_cache_dtype or engine.kv_cache_dtype,
+                            config.kv_quant_layers or engine.kv_quant_layers)
     scheduler = scheduler or Scheduler(engine, max_seqs=config.max_seqs, max_len=config.max_len,
                                        max_queue=config.max_queue, prefix_cache_mb=config.prefix_cache_mb)
     scheduler.start()
