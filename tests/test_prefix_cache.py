@@ -67,6 +67,30 @@ def test_text_hit_equals_a_fresh_prefill(gemma, window, chunk):
     assert store.lookups == 4 and store.hits >= 2 + (chunk < shared)
 
 
+@pytest.mark.parametrize("layers", ["full", "all"])
+def test_int8_kv_hit_equals_a_fresh_prefill(gemma, layers):
+    """The store copies every tensor of a layer (int8 codes and their scales too): a restored
+    int8 prefix is the same codes a fresh prefill writes."""
+    engine = Engine(gemma.model, gemma.tokenizer, prefill_chunk=16, kv_cache_dtype="int8", kv_quant_layers=layers)
+    store = PrefixCache(gemma.model.config.text, 64 << 20)
+    first, second = (gemma.inputs([SYSTEM, user(q)]) for q in ("What is item 3?", "And item 7, please?"))
+    logits_of(engine, first, store)
+    got, cached = logits_of(engine, second, store)
+    assert cached > 0
+    assert_close(got, logits_of(engine, second)[0])
+
+
+def test_kv_format_change_empties_the_engines_store(gemma):
+    engine = Engine(gemma.model, gemma.tokenizer, prefill_chunk=16, prefix_cache_mb=64)
+    prompt = gemma.inputs([SYSTEM, user("What is item 3?")])
+    logits_of(engine, prompt, engine.prefix_cache)
+    assert engine.prefix_cache.entries
+    engine.set_kv_cache("int8")
+    assert not engine.prefix_cache.entries
+    got, cached = logits_of(engine, prompt, engine.prefix_cache)
+    assert cached == 0
+
+
 def test_images_across_chunk_bounds(gemma):
     """Image blocks longer than the 16-token chunks: restore points fall only between blocks."""
     engine = Engine(gemma.model, gemma.tokenizer, prefill_chunk=16)
