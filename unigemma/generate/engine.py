@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 
-from ..cache.kv import KVCache
+from ..cache.kv import KEY_BLOCK, KVCache
 from ..errors import InputError
 from ..inputs import ModelInputs
 from ..models.drafter import Drafter
@@ -41,6 +41,14 @@ from .stream import Completion, Delta, collect
 # a decode batch's default (cache/kv.py RESERVE); the same meaning.
 CHAT_RESERVE = 64
 
+# A prefill chunk of Q tokens over K keys builds [Q, K] boolean masks (models/masks.py) that
+# SDPA turns into a float one: memory that grows with the context, not with the chunk. Past
+# this many query-key pairs a chunk shrinks (to no fewer than KEY_BLOCK tokens) so the prefill's
+# working memory stays flat however long the prompt: 512 tokens a chunk up to ~16K tokens of
+# context, 64 at 128K (more forwards, each as cheap: a chunk's cost is its tokens' weights and
+# attention either way).
+PREFILL_SCORES = 512 * 16384
+
 
 @dataclass
 class Session:
@@ -54,13 +62,14 @@ class Session:
 class Engine:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, prefill_chunk: int = 512,
                  reserve: int = CHAT_RESERVE, drafter: Drafter | None = None, draft: DraftLength | None = None,
-                 compile_step: bool = False):
+                 compile_step: bool = False, prefill_scores: int = PREFILL_SCORES):
         """reserve: spare ring slots of the caches this engine decodes in (CHAT_RESERVE).
+        prefill_scores: the query-key pairs one prefill chunk may attend (PREFILL_SCORES).
         drafter: an MTP drafter; a conversation decoding alone then decodes speculatively
         (`draft`: the draft length, fixed or adaptive). compile_step: run the decode step
         under torch.compile (generate/runner.py; eager by default)."""
         self.model, self.tokenizer = model, tokenizer
-        self.prefill_chunk, self.reserve = prefill_chunk, reserve
+        self.prefill_chunk, self.reserve, self.prefill_scores = prefill_chunk, reserve, prefill_scores
         self.proposer = MTPProposer(model, drafter) if drafter is not None else None
         self.draft = draft or DraftLength()
         self.decode_step = make_step(compile_step)
@@ -77,6 +86,15 @@ class Engine:
         return set(p.stop_token_ids) | (set() if p.ignore_eos else self.base_stop_ids)
 
     # -- prefill -------------------------------------------------------------------------
+    def chunk_size(self, start: int) -> int:
+        """Tokens in the prefill chunk that starts at sequence index `start` (see PREFILL_SCORES)."""
+        fit = self.prefill_scores // (start + self.prefill_chunk)  # keys: what is cached + the chunk
+        if fit >= self.prefill_chunk:
+            return self.prefill_chunk
+        # A power of two: every new matmul shape costs kernel caches (oneDNN's and others',
+        # ~1-3 MB each, measured), so a long prompt runs a few chunk sizes, not hundreds.
+        return max(KEY_BLOCK, 1 << (fit.bit_length() - 1)) if fit > 0 else KEY_BLOCK
+
     def _check_length(self, n_prompt: int, params: list[SamplingParams]) -> int:
         if n_prompt >= self.context:
             raise InputError(f"the prompt is {n_prompt} tokens; the model's context is {self.context} tokens")
@@ -128,14 +146,22 @@ class Engine:
             session.keys = keys[:cached]  # extended below once the prefill succeeded
         else:
             cache = m.make_cache(B, max_len, reserve=self.reserve)
-        if embeds is None:
+        media = inputs.media()
+        placeholders = [t for t in self.media_ids.values() if t is not None]
+        if embeds is None and (media or bool(torch.isin(ids, torch.tensor(placeholders, device=ids.device)).any())):
+            # Media encoders see each image, frame or clip whole: embedded once for the whole
+            # prompt, chunks take slices ([S, hidden]: this part grows with the prompt).
             with torch.inference_mode():
-                embeds = m.embed(ids, **inputs.media())  # once for the whole prompt: chunks take slices
+                embeds = m.embed(ids, **media)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         h = None
-        for a, b in inputs.chunks(cached, self.prefill_chunk):
+        for a, b in inputs.chunks(cached, self.chunk_size):
             with torch.inference_mode():
-                h = m(ids[:, a:b], positions[:, a:b], attention_mask=mask[:, a:b], embeds=embeds[:, a:b],
+                # Text alone is embedded chunk by chunk: a token's row of the table is all it
+                # needs, and a whole prompt's embeddings would grow with it (0.9 GiB for 128K
+                # tokens of the 12B).
+                e = m.embed(ids[:, a:b]) if embeds is None else embeds[:, a:b]
+                h = m(ids[:, a:b], positions[:, a:b], attention_mask=mask[:, a:b], embeds=e,
                       mm_token_type_ids=None if types is None else types[:, a:b].to(m.device), cache=cache)
             if b < S:
                 yield
