@@ -107,6 +107,7 @@ def test_prefill_memory_is_flat_beyond_the_kv():
 
 class _Model:
     """Just enough model for Engine's chunk arithmetic (no forward runs here)."""
+    dtype = torch.bfloat16
     class config:  # noqa: N801
         class text:  # noqa: N801
             max_position_embeddings = 1 << 20
