@@ -192,4 +192,4 @@ def render(config: ModelConfig, plans: list[Plan]) -> str:
                 cells.append(f"{n:,}" if n else "-")
         lines.append(f"{s:<10}" + "".join(f"{c:>{width}}" for c in cells))
     lines.append("(- : the weights alone do not fit)")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
