@@ -135,3 +135,21 @@ def test_chunks_shrink_past_the_score_budget():
     assert all(a2 == b1 for (_, b1), (a2, _) in zip(bounds, bounds[1:]))
     sizes = [b - a for a, b in bounds[:-1]]
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 512
+
+
+def test_shrinking_text_chunks_equal_one_forward(gemma):
+    """Text embedded chunk by chunk, chunks shrinking from 256 to KEY_BLOCK tokens (a tiny score
+    budget), a window of 16: the last logits equal one forward over the whole prompt (fp32)."""
+    from unigemma.generate.sampling import SamplingParams
+
+    engine = Engine(gemma.model, gemma.tokenizer, prefill_chunk=256, prefill_scores=256 * 400)
+    ids = torch.randint(1000, 200_000, (1, 800), generator=torch.Generator().manual_seed(0))
+    x = ModelInputs.coerce({"input_ids": ids})
+    sizes = [b - a for a, b in x.chunks(0, engine.chunk_size)]
+    assert sizes[0] == 256 and KEY_BLOCK in sizes  # the budget did shrink them
+    with torch.inference_mode():
+        cache, h, _ = engine.prefill({"input_ids": ids}, [SamplingParams(max_tokens=1)])
+        got = gemma.model.head(h).float()
+        want = gemma.model.logits(ids)[:, -1].float()
+    assert cache.length == 800
+    assert (got - want).abs().max().item() < 1e-4

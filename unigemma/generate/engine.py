@@ -147,8 +147,9 @@ class Engine:
         else:
             cache = m.make_cache(B, max_len, reserve=self.reserve)
         media = inputs.media()
-        placeholders = [t for t in self.media_ids.values() if t is not None]
-        if embeds is None and (media or bool(torch.isin(ids, torch.tensor(placeholders, device=ids.device)).any())):
+        placeholders = torch.tensor([t for t in self.media_ids.values() if t is not None], dtype=torch.long,
+                                    device=ids.device)
+        if embeds is None and (media or bool(torch.isin(ids, placeholders).any())):
             # Media encoders see each image, frame or clip whole: embedded once for the whole
             # prompt, chunks take slices ([S, hidden]: this part grows with the prompt).
             with torch.inference_mode():
