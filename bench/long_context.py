@@ -80,7 +80,7 @@ def cache_bytes(cache) -> int:
     return sum(b.numel() * b.element_size() for layer in cache.layers for b in layer)
 
 
-def decode(model, caches: dict[int, object], steps: int) -> dict[int, float]:
+def decode(model, caches: dict, steps: int) -> dict:
     """Greedy steps on each cache as it stands, round-robin (a shared machine's load changes
     then weigh on every context alike); per cache, tokens/s over the faster half after the
     first step."""
@@ -138,29 +138,35 @@ def measure(ckpt: str, quant: str | None, kvs: list[str], contexts: list[int], p
     t = time.perf_counter()
     model = unigemma.load_model(ckpt, dtype="bfloat16", quant=quant)
     out = dict(quant=quant or "bf16", load_s=round(time.perf_counter() - t, 1), rss_after_load_mib=round(rss_mib()))
+    kvs = {name: kv_kwargs(name) for name in kvs}
+    for name in [n for n, kv in kvs.items() if kv is None]:
+        out[f"kv_{name}"] = "not measured: this tree's KV cache has no int8 storage (cache/kv.py kv_dtype)"
+        del kvs[name]
     with torch.inference_mode():
-        for kv_name in kvs:
-            kv = kv_kwargs(kv_name)
-            if kv is None:
-                out[f"kv_{kv_name}"] = "not measured: this tree's KV cache has no int8 storage (cache/kv.py kv_dtype)"
-                continue
-            caches = {}
-            for n in contexts:  # all held at once: decoded round-robin
-                caches[n] = model.make_cache(1, n + steps + 8, **kv)
-                fill(caches[n], n)
-                out[f"kv_{kv_name}_cache_mib_{n}"] = round(cache_bytes(caches[n]) / 2**20, 1)
-            for n, tok_s in decode(model, caches, steps).items():
-                out[f"kv_{kv_name}_decode_tok_s_{n}"] = round(tok_s, 3)
-            out[f"kv_{kv_name}_peak_rss_mib_with_all_caches"] = round(rss_mib())
-            del caches
-            best = {n: 0.0 for n in prefills}
-            for _ in range(prefill_repeats):  # interleaved, best of: load changes hit every length
+        caches = {}
+        for name, kv in kvs.items():  # every (KV choice, context) held at once, decoded round-robin
+            for n in contexts:
+                caches[(name, n)] = cache = model.make_cache(1, n + steps + 8, **kv)
+                fill(cache, n)
+                out[f"kv_{name}_cache_mib_{n}"] = round(cache_bytes(cache) / 2**20, 1)
+        out["peak_rss_mib_with_all_caches"] = round(rss_mib())
+        for (name, n), tok_s in decode(model, caches, steps).items():
+            out[f"kv_{name}_decode_tok_s_{n}"] = round(tok_s, 3)
+        del caches, cache
+        best = {}
+        for _ in range(prefill_repeats):  # interleaved, best of: load changes hit every case
+            for name, kv in kvs.items():
                 for n in prefills:
-                    best[n] = max(best[n], (prefill_chunk_at if chunk_prefill else prefill_real)(model, kv, n))
-            out.update({f"kv_{kv_name}_prefill_tok_s_{n}": round(v, 2) for n, v in best.items()})
-            lo, hi = min(contexts), max(contexts)
-            out[f"kv_{kv_name}_decode_ratio_{hi}_vs_{lo}"] = round(
-                out[f"kv_{kv_name}_decode_tok_s_{hi}"] / out[f"kv_{kv_name}_decode_tok_s_{lo}"], 3)
+                    tok_s = (prefill_chunk_at if chunk_prefill else prefill_real)(model, kv, n)
+                    best[(name, n)] = max(best.get((name, n), 0.0), tok_s)
+        out.update({f"kv_{name}_prefill_tok_s_{n}": round(v, 2) for (name, n), v in best.items()})
+    lo, hi = min(contexts), max(contexts)
+    for name in kvs:
+        out[f"kv_{name}_decode_ratio_{hi}_vs_{lo}"] = round(
+            out[f"kv_{name}_decode_tok_s_{hi}"] / out[f"kv_{name}_decode_tok_s_{lo}"], 3)
+        if name != "bf16" and "bf16" in kvs:
+            out[f"kv_{name}_vs_bf16_decode_{hi}"] = round(
+                out[f"kv_{name}_decode_tok_s_{hi}"] / out[f"kv_bf16_decode_tok_s_{hi}"], 3)
     out["peak_rss_mib"] = round(rss_mib())
     out["peak_rss_gib"] = round(rss_mib() / 1024, 2)
     return out
