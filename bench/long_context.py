@@ -210,7 +210,7 @@ def main():
                                  a.chunk_prefill, a.steps, a.threads, a.prefill_repeats)))
         return
     t0 = time.perf_counter()
-    result = dict(bench="long_context", contexts=ints(a.contexts), decode_steps=a.steps,
+    result = dict(bench="long_context", contexts=ints(a.contexts), big_contexts=ints(a.big_contexts), decode_steps=a.steps,
                   fill="synthetic K/V, bookkeeping as a prefill leaves it", **machine(a.threads))
     for name in [m for m in a.models.split(",") if m]:
         if name == "mid":
