@@ -97,5 +97,74 @@ def test_plan_command(capsys):
         pytest.skip("the shared 12B config is not next to this checkout")
     assert main(["plan", "--model", path, "--memory", "8GB"]) == 0
     out = capsys.readouterr().out
-    assert "int4-g128" in out and "does not fit" in out
+    assert "int4-g128" in out and "int8 full" in out and "weights alone do not fit" in out
+    assert main(["plan", "--model", path]) == 0  # 8, 16 and 24 GB
+    out = capsys.readouterr().out
+    assert all(f"{m} GiB" in out for m in (8, 16, 24))
     assert main(["plan", "--model", path, "--memory", "plenty"]) == 2
+
+
+def test_int8_kv_by_hand():
+    from unigemma.plan import kv_bytes
+
+    t = ModelConfig.from_dict(TINY).text
+    # full layer: 1 head of 32 → bf16 K+V 128 bytes a token; int8 K+V 2 x (32 codes + one fp16 scale
+    # per 32 channels) = 68; sliding ring of 23 slots, 2 heads of 16 → bf16 23 x 128; int8 23 x 2 x 2 x (16 + 2) = 23 x 72
+    n = 1000
+    assert kv_bytes(t, n) == n * 128 + 23 * 128
+    assert kv_bytes(t, n, "int8", "full") == n * 68 + 23 * 128
+    assert kv_bytes(t, n, "int8", "all") == n * 68 + 23 * 72
+    assert kv_bytes(t, n, "int8", "sliding") == n * 128 + 23 * 72
+    c = ModelConfig.from_dict(TINY)
+    w = weight_bytes(c, "bf16")
+    (p,) = plan(c, w + RUNTIME_BYTES + 23 * 128 + 1000 * 68 + 67, ["bf16"], kv_dtype="int8", quant_layers="full")
+    assert (p.max_context, p.kv_bytes_per_1k, p.kv_fixed_bytes) == (1000, 68_000, 23 * 128)
+    with pytest.raises(InputError):
+        kv_bytes(t, n, "int4")
+
+
+def test_kv_bytes_is_what_the_cache_allocates():
+    """The planner's count against the cache's own buffers (and cache/batch.py's count)."""
+    import inspect
+
+    from unigemma.cache.batch import bytes_per_row
+    from unigemma.cache.kv import KVCache
+    from unigemma.plan import kv_bytes
+
+    t = ModelConfig.from_dict(TINY).text
+    for n in (5, 30, 700):
+        cache = KVCache(t, 1, n, torch.bfloat16, reserve=16)
+        assert kv_bytes(t, n) == sum(b.numel() * b.element_size() for layer in cache.layers for b in layer)
+        assert kv_bytes(t, n) == bytes_per_row(t, n, torch.bfloat16, 16)
+    if "kv_dtype" not in inspect.signature(KVCache).parameters:
+        pytest.skip("this cache has no int8 storage yet (cache/kv.py kv_dtype): bf16 checked only")
+    for layers in ("full", "all", "sliding"):
+        cache = KVCache(t, 1, 700, torch.bfloat16, reserve=16, kv_dtype="int8", quant_layers=layers)
+        held = sum(b.numel() * b.element_size() for layer in cache.layers for b in layer)
+        assert kv_bytes(t, 700, "int8", layers) == held
+        assert kv_bytes(t, 700, "int8", layers) == bytes_per_row(t, 700, torch.bfloat16, 16, kv_dtype="int8",
+                                                                  quant_layers=layers)
+
+
+def test_12b_table():
+    from pathlib import Path
+
+    from unigemma.plan import render, table
+
+    path = Path(__file__).parents[2] / "shared/configs/gemma-4-12B/config.json"
+    if not path.is_file():
+        pytest.skip(f"{path} (the shared 12B config) is not in this checkout's parent")
+    c = ModelConfig.from_file(path)
+    plans = table(c, ["8GB", "16GB"], ["int4-g128"])
+    by = {(p.kv, p.memory >> 30): p for p in plans}
+    # int8 full layers: 8 layers x 1 KV head x (512 codes + 16 fp16 scales of 32 channels) x K and V
+    assert by[("int8 full", 8)].kv_bytes_per_1k == 1000 * 8 * 2 * (512 + 32)
+    assert by[("int8 full", 8)].kv_fixed_bytes == by[("bf16", 8)].kv_fixed_bytes  # rings stay bf16
+    # int8 rings: 40 layers x 8 heads x (1023 + 16) slots x 2 x (256 + 8 fp16 scales)
+    assert by[("int8 all", 8)].kv_fixed_bytes == 40 * 8 * 1039 * 2 * 272
+    # in 8 GB an int8 cache about doubles the context; 16 GB holds the model's whole context
+    assert 1.8 < by[("int8 full", 8)].max_context / by[("bf16", 8)].max_context < 2.0
+    assert by[("int8 all", 8)].max_context > by[("int8 full", 8)].max_context
+    assert by[("bf16", 16)].max_context == 262_144
+    text = render(c, plans)
+    assert "int4-g128" in text and f"{by[('int8 all', 8)].max_context:,}" in text

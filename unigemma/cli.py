@@ -260,13 +260,13 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from .plan import load_config, parse_memory, plan, render
+    from .plan import load_config, render, table
 
     from .weights.hub import resolve
 
     # a hub id: its config.json is all a plan needs
-    config, memory = load_config(resolve(args.model, files=["config.json"])), parse_memory(args.memory)
-    print(render(config, memory, plan(config, memory)))
+    config = load_config(resolve(args.model, files=["config.json"]))
+    print(render(config, table(config, [m for m in args.memory.split(",") if m.strip()])))
 
 
 def _api_key(args) -> str | None:
@@ -435,10 +435,11 @@ def main(argv=None) -> int:
     q = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (safetensors + config entry)")
     _model_flags(q, model_required=True)
     q.add_argument("--out", required=True, help="directory to write")
-    pl = sub.add_parser("plan", help="weight and KV memory per quantization, and the longest context that fits")
+    pl = sub.add_parser("plan", help="weight and KV memory per quantization and KV dtype, and the longest context that fits")
     pl.add_argument("--model", required=True,
                     help="checkpoint directory or its config.json, or a hub id (its config.json alone is fetched)")
-    pl.add_argument("--memory", default="16GB", help="memory to plan for, e.g. 16GB, 8GB (default 16GB)")
+    pl.add_argument("--memory", default="8GB,16GB,24GB",
+                    help="memory to plan for, one or several: 16GB or 8GB,16GB,24GB (the default)")
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, ...) and a chat page at /")
     _model_flags(sv)
     _kv_flags(sv)

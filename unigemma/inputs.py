@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -94,9 +94,13 @@ def _spans(types: torch.Tensor, code: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def chunk_bounds(types: torch.Tensor | None, start: int, end: int, chunk: int) -> list[tuple[int, int]]:
+def chunk_bounds(types: torch.Tensor | None, start: int, end: int,
+                 chunk: int | Callable[[int], int]) -> list[tuple[int, int]]:
     """Split [start, end) into pieces of about `chunk` tokens, never between two vision tokens
-    of one block (types [B, S]; a block longer than `chunk` becomes one longer piece)."""
+    of one block (types [B, S]; a block longer than `chunk` becomes one longer piece).
+    chunk may be a function of the piece's first index (the engine shrinks pieces deep into a
+    long prompt, generate/engine.py `chunk_size`)."""
+    size = chunk if callable(chunk) else lambda a: chunk
     if types is None:
         vision = None
     else:
@@ -106,11 +110,12 @@ def chunk_bounds(types: torch.Tensor | None, start: int, end: int, chunk: int) -
         return vision is None or i >= end or not (vision[i - 1] and vision[i])
     bounds, a = [], start
     while a < end:
-        b = min(a + chunk, end)
+        n = max(1, size(a))
+        b = min(a + n, end)
         while b > a and not can_cut(b):
             b -= 1
         if b == a:  # the block from here is longer than a chunk: take all of it
-            b = min(a + chunk, end)
+            b = min(a + n, end)
             while not can_cut(b):
                 b += 1
         bounds.append((a, b))
@@ -214,7 +219,7 @@ class ModelInputs(Mapping):
         return keys
 
     # -- token ranges ------------------------------------------------------------------------
-    def chunks(self, start: int, chunk: int) -> list[tuple[int, int]]:
+    def chunks(self, start: int, chunk: int | Callable[[int], int]) -> list[tuple[int, int]]:
         """`chunk_bounds` of tokens [start, S): prefill pieces that never cut a vision block."""
         return chunk_bounds(self.mm_token_type_ids, start, self.input_ids.shape[1], chunk)
 

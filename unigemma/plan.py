@@ -1,10 +1,11 @@
 """Memory planner: will this model fit, and how long a context then?
 
-    unigemma plan --model path/to/gemma-4-12B --memory 16GB      (a config.json is enough)
+    unigemma plan --model path/to/gemma-4-12B [--memory 8GB,16GB,24GB]   (a config.json is enough)
 
 For each way to hold the weights (bf16 on the CPU fast path, int8, int4 in groups of 32 and
-128) it prints the weight bytes, the KV cache bytes per 1,000 tokens of context and the longest
-context that fits in the memory given. The weights are counted on a meta-device build of the
+128) it prints the weight bytes, and for each way to hold the KV cache (bf16, int8 on the full
+layers, int8 on all) its bytes per 1,000 tokens of context, then one table: the longest
+context that fits, per weight format x KV choice x memory. The weights are counted on a meta-device build of the
 model with the loader's own quantization plan, so the figures follow the code:
 
     weights   every parameter and buffer as loaded (int8 / int4 codes, float16 scales, the 8-bit
@@ -13,8 +14,12 @@ model with the loader's own quantization plan, so the figures follow the code:
               int8-activation ones): the int4 kernel's bf16 scale/zero table (4 bytes per group)
               and int8's bf16 row scales, and on the bf16 fast path the packed copy of the tied LM head
               (models/packed.py: the lookup table stays, the head is packed apart)
-    KV        K and V of every layer in bf16: full layers grow with the context, sliding layers
-              are ring buffers of window - 1 + reserve tokens whatever the length
+    KV        K and V of every layer (the cache stores V even on K=V full layers: there V is the
+              raw projection's norm, K its normed and rotated form, so they differ): full
+              layers grow with the context, sliding layers are ring buffers of window - 1 +
+              reserve tokens whatever the length. Per KV choice: bf16; int8 on the full layers
+              only; int8 on all layers. An int8 vector (one token, one KV head) is its D codes
+              and an fp16 scale per 32 channels, D + D/16 bytes (cache/quant.py's layout)
     overhead  RUNTIME_BYTES for the interpreter, torch and activations of a 512-token prefill
               chunk (measured: torch + the engine idle at ~0.25 GB; a chunk's activations of the
               12B stay under 0.2 GB)
@@ -29,11 +34,13 @@ from pathlib import Path
 import torch
 
 from .cache.batch import bytes_per_row
-from .cache.kv import ring_capacity
-from .config import ModelConfig
+from .config import ModelConfig, TextConfig
 from .errors import InputError
 
 SCHEMES = ("bf16", "int8", "int4-g32", "int4-g128")
+# KV choices: (label, kv dtype, the layer types it applies to; the others stay bf16)
+KV_CHOICES = (("bf16", "bf16", "all"), ("int8 full", "int8", "full"), ("int8 all", "int8", "all"))
+MEMORIES = ("8GB", "16GB", "24GB")
 RUNTIME_BYTES = 512 * 2**20
 GiB = 2**30
 
@@ -45,6 +52,21 @@ class Plan:
     kv_bytes_per_1k: int  # marginal: each further 1,000 tokens (full layers)
     kv_fixed_bytes: int  # the sliding layers' rings
     max_context: int  # 0: the weights alone do not fit
+    kv: str = "bf16"  # the KV choice's label (KV_CHOICES)
+    memory: int = 0
+
+
+def kv_bytes(config: TextConfig, max_len: int, kv_dtype: str = "bf16", quant_layers: str = "all",
+             reserve: int = 16) -> int:
+    """KV bytes of one sequence of `max_len` tokens: K and V of every layer, `kv_dtype` ("bf16"
+    or "int8": D codes + fp16 scales per token, KV head and 32 channels, cache/quant.py) on
+    `quant_layers` ("full", "sliding" or "all"), bf16 on the rest. cache/batch.py's count, the
+    one the caches are allocated by."""
+    if kv_dtype not in ("bf16", "int8"):
+        raise InputError(f"kv_dtype must be bf16 or int8, got {kv_dtype!r}")
+    if quant_layers not in ("full", "sliding", "all"):
+        raise InputError(f"quant_layers must be one of full, sliding, all, got {quant_layers!r}")
+    return bytes_per_row(config, max_len, torch.bfloat16, reserve, kv_dtype=kv_dtype, quant_layers=quant_layers)
 
 
 def parse_memory(text: str) -> int:
@@ -86,20 +108,22 @@ def weight_bytes(config: ModelConfig, scheme: str) -> int:
     return total
 
 
-def plan(config: ModelConfig, memory: int, schemes=SCHEMES, reserve: int = 16) -> list[Plan]:
+def plan(config: ModelConfig, memory: int, schemes=SCHEMES, reserve: int = 16, kv_dtype: str = "bf16",
+         quant_layers: str = "all", weights: dict[str, int] | None = None, label: str | None = None) -> list[Plan]:
+    """Per weight scheme: the longest context that fits in `memory` with this KV choice.
+    weights: scheme → weight bytes already counted (`weight_bytes`)."""
     t = config.text
-    ring = ring_capacity(t.max_position_embeddings, t.sliding_window, reserve)["sliding_attention"]
-    kv_fixed = sum(2 * t.layer_kv_heads[i] * ring * t.layer_head_dims[i] * 2
-                   for i, lt in enumerate(t.layer_types) if lt == "sliding_attention")
+
+    def kv(n: int) -> int:
+        return kv_bytes(t, n, kv_dtype, quant_layers, reserve)
+
+    n = t.sliding_window + reserve + 1000  # past the rings' size: only the full layers still grow
+    per_token = kv(n + 1) - kv(n)
+    per_1k, kv_fixed = 1000 * per_token, kv(n) - n * per_token
     plans = []
     for s in schemes:
-        w = weight_bytes(config, s)
+        w = weights[s] if weights and s in weights else weight_bytes(config, s)
         free = memory - w - RUNTIME_BYTES
-
-        def kv(n: int) -> int:
-            return bytes_per_row(t, n, torch.bfloat16, reserve)
-
-        per_1k = kv(t.sliding_window + 2000) - kv(t.sliding_window + 1000)
         longest = 0
         if free >= kv(1):
             lo, hi = 1, t.max_position_embeddings
@@ -107,18 +131,51 @@ def plan(config: ModelConfig, memory: int, schemes=SCHEMES, reserve: int = 16) -
                 mid = (lo + hi + 1) // 2
                 lo, hi = (mid, hi) if kv(mid) <= free else (lo, mid - 1)
             longest = lo
-        plans.append(Plan(s, w, per_1k, kv_fixed, longest))
+        plans.append(Plan(s, w, per_1k, kv_fixed, longest, label or kv_dtype, memory))
     return plans
 
 
-def render(config: ModelConfig, memory: int, plans: list[Plan]) -> str:
+def table(config: ModelConfig, memories=MEMORIES, schemes=SCHEMES, kvs=KV_CHOICES, reserve: int = 16) -> list[Plan]:
+    """Every weight scheme x KV choice x memory (memories: '16GB'-style strings or bytes)."""
+    weights = {s: weight_bytes(config, s) for s in schemes}
+    out = []
+    for m in memories:
+        memory = m if isinstance(m, int) else parse_memory(m)
+        for label, kv_dtype, layers in kvs:
+            out += plan(config, memory, schemes, reserve, kv_dtype, layers, weights, label)
+    return out
+
+
+def render(config: ModelConfig, plans: list[Plan]) -> str:
+    """The weights and KV figures, then the longest contexts: a row per weight scheme, a column
+    per memory x KV choice."""
     t = config.text
-    lines = [f"{t.num_hidden_layers} layers, hidden {t.hidden_size}, vocab {t.vocab_size}, context up to "
-             f"{t.max_position_embeddings:,} tokens; memory {memory / GiB:.1f} GiB "
-             f"(of which {RUNTIME_BYTES / GiB:.1f} GiB for the runtime and activations)",
-             f"{'weights':<10}{'weight GiB':>11}{'KV MiB/1k tok':>15}{'+ rings MiB':>12}{'longest context':>17}"]
+    schemes = list(dict.fromkeys(p.scheme for p in plans))
+    kvs = list(dict.fromkeys(p.kv for p in plans))
+    memories = list(dict.fromkeys(p.memory for p in plans))
+    first = {}
     for p in plans:
-        ctx = f"{p.max_context:,}" if p.max_context else "does not fit"
-        lines.append(f"{p.scheme:<10}{p.weight_bytes / GiB:>11.2f}{p.kv_bytes_per_1k / 2**20:>15.1f}"
-                     f"{p.kv_fixed_bytes / 2**20:>12.0f}{ctx:>17}")
-    return "\n".join(lines)
+        first.setdefault(p.kv, p)
+        first.setdefault(p.scheme, p)
+    lines = [f"{t.num_hidden_layers} layers, hidden {t.hidden_size}, vocab {t.vocab_size}, context up to "
+             f"{t.max_position_embeddings:,} tokens; {RUNTIME_BYTES / GiB:.1f} GiB of each memory kept for the "
+             f"runtime and activations",
+             "weights: " + ", ".join(f"{s} {first[s].weight_bytes / GiB:.2f} GiB" for s in schemes),
+             "KV cache (int8: D codes + an fp16 scale per 32 channels; full layers grow, sliding rings do not):"]
+    lines += [f"  {k:<10}{first[k].kv_bytes_per_1k / 2**20:>6.1f} MiB per 1k tokens + "
+              f"{first[k].kv_fixed_bytes / 2**20:.0f} MiB of rings" for k in kvs]
+    lines.append(f"longest context (tokens; {t.max_position_embeddings:,} is the model's own limit):")
+    width = 10
+    head = f"{'':<10}" + "".join(f"{f'{m / GiB:g} GiB':^{width * len(kvs)}}" for m in memories)
+    sub = f"{'weights':<10}" + "".join(f"{k:>{width}}" for _ in memories for k in kvs)
+    lines += [head, sub]
+    by = {(p.scheme, p.kv, p.memory): p for p in plans}
+    for s in schemes:
+        cells = []
+        for m in memories:
+            for k in kvs:
+                n = by[(s, k, m)].max_context
+                cells.append(f"{n:,}" if n else "-")
+        lines.append(f"{s:<10}" + "".join(f"{c:>{width}}" for c in cells))
+    lines.append("(- : the weights alone do not fit)")
+    return "\n".join(line.rstrip() for line in lines)

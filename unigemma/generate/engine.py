@@ -27,7 +27,7 @@ from typing import Iterator
 
 import torch
 
-from ..cache.kv import KVCache, layer_dtypes
+from ..cache.kv import KEY_BLOCK, KVCache, layer_dtypes
 from ..cache.prefix import PrefixCache
 from ..errors import InputError
 from ..inputs import VISION_TYPES, ModelInputs, chunk_bounds
@@ -44,6 +44,14 @@ from .stream import Completion, Delta, collect
 # a decode batch's default (cache/kv.py RESERVE); the same meaning.
 CHAT_RESERVE = 64
 
+# A prefill chunk of Q tokens over K keys builds [Q, K] boolean masks (models/masks.py) that
+# SDPA turns into a float one: memory that grows with the context, not with the chunk. Past
+# this many query-key pairs a chunk shrinks (to no fewer than KEY_BLOCK tokens) so the prefill's
+# working memory stays flat however long the prompt: 512 tokens a chunk up to ~16K tokens of
+# context, 64 at 128K (more forwards, each as cheap: a chunk's cost is its tokens' weights and
+# attention either way).
+PREFILL_SCORES = 512 * 16384
+
 
 @dataclass
 class Session:
@@ -57,9 +65,10 @@ class Session:
 class Engine:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, prefill_chunk: int = 512,
                  reserve: int = CHAT_RESERVE, drafter: Drafter | None = None, draft: DraftLength | None = None,
-                 compile_step: bool = False, prefix_cache_mb: float = 0, kv_cache_dtype: str = "auto",
-                 kv_quant_layers: str | None = None):
+                 compile_step: bool = False, prefill_scores: int = PREFILL_SCORES, prefix_cache_mb: float = 0,
+                 kv_cache_dtype: str = "auto", kv_quant_layers: str | None = None):
         """reserve: spare ring slots of the caches this engine decodes in (CHAT_RESERVE).
+        prefill_scores: the query-key pairs one prefill chunk may attend (PREFILL_SCORES).
         prefix_cache_mb: a prefix cache (cache/prefix.py) of this many MiB shared by this
         engine's calls (0: none; a Scheduler may have its own).
         drafter: an MTP drafter; a conversation decoding alone then decodes speculatively
@@ -70,7 +79,7 @@ class Engine:
         for int8, all for a float dtype; cache/kv.py `layer_dtypes`)."""
         self.model, self.tokenizer = model, tokenizer
         self.set_kv_cache(kv_cache_dtype, kv_quant_layers)
-        self.prefill_chunk, self.reserve = prefill_chunk, reserve
+        self.prefill_chunk, self.reserve, self.prefill_scores = prefill_chunk, reserve, prefill_scores
         self.proposer = MTPProposer(model, drafter) if drafter is not None else None
         self.draft = draft or DraftLength()
         self.decode_step = make_step(compile_step)
@@ -109,6 +118,15 @@ class Engine:
         return set(p.stop_token_ids) | (set() if p.ignore_eos else self.base_stop_ids)
 
     # -- prefill -------------------------------------------------------------------------
+    def chunk_size(self, start: int) -> int:
+        """Tokens in the prefill chunk that starts at sequence index `start` (see PREFILL_SCORES)."""
+        fit = self.prefill_scores // (start + self.prefill_chunk)  # keys: what is cached + the chunk
+        if fit >= self.prefill_chunk:
+            return self.prefill_chunk
+        # A power of two: every new matmul shape costs kernel caches (oneDNN's and others',
+        # ~1-3 MB each, measured), so a long prompt runs a few chunk sizes, not hundreds.
+        return max(KEY_BLOCK, 1 << (fit.bit_length() - 1)) if fit > 0 else KEY_BLOCK
+
     def _check_length(self, n_prompt: int, params: list[SamplingParams]) -> int:
         if n_prompt >= self.context:
             raise InputError(f"the prompt is {n_prompt} tokens; the model's context is {self.context} tokens")
@@ -177,17 +195,26 @@ class Engine:
                 cached = hit.length
             record = prefix.recorder(hit)
             split = hit.shared  # a snapshot where this prompt parts from the cached ones
-        if embeds is None:
+        media = inputs.media()
+        placeholders = torch.tensor([t for t in self.media_ids.values() if t is not None], dtype=torch.long,
+                                    device=ids.device)
+        if embeds is None and (media or bool(torch.isin(ids, placeholders).any())):
+            # Media encoders see each image, frame or clip whole: embedded once for the whole
+            # prompt, chunks take slices ([S, hidden]: this part grows with the prompt).
             with torch.inference_mode():
-                embeds = m.embed(ids, **inputs.media())  # once for the whole prompt: chunks take slices
+                embeds = m.embed(ids, **media)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         h = None
-        bounds = inputs.chunks(cached, self.prefill_chunk)
+        bounds = inputs.chunks(cached, self.chunk_size)
         if split > cached:
-            bounds = chunk_bounds(types, cached, split, self.prefill_chunk) + inputs.chunks(split, self.prefill_chunk)
+            bounds = chunk_bounds(types, cached, split, self.chunk_size) + inputs.chunks(split, self.chunk_size)
         for a, b in bounds:
             with torch.inference_mode():
-                h = m(ids[:, a:b], positions[:, a:b], attention_mask=mask[:, a:b], embeds=embeds[:, a:b],
+                # Text alone is embedded chunk by chunk: a token's row of the table is all it
+                # needs, and a whole prompt's embeddings would grow with it (0.9 GiB for 128K
+                # tokens of the 12B).
+                e = m.embed(ids[:, a:b]) if embeds is None else embeds[:, a:b]
+                h = m(ids[:, a:b], positions[:, a:b], attention_mask=mask[:, a:b], embeds=e,
                       mm_token_type_ids=None if types is None else types[:, a:b].to(m.device), cache=cache)
             if record is not None:  # a restore point at each chunk bound
                 record.snapshot(cache, b)
