@@ -85,6 +85,18 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)[:, :, :S]
 
 
+def _stacked_queries(q: torch.Tensor, mask: torch.Tensor, KV: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The query heads sharing a KV head as rows of one fp32 matrix [B, KV, G * n, D], each
+    head's S queries padded (repeating the last one, mask too) to n >= MIN_ROWS / G rows."""
+    B, H, S, D = q.shape
+    G = H // KV
+    n = max(S, -(-MIN_ROWS // G))
+    if n > S:
+        q = torch.cat([q, q[:, :, -1:].expand(-1, -1, n - S, -1)], 2)
+        mask = torch.cat([mask, mask[:, :, -1:].expand(-1, -1, n - S, -1)], 2)
+    return q.reshape(B, KV, G * n, D).float(), mask, n
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      scale: float = 1.0) -> torch.Tensor:
     """A few queries per row: q [B, H, S, D], k/v [B, KV, K, D], mask [B|1, 1, S, K] -> [B, H, S, D].
@@ -95,11 +107,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     B, H, S, D = q.shape
     KV = k.shape[1]
     G = H // KV
-    n = max(S, -(-MIN_ROWS // G))
-    if n > S:
-        q = torch.cat([q, q[:, :, -1:].expand(-1, -1, n - S, -1)], 2)
-        mask = torch.cat([mask, mask[:, :, -1:].expand(-1, -1, n - S, -1)], 2)
-    qg = q.reshape(B, KV, G * n, D).float()
+    qg, mask, n = _stacked_queries(q, mask, KV)
     scores = torch.matmul(qg, k.transpose(-1, -2).float()).view(B, KV, G, n, -1)
     if scale != 1.0:  # Gemma 4's q/k norms take the place of 1/sqrt(d): no multiply there
         scores = scores * scale
@@ -122,11 +130,7 @@ def decode_attention_int8(q: torch.Tensor, k: Int8KV, v: Int8KV, mask: torch.Ten
     B, H, S, D = q.shape
     KV, K = k.data.shape[1], k.data.shape[2]
     G = H // KV
-    n = max(S, -(-MIN_ROWS // G))
-    if n > S:
-        q = torch.cat([q, q[:, :, -1:].expand(-1, -1, n - S, -1)], 2)
-        mask = torch.cat([mask, mask[:, :, -1:].expand(-1, -1, n - S, -1)], 2)
-    qg = q.reshape(B, KV, G * n, D).float()
+    qg, mask, n = _stacked_queries(q, mask, KV)
     chunks = [slice(c, c + INT8_KEY_CHUNK) for c in range(0, K, INT8_KEY_CHUNK)]
 
     def block(x: Int8KV, c: slice) -> torch.Tensor:
