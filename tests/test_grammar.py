@@ -67,3 +67,61 @@ def test_bad_schemas_are_input_errors(gemma):
         grammars.json_schema({"type": "no-such-type"})
     with pytest.raises(InputError):
         grammars.json_schema([1, 2])
+
+
+LOOKUP = [{"type": "function", "function": {"name": "lookup", "parameters": {
+    "type": "object", "properties": {"topic": {"enum": ["alpha", "beta", "gamma"]}}, "required": ["topic"]}}}]
+
+
+def _greedy_call(gemma, params, jump: bool):
+    grammars = Grammars(gemma.tokenizer, gemma.engine.base_stop_ids, gemma.config.text.vocab_size)
+    inputs = gemma.inputs([{"role": "user", "content": "Look it up"}], tools=LOOKUP)
+    s = Scheduler(gemma.engine, max_seqs=2, max_len=256)
+    s.forced_tokens = jump
+    forwards = []
+    step = s.engine.decode_step
+    s.engine.decode_step = lambda *a: forwards.append(a[2].shape[1]) or step(*a)
+    try:
+        r = s.submit(inputs, params, constraint=grammars.tool_call(LOOKUP))
+        s.run_until_done()
+    finally:
+        s.engine.decode_step = step
+    return inputs, r.result(), forwards, grammars
+
+
+def test_jump_forward_emits_forced_tokens_without_their_own_forward(gemma):
+    """A forced tool call decoded greedily, alone: the stretches the grammar forces (`<|tool_call>
+    call:lookup{topic:` and the quotes) are emitted at once and fed with the sampled token in
+    one forward. Checked against full forwards of the whole sequence: each token the model chose
+    is the argmax of its logits among the grammar's allowed tokens, each other token is exactly
+    what the grammar forced; the call is the same text as without jump-forward, in fewer forwards."""
+    params = SamplingParams(temperature=0, max_tokens=60)
+    inputs, done, forwards, grammars = _greedy_call(gemma, params, jump=True)
+    _, plain, plain_forwards, _ = _greedy_call(gemma, params, jump=False)
+    assert done.finish_reason == "tool_calls" and done.timings.forced > 0 and max(forwards) > 1
+    assert len(forwards) < len(plain_forwards) and all(n == 1 for n in plain_forwards)
+    assert done.content == plain.content
+    assert [c["function"] for c in done.tool_calls] == [c["function"] for c in plain.tool_calls]
+    replay = grammars.tool_call(LOOKUP)
+    prompt = inputs["input_ids"][0].tolist()
+    ids, i, chosen = done.token_ids, 0, 0
+    while i < len(ids):
+        forced = replay.forced() if i else []  # the first token is sampled; forcing starts after it
+        if forced and ids[i:i + len(forced)] == forced:
+            for t in forced:
+                replay.advance(t)
+            i += len(forced)
+            continue
+        with torch.no_grad():
+            logits = gemma.model.logits(torch.tensor([prompt + ids[:i]]))[0, -1]
+        allowed = replay.allowed()
+        assert ids[i] == int(torch.where(allowed, logits.float(), float("-inf")).argmax()), i
+        replay.advance(ids[i])
+        i, chosen = i + 1, chosen + 1
+    assert chosen < len(ids)
+
+
+def test_no_jump_forward_when_logprobs_are_asked_for(gemma):
+    params = SamplingParams(temperature=0, max_tokens=60, logprobs=True)
+    _, done, forwards, _ = _greedy_call(gemma, params, jump=True)
+    assert done.timings.forced == 0 and all(n == 1 for n in forwards)

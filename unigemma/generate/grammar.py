@@ -52,6 +52,13 @@ class Constraint:
         """The same grammar at the same point, with its own state (one per choice)."""
         return Constraint(self.matcher.deep_copy(), self.vocab_size, self.stop_ids)
 
+    def forced(self) -> list[int]:
+        """The tokens the grammar now forces, whatever the model would say (empty once complete:
+        then the reply may end or not)."""
+        if self.matcher.is_error() or self.matcher.is_accepting():
+            return []
+        return [t for t in self.matcher.compute_ff_tokens()]
+
     def advance(self, token: int) -> None:
         if token not in self.stop_ids:
             self.matcher.consume_token(token)

@@ -52,6 +52,7 @@ from ..cache.batch import BatchCache, bytes_per_row
 from ..cache.kv import RESERVE
 from ..errors import InputError, QueueFull
 from ..inputs import ModelInputs
+from ..models.attention import DECODE_QUERIES
 from .engine import Engine, Session
 from .sampling import Sampler, SamplingParams
 from .speculative import speculative_round
@@ -135,6 +136,8 @@ class Scheduler:
         self.tokens_out = 0  # completion tokens produced so far (metrics)
         self.solo: tuple[int, torch.Tensor] | None = None  # speculating: (emitted token not yet fed, its hidden)
         self.drafted = self.accepted = 0  # speculative totals (metrics)
+        self.forced_tokens = True  # jump-forward through what a grammar forces (`_jump_forward`)
+        self.jumped = 0  # tokens emitted that way (metrics)
         self.prefix = engine.prefix_cache if prefix_cache_mb is None else engine.make_prefix_cache(prefix_cache_mb)
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -207,6 +210,7 @@ class Scheduler:
                 "kv_tokens_used": used, "kv_tokens_total": self.max_seqs * self.max_len,
                 "kv_bytes": self.kv_bytes, "completion_tokens": self.tokens_out,
                 "drafted_tokens": self.drafted, "accepted_tokens": self.accepted,
+                "forced_tokens": self.jumped,
                 **(self.prefix.stats() if self.prefix is not None else {})}
 
     # -- the background thread ---------------------------------------------------------------
@@ -351,9 +355,45 @@ class Scheduler:
 
     def _decode_step(self) -> None:
         keep = self._sample_and_emit()
-        if self.running:
-            tokens = self._last[keep][:, None]
-            self.h = self.engine.decode_step(self.engine.model, self.cache, tokens, self.cache.positions[:, None])[:, -1]
+        if not self.running:
+            return
+        tokens = self._last[keep][:, None]
+        forced = self._jump_forward() if self.forced_tokens else []
+        if not self.running:  # the reply ended inside the forced stretch
+            return
+        if forced:  # fed with the sampled token in one forward: a verify of drafts that cannot miss
+            tokens = torch.cat([tokens, torch.tensor([forced], device=tokens.device)], 1)
+        positions = self.cache.positions[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        self.h = self.engine.decode_step(self.engine.model, self.cache, tokens, positions)[:, -1]
+
+    def _jump_forward(self) -> list[int]:
+        """Jump-forward decoding for a grammar row decoding alone: the tokens its grammar now
+        forces (llguidance's fast-forward tokens: a tool call's `call:NAME{key:` and quotes,
+        a schema's fixed keys) are emitted at once and fed with the sampled token in one
+        forward, instead of one forward each. Their text is what the masked steps would have
+        produced; their tokens are its canonical tokenization, which a model picking among the
+        allowed splits one at a time need not have chosen. Not for rows that want logprobs (a
+        forced token has no distribution here) or a seeded sampled draw (a masked step would
+        consume a random draw per token: the later draws would differ)."""
+        run = self.running[0]
+        p, c = run.request.params, run.request.constraint
+        if len(self.running) != 1 or c is None or p.logprobs or (p.seed is not None and p.temperature > 0):
+            return []
+        room = min(DECODE_QUERIES - 1, self.cache.reserve - 2, self.max_len - self.cache.host_lengths[0] - 2)
+        forced = c.forced()[:max(room, 0)]
+        now, deltas = time.perf_counter(), []
+        for j, token in enumerate(forced):
+            c.advance(token)
+            self.sampler.observe(torch.tensor([token], device=self._last.device))
+            deltas += run.reply.emit(token, None, now)
+            self.tokens_out += 1
+            if run.reply.finished:
+                forced = forced[:j + 1]
+                break
+        self.jumped += len(forced)
+        run.timings.forced += len(forced)
+        self._hand_out([deltas])
+        return forced
 
     def _sample_and_emit(self) -> list[int]:
         """Sample every row's next token from self.h, hand out the deltas, free finished rows.

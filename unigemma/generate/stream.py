@@ -31,6 +31,7 @@ class Timings:
     drafted: int = 0  # speculative decoding: tokens the drafter proposed
     accepted: int = 0  # ... of which the target kept
     verify_forwards: int = 0  # ... target forwards that checked them
+    forced: int = 0  # tokens a grammar forced, emitted without a forward of their own (jump-forward)
 
     @property
     def acceptance(self) -> float:

@@ -13,8 +13,9 @@ drafts), `decode_attention`: the same math as two small matmuls in fp32, on CPU 
 SDPA's flash kernel for one query (0.1 vs 0.9 ms per layer at head dim 256 and 520 keys),
 equal to it to rounding. It owns the fast / oracle switch and every padding rule that keeps a
 token's output independent of how many tokens share its forward (its docstring lists them).
-An int8 KV cache hands it `Int8KV` codes and scales (cache/quant.py): decode steps dequantize
-a block of keys at a time (`decode_attention_int8`), everything else dequantizes and attends as above.
+An int8 KV cache hands it `Int8KV` codes and scales (cache/quant.py): decode steps read them
+as stored (`decode_attention_int8`: quant/qdot.c's int8 kernels, torch ops where it is not
+built), everything else dequantizes and attends as above.
 This file knows nothing of caches' layout or of any family but Gemma 4's projections.
 """
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..cache.quant import Int8KV
 from ..config import SLIDING, TextConfig
+from ..quant import qdot
 from .layers import RMSNorm, rms_norm
 from .rope import apply_rope
 
@@ -33,6 +35,11 @@ FAST_DECODE = True  # False: SDPA for every step (the oracle the tests compare a
 # plain path the tests compare `decode_attention_int8` against)
 INT8_FAST = True
 INT8_KEY_CHUNK = 1024  # keys dequantized to fp32 at a time by decode_attention_int8 (1 MiB per KV head at dim 256)
+# Attention weights below this count as 0 in decode steps. Over a long context most weights of a
+# peaked softmax are subnormal floats, and every multiply-add with one takes a microcode assist:
+# p @ v at 32K keys ran 15x slower on random K/V. Dropped weights change an output by under
+# 1e-20 x (number of keys) x max |v|, far below fp32's rounding.
+P_FLOOR = 1e-20
 
 
 DECODE_QUERIES = 16  # steps of up to this many tokens per row (decode, verifying drafts) use decode_attention
@@ -112,7 +119,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if scale != 1.0:  # Gemma 4's q/k norms take the place of 1/sqrt(d): no multiply there
         scores = scores * scale
     scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-    out = torch.matmul(scores.softmax(-1).view(B, KV, G * n, -1), v.float())  # [B, KV, G*n, D]
+    p = scores.softmax(-1).view(B, KV, G * n, -1)
+    out = torch.matmul(p.masked_fill_(p < P_FLOOR, 0.0), v.float())  # [B, KV, G*n, D]
     return out.view(B, KV, G, n, D)[:, :, :, :S].reshape(B, H, S, D).to(q.dtype)
 
 
@@ -121,11 +129,32 @@ def decode_attention_int8(q: torch.Tensor, k: Int8KV, v: Int8KV, mask: torch.Ten
     """`decode_attention` over int8 codes: q [B, H, S, D], k/v codes [B, KV, K, D] with their
     scales (cache/quant.py), mask [B|1, 1, S, K] -> [B, H, S, D].
 
-    Keys and values are dequantized to fp32 INT8_KEY_CHUNK slots at a time, each chunk feeding
-    one matmul, so no float copy of the whole cache is made (the plain path makes one in the
-    model's dtype, and `decode_attention` another in fp32). The chunking depends on the key
-    count only (a whole number of KEY_BLOCKs), so the sums keep the same order whatever the
-    number of queries.
+    Where quant/qdot.c is built and the head dim is a multiple of 32, the cache is read as it is
+    stored: q kᵀ as int8 dot products (the queries quantized per 32 channels, as llama.cpp's
+    q8_0 cache does) and p v as fused multiply-adds over codes converted a cache-sized block at a
+    time (`qdot.kv_scores` / `kv_values`); each query row's result is independent of the rows
+    beside it, so no padding is needed. Elsewhere `_int8_blocks` (torch ops) runs.
+    """
+    if not (qdot.kv_fits(k.data, k.scale) and qdot.kv_fits(v.data, v.scale)):
+        return _int8_blocks(q, k, v, mask, scale)
+    B, H, S, D = q.shape
+    KV, K = k.data.shape[1], k.data.shape[2]
+    G = H // KV
+    scores = qdot.kv_scores(q.reshape(B, KV, G * S, D), k.data, k.scale)  # heads of a KV head stacked
+    if scale != 1.0:  # Gemma 4's q/k norms take the place of 1/sqrt(d): no multiply there
+        scores = scores * scale
+    scores = scores.view(B, KV, G, S, K).masked_fill(~mask[:, :, None], float("-inf"))
+    p = scores.softmax(-1).view(B, KV, G * S, K)
+    out = qdot.kv_values(p.masked_fill_(p < P_FLOOR, 0.0), v.data, v.scale)  # [B, KV, G*S, D]
+    return out.view(B, H, S, D).to(q.dtype)
+
+
+def _int8_blocks(q: torch.Tensor, k: Int8KV, v: Int8KV, mask: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """`decode_attention_int8` in torch ops: keys and values dequantized to fp32 INT8_KEY_CHUNK
+    slots at a time, each chunk feeding one matmul, so no float copy of the whole cache is made
+    (the plain path makes one in the model's dtype, and `decode_attention` another in fp32). The
+    chunking depends on the key count only (a whole number of KEY_BLOCKs), so the sums keep the
+    same order whatever the number of queries.
     """
     B, H, S, D = q.shape
     KV, K = k.data.shape[1], k.data.shape[2]
@@ -137,10 +166,11 @@ def decode_attention_int8(q: torch.Tensor, k: Int8KV, v: Int8KV, mask: torch.Ten
         return Int8KV(x.data[:, :, c], x.scale[:, :, c]).dequantize(torch.float32)
 
     scores = torch.cat([torch.matmul(qg, block(k, c).transpose(-1, -2)) for c in chunks], -1)  # [B, KV, G*n, K]
-    if scale != 1.0:  # Gemma 4's q/k norms take the place of 1/sqrt(d): no multiply there
+    if scale != 1.0:
         scores = scores * scale
     scores = scores.view(B, KV, G, n, K).masked_fill(~mask[:, :, None], float("-inf"))
     p = scores.softmax(-1).view(B, KV, G * n, K)
+    p = p.masked_fill_(p < P_FLOOR, 0.0)
     out = None
     for c in chunks:
         part = torch.matmul(p[..., c], block(v, c))

@@ -478,3 +478,166 @@ void ug_quantize_weights(const void *w, int wtype, int64_t N, int64_t K, int bit
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) quantize_weight_row(w, wtype, n, K, bits, g, q, d);
 }
+
+/* ---------------------------------------------------------------- an int8 KV cache, read directly
+ * Decode attention over cache/quant.py's int8 K / V (codes [slots, D] per KV head, float16 scales
+ * [slots, D / g]): the two halves of softmax(q kᵀ) v without a float copy of the cache.
+ *
+ * Scores: the keys are laid out exactly as int8 weights are (a row per slot, scales per g
+ * columns), so q kᵀ is ug_gemm with the queries as activations (quantized per 32 columns, as
+ * llama.cpp's q8_0 cache does: KL on real weights in bench/kv_quality.py).
+ *
+ * Values: out[r] = sum over slots k of p[r, k] x (codes[k] x scale[k]). The contraction runs
+ * over slots, along which there is no shared scale, so the codes are converted to float, PV_KB
+ * slots x PV_CW columns at a time (a block that stays in L1/L2), and every query row of the KV
+ * head accumulates from that block: the cache is read once per step, whatever the number of
+ * query heads sharing it. Each output element sums its slots in order with one fused
+ * multiply-add each (fmaf in the C loops, the same instruction in the SIMD ones): every code
+ * level gives the same bits, and a row's result does not depend on the rows beside it. */
+#define PV_CW 64   /* output columns per task: one 64-byte line of codes per slot */
+#define PV_KB 256  /* slots converted to float at a time: 64 KB of floats */
+
+/* slots [k0, k0 + kn) of the codes at columns [c0, c0 + PV_CW) → float vf [kn][PV_CW]
+ * (columns past D are zero) */
+static inline __attribute__((always_inline)) void
+pv_convert(const int8_t *vc, const uint16_t *vs, int64_t D, int64_t g, int64_t c0, int64_t k0, int64_t kn, float *vf) {
+    int64_t cw = D - c0 < PV_CW ? D - c0 : PV_CW, ns = D / g;
+    for (int64_t k = 0; k < kn; k++) {
+        const int8_t *row = vc + (k0 + k) * D + c0;
+        const uint16_t *srow = vs + (k0 + k) * ns;
+        float *dst = vf + k * PV_CW;
+        for (int64_t c = 0; c < cw; c += g < PV_CW ? g : PV_CW) {  /* one scale per group of g columns */
+            float sc = f16_to_f32(srow[(c0 + c) / g]);
+            int64_t end = c + g < cw ? c + g : cw;
+            for (int64_t j = c; j < end; j++) dst[j] = (float)row[j] * sc;
+        }
+        for (int64_t j = cw; j < PV_CW; j++) dst[j] = 0.f;
+    }
+}
+
+static void pv_rows_c(const float *p, int64_t K, int64_t k0, int64_t kn, int64_t mt, const float *vf, float *acc) {
+    for (int64_t t = 0; t < mt; t++)
+        for (int64_t k = 0; k < kn; k++) {
+            float pk = p[t * K + k0 + k];
+            for (int c = 0; c < PV_CW; c++) acc[t * PV_CW + c] = fmaf(pk, vf[k * PV_CW + c], acc[t * PV_CW + c]);
+        }
+}
+
+#ifdef UG_X86
+/* 2 rows x 64 columns: 16 accumulators in 16 ymm registers would spill, so two passes of 32 */
+AVX2 static void pv_rows_avx2(const float *p, int64_t K, int64_t k0, int64_t kn, int64_t mt, const float *vf, float *acc) {
+    for (int64_t t0 = 0; t0 < mt; t0 += 2) {
+        int two = mt - t0 >= 2;
+        for (int h = 0; h < PV_CW; h += 32) {
+            __m256 a[2][4];
+            for (int t = 0; t < 2; t++)
+                for (int j = 0; j < 4; j++)
+                    a[t][j] = t < 1 + two ? _mm256_loadu_ps(acc + (t0 + t) * PV_CW + h + 8 * j) : _mm256_setzero_ps();
+            for (int64_t k = 0; k < kn; k++) {
+                const float *v = vf + k * PV_CW + h;
+                __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+                __m256 v2 = _mm256_loadu_ps(v + 16), v3 = _mm256_loadu_ps(v + 24);
+                __m256 p0 = _mm256_set1_ps(p[t0 * K + k0 + k]);
+                a[0][0] = _mm256_fmadd_ps(p0, v0, a[0][0]); a[0][1] = _mm256_fmadd_ps(p0, v1, a[0][1]);
+                a[0][2] = _mm256_fmadd_ps(p0, v2, a[0][2]); a[0][3] = _mm256_fmadd_ps(p0, v3, a[0][3]);
+                if (two) {
+                    __m256 p1 = _mm256_set1_ps(p[(t0 + 1) * K + k0 + k]);
+                    a[1][0] = _mm256_fmadd_ps(p1, v0, a[1][0]); a[1][1] = _mm256_fmadd_ps(p1, v1, a[1][1]);
+                    a[1][2] = _mm256_fmadd_ps(p1, v2, a[1][2]); a[1][3] = _mm256_fmadd_ps(p1, v3, a[1][3]);
+                }
+            }
+            for (int t = 0; t < 1 + two; t++)
+                for (int j = 0; j < 4; j++) _mm256_storeu_ps(acc + (t0 + t) * PV_CW + h + 8 * j, a[t][j]);
+        }
+    }
+}
+
+/* 4 rows x 64 columns: 16 accumulators in zmm registers, 4 loads and 16 FMAs per slot */
+AVX512 static void pv_rows_avx512(const float *p, int64_t K, int64_t k0, int64_t kn, int64_t mt, const float *vf,
+                                  float *acc) {
+    for (int64_t t0 = 0; t0 < mt; t0 += 4) {
+        int n = mt - t0 < 4 ? (int)(mt - t0) : 4;
+        __m512 a[4][4];
+        for (int t = 0; t < 4; t++)
+            for (int j = 0; j < 4; j++)
+                a[t][j] = t < n ? _mm512_loadu_ps(acc + (t0 + t) * PV_CW + 16 * j) : _mm512_setzero_ps();
+        for (int64_t k = 0; k < kn; k++) {
+            const float *v = vf + k * PV_CW;
+            __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+            __m512 v2 = _mm512_loadu_ps(v + 32), v3 = _mm512_loadu_ps(v + 48);
+            for (int t = 0; t < 4; t++) {  /* unrolled by the compiler; rows past n are never stored */
+                __m512 pt = _mm512_set1_ps(t < n ? p[(t0 + t) * K + k0 + k] : 0.f);
+                a[t][0] = _mm512_fmadd_ps(pt, v0, a[t][0]); a[t][1] = _mm512_fmadd_ps(pt, v1, a[t][1]);
+                a[t][2] = _mm512_fmadd_ps(pt, v2, a[t][2]); a[t][3] = _mm512_fmadd_ps(pt, v3, a[t][3]);
+            }
+        }
+        for (int t = 0; t < n; t++)
+            for (int j = 0; j < 4; j++) _mm512_storeu_ps(acc + (t0 + t) * PV_CW + 16 * j, a[t][j]);
+    }
+}
+#endif
+
+/* scores [B, H, R, K] (float32) = q [B, H, R, D] (float32) x the codes kc (b, h at kc + b * ks0 +
+ * h * ks1, each [K, D] with rows of D) with scales ksc (likewise, rows of D / g) transposed. */
+int ug_kv_scores(const float *q, int64_t B, int64_t H, int64_t R, int64_t D, const int8_t *kc, int64_t kc0,
+                 int64_t kc1, const uint16_t *ksc, int64_t ks0, int64_t ks1, int64_t K, int64_t g, float *scores) {
+    int64_t M = B * H * R, nb = D / QK;
+    int8_t *xq = malloc(M * D);
+    float *dx = malloc(sizeof(float) * M * nb);
+    int32_t *xs8 = malloc(sizeof(int32_t) * M * nb);
+    int ok = xq && dx && xs8;
+    if (ok) {
+        ug_quantize(q, M, D, xq, dx, xs8, 0);
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t h = 0; h < H; h++) {
+                int64_t i = (b * H + h) * R;
+                ug_gemm(xq + i * D, dx + i * nb, xs8 + i * nb, R, D, kc + b * kc0 + h * kc1, ksc + b * ks0 + h * ks1,
+                        g, K, 8, scores + i * K, 0);
+            }
+    }
+    free(xq);
+    free(dx);
+    free(xs8);
+    return ok ? 0 : -1;
+}
+
+/* out [B, H, R, D] (float32) = p [B, H, R, K] (float32) x the dequantized codes vc (b, h at vc +
+ * b * vc0 + h * vc1, each [K, D]) with scales vsc (rows of D / g). Tasks: (b, h, 64 columns). */
+int ug_kv_values(const float *p, int64_t B, int64_t H, int64_t R, int64_t K, const int8_t *vc, int64_t vc0,
+                 int64_t vc1, const uint16_t *vsc, int64_t vs0, int64_t vs1, int64_t D, int64_t g, float *out) {
+    int64_t chunks = (D + PV_CW - 1) / PV_CW, tasks = B * H * chunks;
+    int simd = ug_isa(-1), failed = 0;
+#pragma omp parallel
+    {
+        float *vf = malloc(sizeof(float) * PV_KB * PV_CW), *acc = malloc(sizeof(float) * R * PV_CW);
+        if (!vf || !acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < tasks; task++) {
+            if (!vf || !acc) continue;
+            int64_t bh = task / chunks, b = bh / H, h = bh % H, c0 = task % chunks * PV_CW;
+            const int8_t *codes = vc + b * vc0 + h * vc1;
+            const uint16_t *sc = vsc + b * vs0 + h * vs1;
+            const float *pb = p + bh * R * K;
+            memset(acc, 0, sizeof(float) * R * PV_CW);
+            for (int64_t k0 = 0; k0 < K; k0 += PV_KB) {
+                int64_t kn = K - k0 < PV_KB ? K - k0 : PV_KB;
+                pv_convert(codes, sc, D, g, c0, k0, kn, vf);
+#ifdef UG_X86
+                if (simd == 2) pv_rows_avx512(pb, K, k0, kn, R, vf, acc);
+                else if (simd) pv_rows_avx2(pb, K, k0, kn, R, vf, acc);
+                else
+#endif
+                    pv_rows_c(pb, K, k0, kn, R, vf, acc);
+            }
+            int64_t cw = D - c0 < PV_CW ? D - c0 : PV_CW;
+            for (int64_t r = 0; r < R; r++) memcpy(out + (bh * R + r) * D + c0, acc + r * PV_CW, sizeof(float) * cw);
+        }
+        free(vf);
+        free(acc);
+    }
+    (void)simd;
+    return failed ? -1 : 0;
+}

@@ -37,6 +37,9 @@ def _lib() -> ctypes.CDLL | None:
     lib.ug_linear.restype = ctypes.c_int
     lib.ug_quantize_weights.argtypes = [ptr, ctypes.c_int, i64, i64, ctypes.c_int, i64, ptr, ptr]
     lib.ug_quantize_weights.restype = None
+    kv = [ptr, i64, i64, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, i64, ptr]
+    lib.ug_kv_scores.argtypes, lib.ug_kv_scores.restype = kv, ctypes.c_int
+    lib.ug_kv_values.argtypes, lib.ug_kv_values.restype = kv, ctypes.c_int
     lib.ug_isa(_TORCH_CAP.get(torch.backends.cpu.get_cpu_capability(), 2))
     return lib
 
@@ -114,15 +117,67 @@ def reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bits: int,
     them, times the dequantized weight. The tests' oracle."""
     from .pack import dequantize
 
-    x = x.double()
-    M, K = x.shape
-    blocks = x.reshape(M, K // BLOCK, BLOCK)
+    w = dequantize(q, scales, bits, torch.float64)
+    return rounded_activations(x) @ w.t()
+
+
+def rounded_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as the C code sees it after quantizing it per block of 32 (float64): the
+    oracles' half of `matmul`, `kv_scores`."""
+    blocks = x.double().unflatten(-1, (-1, BLOCK))
     amax = blocks.abs().amax(-1, keepdim=True).float()
     # 127 / amax in one rounding, as the C code divides (`127.0 / t` in torch is 127 * (1 / t): two)
     inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     xr = torch.round(blocks.float() * inv).double() * (amax / 127.0).double()  # round: half to even
-    w = dequantize(q, scales, bits, torch.float64)
-    return xr.reshape(M, K) @ w.t()
+    return xr.flatten(-2)
+
+
+def kv_fits(codes: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether `kv_scores` / `kv_values` read this int8 cache view (codes [B, H, K, D] int8,
+    scales [B, H, K, D / g] float16) as it is: 32 | g | D, rows of a head contiguous."""
+    D, n = codes.shape[-1], scales.shape[-1]
+    return (available() and codes.dtype == torch.int8 and scales.dtype == torch.float16 and codes.device.type == "cpu"
+            and D % n == 0 and supports(D, D // n) and codes.stride()[2:] == (D, 1) and scales.stride()[2:] == (n, 1))
+
+
+def kv_scores(q: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """q [B, H, R, D] @ the dequantized keys [B, H, K, D]ᵀ → float32 [B, H, R, K], q quantized
+    to int8 per 32 columns on the way in (as `matmul`)."""
+    B, H, R, D = q.shape
+    K = codes.shape[2]
+    _check_kv(q.shape[:2], D, codes, scales)
+    q = q.float().contiguous()
+    y = torch.empty(B, H, R, K, dtype=torch.float32)
+    if _lib().ug_kv_scores(q.data_ptr(), B, H, R, D, codes.data_ptr(), codes.stride(0), codes.stride(1),
+                           scales.data_ptr(), scales.stride(0), scales.stride(1), K, D // scales.shape[-1],
+                           y.data_ptr()):
+        raise MemoryError(f"qdot.kv_scores: no memory for {B * H * R} quantized queries")
+    return y
+
+
+def kv_values(p: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """p [B, H, R, K] (float32) @ the dequantized values [B, H, K, D] → float32 [B, H, R, D], in
+    fp32 fused multiply-adds over the slots in order."""
+    B, H, R, K = p.shape
+    D = codes.shape[-1]
+    _check_kv(p.shape[:2], D, codes, scales)
+    if codes.shape[2] != K:
+        raise ValueError(f"qdot.kv_values: {K} probabilities per row for {codes.shape[2]} cached slots")
+    p = p.float().contiguous()
+    y = torch.empty(B, H, R, D, dtype=torch.float32)
+    if _lib().ug_kv_values(p.data_ptr(), B, H, R, K, codes.data_ptr(), codes.stride(0), codes.stride(1),
+                           scales.data_ptr(), scales.stride(0), scales.stride(1), D, D // scales.shape[-1],
+                           y.data_ptr()):
+        raise MemoryError("qdot.kv_values: no memory for the per-thread buffers")
+    return y
+
+
+def _check_kv(bh, D: int, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    # the C code trusts these: a wrong shape or stride would read out of bounds
+    if (not kv_fits(codes, scales) or tuple(codes.shape[:2]) != tuple(bh) or codes.shape[-1] != D
+            or tuple(scales.shape[:3]) != tuple(codes.shape[:3])):
+        raise ValueError(f"qdot: int8 cache view {tuple(codes.shape)} / scales {tuple(scales.shape)} does not fit "
+                         f"heads {tuple(bh)} of dim {D}")
 
 
 # As a torch operator, so a compiled decode step (generate/runner.py) keeps the layer inside its

@@ -47,6 +47,8 @@ class _Live:
                                   value=s["drafted_tokens"])
         yield CounterMetricFamily("unigemma:spec_decode_num_accepted_tokens", "Speculative drafts the target kept",
                                   value=s["accepted_tokens"])
+        yield CounterMetricFamily("unigemma:grammar_forced_tokens", "Tokens a grammar forced, emitted without a "
+                                  "forward of their own (jump-forward)", value=s["forced_tokens"])
         if "prefix_cache_lookups" in s:  # automatic prefix caching is on (cache/prefix.py)
             yield CounterMetricFamily("unigemma:prefix_cache_queries", "Prompts looked up in the prefix cache",
                                       value=s["prefix_cache_lookups"])
