@@ -31,9 +31,24 @@ class Selection:
     active: str | None = None
     rows: list[tuple[str, torch.Tensor]] | None = None  # (adapter, row indices) groups; None: `active` for all
     names: set[str] = field(default_factory=set)  # adapters loaded somewhere in the model
+    # a number per load: K/V computed under an adapter are keyed by it (a reloaded name differs)
+    loads: dict[str, int] = field(default_factory=dict)
+    _key: tuple | None = None  # the per_row list `rows` was built from (rebuilt only when it changes)
+
+    def added(self, name: str) -> None:
+        self.names.add(name)
+        self.loads[name] = max(self.loads.values(), default=0) + 1
+
+    def tag(self, name: str | None) -> tuple | None:
+        """What K/V computed under adapter `name` are keyed by (None: the base model)."""
+        return None if name is None else ("lora", name, self.loads[name])
 
     def set_rows(self, per_row: list[str | None] | None) -> None:
         """Per batch row its adapter name (None: the base); None clears back to `active`."""
+        key = None if per_row is None else tuple(per_row)
+        if key == self._key and (key is None) == (self.rows is None):
+            return
+        self._key = key
         if per_row is None:
             self.rows = None
             return
@@ -82,7 +97,8 @@ class LoraLinear(nn.Module):
 
     def remove_adapter(self, name: str) -> None:
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
-            d.pop(name, None)
+            if name in d:
+                del d[name]
         self.scaling.pop(name, None)
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
