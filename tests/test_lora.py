@@ -239,3 +239,36 @@ def test_qlora_backward_through_the_cpu_kernel_path(gemma4):
     model.head(model(ids, torch.arange(ids.shape[1])[None])).float().logsumexp(-1).mean().backward()
     assert all(p.grad is not None for p in params)
     assert params[0].dtype == torch.float32  # adapters in fp32 over the bf16 base, as PEFT's autocast does
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma3"])
+def test_merge_writes_a_checkpoint_equal_to_the_unmerged_adapter(gemma4, gemma3, tmp_path, family):
+    """`unigemma merge`: the merged checkpoint loads with unigemma and with transformers, and its
+    logits equal the unmerged adapter's (PEFT's and ours)."""
+    from unigemma.cli import main
+
+    base = gemma4 if family == "gemma4" else gemma3
+    reference = load_reference if family == "gemma4" else gemma3_reference
+    theirs = peft_adapter(reference(base), tmp_path / "adapter", seed=12)
+    ids = torch.randint(3, 500, (1, 19), generator=torch.Generator().manual_seed(12))
+    unmerged = unigemma.load_model(base, dtype="float32")
+    load_adapter(unmerged, tmp_path / "adapter")
+    assert main(["merge", "--model", str(base), "--lora", str(tmp_path / "adapter"), "--out", str(tmp_path / "m")]) == 0
+    merged = unigemma.load_model(tmp_path / "m", dtype="float32")
+    assert not lora_modules(merged)
+    diff = (merged.logits(ids) - unmerged.logits(ids)).abs().max().item()
+    print(f"\n[lora] merged vs unmerged: {diff:.3e}")
+    assert diff <= TOL
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+        got = reference(tmp_path / "m")(input_ids=ids).logits
+    assert (got - want).abs().max().item() <= TOL
+
+
+def test_merge_refuses_a_quantized_base(gemma4):
+    model = unigemma.load_model(gemma4, dtype="float32", quant="int8")
+    add_lora(model, LoraConfig(r=2))
+    from unigemma.lora import merge
+
+    with pytest.raises(ValueError, match="cannot merge into a QuantLinear"):
+        merge(model)

@@ -262,8 +262,8 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    """An adapter folded into the checkpoint's weights (lora/merge.py)."""
-    from .lora.merge import save_merged
+    """An adapter folded into the checkpoint's weights (lora/merged.py)."""
+    from .lora.merged import save_merged
 
     t0 = time.perf_counter()
     try:
