@@ -272,3 +272,27 @@ def test_merge_refuses_a_quantized_base(gemma4):
 
     with pytest.raises(ValueError, match="cannot merge into a QuantLinear"):
         merge(model)
+
+
+# adapter_config.json as Unsloth writes it for Gemma (its target regex, its extra keys)
+UNSLOTH_TARGETS = (r"(?:.*?(?:language|text).*?(?:self_attn|attention|attn|mlp|feed_forward|ffn|dense).*?"
+                   r"(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj).*?)|(?:\bmodel\.layers\.[\d]{1,}\."
+                   r"(?:self_attn|attention|attn|mlp|feed_forward|ffn|dense)\.(?:(?:q_proj|k_proj|v_proj|o_proj|"
+                   r"gate_proj|up_proj|down_proj)))")
+
+
+def test_unsloth_style_adapter_loads(gemma4, tmp_path):
+    ids, media = multimodal_prompt()
+    theirs = peft_adapter(load_reference(gemma4), tmp_path, seed=13)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg.update(target_modules=UNSLOTH_TARGETS, task_type="CAUSAL_LM", modules_to_save=None, lora_dropout=0,
+               auto_mapping={"base_model_class": "Gemma4UnifiedForConditionalGeneration", "unsloth_fixed": True},
+               base_model_name_or_path="unsloth/gemma-4-12b-it")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    ours = unigemma.load_model(gemma4, dtype="float32", block_mask="all")
+    load_adapter(ours, tmp_path)
+    assert compare(ours, theirs, ids, **media) <= TOL
+    # the same regex as our own target list picks the decoder's projections only
+    fresh = unigemma.load_model(gemma4, dtype="float32")
+    add_lora(fresh, LoraConfig(target_modules=UNSLOTH_TARGETS))
+    assert sorted(lora_modules(fresh)) == sorted(lora_modules(ours))

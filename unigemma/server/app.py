@@ -137,7 +137,8 @@ class Served:
     def submit(self, inputs: dict, params: list, constraints: list, model: str | None = None) -> list:
         """One scheduler request per choice: all of them or none. model: the name the request
         resolved to (`check_model`); an adapter's name runs it under that adapter."""
-        adapter = model if model in self.adapters else None
+        # only an adapter's name selects one; otherwise the scheduler's default (the base here)
+        adapter = {"adapter": model} if model in self.adapters else {}
         if self.meter.closing:
             raise Closing("the server is shutting down; try again later")
         n, max_len = inputs["input_ids"].shape[1], self.scheduler.max_len
@@ -147,7 +148,7 @@ class Served:
         requests = []
         try:
             for p, c in zip(params, constraints):
-                requests.append(self.scheduler.submit(inputs, p, constraint=c, adapter=adapter))
+                requests.append(self.scheduler.submit(inputs, p, constraint=c, **adapter))
         except Exception:
             for r in requests:
                 r.cancel()
