@@ -296,3 +296,30 @@ def test_unsloth_style_adapter_loads(gemma4, tmp_path):
     fresh = unigemma.load_model(gemma4, dtype="float32")
     add_lora(fresh, LoraConfig(target_modules=UNSLOTH_TARGETS))
     assert sorted(lora_modules(fresh)) == sorted(lora_modules(ours))
+
+
+def test_text_only_class_both_ways(ckpt_root, tmp_path):
+    """Gemma4UnifiedForCausalLM keeps its decoder at `model.layers.` (ours: model.language_model.layers.):
+    its PEFT names load here, and ours are written in its names."""
+    path = write_checkpoint(Shape(text_only_class=True, vision=False, audio=False, seed=3), ckpt_root)
+    ids, _ = build_prompt(Shape(), [("text", 14)], torch.Generator().manual_seed(14))
+    theirs = peft_adapter(load_reference(path), tmp_path / "peft", seed=14)
+    ours = unigemma.load_model(path, dtype="float32")
+    load_adapter(ours, tmp_path / "peft")
+    assert compare(ours, theirs, ids) <= TOL
+    save_adapter(ours, tmp_path / "ours", LoraConfig.from_peft(json.loads((tmp_path / "peft" / "adapter_config.json")
+                                                                           .read_text())))
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(
+        load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+
+
+def test_dropout_acts_in_training_only(gemma4):
+    ids, _ = build_prompt(Shape(), [("text", 10)], torch.Generator().manual_seed(15))
+    model = unigemma.load_model(gemma4, dtype="float32")
+    add_lora(model, LoraConfig(r=4, dropout=0.5))
+    randomize_lora(model, seed=15)
+    positions = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        assert torch.equal(model(ids, positions), model(ids, positions))  # eval (as loaded): no dropout
+        model.train()
+        assert not torch.equal(model(ids, positions), model(ids, positions))

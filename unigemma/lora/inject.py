@@ -68,7 +68,7 @@ def wrap(model: nn.Module, name: str) -> LoraLinear:
     mod = model.get_submodule(name)
     if isinstance(mod, LoraLinear):
         return mod
-    wrapped = LoraLinear(mod, selection(model))
+    wrapped = LoraLinear(mod, selection(model)).train(mod.training)  # an eval model stays in eval
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, wrapped)
     return wrapped

@@ -94,6 +94,7 @@ class LoraLinear(nn.Module):
         self.lora_A[name], self.lora_B[name] = a.to(dtype), b.to(dtype)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scaling
+        self.train(self.training)  # new modules start in training mode: follow this layer's (dropout)
 
     def remove_adapter(self, name: str) -> None:
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
