@@ -217,3 +217,18 @@ def test_loading_is_off_without_the_flag(root):
             assert r.status_code == 404
     finally:
         app.state.scheduler.stop()
+
+
+def test_cli_run_with_lora_and_serve_flag_errors(root, loras, capsys):
+    from unigemma.cli import main
+    from unigemma.vocab import gemma4_vocab_gguf
+
+    argv = ["run", "--model", str(tiny_checkpoint(root)), "--tokenizer", str(gemma4_vocab_gguf()), "--dtype",
+            "float32", "--max-tokens", "3", "--temperature", "0", "Hello"]
+    assert main(argv + ["--lora", str(loras / "a1")]) == 0
+    assert main(argv + ["--lora", str(loras / "missing")]) == 2
+    assert "missing: not an adapter directory" in capsys.readouterr().err
+    assert main(["serve", "--lora", "no-equals-sign"]) == 2
+    assert "NAME=DIR" in capsys.readouterr().err
+    assert main(["serve", "--enable-lora-loading"]) == 2
+    assert "--lora-dir" in capsys.readouterr().err
