@@ -316,6 +316,14 @@ class Scheduler:
     # -- one scheduler step --------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
+        try:
+            self._step()
+        finally:  # forwards outside the scheduler (model.logits, the embedders) see the active adapter
+            sel = selection(self.engine.model, create=False)
+            if sel is not None:
+                sel.set_rows(None)
+
+    def _step(self) -> None:
         self._run_jobs()
         self._drop_cancelled()
         try:
