@@ -323,3 +323,15 @@ def test_dropout_acts_in_training_only(gemma4):
         assert torch.equal(model(ids, positions), model(ids, positions))  # eval (as loaded): no dropout
         model.train()
         assert not torch.equal(model(ids, positions), model(ids, positions))
+
+
+def test_training_through_a_packed_base_is_refused_clearly(gemma4):
+    from unigemma.models.packed import pack_linears
+
+    model = unigemma.load_model(gemma4, dtype="float32")
+    pack_linears(model, head=False)
+    model.requires_grad_(False)
+    add_lora(model, LoraConfig(r=2))
+    ids, _ = build_prompt(Shape(), [("text", 6)], torch.Generator().manual_seed(16))
+    with pytest.raises(RuntimeError, match="load the model unpacked to train"):
+        model(ids, torch.arange(ids.shape[1])[None])
