@@ -335,3 +335,30 @@ def test_training_through_a_packed_base_is_refused_clearly(gemma4):
     ids, _ = build_prompt(Shape(), [("text", 6)], torch.Generator().manual_seed(16))
     with pytest.raises(RuntimeError, match="load the model unpacked to train"):
         model(ids, torch.arange(ids.shape[1])[None])
+
+
+@pytest.mark.parametrize("bad", ["scalar", "rank0", "wrong-shape", "only-A"])
+def test_malformed_adapter_tensors_are_refused(gemma4, tmp_path, bad):
+    peft_adapter(load_reference(gemma4), tmp_path, seed=17)
+    weights = tmp_path / "adapter_model.safetensors"
+    t = load_file(weights)
+    key = "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"
+    t[key] = {"scalar": torch.tensor(1.0), "rank0": torch.zeros(0, 64), "wrong-shape": torch.zeros(4, 65),
+              "only-A": t[key]}[bad]
+    if bad == "only-A":
+        del t[key.replace("lora_A", "lora_B")]
+    save_file(t, weights)
+    ours = unigemma.load_model(gemma4, dtype="float32")
+    with pytest.raises(CheckpointError, match="layers.0.self_attn.q_proj"):
+        load_adapter(ours, tmp_path)
+    assert not lora_modules(ours)
+
+
+@pytest.mark.parametrize("change", [{"alpha_pattern": {"(": 2}}, {"target_modules": "("}, {"r": -1},
+                                    {"lora_alpha": "x"}, {"rank_pattern": {"q_proj": "big"}}, {"peft_type": "IA3"}])
+def test_malformed_adapter_configs_are_refused(gemma4, tmp_path, change):
+    peft_adapter(load_reference(gemma4), tmp_path, seed=18)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(CheckpointError, match="adapter_config.json"):
+        load_adapter(unigemma.load_model(gemma4, dtype="float32"), tmp_path)
