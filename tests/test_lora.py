@@ -362,3 +362,22 @@ def test_malformed_adapter_configs_are_refused(gemma4, tmp_path, change):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
     with pytest.raises(CheckpointError, match="adapter_config.json"):
         load_adapter(unigemma.load_model(gemma4, dtype="float32"), tmp_path)
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma3"])
+def test_initial_weights_equal_peft_under_the_same_seed(gemma4, gemma3, family):
+    """A training run seeded like a PEFT one starts from PEFT's A (kaiming-uniform, drawn in the same
+    module order) and a zero B."""
+    base = gemma4 if family == "gemma4" else gemma3
+    reference = load_reference(base) if family == "gemma4" else gemma3_reference(base)
+    torch.manual_seed(19)
+    theirs = peft.get_peft_model(reference, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    want = {k.removeprefix("base_model.model."): v for k, v in peft.get_peft_model_state_dict(theirs).items()}
+    ours = unigemma.load_model(base, dtype="float32")
+    torch.manual_seed(19)
+    add_lora(ours, LoraConfig(r=4, alpha=8.0))
+    from unigemma.lora import lora_state_dict
+
+    got = {k.removeprefix("base_model.model."): v for k, v in lora_state_dict(ours).items()}
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in got)
