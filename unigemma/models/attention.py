@@ -120,7 +120,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         scores = scores * scale
     scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
     p = scores.softmax(-1).view(B, KV, G * n, -1)
-    out = torch.matmul(p.masked_fill_(p < P_FLOOR, 0.0), v.float())  # [B, KV, G*n, D]
+    out = torch.matmul(p.masked_fill(p < P_FLOOR, 0.0), v.float())  # [B, KV, G*n, D] (not in place: autograd)
     return out.view(B, KV, G, n, D)[:, :, :, :S].reshape(B, H, S, D).to(q.dtype)
 
 
@@ -170,7 +170,7 @@ def _int8_blocks(q: torch.Tensor, k: Int8KV, v: Int8KV, mask: torch.Tensor, scal
         scores = scores * scale
     scores = scores.view(B, KV, G, n, K).masked_fill(~mask[:, :, None], float("-inf"))
     p = scores.softmax(-1).view(B, KV, G * n, K)
-    p = p.masked_fill_(p < P_FLOOR, 0.0)
+    p = p.masked_fill(p < P_FLOOR, 0.0)
     out = None
     for c in chunks:
         part = torch.matmul(p[..., c], block(v, c))
