@@ -100,7 +100,11 @@ class QuantLinear(nn.Module):
         path = self.path or self.choose_path(x.dtype)
         if not USE_KERNELS or x2.shape[0] > MAX_ROWS.get(path, 0):
             path = "dequantize"
-        if path == "int8-act":
+        if x.requires_grad and torch.is_grad_enabled():
+            # QLoRA: the kernels have no backward; the input's gradient goes through the dequantized
+            # weight, recomputed in backward rather than saved (the frozen weight gets none)
+            y = _DequantizeMatmul.apply(x2, self)
+        elif path == "int8-act":
             y = qdot.linear_op(x2, self.our_weight(), self.scales, self.bits, self.group_size)
         elif path == "int8pack" and x.dtype == torch.bfloat16:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self._scales_for(x.dtype))
@@ -114,20 +118,48 @@ class QuantLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def _dequantize_matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def _blocks(self, dtype: torch.dtype):
+        """(row slice, dequantized weight rows) a block at a time (~1 MiB of float32)."""
         q = self.our_weight()
         rows = max(64, _BLOCK_BYTES // (4 * self.in_features))
+        for r in range(0, self.out_features, rows):
+            yield slice(r, r + rows), dequantize(q[r:r + rows], self.scales[r:r + rows], self.bits, dtype)
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         # bf16 GEMMs are emulated without AVX512-BF16 (scalar-speed on AVX2): run those in float32
-        dtype = plan().compute_dtype(x.dtype) if x.device.type == "cpu" else x.dtype
+        return plan().compute_dtype(x.dtype) if x.device.type == "cpu" else x.dtype
+
+    def _dequantize_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._compute_dtype(x)
         xc = x.to(dtype)
-        outs = [F.linear(xc, dequantize(q[r:r + rows], self.scales[r:r + rows], self.bits, dtype))
-                for r in range(0, self.out_features, rows)]
+        outs = [F.linear(xc, w) for _, w in self._blocks(dtype)]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
                 f"path={self.path}")
+
+
+class _DequantizeMatmul(torch.autograd.Function):
+    """y = x Wᵀ over the dequantized weight; backward dx = dy W, dequantizing again block by
+    block, so no float copy of W is kept between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
+        ctx.module = module
+        return module._dequantize_matmul(x)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        module = ctx.module
+        dtype = module._compute_dtype(dy)
+        dyc = dy.to(dtype)
+        dx = None
+        for rows, w in module._blocks(dtype):
+            part = dyc[:, rows] @ w
+            dx = part if dx is None else dx.add_(part)
+        return dx.to(dy.dtype), None
 
 
 class QuantEmbedding(QuantLinear):
