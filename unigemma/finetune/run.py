@@ -22,7 +22,6 @@ import torch
 
 from ..errors import InputError
 from .data import Dataset, load_jsonl
-from .qlora import make_trainable
 from .train import QUANT_NAMES, TrainArgs, Trainer
 
 
@@ -37,13 +36,13 @@ class Result:
 
 
 def prepare(model, lora_config, seed: int = 0) -> list[torch.nn.Parameter]:
-    """Freeze `model`, make its quantized layers pass gradients (QLoRA), add the adapter
-    (seeded: its A matrices are random); returns the adapter's parameters."""
+    """Freeze `model` and add the adapter (seeded: its A matrices are random); returns the
+    adapter's parameters. A quantized base (QLoRA) needs nothing more: QuantLinear passes the
+    input's gradient through its dequantized weight, recomputed in backward (quant/linear.py)."""
     from ..lora import add_lora
 
     for p in model.parameters():
         p.requires_grad_(False)
-    make_trainable(model)
     torch.manual_seed(seed)
     params = add_lora(model, lora_config)
     for p in params:

@@ -9,7 +9,7 @@ cross-entropy over every label token of those micro-batches (loss.py), so accumu
 of 1 equals one batch of 4. The model is loaded unpacked (`unigemma.load(..., fast=False)`: the
 oneDNN-packed inference linears have no backward), every base weight frozen; with `quantize`
 the base is int8 / int4 (quant/apply.py) and stays frozen, gradients passing through its
-dequantized weight (qlora.py). Reproducible: one seed fixes the adapters' initial weights,
+dequantized weight (quant/linear.py). Reproducible: one seed fixes the adapters' initial weights,
 dropout and the data order; a resumed run restores the optimizer, schedule, RNG states and the
 position in the data, so its losses are those of the run that was not interrupted.
 
@@ -160,6 +160,8 @@ class Trainer:
         if self.progress:
             from tqdm import tqdm
             bar = tqdm(total=self.total, initial=self.step, desc="fine-tuning", unit="step", dynamic_ncols=True)
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
         log = (self.out / "log.jsonl").open("a") if self.out is not None else None
         t0, seen = time.perf_counter(), 0
         try:
