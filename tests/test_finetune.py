@@ -133,3 +133,35 @@ def test_qlora_step_on_int4(checkpoint, data_file):
     assert set(renamed) == set(frozen)
     assert all(torch.equal(frozen[k], renamed[k]) for k in frozen)
     assert any(v.dtype == torch.uint8 for v in frozen.values())  # int4 codes
+
+
+def test_cli_writes_an_adapter_and_resumes(checkpoint, data_file, tmp_path):
+    from unigemma.cli import main
+
+    out = tmp_path / "run"
+    common = ["finetune", "--model", str(checkpoint), "--data", str(data_file), "--eval", str(data_file),
+              "--out", str(out), "--dtype", "float32", "--lora-r", "2", "--batch-size", "2", "--save-every", "1",
+              "--eval-every", "1", "--image-budget", "70", "--quiet"]
+    assert main(common + ["--max-steps", "1"]) == 0
+    assert main(common + ["--max-steps", "2", "--resume"]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 2
+    assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-2" / "trainer_state.pt").is_file()
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2] and all("eval_loss" in e for e in log)
+    # bad data is a clean error (exit 2) naming the line
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\nnot json\n')
+    assert main(["finetune", "--model", str(checkpoint), "--data", str(bad), "--out", str(tmp_path / "x"),
+                 "--quiet"]) == 2
+
+
+def test_8bit_optimizer(checkpoint, data_file):
+    pytest.importorskip("torchao", reason="torchao is optional (--optim adamw8bit); not in the dev venv")
+    gemma, data = ours(checkpoint, data_file, block_mask="sliding")
+    params = prepare(gemma.model, LoraConfig(r=4, alpha=8), seed=0)
+    t = Trainer(gemma.model, params, data, gemma.tokenizer.pad_id,
+                TrainArgs(**{**ARGS, "max_steps": 3, "warmup": 0, "optim": "adamw8bit"}))
+    losses = t.run()
+    assert all(math.isfinite(x) for x in losses) and losses[2] < losses[0] + 1.0
+    assert type(t.opt).__name__ == "AdamW8bit"

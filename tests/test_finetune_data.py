@@ -102,7 +102,8 @@ def test_inference_form_of_the_last_reply(processor):
     assert trained == "Hello.<turn|>Bye.<turn|>"
     # prompt / completion strings are a user turn and the reply
     p = processor([{"role": "user", "content": "bye"}])["input_ids"][0].tolist()
-    enc2 = encode_conversation(processor, [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "Bye."}])
+    enc2 = encode_conversation(processor, [{"role": "user", "content": "bye"},
+                                           {"role": "assistant", "content": "Bye."}])
     assert enc2.inputs["input_ids"][0].tolist()[:len(p)] == p
 
 

@@ -323,6 +323,13 @@ def cmd_serve(args) -> None:
     serve(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
 
 
+def cmd_finetune(args) -> None:
+    """LoRA / QLoRA fine-tuning on a jsonl file (unigemma/finetune/)."""
+    from .finetune.cli import main
+
+    main(args)
+
+
 def cmd_pull(args) -> None:
     """Download a hub model into the hub cache (progress bars on stderr); print its local path."""
     from .weights.hub import fetch, parse
@@ -481,6 +488,11 @@ def main(argv=None) -> int:
     sv.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                     help="let browser pages on ORIGIN (e.g. http://localhost:3000; '*': any) call the API "
                          "(CORS; repeatable). Off by default: no CORS headers")
+    ft = sub.add_parser("finetune", help="train a LoRA / QLoRA adapter on chat, prompt/completion or text jsonl "
+                                         "(PEFT format out; serve it with `serve --lora NAME=DIR`)")
+    from .finetune.cli import add_arguments as finetune_arguments
+
+    finetune_arguments(ft)
     pu = sub.add_parser("pull", help="download a hub model (ORG/NAME[:FILE.gguf|:QUANT][@REVISION]) into the "
                                      "hub cache; prints its local path")
     pu.add_argument("model")
@@ -490,7 +502,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         {"generate": cmd_generate, "demo": cmd_demo, "run": cmd_run, "chat": cmd_chat,
-         "quantize": cmd_quantize, "plan": cmd_plan, "serve": cmd_serve, "pull": cmd_pull,
+         "quantize": cmd_quantize, "plan": cmd_plan, "serve": cmd_serve, "pull": cmd_pull, "finetune": cmd_finetune,
          "ls": cmd_ls}[args.cmd](args)
     except UnigemmaError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -12,8 +12,9 @@ mlx-lm's `--mask-prompt`): only what the model itself would generate is trained:
     placeholders and their begin / end markers (soft tokens are inputs, never outputs).
 
 How: the template renders messages[:i+1] for each i, so message i owns the text it adds to
-messages[:i] (the template must render a conversation prefix by prefix, which Gemma's do; it is
-checked; messages after the last assistant message train nothing and are dropped). An assistant message's header is the part of its text that the generation prompt
+messages[:i] (the template must render a conversation prefix by prefix, which Gemma's do; it is checked;
+messages after the last assistant message train nothing and are dropped). An assistant
+message's header is the part of its text that the generation prompt
 (`add_generation_prompt=True` on messages[:i]) also writes. The conversation's last assistant
 message is written as inference prompts it: after the generation prompt itself (Gemma 4 with
 thinking off adds an empty thought channel there, which history turns do not carry), so the
