@@ -239,3 +239,99 @@ def test_qlora_backward_through_the_cpu_kernel_path(gemma4):
     model.head(model(ids, torch.arange(ids.shape[1])[None])).float().logsumexp(-1).mean().backward()
     assert all(p.grad is not None for p in params)
     assert params[0].dtype == torch.float32  # adapters in fp32 over the bf16 base, as PEFT's autocast does
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma3"])
+def test_merge_writes_a_checkpoint_equal_to_the_unmerged_adapter(gemma4, gemma3, tmp_path, family):
+    """`unigemma merge`: the merged checkpoint loads with unigemma and with transformers, and its
+    logits equal the unmerged adapter's (PEFT's and ours)."""
+    from unigemma.cli import main
+
+    base = gemma4 if family == "gemma4" else gemma3
+    reference = load_reference if family == "gemma4" else gemma3_reference
+    theirs = peft_adapter(reference(base), tmp_path / "adapter", seed=12)
+    ids = torch.randint(3, 500, (1, 19), generator=torch.Generator().manual_seed(12))
+    unmerged = unigemma.load_model(base, dtype="float32")
+    load_adapter(unmerged, tmp_path / "adapter")
+    assert main(["merge", "--model", str(base), "--lora", str(tmp_path / "adapter"), "--out", str(tmp_path / "m")]) == 0
+    merged = unigemma.load_model(tmp_path / "m", dtype="float32")
+    assert not lora_modules(merged)
+    diff = (merged.logits(ids) - unmerged.logits(ids)).abs().max().item()
+    print(f"\n[lora] merged vs unmerged: {diff:.3e}")
+    assert diff <= TOL
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+        got = reference(tmp_path / "m")(input_ids=ids).logits
+    assert (got - want).abs().max().item() <= TOL
+
+
+def test_merge_refuses_a_quantized_base(gemma4):
+    model = unigemma.load_model(gemma4, dtype="float32", quant="int8")
+    add_lora(model, LoraConfig(r=2))
+    from unigemma.lora import merge
+
+    with pytest.raises(ValueError, match="cannot merge into a QuantLinear"):
+        merge(model)
+
+
+# adapter_config.json as Unsloth writes it for Gemma (its target regex, its extra keys)
+UNSLOTH_TARGETS = (r"(?:.*?(?:language|text).*?(?:self_attn|attention|attn|mlp|feed_forward|ffn|dense).*?"
+                   r"(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj).*?)|(?:\bmodel\.layers\.[\d]{1,}\."
+                   r"(?:self_attn|attention|attn|mlp|feed_forward|ffn|dense)\.(?:(?:q_proj|k_proj|v_proj|o_proj|"
+                   r"gate_proj|up_proj|down_proj)))")
+
+
+def test_unsloth_style_adapter_loads(gemma4, tmp_path):
+    ids, media = multimodal_prompt()
+    theirs = peft_adapter(load_reference(gemma4), tmp_path, seed=13)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg.update(target_modules=UNSLOTH_TARGETS, task_type="CAUSAL_LM", modules_to_save=None, lora_dropout=0,
+               auto_mapping={"base_model_class": "Gemma4UnifiedForConditionalGeneration", "unsloth_fixed": True},
+               base_model_name_or_path="unsloth/gemma-4-12b-it")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    ours = unigemma.load_model(gemma4, dtype="float32", block_mask="all")
+    load_adapter(ours, tmp_path)
+    assert compare(ours, theirs, ids, **media) <= TOL
+    # the same regex as our own target list picks the decoder's projections only
+    fresh = unigemma.load_model(gemma4, dtype="float32")
+    add_lora(fresh, LoraConfig(target_modules=UNSLOTH_TARGETS))
+    assert sorted(lora_modules(fresh)) == sorted(lora_modules(ours))
+
+
+def test_text_only_class_both_ways(ckpt_root, tmp_path):
+    """Gemma4UnifiedForCausalLM keeps its decoder at `model.layers.` (ours: model.language_model.layers.):
+    its PEFT names load here, and ours are written in its names."""
+    path = write_checkpoint(Shape(text_only_class=True, vision=False, audio=False, seed=3), ckpt_root)
+    ids, _ = build_prompt(Shape(), [("text", 14)], torch.Generator().manual_seed(14))
+    theirs = peft_adapter(load_reference(path), tmp_path / "peft", seed=14)
+    ours = unigemma.load_model(path, dtype="float32")
+    load_adapter(ours, tmp_path / "peft")
+    assert compare(ours, theirs, ids) <= TOL
+    save_adapter(ours, tmp_path / "ours", LoraConfig.from_peft(json.loads((tmp_path / "peft" / "adapter_config.json")
+                                                                           .read_text())))
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(
+        load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+
+
+def test_dropout_acts_in_training_only(gemma4):
+    ids, _ = build_prompt(Shape(), [("text", 10)], torch.Generator().manual_seed(15))
+    model = unigemma.load_model(gemma4, dtype="float32")
+    add_lora(model, LoraConfig(r=4, dropout=0.5))
+    randomize_lora(model, seed=15)
+    positions = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        assert torch.equal(model(ids, positions), model(ids, positions))  # eval (as loaded): no dropout
+        model.train()
+        assert not torch.equal(model(ids, positions), model(ids, positions))
+
+
+def test_training_through_a_packed_base_is_refused_clearly(gemma4):
+    from unigemma.models.packed import pack_linears
+
+    model = unigemma.load_model(gemma4, dtype="float32")
+    pack_linears(model, head=False)
+    model.requires_grad_(False)
+    add_lora(model, LoraConfig(r=2))
+    ids, _ = build_prompt(Shape(), [("text", 6)], torch.Generator().manual_seed(16))
+    with pytest.raises(RuntimeError, match="load the model unpacked to train"):
+        model(ids, torch.arange(ids.shape[1])[None])

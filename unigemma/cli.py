@@ -1,4 +1,4 @@
-"""Command line: `unigemma demo | run | chat | serve | generate | quantize | plan | pull | ls`.
+"""Command line: `unigemma demo | run | chat | serve | generate | quantize | merge | plan | pull | ls`.
 
 `run` answers one message and streams it; `chat` is an interactive session that keeps the
 history (and its KV cache, so a turn prefills only the new message). Without `--model` both use
@@ -62,6 +62,8 @@ def load_for(args):
                   draft=getattr(args, "draft", None), draft_tokens=getattr(args, "draft_tokens", None),
                   kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
                   kv_quant_layers=getattr(args, "kv_quant_layers", None))
+    if isinstance(getattr(args, "lora", None), str):  # run / chat: one adapter for the whole chat
+        common["lora"] = args.lora
     if args.model:
         gemma = load(args.model, tokenizer=args.tokenizer, mmproj=args.mmproj, **common)
     else:
@@ -259,6 +261,18 @@ def cmd_quantize(args) -> None:
     print(f"wrote {out} ({args.quant}) in {time.perf_counter() - t0:.1f} s")
 
 
+def cmd_merge(args) -> None:
+    """An adapter folded into the checkpoint's weights (lora/merged.py)."""
+    from .lora.merged import save_merged
+
+    t0 = time.perf_counter()
+    try:
+        out = save_merged(args.model, args.lora, args.out, dtype=args.dtype)
+    except ValueError as e:
+        raise UnigemmaError(str(e)) from None
+    print(f"wrote {out} (merged {args.lora}) in {time.perf_counter() - t0:.1f} s")
+
+
 def cmd_plan(args) -> None:
     from .plan import load_config, render, table
 
@@ -304,6 +318,7 @@ def cmd_serve(args) -> None:
         raise UnigemmaError("--shutdown-timeout must be between 0 and 3600 seconds")
     api_key = _api_key(args)
     hosts, any_ip = allowed_hosts(args.host, args.allowed_host or ())
+    adapters = _lora_flags(args)
     gemma = load_for(args)
     names = args.served_name or default_names(args.model)
     config = ServerConfig(model_name=names[0], aliases=tuple(names[1:]), strict_model_name=args.strict_model_name,
@@ -312,7 +327,8 @@ def cmd_serve(args) -> None:
                           prefix_cache_mb=args.prefix_cache_mb,
                           limits=Limits(allow_url_fetch=args.allow_url_fetch), allowed_hosts=hosts,
                           allow_ip_hosts=any_ip, media_workers=args.media_workers,
-                          media_queue=4 * args.media_workers)
+                          media_queue=4 * args.media_workers, adapters=adapters,
+                          lora_loading=args.enable_lora_loading, lora_dir=args.lora_dir, max_loras=args.max_loras)
     app = create_app(gemma, config)
     print(f"serving {', '.join(app.state.served.names.names)} on http://{args.host}:{args.port}/ "
           "(chat page at /, API at /v1); "
@@ -321,6 +337,27 @@ def cmd_serve(args) -> None:
           f"{app.state.scheduler.cache.layer_dtypes}), prefix cache "
           f"{f'{args.prefix_cache_mb:g} MiB' if args.prefix_cache_mb else 'off'}", file=sys.stderr)
     serve(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
+
+
+def _lora_flags(args) -> dict[str, str]:
+    """serve's --lora NAME=DIR flags (checked before the weights load) and the loading flags."""
+    from .server.adapters import parse_flag
+
+    adapters = {}
+    for flag in args.lora or ():
+        try:
+            name, path = parse_flag(flag)
+        except ValueError as e:
+            raise UnigemmaError(str(e)) from None
+        if name in adapters:
+            raise UnigemmaError(f"--lora: the name {name!r} is given twice")
+        adapters[name] = path
+    if args.enable_lora_loading and not args.lora_dir:
+        raise UnigemmaError("--enable-lora-loading needs --lora-dir DIR: the only directory clients may load "
+                            "adapters from")
+    if args.lora_dir and not Path(args.lora_dir).is_dir():
+        raise UnigemmaError(f"--lora-dir {args.lora_dir}: not a directory")
+    return adapters
 
 
 def cmd_finetune(args) -> None:
@@ -434,6 +471,9 @@ def main(argv=None) -> int:
         _model_flags(s)
         _kv_flags(s)
         _chat_flags(s)
+    for s in (r, c):
+        s.add_argument("--lora", metavar="DIR", help="a LoRA adapter directory (PEFT's format: PEFT, Unsloth or "
+                                                     "unigemma finetune), applied unmerged to the whole chat")
     d.set_defaults(max_tokens=48, temperature=0.0)
     g = sub.add_parser("generate", help="greedy continuation of token ids")
     _model_flags(g, model_required=True)
@@ -442,6 +482,11 @@ def main(argv=None) -> int:
     q = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (safetensors + config entry)")
     _model_flags(q, model_required=True)
     q.add_argument("--out", required=True, help="directory to write")
+    mg = sub.add_parser("merge", help="write a checkpoint with a LoRA adapter folded into its weights")
+    mg.add_argument("--model", required=True, help="the base checkpoint directory (or a hub id)")
+    mg.add_argument("--lora", required=True, metavar="DIR", help="the adapter directory (PEFT's format)")
+    mg.add_argument("--out", required=True, help="directory to write")
+    mg.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the dtype the checkpoint is stored in")
     pl = sub.add_parser("plan", help="weight and KV memory per quantization and KV dtype, and the longest context that fits")
     pl.add_argument("--model", required=True,
                     help="checkpoint directory or its config.json, or a hub id (its config.json alone is fetched)")
@@ -485,6 +530,15 @@ def main(argv=None) -> int:
     sv.add_argument("--strict-model-name", action="store_true",
                     help="refuse (404) a request whose model is not a served name; by default the one served "
                          "model answers any name, as llama-server does (clients' default names just work)")
+    sv.add_argument("--lora", action="append", metavar="NAME=DIR",
+                    help="serve a LoRA adapter (PEFT's format) under NAME: a request whose model is NAME runs "
+                         "under it, the base name runs the base (repeatable; rows of different adapters share "
+                         "the decode batch)")
+    sv.add_argument("--enable-lora-loading", action="store_true",
+                    help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's), for adapters "
+                         "under --lora-dir only")
+    sv.add_argument("--lora-dir", metavar="DIR", help="the directory clients may load adapters from")
+    sv.add_argument("--max-loras", type=int, default=16, help="adapters loaded at once (default 16)")
     sv.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                     help="let browser pages on ORIGIN (e.g. http://localhost:3000; '*': any) call the API "
                          "(CORS; repeatable). Off by default: no CORS headers")
@@ -502,7 +556,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         {"generate": cmd_generate, "demo": cmd_demo, "run": cmd_run, "chat": cmd_chat,
-         "quantize": cmd_quantize, "plan": cmd_plan, "serve": cmd_serve, "pull": cmd_pull, "finetune": cmd_finetune,
+         "quantize": cmd_quantize, "merge": cmd_merge, "plan": cmd_plan, "serve": cmd_serve, "pull": cmd_pull,
+         "finetune": cmd_finetune,
          "ls": cmd_ls}[args.cmd](args)
     except UnigemmaError as e:
         print(f"error: {e}", file=sys.stderr)

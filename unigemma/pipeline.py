@@ -66,7 +66,8 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
          draft: str | os.PathLike | None = None, draft_tokens: int | None = None,
          dequantize: bool = False, exact: bool = False,
          chat_template: str | os.PathLike | ChatTemplate | None = None,
-         kv_cache_dtype: str = "auto", kv_quant_layers: str | None = None) -> "Gemma":
+         kv_cache_dtype: str = "auto", kv_quant_layers: str | None = None,
+         lora: str | os.PathLike | None = None) -> "Gemma":
     """Load a checkpoint directory, a GGUF file or a hub model id for chat and for the reference forward.
 
     path: a local directory or .gguf, or "ORG/NAME" (optionally ":FILE.gguf" or ":QUANT", and
@@ -85,6 +86,8 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
     "fp32" or "int8" (fp16 scales per token, head and 32 channels: 53% of bf16); kv_quant_layers:
     on which layers ("all", "full": the global ones, "sliding"; default "full" for int8, "all"
     for a float dtype), the others in the model's dtype (cache/kv.py).
+    lora: a LoRA adapter directory in PEFT's format (PEFT's, Unsloth's or `unigemma finetune`'s),
+    applied unmerged as adapter "default" to every conversation (`Gemma.load_adapter` for more).
     """
     from .cache.kv import layer_dtypes
 
@@ -112,9 +115,12 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
         from .weights.drafter import load_drafter
 
         drafter = load_drafter(drafter_path(draft), dtype=dtype, device=device)
-    return Gemma(model, load_tokenizer(tokenizer) if tokenizer is not None else None, defaults,
-                 drafter=drafter, draft_tokens=draft_tokens, chat_template=chat_template,
-                 kv_cache_dtype=kv_cache_dtype, kv_quant_layers=kv_quant_layers)
+    gemma = Gemma(model, load_tokenizer(tokenizer) if tokenizer is not None else None, defaults,
+                  drafter=drafter, draft_tokens=draft_tokens, chat_template=chat_template,
+                  kv_cache_dtype=kv_cache_dtype, kv_quant_layers=kv_quant_layers)
+    if lora is not None:
+        gemma.load_adapter(lora)
+    return gemma
 
 
 class Gemma:
@@ -152,6 +158,20 @@ class Gemma:
     def logits(self, *args, **kwargs) -> torch.Tensor:
         """The reference forward; see `CausalLM.logits` (models/base.py)."""
         return self.model.logits(*args, **kwargs)
+
+    def load_adapter(self, path: str | os.PathLike, name: str = "default", activate: bool = True):
+        """Load a PEFT-format LoRA adapter directory as adapter `name`, unmerged (the packed or
+        quantized weights stay the base; lora/peft.py). activate: every conversation runs it
+        (else only those that ask: a server's per-request `model`). Returns its LoraConfig."""
+        from .lora import load_adapter
+
+        return load_adapter(self.model, path, name, activate=activate)
+
+    def set_adapter(self, name: str | None) -> None:
+        """The adapter every conversation runs from now on (None: the base model)."""
+        from .lora import set_adapter
+
+        set_adapter(self.model, name)
 
     def processor(self, image_budget: int = 280, max_len: int | None = None,
                   limits: ProcessingLimits | None = None) -> Processor:

@@ -61,6 +61,16 @@ class Session:
     keys: list = field(default_factory=list)
 
 
+def prompt_keys(inputs: ModelInputs, media_ids: dict, adapter: tuple | None = None) -> list:
+    """The prompt's token keys (inputs.py `token_keys`) as cached K/V are keyed: under a LoRA
+    adapter the first key also names it, so K/V computed with one adapter (or none) never
+    match a prompt run with another (an adapter changes every layer's K/V from token 0)."""
+    keys = inputs.token_keys(media_ids)
+    if adapter is not None and keys:
+        keys[0] = (adapter, keys[0])
+    return keys
+
+
 # --- the engine -----------------------------------------------------------------------
 class Engine:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, prefill_chunk: int = 512,
@@ -146,12 +156,14 @@ class Engine:
 
     def prefill_steps(self, inputs: dict, params: list[SamplingParams], session: Session | None = None,
                       max_len: int | None = None, embeds: torch.Tensor | None = None,
-                      prefix: PrefixCache | None = None):
+                      prefix: PrefixCache | None = None, adapter: tuple | None = None):
         """`prefill` one chunk per `next()` (the scheduler interleaves chunks with decode steps);
         returns what `prefill` returns. max_len: the cache's size (default: prompt + max_tokens).
         embeds [B, S, hidden]: the prompt's input embeddings when the caller has them already.
         prefix: a prefix cache to restore the longest cached prefix from and to keep this prompt
-        in (one conversation without a session; a session reuses its own cache)."""
+        in (one conversation without a session; a session reuses its own cache). adapter: the
+        LoRA adapter's tag the prompt runs under (lora/layer.py `Selection.tag`; the caller
+        selects it): the cached K/V it reuses and leaves are keyed by it (`prompt_keys`)."""
         m = self.model
         inputs = ModelInputs.coerce(inputs)
         ids = inputs["input_ids"].to(m.device)
@@ -164,7 +176,7 @@ class Engine:
         if session is not None:
             if B != 1:
                 raise InputError("a chat session holds one conversation")
-            keys = inputs.token_keys(self.media_ids)
+            keys = prompt_keys(inputs, self.media_ids, adapter)
             if (session.cache is not None and not session.cache.broken
                     and session.cache.layer_dtypes == self.layer_dtypes):
                 common = 0
@@ -187,7 +199,7 @@ class Engine:
         record, split = None, 0
         # (precomputed embeds come without their media: placeholder keys would lack the digests)
         if prefix is not None and session is None and embeds is None and B == 1 and bool(mask.all()):
-            keys = inputs.token_keys(self.media_ids)
+            keys = prompt_keys(inputs, self.media_ids, adapter)
             vision = None if types is None else torch.isin(types[0], torch.tensor(VISION_TYPES, device=types.device)).tolist()
             hit = prefix.lookup(keys, vision, S - 1)  # the last prompt token is always run
             if hit.length:

@@ -31,6 +31,11 @@ With a prefix cache (`prefix_cache_mb`, cache/prefix.py), a prompt's prefill fir
 longest prefix computed before (Engine.prefill_steps), and a finished row's prompt + reply is
 remembered (`_remember`), so an agent loop's next turn prefills only what it added.
 
+With LoRA adapters on the model (lora/), each request runs under one adapter or none (`submit`'s
+`adapter`; default: the model's active one): the prefill chunk and every decode step select
+each row's adapter (`_select`), so requests for different adapters and the base share the
+decode batch, the adapters applied unmerged per row, and the prefix cache keys K/V by adapter.
+
 Limits: `max_seqs` rows decode at once, each up to `max_len` tokens (prompt + reply); their KV
 memory is allocated once (`kv_bytes`). `max_queue` requests (and calls) may wait; more are
 refused with `QueueFull` (a server answers 429/503).
@@ -52,7 +57,8 @@ from ..cache.batch import BatchCache, bytes_per_row
 from ..cache.kv import RESERVE
 from ..errors import InputError, QueueFull
 from ..inputs import ModelInputs
-from .engine import Engine, Session
+from ..lora.inject import selection
+from .engine import Engine, Session, prompt_keys
 from .sampling import Sampler, SamplingParams
 from .speculative import speculative_round
 from .stream import Completion, Delta, Reply, RowText, Timings, collect
@@ -62,8 +68,10 @@ class Request:
     """One submitted conversation: iterate it for its deltas (the last has finish_reason)."""
 
     def __init__(self, rid: int, inputs: dict, params: SamplingParams, prompt_tokens: int, constraint=None,
-                 session: Session | None = None, embeds: torch.Tensor | None = None):
+                 session: Session | None = None, embeds: torch.Tensor | None = None,
+                 adapter: str | None = None, adapter_tag: tuple | None = None):
         self.id, self.inputs, self.params = rid, inputs, params
+        self.adapter, self.adapter_tag = adapter, adapter_tag  # its LoRA adapter (None: the base)
         self.constraint = constraint  # a grammar (generate/grammar.py: allowed(), advance()) or None
         self.session = session  # its row is saved back here when the reply is done
         self.embeds = embeds  # the prompt's input embeddings, when the caller already has them
@@ -144,10 +152,12 @@ class Scheduler:
 
     # -- submitting (any thread) -------------------------------------------------------------
     def submit(self, inputs: dict, params: SamplingParams | None = None, constraint=None, *,
-               session: Session | None = None, embeds: torch.Tensor | None = None) -> Request:
+               session: Session | None = None, embeds: torch.Tensor | None = None,
+               adapter: str | None = None) -> Request:
         """Queue one conversation. constraint: a grammar whose mask each of its steps samples
         under. session: a chat whose cached prefix is reused and which keeps this turn's cache.
-        embeds [1, S, hidden]: the prompt already embedded (media need not be passed again)."""
+        embeds [1, S, hidden]: the prompt already embedded (media need not be passed again).
+        adapter: the LoRA adapter it runs under (default: the model's active one, if any)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InputError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -160,18 +170,28 @@ class Scheduler:
                              f"(0..{self.sampler.vocab_size - 1})")
         if n >= self.max_len:
             raise InputError(f"the prompt is {n} tokens; at most {self.max_len - 1} fit with room for a reply")
+        sel = selection(self.engine.model, create=False)
+        if sel is not None:
+            adapter = adapter if adapter is not None else sel.active
+            if adapter is not None and adapter not in sel.names:
+                raise InputError(f"no LoRA adapter named {adapter!r} is loaded")
+        elif adapter is not None:
+            raise InputError(f"no LoRA adapter named {adapter!r} is loaded (the model has none)")
+        tag = sel.tag(adapter) if sel is not None else None
         with self._lock:
             if len(self.waiting) + len(self.jobs) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting) + len(self.jobs)} requests are already waiting; try again later")
-            request = Request(next(self._ids), inputs, params, n, constraint, session, embeds)
+            request = Request(next(self._ids), inputs, params, n, constraint, session, embeds, adapter, tag)
             self.waiting.append(request)
             self._wake.notify()
         return request
 
-    def call(self, fn, *args) -> Future:
+    def call(self, fn, *args, adapter: str | None = None) -> Future:
         """fn(*args) on the scheduler's thread, between two steps (under inference mode); its
-        result or exception in the returned Future. Without a running thread, here and now."""
+        result or exception in the returned Future. Without a running thread, here and now.
+        adapter: the LoRA adapter its forwards run under (default: the model's active one)."""
         future: Future = Future()
+        fn = self._under(adapter, fn)
         if not self.is_alive:
             self._run(future, fn, args)
             return future
@@ -181,6 +201,35 @@ class Scheduler:
             self.jobs.append((future, fn, args))
             self._wake.notify()
         return future
+
+    def _under(self, adapter: str | None, fn):
+        """fn with every row of its forwards under `adapter` (the active one when None)."""
+        sel = selection(self.engine.model, create=False)
+        if sel is None:
+            return fn
+        name = adapter if adapter is not None else sel.active
+
+        def run(*args):
+            sel.set_rows(None)
+            previous, sel.active = sel.active, name
+            try:
+                return fn(*args)
+            finally:
+                sel.active = previous
+        return run
+
+    def _select(self, rows: list[Request]) -> None:
+        """The LoRA adapter of each batch row for the next forward (no-op without adapters)."""
+        sel = selection(self.engine.model, create=False)
+        if sel is not None:
+            sel.set_rows([r.adapter for r in rows])
+
+    def adapter_in_use(self, name: str) -> bool:
+        """Whether a waiting, prefilling or running request runs under adapter `name`."""
+        with self._lock:
+            waiting = list(self.waiting)
+        busy = waiting + [run.request for run in self.running] + ([self.prefilling[0]] if self.prefilling else [])
+        return any(r.adapter == name for r in busy)
 
     @staticmethod
     @torch.inference_mode()
@@ -267,6 +316,14 @@ class Scheduler:
     # -- one scheduler step --------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
+        try:
+            self._step()
+        finally:  # forwards outside the scheduler (model.logits, the embedders) see the active adapter
+            sel = selection(self.engine.model, create=False)
+            if sel is not None:
+                sel.set_rows(None)
+
+    def _step(self) -> None:
         self._run_jobs()
         self._drop_cancelled()
         try:
@@ -316,10 +373,12 @@ class Scheduler:
             # session's cache is the one it keeps, so it is sized for the reply too.
             max_len = self.max_len if request.session is not None else request.prompt_tokens
             steps = self.engine.prefill_steps(request.inputs, [request.params], request.session,
-                                              max_len=max_len, embeds=request.embeds, prefix=self.prefix)
+                                              max_len=max_len, embeds=request.embeds, prefix=self.prefix,
+                                              adapter=request.adapter_tag)
             self.prefilling = (request, steps)
         request, steps = self.prefilling
         try:
+            self._select([request])
             next(steps)
             return  # one chunk per step
         except StopIteration as done:
@@ -352,6 +411,7 @@ class Scheduler:
     def _decode_step(self) -> None:
         keep = self._sample_and_emit()
         if self.running:
+            self._select([run.request for run in self.running])
             tokens = self._last[keep][:, None]
             self.h = self.engine.decode_step(self.engine.model, self.cache, tokens, self.cache.positions[:, None])[:, -1]
 
@@ -359,6 +419,7 @@ class Scheduler:
         """Sample every row's next token from self.h, hand out the deltas, free finished rows.
         Returns the old index of each remaining row (their tokens: self._last[keep])."""
         m = self.engine.model
+        self._select([run.request for run in self.running])  # an adapter on the LM head
         constraints = [run.request.constraint for run in self.running]
         allowed = None
         if any(c is not None for c in constraints):  # grammar masks come from the host's token history
@@ -418,7 +479,7 @@ class Scheduler:
             return
         ids = run.reply.text.ids
         fed = min(self.cache.host_lengths[r], run.request.prompt_tokens + len(ids) - 1)
-        keys = ModelInputs.coerce(run.request.inputs).token_keys(self.engine.media_ids) + ids
+        keys = prompt_keys(ModelInputs.coerce(run.request.inputs), self.engine.media_ids, run.request.adapter_tag) + ids
         self.prefix.remember(keys[:fed], self.cache, r)
 
     # -- speculative rounds for a request decoding alone ---------------------------------------
@@ -431,6 +492,7 @@ class Scheduler:
         self.solo = None
         if self.running:
             m = self.engine.model
+            self._select([run.request for run in self.running])
             tokens = torch.tensor([[x]], device=m.device)
             self.h = self.engine.decode_step(m, self.cache, tokens, self.cache.positions[:, None])[:, -1]
 
@@ -454,6 +516,7 @@ class Scheduler:
         # and which random draws each position takes depends on the draft lengths
         seeded = p.seed is not None and p.temperature > 0
         k = min(e.draft.k if seeded else e.draft.next(), room)
+        self._select([run.request])
         got, h_next = speculative_round(e.model, e.proposer, e.draft, c, self.sampler, x, h_prev, k,
                                         p.top_logprobs if p.logprobs else None, e.decode_step)
         kept = len(got.tokens) - 1

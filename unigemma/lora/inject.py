@@ -37,9 +37,12 @@ def hf_module_name(name: str, config) -> str:
     return name  # the media embedders: our module names are transformers' (only their files are renamed)
 
 
-def selection(model: nn.Module) -> Selection:
-    """The model's adapter selection, shared by all its LoraLinear modules (created once)."""
+def selection(model: nn.Module, create: bool = True) -> Selection | None:
+    """The model's adapter selection, shared by all its LoraLinear modules (created once;
+    create=False: None for a model that never had an adapter)."""
     sel = model.__dict__.get("_lora_selection")
+    if sel is None and not create:
+        return None
     if sel is None:
         sel = model.__dict__["_lora_selection"] = Selection()
     return sel
@@ -65,7 +68,7 @@ def wrap(model: nn.Module, name: str) -> LoraLinear:
     mod = model.get_submodule(name)
     if isinstance(mod, LoraLinear):
         return mod
-    wrapped = LoraLinear(mod, selection(model))
+    wrapped = LoraLinear(mod, selection(model)).train(mod.training)  # an eval model stays in eval
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, wrapped)
     return wrapped
@@ -89,7 +92,7 @@ def add_lora(model: nn.Module, config: LoraConfig, name: str = "default",
         layer = wrap(model, ours)
         layer.add_adapter(name, config.rank_for(hf), config.scaling_for(hf), config.dropout, dtype)
         params += [layer.lora_A[name].weight, layer.lora_B[name].weight]
-    sel.names.add(name)
+    sel.added(name)
     sel.active = name
     return params
 
@@ -111,6 +114,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
             parent, _, leaf = mod_name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, layer.base_layer)
     sel.names.discard(name)
+    sel.rows, sel._key = None, None
     if sel.active == name:
         sel.active = None
 
@@ -119,11 +123,12 @@ def remove_adapter(model: nn.Module, name: str) -> None:
 def merge(model: nn.Module, name: str = "default") -> nn.Module:
     """Fold adapter `name` into the base weights (W += scaling · B A, summed in float32) and unwrap
     every LoraLinear, in place: the model is then a plain model of its family again. The bases must
-    be float nn.Linear (a packed or quantized weight cannot take the update: load unpacked)."""
+    hold a float weight (a packed or quantized one cannot take the update: load unpacked)."""
     for mod_name, layer in lora_modules(model).items():
         base = layer.base_layer
         if name in layer.lora_A:
-            if type(base) is not nn.Linear:
+            w = getattr(base, "weight", None)  # nn.Linear's, or an UpcastLinear's (the same parameter)
+            if not (isinstance(w, torch.Tensor) and w.is_floating_point()) or isinstance(base, QuantLinear):
                 raise ValueError(f"{mod_name}: cannot merge into a {type(base).__name__}; load the model "
                                  "unpacked and unquantized (fast=False) to merge")
             base.weight.copy_((base.weight.float() + layer.merged_weight(name).to(base.weight.device)

@@ -31,9 +31,24 @@ class Selection:
     active: str | None = None
     rows: list[tuple[str, torch.Tensor]] | None = None  # (adapter, row indices) groups; None: `active` for all
     names: set[str] = field(default_factory=set)  # adapters loaded somewhere in the model
+    # a number per load: K/V computed under an adapter are keyed by it (a reloaded name differs)
+    loads: dict[str, int] = field(default_factory=dict)
+    _key: tuple | None = None  # the per_row list `rows` was built from (rebuilt only when it changes)
+
+    def added(self, name: str) -> None:
+        self.names.add(name)
+        self.loads[name] = max(self.loads.values(), default=0) + 1
+
+    def tag(self, name: str | None) -> tuple | None:
+        """What K/V computed under adapter `name` are keyed by (None: the base model)."""
+        return None if name is None else ("lora", name, self.loads[name])
 
     def set_rows(self, per_row: list[str | None] | None) -> None:
         """Per batch row its adapter name (None: the base); None clears back to `active`."""
+        key = None if per_row is None else tuple(per_row)
+        if key == self._key and (key is None) == (self.rows is None):
+            return
+        self._key = key
         if per_row is None:
             self.rows = None
             return
@@ -79,10 +94,12 @@ class LoraLinear(nn.Module):
         self.lora_A[name], self.lora_B[name] = a.to(dtype), b.to(dtype)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = scaling
+        self.train(self.training)  # new modules start in training mode: follow this layer's (dropout)
 
     def remove_adapter(self, name: str) -> None:
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
-            d.pop(name, None)
+            if name in d:
+                del d[name]
         self.scaling.pop(name, None)
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -93,19 +110,24 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         sel = self.selection
-        if sel.rows is None:
-            if sel.active is not None and sel.active in self.lora_A:
-                y = y + self.delta(sel.active, x).to(y.dtype)
-            return y
-        for name, idx in sel.rows:
+        groups = ([(sel.active, None)] if sel.active is not None else []) if sel.rows is None else sel.rows
+        for name, idx in groups:
             if name not in self.lora_A:
                 continue
             if idx is None:
-                y = y + self.delta(name, x).to(y.dtype)
+                y = self._add(y, name, x)
             else:  # rows are the batch dimension: x [B, S, in]
                 idx = idx.to(x.device)
                 y = y.index_add(0, idx, self.delta(name, x.index_select(0, idx)).to(y.dtype))
         return y
+
+    def _add(self, y: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
+        """y + delta. Inference adds in place, scaling folded in: a decode step is op-bound, and
+        this saves three passes over y per layer (its output is not kept for a backward)."""
+        if torch.is_grad_enabled():
+            return y + self.delta(name, x).to(y.dtype)
+        A, B = self.lora_A[name], self.lora_B[name]
+        return y.add_(B(A(self.lora_dropout[name](x.to(A.weight.dtype)))), alpha=self.scaling[name])
 
     def merged_weight(self, name: str) -> torch.Tensor:
         """scaling · B A, the float32 [out, in] matrix merging adapter `name` adds to the weight."""

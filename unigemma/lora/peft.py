@@ -105,7 +105,14 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", dtyp
     """Load a PEFT adapter directory into `model` as adapter `name` (unmerged), and with `activate`
     make it the one every row runs. Everything is checked before the model is touched."""
     config, tensors = read_adapter(path)
-    where = str(Path(path) / WEIGHTS_FILE)
+    apply_adapter(model, config, tensors, name, str(Path(path) / WEIGHTS_FILE), dtype, activate)
+    return config
+
+
+def apply_adapter(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], name: str = "default",
+                  where: str = WEIGHTS_FILE, dtype: torch.dtype = torch.float32, activate: bool = True) -> None:
+    """`load_adapter` after the files are read (`read_adapter`): checked, then put in place. A
+    server reads files on its own threads and runs this between two decode steps."""
     if name in selection(model).names:
         raise ValueError(f"the model already has an adapter named {name!r}")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -144,8 +151,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", dtyp
             layer.lora_A[name].weight.copy_(A)
             layer.lora_B[name].weight.copy_(B)
     sel = selection(model)
-    sel.names.add(name)
+    sel.added(name)
     if activate:
         sel.active = name
-    return config
 

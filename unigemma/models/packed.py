@@ -63,6 +63,9 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # oneDNN's packed op has no backward
+            raise RuntimeError("a packed linear (the CPU inference fast path) cannot pass gradients: load the "
+                               "model unpacked to train (load_model(pack=False), unigemma.load(fast=False))")
         return _linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:

@@ -35,7 +35,7 @@ from ..errors import ContextTooLong, InputError, NoChatTemplate, QueueFull
 from ..generate.grammar import Grammars
 from ..generate.scheduler import Scheduler
 from ..inputs import ModelInputs
-from . import completions, convert, metrics, names, page, respond, responses, tokens, transcribe
+from . import adapters, completions, convert, metrics, names, page, respond, responses, tokens, transcribe
 from .chat_plan import chat_plan, has_media
 from .guard import LOOPBACK_NAMES, HostCheck
 from .limits import BodyLimit, Closing, Meter
@@ -72,6 +72,11 @@ class ServerConfig:
     # layers; None: as the model was loaded (unigemma.load's kv_cache_dtype / kv_quant_layers)
     kv_cache_dtype: str | None = None
     kv_quant_layers: str | None = None
+    # LoRA adapters (adapters.py): name → directory, loaded at start; a request's `model` selects one
+    adapters: dict[str, str] = field(default_factory=dict)
+    lora_loading: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
+    lora_dir: str | None = None  # the only directory clients may load adapters from
+    max_loras: int = 16  # adapters loaded at once
 
 
 class Served:
@@ -84,7 +89,16 @@ class Served:
         self.gemma, self.config, self.scheduler, self.grammars = gemma, config, scheduler, grammars
         self.meter, self.media = meter, media
         self.names = ModelNames([config.model_name, *config.aliases], config.strict_model_name)
+        self.adapters: dict[str, str] = {}  # LoRA adapter name → its path as given (adapters.py)
         self._processors: dict[int, object] = {}
+
+    def add_adapter(self, name: str, path: str) -> None:
+        self.adapters[name] = path
+        self.names.exact = tuple(self.adapters)  # adapter names select weights: matched exactly
+
+    def remove_adapter(self, name: str) -> None:
+        self.adapters.pop(name, None)
+        self.names.exact = tuple(self.adapters)
 
     def auth(self, request: Request) -> None:
         """A FastAPI dependency: the bearer key, when the server has one."""
@@ -110,7 +124,7 @@ class Served:
         return reported
 
     def unknown_model(self, name):
-        served = ", ".join(repr(n) for n in self.names.names)
+        served = ", ".join(repr(n) for n in [*self.names.names, *self.adapters])
         raise ApiError(404, f"model {name!r} is not served here (this server serves {served})",
                        "not_found_error", param="model", code="model_not_found")
 
@@ -120,8 +134,11 @@ class Served:
         plan = (body, self.config.limits, self.grammars, self.processor)
         return await (self.media.run(chat_plan, *plan) if has_media(body) else run_in_threadpool(chat_plan, *plan))
 
-    def submit(self, inputs: dict, params: list, constraints: list) -> list:
-        """One scheduler request per choice: all of them or none."""
+    def submit(self, inputs: dict, params: list, constraints: list, model: str | None = None) -> list:
+        """One scheduler request per choice: all of them or none. model: the name the request
+        resolved to (`check_model`); an adapter's name runs it under that adapter."""
+        # only an adapter's name selects one; otherwise the scheduler's default (the base here)
+        adapter = {"adapter": model} if model in self.adapters else {}
         if self.meter.closing:
             raise Closing("the server is shutting down; try again later")
         n, max_len = inputs["input_ids"].shape[1], self.scheduler.max_len
@@ -131,7 +148,7 @@ class Served:
         requests = []
         try:
             for p, c in zip(params, constraints):
-                requests.append(self.scheduler.submit(inputs, p, constraint=c))
+                requests.append(self.scheduler.submit(inputs, p, constraint=c, **adapter))
         except Exception:
             for r in requests:
                 r.cancel()
@@ -156,6 +173,13 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
                   description="OpenAI-compatible API for Gemma 4 unified models (unigemma).")
     app.state.scheduler, app.state.grammars, app.state.meter = scheduler, grammars, meter
     served = app.state.served = Served(gemma, config, scheduler, grammars, meter, media)
+    if config.lora_loading and not config.lora_dir:
+        raise ValueError("loading LoRA adapters at run time needs the directory clients may load from (lora_dir)")
+    for name, path in config.adapters.items():  # before the scheduler runs anything: here, directly
+        if name in served.names.names:
+            raise ValueError(f"LoRA adapter name {name!r} is also the base model's name")
+        gemma.load_adapter(path, name, activate=False)
+        served.add_adapter(name, path)
     auth, submit, check_model = served.auth, served.submit, served.check_model
     refused = lambda: meter.count("rejected")  # noqa: E731
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, on_refuse=refused)
@@ -226,7 +250,7 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
         model = check_model(body.model)
         inputs, constraints = await served.plan(body)
         params = [convert.params(body, gemma.default_params, i, config.max_tokens_default) for i in range(body.n)]
-        requests = submit(inputs, params, constraints)
+        requests = submit(inputs, params, constraints, model)
         return await respond.chat(request, requests, body, model, gemma.tokenizer, meter)
 
     @app.get("/health")
@@ -234,7 +258,7 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
         alive = scheduler.is_alive
         return JSONResponse({"status": "ok" if alive else "scheduler stopped"}, status_code=200 if alive else 503)
 
-    for endpoint in (page, completions, names, tokens, metrics, transcribe, responses):
+    for endpoint in (page, completions, names, tokens, metrics, transcribe, responses, adapters):
         endpoint.register(app)
     return app
 

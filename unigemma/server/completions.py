@@ -123,7 +123,8 @@ def register(app: FastAPI) -> None:
                 lp = None
                 if body.logprobs is not None:
                     scorer = PromptScorer(gemma.engine.model, x, body.logprobs, gemma.engine.prefill_chunk)
-                    while not await asyncio.wrap_future(served.scheduler.call(scorer.step)):
+                    adapter = model if model in served.adapters else None
+                    while not await asyncio.wrap_future(served.scheduler.call(scorer.step, adapter=adapter)):
                         pass  # one chunk per call: running streams wait a chunk at a time, as for a prefill
                     lp = echo_logprobs(tokenizer, x, scorer.entries, isinstance(p, str) and x[0] == tokenizer.bos_id)
                 echoes += [(text, lp)] * body.n
@@ -131,7 +132,7 @@ def register(app: FastAPI) -> None:
         if params is not None:
             try:
                 for x in ids:
-                    requests += served.submit({"input_ids": tensor(x)}, params, [None] * body.n)
+                    requests += served.submit({"input_ids": tensor(x)}, params, [None] * body.n, model)
             except Exception:
                 for r in requests:
                     r.cancel()

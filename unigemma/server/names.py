@@ -6,7 +6,7 @@ the one /v1/models lists first). Lenient (the default, as llama-server's single-
 name is answered by the one model, so a client's default (LangChain's `gpt-3.5-turbo`) or the
 checkpoint's file name works; the reply then reports the first name. Strict
 (`--strict-model-name`, as vLLM and OpenAI): a name that is not served is a 404. Names that
-select something (`exact`, for the adapters of a later fine-tuning issue) always match exactly,
+select something (`exact`: LoRA adapters, server/adapters.py) always match exactly,
 and while there are any, unknown names are refused: a guess would answer with the wrong weights.
 `GET /v1/models/{id}` always matches exactly: it describes a model, it does not answer with one.
 """
@@ -61,15 +61,19 @@ def register(app: FastAPI) -> None:
     served = app.state.served
 
     def card(name: str) -> dict:
+        # vLLM's fields: a LoRA adapter (server/adapters.py) names the base it runs on as `parent`
+        adapter = served.adapters.get(name)
         return {"id": name, "object": "model", "created": served.meter.started, "owned_by": "unigemma",
+                "root": adapter if adapter is not None else served.names.primary,
+                "parent": served.names.primary if adapter is not None else None,
                 "max_model_len": served.scheduler.max_len}
 
     @app.get("/v1/models", dependencies=[Depends(served.auth)])
     async def models():
-        return {"object": "list", "data": [card(n) for n in served.names.names]}
+        return {"object": "list", "data": [card(n) for n in [*served.names.names, *served.adapters]]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(served.auth)])
     async def model(model_id: str):
-        if model_id not in served.names.names:
+        if model_id not in served.names.names and model_id not in served.adapters:
             served.unknown_model(model_id)
         return card(model_id)

@@ -236,7 +236,7 @@ def register(app: FastAPI, store: Store | None = None) -> None:
 
     @app.post("/v1/responses", dependencies=[Depends(served.auth)])
     async def create(body: ResponsesRequest, request: Request):
-        served.check_model(body.model)
+        model = served.check_model(body.model)
         history = []
         if body.previous_response_id is not None:
             found = store.get(body.previous_response_id)
@@ -252,7 +252,7 @@ def register(app: FastAPI, store: Store | None = None) -> None:
         params = convert.params(chat, gemma.default_params, 0, config.max_tokens_default)
         try:
             inputs, constraints = await served.plan(chat)
-            requests = served.submit(inputs, [params], constraints)
+            requests = served.submit(inputs, [params], constraints, model)
         except InputError as e:  # the chat path names its messages: they are this request's input
             if not str(e).startswith("messages"):
                 raise

@@ -195,7 +195,7 @@ def prepare(served, data: bytes, task: Task) -> Job:
     return Job(len(samples) / SAMPLING_RATE, spans, inputs, reply)
 
 
-def submit(served, job: Job, task: Task) -> list:
+def submit(served, job: Job, task: Task, model: str | None = None) -> list:
     """All segments' requests at once, or none."""
     params = dataclasses.replace(served.gemma.default_params, temperature=task.temperature,
                                  max_tokens=job.reply_tokens, logprobs=True, top_logprobs=NO_SPEECH_TOP,
@@ -203,7 +203,7 @@ def submit(served, job: Job, task: Task) -> list:
     requests = []
     try:
         for inputs in job.inputs:
-            requests += served.submit(inputs, [params], [None])
+            requests += served.submit(inputs, [params], [None], model)
     except BaseException:
         for r in requests:
             r.cancel()
@@ -215,14 +215,14 @@ def register(app: FastAPI) -> None:
     served = app.state.served
 
     async def answer(request: Request, form: _AudioForm, translate: bool):
-        served.check_model(form.model)
+        model = served.check_model(form.model)
         if served.gemma.config.audio is None:
             raise _bad(f"model: {served.config.model_name!r} has no audio input (a Gemma 4 unified checkpoint has)",
                        "model", "model_not_audio")
         task = check(form, translate)
         data = await read_upload(form.file, served.config.limits.max_media_bytes)
         job = await served.media.run(prepare, served, data, task)
-        requests = submit(served, job, task)
+        requests = submit(served, job, task, model)
         segments = [transcript.Segment(a / SAMPLING_RATE, b / SAMPLING_RATE, -(-(b - a) // SAMPLES_PER_TOKEN))
                     for a, b in job.spans]
         result = transcript.Result(served, task, job, segments, requests)

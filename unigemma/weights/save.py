@@ -38,7 +38,7 @@ def save_checkpoint(model: nn.Module, config_dict: dict, path: str | Path) -> Pa
 
 
 # Files a checkpoint directory carries besides its weights and config.
-_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
                "special_tokens_map.json", "processor_config.json")
 
 
@@ -56,7 +56,7 @@ def save_quantized(src: str | Path, dst: str | Path, quant: str, dtype="bfloat16
     config_dict["quantization"] = model.quant_scheme.to_config()
     config_dict["dtype"] = str(model.dtype).removeprefix("torch.")
     save_checkpoint(model, config_dict, dst)
-    for name in _SIDE_FILES:
+    for name in SIDE_FILES:
         if (src / name).is_file() and src != dst:
             shutil.copyfile(src / name, dst / name)
     return dst
