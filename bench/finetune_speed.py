@@ -6,7 +6,8 @@ Model: the random mid-size Gemma 4 unified checkpoint (bench/checkpoint.py: hidd
 layers, the real 262,144 vocabulary, bf16). Both sides: bf16 weights, LoRA r=16 / alpha 32 on
 q/k/v/o/gate/up/down (float32 adapters, the same initial values), gradient checkpointing per
 decoder layer (non-reentrant), torch AdamW. One step: forward, loss, backward and optimizer
-step on one batch of `seq` random tokens whose last quarter is the label (an SFT reply).
+step on one batch of `seq` random tokens whose last quarter is the label (an SFT reply;
+--label-fraction 1: every token).
 transformers' loop is the plain one (`model(input_ids, labels=...)`, loss.backward()). Steps
 alternate between the two (ours, theirs, ours, ...) after a warm-up step each; best of repeats.
 Prints one JSON line: tokens/s each, the ratio, and where our step's time goes.
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--label-fraction", type=float, default=0.25, help="the trained tail of each sequence")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--root", default=None, help="where the mid-size checkpoint is (bench/checkpoint.py's runs/bench)")
     args = ap.parse_args()
@@ -52,7 +54,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 200_000, (args.batch, args.seq), generator=g)
     labels = torch.full_like(ids, IGNORE)
-    labels[:, -args.seq // 4:] = ids[:, -args.seq // 4:]
+    n_labels = max(1, round(args.seq * args.label_fraction))
+    labels[:, -n_labels:] = ids[:, -n_labels:]
     tokens = ids.numel()
 
     gemma = unigemma.load(path, dtype="bfloat16", fast=False)
@@ -105,7 +108,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "finetune_speed", "model": "random mid-size Gemma 4 unified (hidden 1536, 8 layers, vocab 262144)",
         "dtype": "bfloat16", "lora_r": 16, "seq": args.seq, "batch": args.batch,
-        "label_tokens": args.batch * (args.seq // 4),
+        "label_tokens": args.batch * n_labels,
         "gradient_checkpointing": True, "repeats": args.repeats,
         "tokens_per_s": {k: round(tokens / v, 1) for k, v in best.items()},
         "step_s": {k: [round(x, 3) for x in v] for k, v in times.items()},

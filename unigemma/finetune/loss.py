@@ -9,9 +9,10 @@ activations are recomputed in the backward pass instead of kept, so activation m
 layer's plus each layer's input. `checkpointing=False` is the plain path.
 
 `label_loss` never builds the full [B, S, vocab] logits: only positions whose next token is a
-label go through the head (TRL's "skip lm_head on ignored labels"), in chunks of CHUNK rows,
-each chunk's logits recomputed in the backward pass (262,144-wide fp32 logits are 1 MiB a
-token: 1 GiB at 1,024 tokens, twice with their gradient). Logits are cast to fp32 before the
+label go through the head (TRL's "skip lm_head on ignored labels"), in chunks of CHUNK rows
+whose input gradient is taken at once (`_HeadLoss`), so one chunk's logits exist at a time
+(262,144-wide fp32 logits are 1 MiB a token: 1 GiB at 1,024 tokens, twice with their gradient)
+and the head runs twice per row, as in a plain backward. Logits are cast to fp32 before the
 softmax, as transformers' loss does. It returns the sum and the count, so gradient
 accumulation divides by the label tokens of the whole accumulated batch (the mean over label
 tokens transformers reports, without the per-micro-batch bias Unsloth fixed).
@@ -58,6 +59,31 @@ def _chunk_loss(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model.head(h).float(), targets, reduction="sum")
 
 
+class _HeadLoss(torch.autograd.Function):
+    """Σ cross-entropy of rows [n, hidden] through the head, chunk by chunk, with each chunk's
+    gradient d loss / d rows taken in the forward pass (Liger's fused linear cross-entropy, done
+    with autograd): only one chunk's logits ever exist, and the head runs twice (forward and
+    its input gradient), not three times as a recomputed (checkpointed) chunk would."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, targets: torch.Tensor, model) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        grad = torch.empty_like(rows)
+        with torch.enable_grad():
+            for a in range(0, rows.shape[0], CHUNK):
+                hc = rows[a:a + CHUNK].detach().requires_grad_()
+                loss = _chunk_loss(model, hc, targets[a:a + CHUNK])
+                grad[a:a + CHUNK] = torch.autograd.grad(loss, hc)[0]
+                total += loss.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * g.to(grad.dtype), None, None
+
+
 def label_loss(model, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(sum of the label tokens' cross-entropy, their count): position t predicts labels[t + 1]."""
     targets = labels[:, 1:].to(h.device)
@@ -66,10 +92,11 @@ def label_loss(model, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     n = int(targets.numel())
     if n == 0:
         return h.sum() * 0.0, 0
-    total = None
-    for a in range(0, n, CHUNK):
-        hc, tc = rows[a:a + CHUNK], targets[a:a + CHUNK]
-        part = (checkpoint(_chunk_loss, model, hc, tc, use_reentrant=False) if torch.is_grad_enabled()
-                else _chunk_loss(model, hc, tc))
-        total = part if total is None else total + part
-    return total, n
+    if not torch.is_grad_enabled() or not rows.requires_grad:
+        return sum(_chunk_loss(model, rows[a:a + CHUNK], targets[a:a + CHUNK]) for a in range(0, n, CHUNK)), n
+    head_trains = any(p.requires_grad for p in model.output.parameters()) if isinstance(
+        model.output, torch.nn.Module) else False
+    if head_trains:  # the fused path gives the rows' gradient only: a trained head recomputes its chunks
+        return sum(checkpoint(_chunk_loss, model, rows[a:a + CHUNK], targets[a:a + CHUNK], use_reentrant=False)
+                   for a in range(0, n, CHUNK)), n
+    return _HeadLoss.apply(rows, targets, model), n
