@@ -167,3 +167,18 @@ def test_8bit_optimizer(checkpoint, data_file):
     losses = t.run()
     assert all(math.isfinite(x) for x in losses) and losses[2] < losses[0] + 1.0
     assert type(t.opt).__name__ == "AdamW8bit"
+
+
+def test_accumulation_equals_one_big_batch(checkpoint, data_file):
+    """2 micro-batches of 1 = 1 batch of 2: the loss is the mean over all their label tokens."""
+    def one_step(batch_size, accum):
+        gemma, data = ours(checkpoint, data_file, block_mask="sliding")
+        params = prepare(gemma.model, LoraConfig(r=4, alpha=8), seed=0)
+        t = Trainer(gemma.model, params, data, gemma.tokenizer.pad_id,
+                    TrainArgs(**{**ARGS, "max_steps": 2, "warmup": 0, "batch_size": batch_size, "grad_accum": accum,
+                                 "shuffle": False}))
+        return t.run(), [p.detach().clone() for p in params]
+
+    (l1, p1), (l2, p2) = one_step(2, 1), one_step(1, 2)
+    assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5
+    assert max(float((a - b).abs().max()) for a, b in zip(p1, p2)) < 1e-5

@@ -110,8 +110,7 @@ class Trainer:
         self.model, self.params, self.data, self.eval_data = model, params, data, eval_data
         self.pad_id, self.args, self.save, self.progress = pad_id, args, save, progress
         self.out = Path(out) if out is not None else None
-        self.micro = sum(1 for _ in batch_order([e.length for e in data.examples], args.batch_size, 0, 0, False))
-        per_epoch = max(1, self.micro // args.grad_accum)
+        per_epoch = max(1, math.ceil(len(data) / args.batch_size) // args.grad_accum)  # optimizer steps
         self.total = args.max_steps or max(1, math.ceil(args.epochs * per_epoch))
         warmup = int(args.warmup) if args.warmup >= 1 else int(round(args.warmup * self.total))
         self.opt = make_optimizer(args, params)
