@@ -5,7 +5,7 @@
 Model: the random mid-size Gemma 4 unified checkpoint (bench/checkpoint.py: hidden 1536, 8
 layers, the real 262,144 vocabulary, bf16). Both sides: bf16 weights, LoRA r=16 / alpha 32 on
 q/k/v/o/gate/up/down (float32 adapters, the same initial values), gradient checkpointing per
-decoder layer (non-reentrant), torch AdamW. One step: forward, loss, backward and optimizer
+decoder layer (non-reentrant), torch AdamW (no clipping on either side). Ours is `Trainer.train_step`. One step: forward, loss, backward and optimizer
 step on one batch of `seq` random tokens whose last quarter is the label (an SFT reply;
 --label-fraction 1: every token).
 transformers' loop is the plain one (`model(input_ids, labels=...)`, loss.backward()). Steps
@@ -44,7 +44,9 @@ def main() -> None:
     from transformers import Gemma4UnifiedForConditionalGeneration
 
     import unigemma
-    from unigemma.finetune import prepare
+    from unigemma.finetune import Dataset, TrainArgs, Trainer, prepare
+    from unigemma.finetune.data import Example
+    from unigemma.finetune.labels import Encoded
     from unigemma.finetune.labels import IGNORE
     from unigemma.finetune.loss import hidden_states, label_loss
     from unigemma.inputs import ModelInputs
@@ -61,8 +63,14 @@ def main() -> None:
     gemma = unigemma.load(path, dtype="bfloat16", fast=False)
     config = LoraConfig(r=16, alpha=32)
     params = prepare(gemma.model, config, seed=0)
-    our_opt = torch.optim.AdamW(params, lr=1e-4)
     inputs = ModelInputs(ids, torch.ones_like(ids), torch.zeros_like(ids))
+    # our step is the Trainer's (what `unigemma finetune` runs), on a dataset of this one batch
+    examples = [Example(Encoded(ModelInputs(ids[i:i + 1], torch.ones_like(ids[i:i + 1]),
+                                            torch.zeros_like(ids[i:i + 1])), labels[i]), i + 1)
+                for i in range(args.batch)]
+    trainer = Trainer(gemma.model, params, Dataset(path, examples), 0,
+                      TrainArgs(lr=1e-4, max_steps=10 ** 6, batch_size=args.batch, warmup=0, schedule="constant",
+                                max_grad_norm=0.0, gradient_checkpointing=True, shuffle=False))
 
     ref = Gemma4UnifiedForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16)
     ref = get_peft_model(ref, PeftConfig(r=16, lora_alpha=32, target_modules=list(config.target_modules)))
@@ -71,15 +79,10 @@ def main() -> None:
     ref.enable_input_require_grads()
     ref.train()
     ref_params = [p for p in ref.parameters() if p.requires_grad]
-    ref_opt = torch.optim.AdamW(ref_params, lr=1e-4)
+    ref_opt = torch.optim.AdamW(ref_params, lr=1e-4, weight_decay=0.0)  # as TrainArgs
 
     def ours() -> float:
-        h = hidden_states(gemma.model, inputs, checkpointing=True)
-        s, n = label_loss(gemma.model, h, labels)
-        (s / n).backward()
-        our_opt.step()
-        our_opt.zero_grad(set_to_none=True)
-        return float(s / n)
+        return trainer.train_step()[0]
 
     def theirs() -> float:
         out = ref(input_ids=ids, labels=labels)

@@ -28,7 +28,7 @@ from ..config import FULL, SLIDING
 from ..inputs import ModelInputs
 from .labels import IGNORE
 
-CHUNK = 256  # label positions per head + cross-entropy chunk
+CHUNK = 128  # label positions per head + cross-entropy chunk
 
 
 def hidden_states(model, inputs: ModelInputs, checkpointing: bool = False) -> torch.Tensor:
