@@ -335,3 +335,49 @@ def test_training_through_a_packed_base_is_refused_clearly(gemma4):
     ids, _ = build_prompt(Shape(), [("text", 6)], torch.Generator().manual_seed(16))
     with pytest.raises(RuntimeError, match="load the model unpacked to train"):
         model(ids, torch.arange(ids.shape[1])[None])
+
+
+@pytest.mark.parametrize("bad", ["scalar", "rank0", "wrong-shape", "only-A"])
+def test_malformed_adapter_tensors_are_refused(gemma4, tmp_path, bad):
+    peft_adapter(load_reference(gemma4), tmp_path, seed=17)
+    weights = tmp_path / "adapter_model.safetensors"
+    t = load_file(weights)
+    key = "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"
+    t[key] = {"scalar": torch.tensor(1.0), "rank0": torch.zeros(0, 64), "wrong-shape": torch.zeros(4, 65),
+              "only-A": t[key]}[bad]
+    if bad == "only-A":
+        del t[key.replace("lora_A", "lora_B")]
+    save_file(t, weights)
+    ours = unigemma.load_model(gemma4, dtype="float32")
+    with pytest.raises(CheckpointError, match="layers.0.self_attn.q_proj"):
+        load_adapter(ours, tmp_path)
+    assert not lora_modules(ours)
+
+
+@pytest.mark.parametrize("change", [{"alpha_pattern": {"(": 2}}, {"target_modules": "("}, {"r": -1},
+                                    {"lora_alpha": "x"}, {"rank_pattern": {"q_proj": "big"}}, {"peft_type": "IA3"}])
+def test_malformed_adapter_configs_are_refused(gemma4, tmp_path, change):
+    peft_adapter(load_reference(gemma4), tmp_path, seed=18)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(CheckpointError, match="adapter_config.json"):
+        load_adapter(unigemma.load_model(gemma4, dtype="float32"), tmp_path)
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma3"])
+def test_initial_weights_equal_peft_under_the_same_seed(gemma4, gemma3, family):
+    """A training run seeded like a PEFT one starts from PEFT's A (kaiming-uniform, drawn in the same
+    module order) and a zero B."""
+    base = gemma4 if family == "gemma4" else gemma3
+    reference = load_reference(base) if family == "gemma4" else gemma3_reference(base)
+    torch.manual_seed(19)
+    theirs = peft.get_peft_model(reference, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    want = {k.removeprefix("base_model.model."): v for k, v in peft.get_peft_model_state_dict(theirs).items()}
+    ours = unigemma.load_model(base, dtype="float32")
+    torch.manual_seed(19)
+    add_lora(ours, LoraConfig(r=4, alpha=8.0))
+    from unigemma.lora import lora_state_dict
+
+    got = {k.removeprefix("base_model.model."): v for k, v in lora_state_dict(ours).items()}
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in got)

@@ -232,3 +232,18 @@ def test_cli_run_with_lora_and_serve_flag_errors(root, loras, capsys):
     assert "NAME=DIR" in capsys.readouterr().err
     assert main(["serve", "--enable-lora-loading"]) == 2
     assert "--lora-dir" in capsys.readouterr().err
+
+
+def test_bad_names_and_adapters_in_use(server, monkeypatch):
+    url = server.url
+    for name, code in [("../x", 400), ("", 400), ("tiny", 400), ("x" * 200, 400)]:
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": "a1"})
+        assert r.status_code == code and r.json()["error"]["param"] == "lora_name", (name, r.text)
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "a1", "lora_path": "a1", "extra": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "extra"
+    scheduler = server.server.config.app.state.scheduler
+    monkeypatch.setattr(scheduler, "adapter_in_use", lambda name: True)
+    r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "a1"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "lora_in_use"
+    monkeypatch.undo()
+    assert chat(url, "a1").status_code == 200  # still served

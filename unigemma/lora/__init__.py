@@ -11,6 +11,6 @@ from .inject import add_lora, hf_module_name, lora_modules, merge, remove_adapte
 from .layer import LoraLinear, Selection
 from .peft import apply_adapter, load_adapter, lora_state_dict, read_adapter, save_adapter
 
-__all__ = ["DEFAULT_TARGETS", "apply_adapter", "MEDIA_TARGETS", "LoraConfig", "LoraLinear", "Selection", "add_lora", "hf_module_name",
-           "load_adapter", "lora_modules", "lora_state_dict", "merge", "read_adapter", "remove_adapter",
-           "save_adapter", "selection", "set_adapter"]
+__all__ = ["DEFAULT_TARGETS", "MEDIA_TARGETS", "LoraConfig", "LoraLinear", "Selection", "add_lora", "apply_adapter",
+           "hf_module_name", "load_adapter", "lora_modules", "lora_state_dict", "merge", "read_adapter",
+           "remove_adapter", "save_adapter", "selection", "set_adapter"]

@@ -47,12 +47,21 @@ class LoraConfig:
             self.target_modules = tuple(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = tuple(self.exclude_modules)
-        if not isinstance(self.r, int) or self.r <= 0:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        if isinstance(self.target_modules, str):
-            re.compile(self.target_modules)  # a bad regex fails here, not at injection
+        # bad regexes and values fail here, not at injection (an adapter file is untrusted input)
+        for targets in (self.target_modules, self.exclude_modules):
+            if isinstance(targets, str):
+                re.compile(targets)
+            elif targets is not None and not all(isinstance(t, str) for t in targets):
+                raise ValueError(f"target / exclude modules must be a regex or a list of names, got {targets!r}")
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key, value in pattern.items():
+                re.compile(rf"(.*\.)?({key})$")
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                    raise ValueError(f"{name}[{key!r}] must be a positive number, got {value!r}")
 
     @property
     def scaling(self) -> float:

@@ -69,7 +69,8 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]
         raise CheckpointError(f"{path}: not an adapter directory" + ("" if path.exists() else " (it does not exist)"))
     cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not cfg_file.is_file():
-        raise CheckpointError(f"{path}: no {CONFIG_FILE} (a PEFT adapter directory has {CONFIG_FILE} and {WEIGHTS_FILE})")
+        raise CheckpointError(f"{path}: no {CONFIG_FILE} (a PEFT adapter directory has {CONFIG_FILE} and "
+                              f"{WEIGHTS_FILE})")
     if not weights.is_file():
         hint = " (adapter_model.bin is a pickle and is never loaded: convert it to safetensors)" \
             if (path / "adapter_model.bin").exists() else ""
@@ -137,10 +138,11 @@ def apply_adapter(model: nn.Module, config: LoraConfig, tensors: dict[str, torch
         if set(pair) != {"lora_A", "lora_B"}:
             raise CheckpointError(f"{where}: {PREFIX}{theirs} has {sorted(pair)} but not both lora_A and lora_B")
         A, B = pair["lora_A"], pair["lora_B"]
-        r = A.shape[0]
-        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != module.in_features or B.shape != (module.out_features, r):
-            raise CheckpointError(f"{where}: {PREFIX}{theirs}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not "
-                                  f"fit a [{module.out_features} x {module.in_features}] module with one rank")
+        r = A.shape[0] if A.ndim == 2 else 0
+        if (r < 1 or B.ndim != 2 or A.shape[1] != module.in_features
+                or tuple(B.shape) != (module.out_features, r)):
+            raise CheckpointError(f"{where}: {PREFIX}{theirs}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
+                                  f"do not fit a [{module.out_features} x {module.in_features}] module with one rank")
         if not (A.is_floating_point() and B.is_floating_point()):
             raise CheckpointError(f"{where}: {PREFIX}{theirs}: LoRA weights must be floats, got {A.dtype} / {B.dtype}")
         plan.append((ours, r, config.scaling_for(theirs, r), A, B))

@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 
 from fastapi import Depends, FastAPI
+from fastapi.responses import PlainTextResponse
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
@@ -123,7 +124,7 @@ def register(app: FastAPI) -> None:
         except (CheckpointError, ValueError) as e:  # ValueError: a concurrent load of the same name
             raise ApiError(400, str(e), param="lora_path", code="invalid_lora_adapter") from None
         served.add_adapter(name, body.lora_path)
-        return f"Success: LoRA adapter '{name}' added successfully."
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")  # vLLM's reply
 
     @app.post("/v1/unload_lora_adapter", dependencies=[Depends(served.auth)])
     async def unload(body: UnloadRequest):
@@ -141,7 +142,7 @@ def register(app: FastAPI) -> None:
 
         await asyncio.wrap_future(served.scheduler.call(take_out))
         served.remove_adapter(name)
-        return f"Success: LoRA adapter '{name}' removed successfully."
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 
 def _read(path: Path, shown: str):
