@@ -360,6 +360,13 @@ def _lora_flags(args) -> dict[str, str]:
     return adapters
 
 
+def cmd_finetune(args) -> None:
+    """LoRA / QLoRA fine-tuning on a jsonl file (unigemma/finetune/)."""
+    from .finetune.cli import main
+
+    main(args)
+
+
 def cmd_pull(args) -> None:
     """Download a hub model into the hub cache (progress bars on stderr); print its local path."""
     from .weights.hub import fetch, parse
@@ -535,6 +542,11 @@ def main(argv=None) -> int:
     sv.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                     help="let browser pages on ORIGIN (e.g. http://localhost:3000; '*': any) call the API "
                          "(CORS; repeatable). Off by default: no CORS headers")
+    ft = sub.add_parser("finetune", help="train a LoRA / QLoRA adapter on chat, prompt/completion or text jsonl "
+                                         "(PEFT format out; serve it with `serve --lora NAME=DIR`)")
+    from .finetune.cli import add_arguments as finetune_arguments
+
+    finetune_arguments(ft)
     pu = sub.add_parser("pull", help="download a hub model (ORG/NAME[:FILE.gguf|:QUANT][@REVISION]) into the "
                                      "hub cache; prints its local path")
     pu.add_argument("model")
@@ -545,6 +557,7 @@ def main(argv=None) -> int:
     try:
         {"generate": cmd_generate, "demo": cmd_demo, "run": cmd_run, "chat": cmd_chat,
          "quantize": cmd_quantize, "merge": cmd_merge, "plan": cmd_plan, "serve": cmd_serve, "pull": cmd_pull,
+         "finetune": cmd_finetune,
          "ls": cmd_ls}[args.cmd](args)
     except UnigemmaError as e:
         print(f"error: {e}", file=sys.stderr)

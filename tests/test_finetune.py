@@ -1,0 +1,184 @@
+"""Fine-tuning: 20 steps' losses equal a transformers + PEFT loop; resume; QLoRA on int4 weights."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image
+
+import unigemma
+from reference import load_reference
+from unigemma.finetune import TrainArgs, Trainer, load_jsonl, prepare
+from unigemma.finetune.data import collate
+from unigemma.lora import LoraConfig, lora_state_dict
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """Text, tool-call and image + audio conversations, in the formats data.py reads."""
+    d = tmp_path_factory.mktemp("ft-data")
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(d / "a.png")
+    t = np.arange(6400) / 16000
+    soundfile.write(d / "a.wav", (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), 16000)
+    rows = [{"prompt": "Convert 2024-03-05 to words.", "completion": "March 5, 2024"},
+            {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
+                                                       {"type": "audio", "audio": "a.wav"},
+                                                       {"type": "text", "text": "Describe both."}]},
+                          {"role": "assistant", "content": "A noisy picture and a tone."}]},
+            {"messages": [{"role": "system", "content": "You are terse."},
+                          {"role": "user", "content": "Weather in Oslo?"},
+                          {"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {
+                              "name": "weather", "arguments": {"city": "Oslo"}}}]},
+                          {"role": "tool", "tool_call_id": "1", "content": "snow"},
+                          {"role": "assistant", "content": "Snow."}],
+             "tools": [{"type": "function", "function": {"name": "weather", "description": "w", "parameters": {
+                 "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]},
+            {"text": "Plain text is trained on every token."}]
+    path = d / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def ours(checkpoint, data_file, quant=None, block_mask="all"):
+    # composition "all": transformers' plain training forward (bidirectional image blocks on every layer)
+    gemma = unigemma.load(checkpoint, dtype="float32", fast=False, quant=quant, block_mask=block_mask)
+    data = load_jsonl(data_file, gemma.processor(image_budget=70))
+    return gemma, data
+
+
+ARGS = dict(lr=1e-3, max_steps=STEPS, batch_size=2, warmup=3, schedule="linear", max_grad_norm=1.0, seed=0)
+
+
+def test_losses_equal_transformers_peft(checkpoint, data_file, monkeypatch):
+    import unigemma.finetune.loss as loss_module
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model, set_peft_model_state_dict
+    from transformers import get_linear_schedule_with_warmup
+
+    monkeypatch.setattr(loss_module, "CHUNK", 8)  # the loss head in many chunks, as long replies run
+    gemma, data = ours(checkpoint, data_file)
+    config = LoraConfig(r=4, alpha=8, dropout=0.0)
+    params = prepare(gemma.model, config, seed=0)
+    args = TrainArgs(**ARGS)
+    pad = gemma.tokenizer.pad_id
+    trainer = Trainer(gemma.model, params, data, pad, args)
+    # the reference, starting from our initial adapter weights
+    ref = get_peft_model(load_reference(checkpoint), PeftConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                target_modules=list(config.target_modules)))
+    missing = set_peft_model_state_dict(ref, lora_state_dict(gemma.model))
+    assert not [k for k in missing.missing_keys if "lora_" in k]
+    ref.train()
+    ref_params = [p for p in ref.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in ref_params) == sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(ref_params, lr=args.lr, weight_decay=0.0)
+    sched = get_linear_schedule_with_warmup(opt, 3, STEPS)
+    mine, theirs = [], []
+    for _ in range(STEPS):
+        epoch, cursor = trainer.epoch, trainer.cursor
+        from unigemma.finetune.data import batch_order
+        rows = batch_order([e.length for e in data.examples], 2, 0, epoch)[cursor]
+        mine.append(trainer.train_step()[0])
+        b = collate([data.examples[i].encoded for i in rows], pad)
+        out = ref(**b.inputs.model_kwargs(), labels=b.labels)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        theirs.append(float(out.loss.detach()))
+    diff = max(abs(a - b) for a, b in zip(mine, theirs))
+    assert diff <= 1e-4, (mine, theirs)
+    assert sum(mine[-2:]) < sum(mine[:2]) - 0.5  # and it learns (two steps: one pass over the data)
+
+
+def test_resume_gives_the_same_losses(checkpoint, data_file, tmp_path):
+    from unigemma.lora import save_adapter
+
+    def run(stop_at=None, resume=False):
+        gemma, data = ours(checkpoint, data_file, block_mask="sliding")
+        config = LoraConfig(r=4, alpha=8, dropout=0.1)  # dropout: the RNG state must resume too
+        params = prepare(gemma.model, config, seed=0)
+        t = Trainer(gemma.model, params, data, gemma.tokenizer.pad_id, TrainArgs(**{**ARGS, "max_steps": 8}),
+                    out=tmp_path / ("b" if stop_at is None and not resume else "a"),
+                    save=lambda m, d: save_adapter(m, d, config))
+        if resume:
+            assert t.resume() is not None and t.step == 4
+        t.run(stop_at)
+        if stop_at:
+            t.checkpoint()
+        return t.losses
+
+    whole = run()
+    run(stop_at=4)
+    resumed = run(resume=True)
+    assert resumed == whole  # bit for bit
+    assert (tmp_path / "a" / "checkpoint-4" / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_step_on_int4(checkpoint, data_file):
+    gemma, data = ours(checkpoint, data_file, quant="int4-g32", block_mask="sliding")
+    frozen = {k: v.clone() for k, v in gemma.model.state_dict().items() if "lora_" not in k}
+    params = prepare(gemma.model, LoraConfig(r=4, alpha=8), seed=0)
+    before = [p.detach().clone() for p in params]
+    t = Trainer(gemma.model, params, data, gemma.tokenizer.pad_id, TrainArgs(**{**ARGS, "max_steps": 2, "warmup": 0}))
+    losses = t.run()
+    assert all(math.isfinite(x) for x in losses)
+    # every A and B moved (B from zero after the first step), nothing else did
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))
+    after = {k: v for k, v in gemma.model.state_dict().items() if "lora_" not in k}
+    renamed = {k.replace(".base_layer", ""): v for k, v in after.items()}
+    assert set(renamed) == set(frozen)
+    assert all(torch.equal(frozen[k], renamed[k]) for k in frozen)
+    assert any(v.dtype == torch.uint8 for v in frozen.values())  # int4 codes
+
+
+def test_cli_writes_an_adapter_and_resumes(checkpoint, data_file, tmp_path):
+    from unigemma.cli import main
+
+    out = tmp_path / "run"
+    common = ["finetune", "--model", str(checkpoint), "--data", str(data_file), "--eval", str(data_file),
+              "--out", str(out), "--dtype", "float32", "--lora-r", "2", "--batch-size", "2", "--save-every", "1",
+              "--eval-every", "1", "--image-budget", "70", "--quiet"]
+    assert main(common + ["--max-steps", "1"]) == 0
+    assert main(common + ["--max-steps", "2", "--resume"]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 2
+    assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-2" / "trainer_state.pt").is_file()
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2] and all("eval_loss" in e for e in log)
+    # bad data is a clean error (exit 2) naming the line
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\nnot json\n')
+    assert main(["finetune", "--model", str(checkpoint), "--data", str(bad), "--out", str(tmp_path / "x"),
+                 "--quiet"]) == 2
+
+
+def test_8bit_optimizer(checkpoint, data_file):
+    pytest.importorskip("torchao", reason="torchao is optional (--optim adamw8bit); not in the dev venv")
+    gemma, data = ours(checkpoint, data_file, block_mask="sliding")
+    params = prepare(gemma.model, LoraConfig(r=4, alpha=8), seed=0)
+    t = Trainer(gemma.model, params, data, gemma.tokenizer.pad_id,
+                TrainArgs(**{**ARGS, "max_steps": 3, "warmup": 0, "optim": "adamw8bit"}))
+    losses = t.run()
+    assert all(math.isfinite(x) for x in losses) and losses[2] < losses[0] + 1.0
+    assert type(t.opt).__name__ == "AdamW8bit"
+
+
+def test_accumulation_equals_one_big_batch(checkpoint, data_file):
+    """2 micro-batches of 1 = 1 batch of 2: the loss is the mean over all their label tokens."""
+    def one_step(batch_size, accum):
+        gemma, data = ours(checkpoint, data_file, block_mask="sliding")
+        params = prepare(gemma.model, LoraConfig(r=4, alpha=8), seed=0)
+        t = Trainer(gemma.model, params, data, gemma.tokenizer.pad_id,
+                    TrainArgs(**{**ARGS, "max_steps": 2, "warmup": 0, "batch_size": batch_size, "grad_accum": accum,
+                                 "shuffle": False}))
+        return t.run(), [p.detach().clone() for p in params]
+
+    (l1, p1), (l2, p2) = one_step(2, 1), one_step(1, 2)
+    assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5
+    assert max(float((a - b).abs().max()) for a, b in zip(p1, p2)) < 1e-5

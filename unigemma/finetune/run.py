@@ -1,0 +1,105 @@
+"""`train(...)`: the Python API behind `unigemma finetune`, from a model path and a jsonl file to
+an adapter directory.
+
+    from unigemma.finetune import train
+    result = train(model="path/or/hub-id", data="train.jsonl", out="adapter/", eval="eval.jsonl",
+                   lora_r=16, lora_alpha=32, quantize="int4", max_steps=200)
+    result.losses, result.eval_losses, result.out
+
+It loads the model unpacked (`unigemma.load(fast=False)`; a GGUF's quantized tensors
+dequantized to `dtype` unless `quantize` asks for our int8 / int4), freezes every weight, wraps
+the targets with LoRA (unigemma/lora), reads the data (data.py) and runs the `Trainer`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .data import Dataset, load_jsonl
+from .train import QUANT_NAMES, TrainArgs, Trainer
+
+
+@dataclass
+class Result:
+    out: Path
+    losses: list[float]
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+    steps: int = 0
+    trainable: int = 0  # adapter parameters trained
+
+
+def prepare(model, lora_config, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Freeze `model` and add the adapter (seeded: its A matrices are random); returns the
+    adapter's parameters. A quantized base (QLoRA) needs nothing more: QuantLinear passes the
+    input's gradient through its dequantized weight, recomputed in backward (quant/linear.py)."""
+    from ..lora import add_lora
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(seed)
+    params = add_lora(model, lora_config)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def train(model: str | Path, data: str | Path, out: str | Path, *, eval: str | Path | None = None,
+          lora_r: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0, rslora: bool = False,
+          targets: str | list[str] | None = None, dtype: str = "bfloat16", quantize: str | None = None,
+          max_len: int = 2048, image_budget: int = 280, tokenizer: str | None = None,
+          resume: bool = False, progress: bool = True, **train_args) -> Result:
+    """Fine-tune `model` on `data`; the adapter lands in `out`. train_args: `TrainArgs` fields."""
+    import unigemma
+    from ..lora import DEFAULT_TARGETS, LoraConfig, save_adapter
+
+    known = {f.name for f in fields(TrainArgs)}
+    unknown = set(train_args) - known
+    if unknown:
+        raise InputError(f"unknown training options: {', '.join(sorted(unknown))}")
+    args = TrainArgs(**train_args)
+    quant = QUANT_NAMES.get(quantize, quantize) if quantize else None
+    is_gguf = str(model).endswith(".gguf")
+    gemma = unigemma.load(model, dtype=dtype, fast=False, quant=quant, dequantize=is_gguf and quant is None,
+                          tokenizer=tokenizer, exact=True)
+    if isinstance(targets, str) and "," in targets:
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, use_rslora=rslora,
+                        target_modules=targets or DEFAULT_TARGETS, base_model=str(model))
+    params = prepare(gemma.model, config, args.seed)
+    processor = gemma.processor(image_budget=image_budget)
+    train_data = load_jsonl(data, processor, max_len, progress)
+    eval_data: Dataset | None = load_jsonl(eval, processor, max_len, progress) if eval else None
+    if progress:
+        n = sum(p.numel() for p in params)
+        print(f"{len(train_data)} examples ({train_data.trained_tokens} trained tokens"
+              + (f", {train_data.skipped['too_long']} longer than --max-len {max_len} skipped"
+                 if train_data.skipped else "") + f"); LoRA r={lora_r} on {len(params) // 2} modules, "
+              f"{n:,} trainable parameters; {dtype}" + (f", base {quant}" if quant else ""), file=sys.stderr)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = gemma.tokenizer
+    pad = tok.pad_id if tok.pad_id is not None else tok.eos_ids[0]
+    trainer = Trainer(gemma.model, params, train_data, pad, args, eval_data, out,
+                      save=lambda m, d: save_adapter(m, d, config), progress=progress)
+    if resume:
+        where = trainer.resume()
+        if progress:
+            print(f"resumed from {where} (step {trainer.step})" if where else "nothing to resume: starting",
+                  file=sys.stderr)
+    trainer.run()
+    if args.save_every and trainer.step % args.save_every:
+        trainer.checkpoint()  # the last step too, so --resume can extend the run
+    save_adapter(gemma.model, out, config)
+    (out / "training_args.json").write_text(json.dumps(
+        {"model": str(model), "data": str(data), "lora_r": lora_r, "lora_alpha": lora_alpha,
+         "lora_dropout": lora_dropout, "rslora": rslora, "dtype": dtype, "quantize": quant, "max_len": max_len,
+         **{f.name: getattr(args, f.name) for f in fields(TrainArgs)}}, indent=2))
+    return Result(out, trainer.losses, trainer.eval_losses, dict(train_data.skipped), trainer.step,
+                  sum(p.numel() for p in params))
