@@ -1,8 +1,10 @@
-"""Fine-tuning: 20 steps' losses equal a transformers + PEFT loop; resume; QLoRA on int4 weights."""
+"""Fine-tuning: 20 steps' losses equal a transformers + PEFT loop (text, tools, image + audio, video);
+resume; QLoRA on int4 weights."""
 
 import json
 import math
 
+import av
 import numpy as np
 import pytest
 import soundfile
@@ -20,11 +22,20 @@ STEPS = 20
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    """Text, tool-call and image + audio conversations, in the formats data.py reads."""
+    """Text, tool-call, image + audio and video conversations, in the formats data.py reads."""
     d = tmp_path_factory.mktemp("ft-data")
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(d / "a.png")
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(d / "a.png")
     t = np.arange(6400) / 16000
     soundfile.write(d / "a.wav", (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), 16000)
+    with av.open(str(d / "a.mkv"), "w") as c:  # 3 frames of noise, lossless
+        s = c.add_stream("ffv1", rate=4)
+        s.height, s.width, s.pix_fmt = 48, 64, "yuv444p"
+        for _ in range(3):
+            for p in s.encode(av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), np.uint8), "rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
     rows = [{"prompt": "Convert 2024-03-05 to words.", "completion": "March 5, 2024"},
             {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
                                                        {"type": "audio", "audio": "a.wav"},
@@ -38,6 +49,9 @@ def data_file(tmp_path_factory):
                           {"role": "assistant", "content": "Snow."}],
              "tools": [{"type": "function", "function": {"name": "weather", "description": "w", "parameters": {
                  "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]},
+            {"messages": [{"role": "user", "content": [{"type": "video", "video": "a.mkv"},
+                                                       {"type": "text", "text": "What moves?"}]},
+                          {"role": "assistant", "content": "Only noise."}]},
             {"text": "Plain text is trained on every token."}]
     path = d / "train.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -84,7 +98,9 @@ def test_losses_equal_transformers_peft(checkpoint, data_file, monkeypatch):
         rows = batch_order([e.length for e in data.examples], 2, 0, epoch)[cursor]
         mine.append(trainer.train_step()[0])
         b = collate([data.examples[i].encoded for i in rows], pad)
-        out = ref(**b.inputs.model_kwargs(), labels=b.labels)
+        video = b.inputs.video  # the reference also takes the clips' frame counts
+        extra = {"num_frames_per_video": video.num_frames} if video is not None else {}
+        out = ref(**b.inputs.model_kwargs(), **extra, labels=b.labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
         opt.step()
@@ -182,3 +198,23 @@ def test_accumulation_equals_one_big_batch(checkpoint, data_file):
     (l1, p1), (l2, p2) = one_step(2, 1), one_step(1, 2)
     assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5
     assert max(float((a - b).abs().max()) for a, b in zip(p1, p2)) < 1e-5
+
+
+def test_targets_reach_the_media_embedders(checkpoint, data_file):
+    """--targets 'default,media' adds the embedders' projections to the decoder's; after a step on
+    image + audio data their adapters moved (gradients reach the soft tokens' projections)."""
+    from unigemma.lora import DEFAULT_TARGETS, MEDIA_TARGETS, lora_modules
+    from unigemma.lora.config import parse_targets
+
+    assert parse_targets("default,media") == DEFAULT_TARGETS + MEDIA_TARGETS
+    assert parse_targets("q_proj") == ("q_proj",) and parse_targets("q_proj, v_proj") == ("q_proj", "v_proj")
+    assert parse_targets(r".*\.(q|v)_proj") == r".*\.(q|v)_proj"  # a regex stays one
+    gemma, data = ours(checkpoint, data_file, block_mask="sliding")
+    params = prepare(gemma.model, LoraConfig(r=2, alpha=4, target_modules=parse_targets("default,media")), seed=0)
+    media = {n: m for n, m in lora_modules(gemma.model).items() if "embed_vision" in n or "embed_audio" in n}
+    assert {n.rsplit(".", 1)[-1] for n in media} == set(MEDIA_TARGETS)
+    before = {n: m.lora_B["default"].weight.detach().clone() for n, m in media.items()}
+    t = Trainer(gemma.model, params, data, gemma.tokenizer.pad_id,
+                TrainArgs(**{**ARGS, "max_steps": len(data), "batch_size": 1, "warmup": 0, "shuffle": False}))
+    t.run()
+    assert all(not torch.equal(before[n], m.lora_B["default"].weight) for n, m in media.items())

@@ -167,3 +167,35 @@ def test_batches_keep_media_whole(processor, media, tmp_path):
     a, a2, c = batch_order(lengths, 2, 1, 0), batch_order(lengths, 2, 1, 0), batch_order(lengths, 2, 1, 1)
     assert a == a2 and sorted(sum(a, [])) == list(range(8)) and a != c
     assert all(abs(lengths[x] - lengths[y]) < 10 for x, y in a)  # short with short, long with long
+
+
+def test_video_is_masked_and_kept_whole(processor, tmp_path):
+    """A video turn: its frames' soft tokens are never labels, each frame is its own block of
+    mm_token_type 2, and the frames equal those inference builds for the same prompt."""
+    import av
+
+    rng = np.random.default_rng(2)
+    with av.open(str(tmp_path / "v.mkv"), "w") as c:
+        s = c.add_stream("ffv1", rate=4)
+        s.height, s.width, s.pix_fmt = 48, 64, "yuv444p"
+        for _ in range(3):
+            for p in s.encode(av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), np.uint8), "rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    msgs = [{"role": "user", "content": [{"type": "video", "video": "v.mkv"}, {"type": "text", "text": "What?"}]},
+            {"role": "assistant", "content": "Noise."}]
+    data = load_jsonl(write(tmp_path / "v.jsonl", [{"messages": msgs}]), processor)
+    enc = data.examples[0].encoded
+    ids, labels, types = enc.inputs["input_ids"][0], enc.labels, enc.inputs["mm_token_type_ids"][0]
+    video_tok = processor.tokenizer.token_to_id("<|video|>")
+    assert bool((types[ids == video_tok] == 2).all()) and int((types == 2).sum()) == int((ids == video_tok).sum()) > 0
+    assert bool((labels[types != 0] == IGNORE).all())  # no media position is a label
+    tok = processor.tokenizer
+    assert tok.decode([t for t, lab in zip(ids.tolist(), labels.tolist()) if lab != IGNORE]) == "Noise.<turn|>"
+    msgs[0]["content"][0]["video"] = str(tmp_path / "v.mkv")
+    prompt = processor(msgs[:-1])
+    assert torch.equal(enc.inputs["pixel_values_videos"], prompt["pixel_values_videos"])
+    assert enc.inputs["num_frames_per_video"].tolist() == [3]
+    b = collate([enc, enc], pad_id=0)  # two clips in one batch: their frames concatenated, counts kept
+    assert b.inputs["pixel_values_videos"].shape[0] == 6 and b.inputs["num_frames_per_video"].tolist() == [3, 3]

@@ -127,3 +127,23 @@ def test_upcast_linear_runs_bf16_rows_as_float32_gemms_and_keeps_the_weight():
     many = torch.randn(3, 40, 96).bfloat16()
     want = (torch.nn.functional.linear(many.float(), lin.weight.float()) + lin.bias.float()).bfloat16()
     assert torch.equal(up(many), want)
+
+
+def test_upcast_matmul_backward_is_the_float32_product():
+    """Training a bf16 model where bf16 is emulated (finetune/run.py, loss.py): dx = dy W from
+    upcast weight blocks (several blocks here), the frozen weight getting no gradient, no copy
+    kept; a weight that trains takes plain F.linear."""
+    from unigemma.models.upcast import upcast_matmul
+
+    torch.manual_seed(0)
+    w = torch.randn(300, 64).bfloat16()
+    x = torch.randn(2, 5, 64).bfloat16().requires_grad_()
+    y = upcast_matmul(x, w, block_bytes=64 * 4 * 64)  # 64-row blocks: 5 of them
+    assert torch.equal(y, torch.nn.functional.linear(x.float(), w.float()).bfloat16())
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    # the blocks' partial products add in another order than one GEMM's: bf16 rounding apart
+    assert torch.allclose(x.grad.float(), dy.float() @ w.float(), rtol=8e-3, atol=1e-2)
+    trained = w.clone().requires_grad_()
+    upcast_matmul(x.detach(), trained).sum().backward()
+    assert trained.grad is not None

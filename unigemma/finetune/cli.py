@@ -19,8 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (default 32; scaling alpha / r)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
     p.add_argument("--rslora", action="store_true", help="rank-stabilized scaling alpha / sqrt(r)")
-    p.add_argument("--targets", help="modules to adapt: comma-separated leaf names or one regex over PEFT's "
-                                     "names (default: the text decoder's q,k,v,o,gate,up,down projections)")
+    p.add_argument("--targets", help="modules to adapt: comma-separated leaf names ('default': the text "
+                                     "decoder's q,k,v,o,gate,up,down projections, the default; 'media': the image "
+                                     "and audio embedders' projections; 'default,media': both) or one regex over "
+                                     "PEFT's module names")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="weights and activations (adapters are float32); default bfloat16")
     p.add_argument("--quantize", help="QLoRA: the frozen base as int8 or int4 (or a scheme: int8-g32, int4-g128)")

@@ -26,9 +26,13 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import FULL, SLIDING
 from ..inputs import ModelInputs
+from ..models.layers import softcap
+from ..models.upcast import upcast_matmul
+from ..quant.kernels import plan
 from .labels import IGNORE
 
 CHUNK = 128  # label positions per head + cross-entropy chunk
+HEAD_BLOCK_BYTES = 8 << 20  # float32 head rows upcast at a time (bf16 emulated): 1,365 of 1,536 wide
 
 
 def hidden_states(model, inputs: ModelInputs, checkpointing: bool = False) -> torch.Tensor:
@@ -55,8 +59,18 @@ def hidden_states(model, inputs: ModelInputs, checkpointing: bool = False) -> to
     return text.norm(h)
 
 
+def _head(model, h: torch.Tensor) -> torch.Tensor:
+    """model.head(h); a frozen bf16 head on a CPU that emulates bf16 runs as float32 GEMMs over
+    upcast blocks of its weight (models/upcast.py), forward and backward."""
+    w = model.head_weight()
+    if (w is not None and w.dtype == torch.bfloat16 and w.device.type == "cpu" and not w.requires_grad
+            and plan().float_linear(w.dtype) == "upcast"):
+        return softcap(upcast_matmul(h, w, block_bytes=HEAD_BLOCK_BYTES), model.config.text.final_logit_softcapping)
+    return model.head(h)
+
+
 def _chunk_loss(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model.head(h).float(), targets, reduction="sum")
+    return F.cross_entropy(_head(model, h).float(), targets, reduction="sum")
 
 
 class _HeadLoss(torch.autograd.Function):

@@ -14,6 +14,7 @@ the targets with LoRA (unigemma/lora), reads the data (data.py) and runs the `Tr
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -38,11 +39,17 @@ class Result:
 def prepare(model, lora_config, seed: int = 0) -> list[torch.nn.Parameter]:
     """Freeze `model` and add the adapter (seeded: its A matrices are random); returns the
     adapter's parameters. A quantized base (QLoRA) needs nothing more: QuantLinear passes the
-    input's gradient through its dequantized weight, recomputed in backward (quant/linear.py)."""
+    input's gradient through its dequantized weight, recomputed in backward (quant/linear.py).
+    bf16 decoder linears on a CPU that emulates bf16 (AVX2) become models/upcast.py's, whose
+    forward and backward run float32 GEMMs (torch's emulated bf16 backward is ~100x slower)."""
     from ..lora import add_lora
+    from ..models.upcast import upcast_linears
+    from ..quant.kernels import plan
 
     for p in model.parameters():
         p.requires_grad_(False)
+    if model.device.type == "cpu" and plan().float_linear(torch.bfloat16) == "upcast":
+        upcast_linears(model)
     torch.manual_seed(seed)
     params = add_lora(model, lora_config)
     for p in params:
@@ -58,6 +65,7 @@ def train(model: str | Path, data: str | Path, out: str | Path, *, eval: str | P
     """Fine-tune `model` on `data`; the adapter lands in `out`. train_args: `TrainArgs` fields."""
     import unigemma
     from ..lora import DEFAULT_TARGETS, LoraConfig, save_adapter
+    from ..lora.config import parse_targets
 
     known = {f.name for f in fields(TrainArgs)}
     unknown = set(train_args) - known
@@ -68,8 +76,11 @@ def train(model: str | Path, data: str | Path, out: str | Path, *, eval: str | P
     is_gguf = str(model).endswith(".gguf")
     gemma = unigemma.load(model, dtype=dtype, fast=False, quant=quant, dequantize=is_gguf and quant is None,
                           tokenizer=tokenizer, exact=True)
-    if isinstance(targets, str) and "," in targets:
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if isinstance(targets, str):
+        try:
+            targets = parse_targets(targets)
+        except re.error as e:
+            raise InputError(f"--targets {targets!r}: not a list of module names and not a regex ({e})") from e
     config = LoraConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, use_rslora=rslora,
                         target_modules=targets or DEFAULT_TARGETS, base_model=str(model))
     params = prepare(gemma.model, config, args.seed)

@@ -21,8 +21,6 @@ per step: loss, lr, tokens/s; eval lines), and `checkpoint-STEP/` directories (t
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import math
 import random
@@ -33,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..malloc import freed_memory_returned
 from .data import Dataset, collate, batch_order
 from .labels import IGNORE
 from .loss import hidden_states, label_loss
@@ -96,28 +95,14 @@ def make_optimizer(args: TrainArgs, params: list[torch.nn.Parameter]) -> torch.o
 MMAP_FROM = 256 << 10  # during a training step glibc maps buffers from this size and unmaps them on free
 
 
-@contextlib.contextmanager
 def _freed_memory_returned():
     """glibc keeps freed buffers below its dynamic mmap threshold (32 MiB once loading is done)
     in the heap, where the layer inputs that checkpointing keeps pin them: RSS grew ~60 MB per
     layer of the mid-size model at 1,024 tokens (past 13 GiB on the 12B) and the loss head's
     thousands of small block products held ~0.8 GB more. Mapping buffers from MMAP_FROM up and
     trimming the heap at that size keeps the step at what it uses (mid-size, int4, 1,024 tokens:
-    peak +0.5 GiB over the weights instead of +1.6). Restored afterwards to where the loader
-    leaves them (weights/placer.py); a no-op off glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, MMAP_FROM)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, MMAP_FROM)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        libc = None
-    try:
-        yield
-    finally:
-        if libc is not None:
-            libc.mallopt(-3, 32 << 20)
-            libc.mallopt(-1, 64 << 20)
-            libc.malloc_trim(0)
+    peak +0.5 GiB over the weights instead of +1.6); malloc.py restores the thresholds after."""
+    return freed_memory_returned(MMAP_FROM, MMAP_FROM)
 
 
 def _rng_state() -> dict:

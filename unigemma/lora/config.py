@@ -118,6 +118,23 @@ class LoraConfig:
             raise CheckpointError(f"{where}: {e}") from e
 
 
+TARGET_GROUPS = {"default": DEFAULT_TARGETS, "media": MEDIA_TARGETS}
+
+
+def parse_targets(text: str) -> str | tuple[str, ...]:
+    """The command line's --targets: comma-separated leaf names, where `default` stands for the
+    decoder's projections and `media` for the embedders' ("default,media" adapts both), or one
+    regex over transformers' module names (anything that is not a plain list of names)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items or not all(re.fullmatch(r"[A-Za-z0-9_.]+", t) for t in items):
+        re.compile(text)  # a bad regex is the user's error, named here
+        return text
+    out: list[str] = []
+    for t in items:
+        out += [x for x in TARGET_GROUPS.get(t, (t,)) if x not in out]
+    return tuple(out)
+
+
 def _matches(targets, name: str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..models.packed import PackedHead, PackedLinear, swap_head
+from ..malloc import freed_memory_returned
 from ..models.upcast import upcast_linears
 from ..quant.apply import load_float, load_float_rows, prepare
 from ..quant.linear import QuantLinear
@@ -168,32 +169,11 @@ def _head_name(model: nn.Module) -> str | None:
     return None
 
 
-@contextlib.contextmanager
 def _return_freed_memory():
-    """While loading, make glibc give big freed buffers back to the system at once.
-
-    Packing and quantizing read every weight into a buffer of its own and free it right after.
-    glibc serves allocations below its *dynamic* mmap threshold (which climbs to 32 MiB after
-    the first big free) from the heap and keeps them when freed, so the process would hold
-    hundreds of MB of dead weight buffers (measured: +150 MB peak, +190 MB after loading the
-    730M bench model). A fixed 1 MiB threshold maps such buffers and unmaps them on free. It
-    must not stay: every activation buffer would then be a fresh mapping, page-faulted anew
-    (prefill measured 40% slower). Afterwards the thresholds go to where the dynamic scheme
-    settles (32 MiB, trim at 64 MiB) and the heap is trimmed. A no-op off glibc."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        libc = None
-    try:
-        yield
-    finally:
-        if libc is not None:
-            libc.mallopt(-3, 32 << 20)
-            libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
-            libc.malloc_trim(0)
+    """While loading, buffers of 1 MiB and more go back to the system when freed (malloc.py):
+    packing and quantizing read every weight into a buffer of its own and free it right after
+    (without this: +150 MB peak, +190 MB after loading the 730M bench model)."""
+    return freed_memory_returned(1 << 20)
 
 
 def _progress(label: str, total: int, enabled: bool):
