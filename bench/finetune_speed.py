@@ -3,7 +3,7 @@
     python bench/finetune_speed.py [--seq 512 --batch 1 --repeats 3 --threads 1]
 
 Model: the random mid-size Gemma 4 unified checkpoint (bench/checkpoint.py: hidden 1536, 8
-layers, the real 262,144 vocabulary, bf16). Both sides: bf16 weights, LoRA r=16 / alpha 32 on
+layers, the real 262,144 vocabulary, bf16). Both sides: bf16 weights (--dtype float32: fp32), LoRA r=16 / alpha 32 on
 q/k/v/o/gate/up/down (float32 adapters, the same initial values), gradient checkpointing per
 decoder layer (non-reentrant), torch AdamW (no clipping on either side). Ours is `Trainer.train_step`. One step: forward, loss, backward and optimizer
 step on one batch of `seq` random tokens whose last quarter is the label (an SFT reply;
@@ -34,6 +34,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--label-fraction", type=float, default=0.25, help="the trained tail of each sequence")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="both sides' weights (bf16 where bf16 is emulated, AVX2: ours runs float32 GEMMs "
+                         "over upcast blocks, transformers' the emulated bf16 kernels)")
+    ap.add_argument("--warmup-rounds", type=int, default=1, help="untimed rounds first (0: the slow peer's "
+                                                                 "bf16 steps on AVX2 take many minutes)")
     ap.add_argument("--root", default=None, help="where the mid-size checkpoint is (bench/checkpoint.py's runs/bench)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -51,6 +56,7 @@ def main() -> None:
     from unigemma.finetune.loss import hidden_states, label_loss
     from unigemma.inputs import ModelInputs
     from unigemma.lora import LoraConfig, lora_state_dict
+    from unigemma.quant.kernels import plan
 
     path = make_checkpoint(args.root)
     g = torch.Generator().manual_seed(0)
@@ -60,7 +66,7 @@ def main() -> None:
     labels[:, -n_labels:] = ids[:, -n_labels:]
     tokens = ids.numel()
 
-    gemma = unigemma.load(path, dtype="bfloat16", fast=False)
+    gemma = unigemma.load(path, dtype=args.dtype, fast=False)
     config = LoraConfig(r=16, alpha=32)
     params = prepare(gemma.model, config, seed=0)
     inputs = ModelInputs(ids, torch.ones_like(ids), torch.zeros_like(ids))
@@ -72,7 +78,7 @@ def main() -> None:
                       TrainArgs(lr=1e-4, max_steps=10 ** 6, batch_size=args.batch, warmup=0, schedule="constant",
                                 max_grad_norm=0.0, gradient_checkpointing=True, shuffle=False))
 
-    ref = Gemma4UnifiedForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16)
+    ref = Gemma4UnifiedForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, args.dtype))
     ref = get_peft_model(ref, PeftConfig(r=16, lora_alpha=32, target_modules=list(config.target_modules)))
     set_peft_model_state_dict(ref, lora_state_dict(gemma.model))
     ref.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -93,11 +99,11 @@ def main() -> None:
 
     times = {"ours": [], "transformers_peft": []}
     losses = {}
-    for k in range(args.repeats + 1):
+    for k in range(args.repeats + args.warmup_rounds):
         for name, fn in (("ours", ours), ("transformers_peft", theirs))[:: 1 if k % 2 == 0 else -1]:
             t0 = time.perf_counter()
             losses[name] = fn()
-            if k:  # the first round warms up both
+            if k >= args.warmup_rounds:  # the first rounds warm up both
                 times[name].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
     # where our step goes: forward (no grad), the loss head alone, the rest is backward + optimizer
@@ -110,7 +116,7 @@ def main() -> None:
         head = time.perf_counter() - t0
     print(json.dumps({
         "bench": "finetune_speed", "model": "random mid-size Gemma 4 unified (hidden 1536, 8 layers, vocab 262144)",
-        "dtype": "bfloat16", "lora_r": 16, "seq": args.seq, "batch": args.batch,
+        "dtype": args.dtype, "bf16_kernel": plan().float_linear(torch.bfloat16), "lora_r": 16, "seq": args.seq, "batch": args.batch,
         "label_tokens": args.batch * n_labels,
         "gradient_checkpointing": True, "repeats": args.repeats,
         "tokens_per_s": {k: round(tokens / v, 1) for k, v in best.items()},

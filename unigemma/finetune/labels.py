@@ -124,9 +124,8 @@ def encode_conversation(processor: Processor, messages, tools: list[dict] | None
     text, trained = render_pieces(processor, normalized, tools, enable_thinking)
     costs = processor.costs(items)
     cost.check_media(costs, processor.limits)
-    processor._check_placeholders(text, items, 0)
-    parts, done = processor._decode_media([items])
-    expanded, ranges = _expand(processor, text, items, done[0], trained)
+    parts, expansions = processor.media_expansions(text, items)
+    expanded, ranges = _expand(processor, text, items, expansions, trained)
     tok = processor.tokenizer
     bos = tok.special_tokens_map.get("bos_token")
     # the processor's rule: a template that writes <bos> itself gets no second one
@@ -147,14 +146,14 @@ def encode_conversation(processor: Processor, messages, tools: list[dict] | None
     return Encoded(inputs, labels)
 
 
-def _expand(processor: Processor, text: str, items, processed, trained) -> tuple[str, list[tuple[int, int]]]:
+def _expand(processor: Processor, text: str, items, expansions: list[str],
+            trained) -> tuple[str, list[tuple[int, int]]]:
     """Media placeholders → their soft-token runs (as the processor expands them), the trained
     ranges moved by the characters inserted before them."""
     kinds = [k for k in ("image", "audio", "video") if processor.token[k]]
     if not items or not kinds:
         return text, trained
-    queues = {k: iter([processor._expansion(it, p) for it, p in zip(items, processed) if it.kind == k])
-              for k in kinds}
+    queues = {k: iter([e for it, e in zip(items, expansions) if it.kind == k]) for k in kinds}
     by_text = {processor.token[k]: k for k in kinds}
     pattern = re.compile("|".join(re.escape(processor.token[k]) for k in kinds))
     out, shifts, pos, shift = [], [], 0, 0

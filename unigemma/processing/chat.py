@@ -334,6 +334,14 @@ class Processor:
         return " ".join(f"{stamp(s)} {t['boi']}{t['video'] * int(n)}{t['eoi']}"
                         for s, n in zip(processed.timestamps, processed.num_soft_tokens))
 
+    def media_expansions(self, prompt: str, items: list[MediaItem]) -> tuple[dict, list[str]]:
+        """For a rendered prompt whose own expansion is done elsewhere (fine-tuning labels it by
+        character offsets): its placeholders checked against `items`, the items decoded →
+        (the `ModelInputs` media parts, each item's soft-token text in item order)."""
+        self._check_placeholders(prompt, items, 0)
+        parts, done = self._decode_media([items])
+        return parts, [self._expansion(item, p) for item, p in zip(items, done[0])]
+
     def _check_placeholders(self, prompt: str, items: list[MediaItem], index: int) -> None:
         for kind in MM_TYPE:
             found = prompt.count(self.token[kind]) if self.token[kind] else 0
