@@ -27,10 +27,16 @@ MAX_ROWS = 4  # bf16 F.linear up to here; the float32 GEMMs above
 
 
 def _blocks(weight: torch.Tensor, block_bytes: int):
-    """(row slice, float32 copy of those weight rows), ~block_bytes of float32 at a time."""
-    rows = max(64, block_bytes // (4 * weight.shape[1]))
-    for r in range(0, weight.shape[0], rows):
-        yield slice(r, r + rows), weight[r:r + rows].float()
+    """(row slice, float32 copy of those weight rows), ~block_bytes of float32 at a time, each
+    valid until the next is drawn. One buffer serves every block: a fresh buffer per block is a
+    fresh mapping to page-fault during a training step (finetune/train.py maps buffers from
+    256 KiB), which made the upcast cost 4x its copy."""
+    n, k = weight.shape
+    rows = min(n, max(64, block_bytes // (4 * k)))
+    buf = torch.empty(rows, k, dtype=torch.float32, device=weight.device)
+    for r in range(0, n, rows):
+        m = min(rows, n - r)
+        yield slice(r, r + m), buf[:m].copy_(weight[r:r + m])
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block_bytes: int) -> torch.Tensor:
