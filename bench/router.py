@@ -12,9 +12,11 @@ with empty prefix caches.
   once. Per replica: prefix-cache lookups, hits and hit ratio, and prompt tokens restored
   (deltas of its /metrics JSON). The server counts as a hit any restored prefix, the chat
   template's first tokens included, so the hit ratio is near 1 under any policy; what routing
-  changes is how much is restored: `saved_token_share`, prompt tokens restored over prompt
-  tokens sent (both replicas). A chat's first turn restores nothing of its own, so
-  `hit_ratio_ceiling` ((turns - 1) / turns) bounds the share of turns that can reuse a turn.
+  changes is how much is restored: `follow_ups_reusing_previous_turn`, the share of turns after
+  the first whose reply says (usage.prompt_tokens_details.cached_tokens) the previous prompt was
+  restored (1.0: every turn went where the chat's last turn went), and
+  `saved_token_share`, prompt tokens restored over prompt tokens sent. Also the median request
+  time per policy (both replicas share this machine's cores, so it is mostly the prefill saved).
 
 Last stdout line: one JSON object (with machine()).
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -37,6 +40,14 @@ from bench.machine import machine
 from bench.replicas import Replicas
 
 PREFIX_KEYS = ("prefix_cache_lookups", "prefix_cache_hits", "prefix_cache_saved_tokens")
+# the previous prompt's last few tokens (its generation header) are not restored: the template
+# renders the reply's turn differently. A turn adds far more (a user turn and a reply), so a
+# restore within HEADER of the previous prompt came from the previous turn, not an older one.
+HEADER = 16
+# clients in lockstep (every request about as long) take turns in a fixed order, so round robin
+# would send each chat to the replica of its previous turn every time (an even number of
+# clients) or never (an odd one); a random pause before each turn, seeded per chat, breaks the step
+THINK_S = 1.0
 WORDS = "harbor lantern orchard copper meadow quarry thistle ember falcon granite willow saffron".split()
 
 
@@ -78,19 +89,32 @@ def system_prompt(chat: int, words: int) -> str:
                                               for i in range(words))
 
 
-def multi_turn(r: Replicas, chats: int, turns: int, clients: int, max_tokens: int, system_words: int) -> dict:
+def question(k: int, t: int, words: int) -> str:
+    return f"Question {t}: tell me about " + " and ".join(WORDS[(k + t + i) % len(WORDS)] for i in range(words // 2))
+
+
+def multi_turn(r: Replicas, chats: int, turns: int, clients: int, max_tokens: int, system_words: int,
+               user_words: int) -> dict:
     before = [r.stats(i) for i in range(len(r.urls))]
-    prompt_tokens = [0]
+    prompt_tokens, reused, follow_ups, latencies = [0], [0], [0], []
 
     def chat(k: int) -> float:
         messages = [{"role": "system", "content": system_prompt(k, system_words)}]
-        t0 = time.perf_counter()
+        t0, previous, think = time.perf_counter(), None, random.Random(k)
         with httpx.Client(timeout=600) as c:
             for t in range(turns):
-                messages.append({"role": "user", "content": f"Question {t} about {WORDS[(k + t) % len(WORDS)]}?"})
+                time.sleep(think.uniform(0, THINK_S))  # see THINK_S
+                messages.append({"role": "user", "content": question(k, t, user_words)})
+                t1 = time.perf_counter()
                 reply = post(c, r.router_url, {"messages": messages, "max_tokens": max_tokens, "temperature": 0,
                                                "ignore_eos": True})
-                prompt_tokens[0] += reply["usage"]["prompt_tokens"]
+                latencies.append(time.perf_counter() - t1)
+                usage = reply["usage"]
+                prompt_tokens[0] += usage["prompt_tokens"]
+                if previous is not None:  # did this turn restore the previous prompt (see HEADER)?
+                    follow_ups[0] += 1
+                    reused[0] += usage["prompt_tokens_details"]["cached_tokens"] >= previous - HEADER
+                previous = usage["prompt_tokens"]
                 messages.append({"role": "assistant", "content": reply["choices"][0]["message"]["content"]})
         return time.perf_counter() - t0
 
@@ -108,8 +132,10 @@ def multi_turn(r: Replicas, chats: int, turns: int, clients: int, max_tokens: in
     lookups, hits = sum(x["requests"] for x in replicas), sum(x["hits"] for x in replicas)
     saved = sum(x["saved_tokens"] for x in replicas)
     return {"policy": r.policy, "replicas": replicas, "hit_ratio": round(hits / max(lookups, 1), 3),
+            "follow_ups_reusing_previous_turn": round(reused[0] / max(follow_ups[0], 1), 3),
             "saved_token_share": round(saved / max(prompt_tokens[0], 1), 3), "prompt_tokens": prompt_tokens[0],
-            "wall_s": round(wall, 2), "chat_s_mean": round(statistics.mean(chat_s), 2)}
+            "request_s_median": round(statistics.median(latencies), 3), "wall_s": round(wall, 2),
+            "chat_s_mean": round(statistics.mean(chat_s), 2)}
 
 
 def main() -> None:
@@ -122,10 +148,11 @@ def main() -> None:
     p.add_argument("--latency-requests", type=int, default=20, help="per mode per repeat")
     p.add_argument("--latency-tokens", type=int, default=1)
     p.add_argument("--chats", type=int, default=16)
-    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--turns", type=int, default=6)
     p.add_argument("--clients", type=int, default=4, help="chats in flight at once")
-    p.add_argument("--max-tokens", type=int, default=16, help="per reply in the chats")
-    p.add_argument("--system-words", type=int, default=300, help="each chat's system prompt, in words")
+    p.add_argument("--max-tokens", type=int, default=32, help="per reply in the chats")
+    p.add_argument("--system-words", type=int, default=100, help="each chat's system prompt, in words")
+    p.add_argument("--user-words", type=int, default=30, help="each user turn, in words")
     args = p.parse_args()
     from unigemma.cli import demo_checkpoint
     from unigemma.vocab import gemma4_vocab_gguf
@@ -139,17 +166,20 @@ def main() -> None:
             if policy == "round_robin":
                 out["latency"] = added_latency(r, args.repeats, args.latency_requests, args.latency_tokens)
                 print(f"latency: {out['latency']}", file=sys.stderr)
-            out[policy] = multi_turn(r, args.chats, args.turns, args.clients, args.max_tokens, args.system_words)
+            out[policy] = multi_turn(r, args.chats, args.turns, args.clients, args.max_tokens, args.system_words,
+                                     args.user_words)
             print(f"{policy}: {out[policy]}", file=sys.stderr)
     rr, ca = out["round_robin"], out["cache_aware"]
     print(json.dumps({"bench": "router", "router": "sglang-router " + _version(), "replicas": 2,
                       "model": args.model or "demo", "dtype": args.dtype, **machine(args.threads),
                       "added_latency": out["latency"],
                       "multi_turn": {"chats": args.chats, "turns": args.turns, "clients": args.clients,
-                                     "max_tokens": args.max_tokens, "hit_ratio_ceiling": round(
-                                         (args.turns - 1) / args.turns, 3), "round_robin": rr, "cache_aware": ca,
+                                     "max_tokens": args.max_tokens, "system_words": args.system_words,
+                                     "user_words": args.user_words, "round_robin": rr, "cache_aware": ca,
                                      "cache_aware_over_round_robin_saved_tokens": round(
                                          ca["saved_token_share"] / max(rr["saved_token_share"], 1e-9), 3),
+                                     "cache_aware_over_round_robin_request_s": round(
+                                         ca["request_s_median"] / rr["request_s_median"], 3),
                                      "cache_aware_over_round_robin_wall": round(ca["wall_s"] / rr["wall_s"], 3)}}))
 
 
