@@ -93,8 +93,8 @@ class Replicas:
         return self
 
     def _router_ready(self) -> bool:
-        workers = httpx.get(self.router_url + "/workers", timeout=2).json().get("workers", [])
-        return sum(w.get("is_healthy", False) for w in workers) == self.n
+        r = httpx.get(self.router_url + "/workers", timeout=2)
+        return r.status_code == 200 and sum(w.get("is_healthy", False) for w in r.json().get("workers", [])) == self.n
 
     def kill(self, i: int) -> None:
         """SIGKILL replica i: a crash, not a shutdown (no grace, open connections reset)."""

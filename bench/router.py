@@ -6,7 +6,9 @@ with empty prefix caches.
 
 - Added latency (round-robin run): the same small request (`--latency-tokens` tokens) sent one
   at a time, alternately straight to a replica and through the router; per repeat the median
-  of each, and the best repeat of each is reported, with router - direct in ms.
+  of each, and the best repeat of each is reported, with router - direct in ms (and the same
+  difference between the fastest single requests: on a machine whose cores the replicas and
+  others share, medians move by milliseconds between runs).
 - Multi-turn chats, per policy: `--chats` conversations, each with its own long system prompt,
   `--turns` turns each (the next turn carries the previous reply), `--clients` conversations at
   once. Per replica: prefix-cache lookups, hits and hit ratio, and prompt tokens restored
@@ -46,8 +48,8 @@ PREFIX_KEYS = ("prefix_cache_lookups", "prefix_cache_hits", "prefix_cache_saved_
 HEADER = 16
 # clients in lockstep (every request about as long) take turns in a fixed order, so round robin
 # would send each chat to the replica of its previous turn every time (an even number of
-# clients) or never (an odd one); a random pause before each turn, seeded per chat, breaks the step
-THINK_S = 1.0
+# clients) or never (an odd one); a random pause before each turn (`--think-s`: up to about a
+# request's time), seeded per chat, breaks the step, as independent users would
 WORDS = "harbor lantern orchard copper meadow quarry thistle ember falcon granite willow saffron".split()
 
 
@@ -61,6 +63,7 @@ def added_latency(r: Replicas, repeats: int, requests: int, max_tokens: int) -> 
     body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True}
     best = {"direct": float("inf"), "router": float("inf")}
+    fastest = dict(best)  # the quickest single request of each: what contention on a shared machine leaves
     with httpx.Client(timeout=120) as c:
         for url in (*r.urls, r.router_url):  # warm-up: both replicas, the router's connections
             post(c, url, body)
@@ -77,9 +80,11 @@ def added_latency(r: Replicas, repeats: int, requests: int, max_tokens: int) -> 
                     times[mode].append(time.perf_counter() - t)
             for mode, ts in times.items():
                 best[mode] = min(best[mode], statistics.median(ts))
+                fastest[mode] = min(fastest[mode], *ts)
     return {"direct_ms": round(best["direct"] * 1e3, 2), "router_ms": round(best["router"] * 1e3, 2),
             "added_ms": round((best["router"] - best["direct"]) * 1e3, 2),
             "router_over_direct": round(best["router"] / best["direct"], 3),
+            "added_ms_fastest": round((fastest["router"] - fastest["direct"]) * 1e3, 2),
             "repeats": repeats, "requests_per_repeat": requests, "max_tokens": max_tokens}
 
 
@@ -94,7 +99,7 @@ def question(k: int, t: int, words: int) -> str:
 
 
 def multi_turn(r: Replicas, chats: int, turns: int, clients: int, max_tokens: int, system_words: int,
-               user_words: int) -> dict:
+               user_words: int, think_s: float) -> dict:
     before = [r.stats(i) for i in range(len(r.urls))]
     prompt_tokens, reused, follow_ups, latencies = [0], [0], [0], []
 
@@ -103,7 +108,7 @@ def multi_turn(r: Replicas, chats: int, turns: int, clients: int, max_tokens: in
         t0, previous, think = time.perf_counter(), None, random.Random(k)
         with httpx.Client(timeout=600) as c:
             for t in range(turns):
-                time.sleep(think.uniform(0, THINK_S))  # see THINK_S
+                time.sleep(think.uniform(0, think_s))  # see --think-s
                 messages.append({"role": "user", "content": question(k, t, user_words)})
                 t1 = time.perf_counter()
                 reply = post(c, r.router_url, {"messages": messages, "max_tokens": max_tokens, "temperature": 0,
@@ -150,8 +155,10 @@ def main() -> None:
     p.add_argument("--chats", type=int, default=16)
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--clients", type=int, default=4, help="chats in flight at once")
-    p.add_argument("--max-tokens", type=int, default=32, help="per reply in the chats")
-    p.add_argument("--system-words", type=int, default=100, help="each chat's system prompt, in words")
+    p.add_argument("--max-tokens", type=int, default=16, help="per reply in the chats")
+    p.add_argument("--system-words", type=int, default=400, help="each chat's system prompt, in words")
+    p.add_argument("--think-s", type=float, default=4.0, help="most seconds a chat waits before a turn "
+                                                                "(uniform; about a request's time here)")
     p.add_argument("--user-words", type=int, default=30, help="each user turn, in words")
     args = p.parse_args()
     from unigemma.cli import demo_checkpoint
@@ -167,7 +174,7 @@ def main() -> None:
                 out["latency"] = added_latency(r, args.repeats, args.latency_requests, args.latency_tokens)
                 print(f"latency: {out['latency']}", file=sys.stderr)
             out[policy] = multi_turn(r, args.chats, args.turns, args.clients, args.max_tokens, args.system_words,
-                                     args.user_words)
+                                     args.user_words, args.think_s)
             print(f"{policy}: {out[policy]}", file=sys.stderr)
     rr, ca = out["round_robin"], out["cache_aware"]
     print(json.dumps({"bench": "router", "router": "sglang-router " + _version(), "replicas": 2,
@@ -175,7 +182,8 @@ def main() -> None:
                       "added_latency": out["latency"],
                       "multi_turn": {"chats": args.chats, "turns": args.turns, "clients": args.clients,
                                      "max_tokens": args.max_tokens, "system_words": args.system_words,
-                                     "user_words": args.user_words, "round_robin": rr, "cache_aware": ca,
+                                     "user_words": args.user_words, "think_s": args.think_s,
+                                     "round_robin": rr, "cache_aware": ca,
                                      "cache_aware_over_round_robin_saved_tokens": round(
                                          ca["saved_token_share"] / max(rr["saved_token_share"], 1e-9), 3),
                                      "cache_aware_over_round_robin_request_s": round(

@@ -68,9 +68,15 @@ def chat(i: int, max_tokens: int, **extra) -> dict:
             "max_tokens": max_tokens, "ignore_eos": True, **extra}
 
 
-def test_router_knows_the_served_name(replicas):
+def test_router_knows_the_served_name_and_the_load(replicas):
+    # from /server_info at registration (without it the router lists the model as "unknown")
     models = httpx.get(replicas.router_url + "/v1/models", timeout=10).json()
     assert [m["id"] for m in models["data"]] == ["tiny-server-ckpt"]
+    # power_of_two reads /get_load (KV tokens in use), aggregated in the router's /get_loads
+    (load,) = httpx.get(replicas.urls[0] + "/get_load", timeout=10).json()
+    assert load["dp_rank"] == 0 and load["num_tokens"] >= 0 and load["num_reqs"] >= 0
+    loads = httpx.get(replicas.router_url + "/get_loads", timeout=10).json()["workers"]
+    assert sorted(w["worker"] for w in loads) == sorted(replicas.urls) and all(w["load"] >= 0 for w in loads)
 
 
 def test_64_concurrent_requests_are_all_answered_by_both_replicas(replicas):

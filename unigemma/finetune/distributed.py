@@ -45,6 +45,8 @@ from ..errors import InputError
 
 @dataclass
 class Dist:
+    """This process's place among the ranks and the collectives the trainer calls; with one
+    process (the default) every one of them is a no-op."""
     rank: int = 0
     world: int = 1
     device: str = "cpu"

@@ -193,7 +193,7 @@ class Trainer:
             loss_sum, n = label_loss(self.model, h, b.labels)
             (loss_sum / max(1, count)).backward()
             total += float(loss_sum.detach())
-            tokens += b.num_tokens if n or not self.dist.active else 0
+            tokens += b.num_tokens if n or not self.dist.active else 0  # a rank's stand-in row is not data
         self.dist.reduce_grads(self.params)
         total, tokens = self.dist.sum(total, tokens)
         if self.args.max_grad_norm > 0:
@@ -290,7 +290,8 @@ class Trainer:
             if not found:
                 return None
             directory = found[-1]
-        state = torch.load(Path(directory) / "trainer_state.pt", weights_only=False)
+        # on the CPU: written by rank 0 of any run, maybe from a GPU this machine lacks
+        state = torch.load(Path(directory) / "trainer_state.pt", weights_only=False, map_location="cpu")
         if len(state["params"]) != len(self.params) or any(a.shape != p.shape for a, p in zip(state["params"],
                                                                                                 self.params)):
             raise InputError(f"{directory}: its adapter tensors do not match this run's (other --targets / --lora-r?)")
