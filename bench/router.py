@@ -18,7 +18,8 @@ with empty prefix caches.
   the first whose reply says (usage.prompt_tokens_details.cached_tokens) the previous prompt was
   restored (1.0: every turn went where the chat's last turn went), and
   `saved_token_share`, prompt tokens restored over prompt tokens sent. Also the median request
-  time per policy (both replicas share this machine's cores, so it is mostly the prefill saved).
+  time per policy: the two policies run one after the other, so it compares only on a machine
+  nothing else loads meanwhile (the token counts do not depend on that).
 
 Last stdout line: one JSON object (with machine()).
 
