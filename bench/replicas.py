@@ -4,7 +4,8 @@ What README "Scaling out" documents, one command line per process, started from 
 tests/test_router.py and bench/router.py: each replica is `python -m unigemma serve ... --port P`,
 the router `python -m sglang_router.launch_router --worker-urls URL... --policy POLICY --port R`.
 The router is ready once its /workers lists every replica healthy. Every process started is
-ended (SIGTERM, then SIGKILL) when the `with` ends, also on an error.
+ended (SIGTERM, then SIGKILL) when the `with` ends, also on an error; their output (`logs`) is
+deleted then, unless the `with` ended with an error.
 
     with Replicas(ckpt, tokenizer, n=2, policy="round_robin") as r:
         httpx.post(r.router_url + "/v1/chat/completions", json=...)
@@ -13,6 +14,7 @@ ended (SIGTERM, then SIGKILL) when the `with` ends, also on an error.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -121,5 +123,7 @@ class Replicas:
                 p.kill()
                 p.wait(5)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, *exc) -> None:
         self.close()
+        if kind is None:  # kept after an error: the processes' output says why
+            shutil.rmtree(self.logs, ignore_errors=True)
