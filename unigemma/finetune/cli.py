@@ -1,8 +1,12 @@
-"""`unigemma finetune`: its flags and the call into `train` (run.py)."""
+"""`unigemma finetune`: its flags and the call into `train` (run.py).
+
+Under torchrun (`torchrun --nproc-per-node N -m unigemma finetune ...`) every rank runs this;
+finetune/distributed.py splits the work."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 
@@ -51,6 +55,8 @@ def main(args: argparse.Namespace) -> None:
                    lora_dropout=args.lora_dropout, rslora=args.rslora, targets=args.targets, dtype=args.dtype,
                    quantize=args.quantize, max_len=args.max_len, image_budget=args.image_budget,
                    tokenizer=args.tokenizer, resume=args.resume, progress=not args.quiet, **train_args)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
+        return
     last = f"loss {result.losses[-1]:.4f}" if result.losses else "no step run"
     if result.eval_losses:
         last += f", eval loss {result.eval_losses[-1][1]:.4f}"

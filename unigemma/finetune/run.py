@@ -8,7 +8,9 @@ an adapter directory.
 
 It loads the model unpacked (`unigemma.load(fast=False)`; a GGUF's quantized tensors
 dequantized to `dtype` unless `quantize` asks for our int8 / int4), freezes every weight, wraps
-the targets with LoRA (unigemma/lora), reads the data (data.py) and runs the `Trainer`.
+the targets with LoRA (unigemma/lora), reads the data (data.py) and runs the `Trainer`. Under
+torchrun every rank does all of this (one seed: the same adapters), then trains its share of
+each batch (distributed.py); rank 0 alone prints and writes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from . import distributed
 from .data import Dataset, load_jsonl
 from .train import QUANT_NAMES, TrainArgs, Trainer
 
@@ -72,45 +75,54 @@ def train(model: str | Path, data: str | Path, out: str | Path, *, eval: str | P
     if unknown:
         raise InputError(f"unknown training options: {', '.join(sorted(unknown))}")
     args = TrainArgs(**train_args)
-    quant = QUANT_NAMES.get(quantize, quantize) if quantize else None
-    is_gguf = str(model).endswith(".gguf")
-    gemma = unigemma.load(model, dtype=dtype, fast=False, quant=quant, dequantize=is_gguf and quant is None,
-                          tokenizer=tokenizer, exact=True)
     if isinstance(targets, str):
         try:
             targets = parse_targets(targets)
         except re.error as e:
             raise InputError(f"--targets {targets!r}: not a list of module names and not a regex ({e})") from e
-    config = LoraConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, use_rslora=rslora,
-                        target_modules=targets or DEFAULT_TARGETS, base_model=str(model))
-    params = prepare(gemma.model, config, args.seed)
-    processor = gemma.processor(image_budget=image_budget)
-    train_data = load_jsonl(data, processor, max_len, progress)
-    eval_data: Dataset | None = load_jsonl(eval, processor, max_len, progress) if eval else None
-    if progress:
-        n = sum(p.numel() for p in params)
-        print(f"{len(train_data)} examples ({train_data.trained_tokens} trained tokens"
-              + (f", {train_data.skipped['too_long']} longer than --max-len {max_len} skipped"
-                 if train_data.skipped else "") + f"); LoRA r={lora_r} on {len(params) // 2} modules, "
-              f"{n:,} trainable parameters; {dtype}" + (f", base {quant}" if quant else ""), file=sys.stderr)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = gemma.tokenizer
-    pad = tok.pad_id if tok.pad_id is not None else tok.eos_ids[0]
-    trainer = Trainer(gemma.model, params, train_data, pad, args, eval_data, out,
-                      save=lambda m, d: save_adapter(m, d, config), progress=progress)
-    if resume:
-        where = trainer.resume()
+    with distributed.joined(args.fsdp) as dist:
+        quant = QUANT_NAMES.get(quantize, quantize) if quantize else None
+        is_gguf = str(model).endswith(".gguf")
+        # sharded (--fsdp): loaded on the CPU, fully_shard moves each layer's shard to the device
+        gemma = unigemma.load(model, dtype=dtype, fast=False, quant=quant, dequantize=is_gguf and quant is None,
+                              tokenizer=tokenizer, exact=True, device="cpu" if dist.fsdp else dist.device)
+        config = LoraConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, use_rslora=rslora,
+                            target_modules=targets or DEFAULT_TARGETS, base_model=str(model))
+        params = prepare(gemma.model, config, args.seed)
+        if dist.fsdp:
+            params = dist.shard(gemma.model, params)
+        progress = progress and dist.is_main
+        processor = gemma.processor(image_budget=image_budget)
+        train_data = load_jsonl(data, processor, max_len, progress)
+        eval_data: Dataset | None = load_jsonl(eval, processor, max_len, progress) if eval else None
         if progress:
-            print(f"resumed from {where} (step {trainer.step})" if where else "nothing to resume: starting",
-                  file=sys.stderr)
-    trainer.run()
-    if args.save_every and trainer.step % args.save_every:
-        trainer.checkpoint()  # the last step too, so --resume can extend the run
-    save_adapter(gemma.model, out, config)
-    (out / "training_args.json").write_text(json.dumps(
-        {"model": str(model), "data": str(data), "lora_r": lora_r, "lora_alpha": lora_alpha,
-         "lora_dropout": lora_dropout, "rslora": rslora, "dtype": dtype, "quantize": quant, "max_len": max_len,
-         **{f.name: getattr(args, f.name) for f in fields(TrainArgs)}}, indent=2))
-    return Result(out, trainer.losses, trainer.eval_losses, dict(train_data.skipped), trainer.step,
-                  sum(p.numel() for p in params))
+            n = sum(p.numel() for p in params)
+            print(f"{len(train_data)} examples ({train_data.trained_tokens} trained tokens"
+                  + (f", {train_data.skipped['too_long']} longer than --max-len {max_len} skipped"
+                     if train_data.skipped else "") + f"); LoRA r={lora_r} on {len(params) // 2} modules, "
+                  f"{n:,} trainable parameters; {dtype}" + (f", base {quant}" if quant else ""), file=sys.stderr)
+        out = Path(out)
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        tok = gemma.tokenizer
+        pad = tok.pad_id if tok.pad_id is not None else tok.eos_ids[0]
+        trainer = Trainer(gemma.model, params, train_data, pad, args, eval_data, out,
+                          save=lambda m, d: save_adapter(m, d, config), progress=progress, dist=dist)
+        if resume:
+            where = trainer.resume()
+            if progress:
+                print(f"resumed from {where} (step {trainer.step})" if where else "nothing to resume: starting",
+                      file=sys.stderr)
+        trainer.run()
+        if args.save_every and trainer.step % args.save_every:
+            trainer.checkpoint()  # the last step too, so --resume can extend the run
+        with dist.gathered():
+            if dist.is_main:
+                save_adapter(gemma.model, out, config)
+        if dist.is_main:
+            (out / "training_args.json").write_text(json.dumps(
+                {"model": str(model), "data": str(data), "lora_r": lora_r, "lora_alpha": lora_alpha,
+                 "lora_dropout": lora_dropout, "rslora": rslora, "dtype": dtype, "quantize": quant,
+                 "max_len": max_len, **{f.name: getattr(args, f.name) for f in fields(TrainArgs)}}, indent=2))
+        return Result(out, trainer.losses, trainer.eval_losses, dict(train_data.skipped), trainer.step,
+                      sum(p.numel() for p in params))

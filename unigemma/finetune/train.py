@@ -11,7 +11,9 @@ oneDNN-packed inference linears have no backward), every base weight frozen; wit
 the base is int8 / int4 (quant/apply.py) and stays frozen, gradients passing through its
 dequantized weight (quant/linear.py). Reproducible: one seed fixes the adapters' initial weights,
 dropout and the data order; a resumed run restores the optimizer, schedule, RNG states and the
-position in the data, so its losses are those of the run that was not interrupted.
+position in the data, so its losses are those of the run that was not interrupted. Under
+torchrun, each rank trains its share of every batch (distributed.py): N ranks take one process's
+steps, and checkpoints resume on any number of ranks.
 
 Output (`out`): the final adapter in PEFT's format (adapter_config.json +
 adapter_model.safetensors, loadable by PEFT and `unigemma serve --lora`), `log.jsonl` (one line
@@ -32,7 +34,8 @@ import torch
 
 from ..errors import InputError
 from ..malloc import freed_memory_returned
-from .data import Dataset, collate, batch_order
+from .data import Batch, Dataset, collate, batch_order
+from .distributed import Dist, clip_grad_norm, full, full_optimizer_state, load_into, shard_optimizer_state
 from .labels import IGNORE
 from .loss import hidden_states, label_loss
 
@@ -54,6 +57,8 @@ class TrainArgs:
                                                           "if torchao is installed)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: none)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute layers in backward"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard every decoder layer over the ranks "
+                                                        "(FSDP2) instead of a whole model per rank"})
     seed: int = field(default=0, metadata={"help": "seed of initial adapters, dropout and data order"})
     eval_every: int = field(default=0, metadata={"help": "eval loss every N steps (0: at the end only)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at the end only)"})
@@ -119,10 +124,13 @@ class Trainer:
 
     def __init__(self, model, params: list[torch.nn.Parameter], data: Dataset, pad_id: int, args: TrainArgs,
                  eval_data: Dataset | None = None, out: str | Path | None = None, save=None,
-                 progress: bool = False):
-        """save(model, dir): writes the adapter (the `train` entry passes lora.save_adapter)."""
+                 progress: bool = False, dist: Dist | None = None):
+        """save(model, dir): writes the adapter (the `train` entry passes lora.save_adapter).
+        dist: this rank's place under torchrun (distributed.py); None: one process."""
         self.model, self.params, self.data, self.eval_data = model, params, data, eval_data
-        self.pad_id, self.args, self.save, self.progress = pad_id, args, save, progress
+        self.pad_id, self.args, self.save = pad_id, args, save
+        self.dist = dist or Dist()
+        self.progress = progress and self.dist.is_main
         self.out = Path(out) if out is not None else None
         per_epoch = max(1, math.ceil(len(data) / args.batch_size) // args.grad_accum)  # optimizer steps
         self.total = args.max_steps or max(1, math.ceil(args.epochs * per_epoch))
@@ -144,7 +152,14 @@ class Trainer:
         self.cursor += 1
         if self.cursor == len(self._order):
             self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
-        return collate([self.data.examples[i].encoded for i in rows], self.pad_id)
+        return self._collate(self.data, rows)
+
+    def _collate(self, data: Dataset, rows: list[int]) -> Batch:
+        """This rank's share of global micro-batch `rows`; an empty share is one row with no labels
+        (it adds nothing, but the rank still runs the collectives of the step)."""
+        mine = self.dist.share(rows)
+        b = collate([data.examples[i].encoded for i in (mine or rows[:1])], self.pad_id)
+        return b if mine else Batch(b.inputs, torch.full_like(b.labels, IGNORE))
 
     # -- one optimizer step ------------------------------------------------------------------
     def train_step(self) -> tuple[float, int]:
@@ -155,23 +170,29 @@ class Trainer:
 
     def _step(self) -> tuple[float, int]:
         batches = [self._next_batch() for _ in range(self.args.grad_accum)]
-        count = sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in batches)
+        # the label tokens of the whole global batch: every rank divides by the same count
+        (count,) = self.dist.sum(sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in batches))
         total, tokens = 0.0, 0
         for b in batches:
             h = hidden_states(self.model, b.inputs, self.args.gradient_checkpointing)
-            loss_sum, _ = label_loss(self.model, h, b.labels)
+            loss_sum, n = label_loss(self.model, h, b.labels)
             (loss_sum / max(1, count)).backward()
             total += float(loss_sum.detach())
-            tokens += b.num_tokens
+            tokens += b.num_tokens if n or not self.dist.active else 0  # a rank's stand-in row is not data
+        self.dist.reduce_grads(self.params)
+        total, tokens = self.dist.sum(total, tokens)
         if self.args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
+            if self.dist.fsdp:  # sharded gradients: the norm of the whole, gathered
+                clip_grad_norm(self.params, self.args.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         loss = total / max(1, count)
         self.losses.append(loss)
-        return loss, tokens
+        return loss, int(tokens)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -179,10 +200,11 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         for rows in batch_order([e.length for e in self.eval_data.examples], self.args.batch_size, 0, 0, False):
-            b = collate([self.eval_data.examples[i].encoded for i in rows], self.pad_id)
+            b = self._collate(self.eval_data, rows)
             s, n = label_loss(self.model, hidden_states(self.model, b.inputs), b.labels)
             total, count = total + float(s), count + n
         self.model.train()
+        total, count = self.dist.sum(total, count)
         return total / max(1, count)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -193,9 +215,9 @@ class Trainer:
         if self.progress:
             from tqdm import tqdm
             bar = tqdm(total=self.total, initial=self.step, desc="fine-tuning", unit="step", dynamic_ncols=True)
-        if self.out is not None:
+        if self.out is not None and self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        log = (self.out / "log.jsonl").open("a") if self.out is not None else None
+        log = (self.out / "log.jsonl").open("a") if self.out is not None and self.dist.is_main else None
         t0, seen = time.perf_counter(), 0
         try:
             while self.step < end:
@@ -226,15 +248,24 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> Path:
-        """out/checkpoint-STEP: the adapter and everything a resumed run needs."""
+        """out/checkpoint-STEP: the adapter and everything a resumed run needs. Full tensors, the
+        same files for any world size; every rank calls it (sharded tensors are gathered), rank 0
+        writes."""
         d = self.out / f"checkpoint-{self.step}"
-        d.mkdir(parents=True, exist_ok=True)
-        if self.save is not None:
-            self.save(self.model, d)
-        torch.save({"step": self.step, "epoch": self.epoch, "cursor": self.cursor, "losses": self.losses,
-                    "eval_losses": self.eval_losses, "optimizer": self.opt.state_dict(),
-                    "scheduler": self.sched.state_dict(), "rng": _rng_state(), "args": asdict(self.args),
-                    "params": [p.detach().clone() for p in self.params]}, d / "trainer_state.pt")
+        main = self.dist.is_main
+        if main:
+            d.mkdir(parents=True, exist_ok=True)
+        with self.dist.gathered():
+            if self.save is not None and main:
+                self.save(self.model, d)
+        params = [full(p).detach().clone() for p in self.params]
+        optimizer = full_optimizer_state(self.opt.state_dict())
+        if main:
+            torch.save({"step": self.step, "epoch": self.epoch, "cursor": self.cursor, "losses": self.losses,
+                        "eval_losses": self.eval_losses, "optimizer": optimizer,
+                        "scheduler": self.sched.state_dict(), "rng": _rng_state(), "args": asdict(self.args),
+                        "params": params}, d / "trainer_state.pt")
+        self.dist.barrier()  # no rank reads or resumes past a checkpoint rank 0 is still writing
         return d
 
     def resume(self, directory: str | Path | None = None) -> Path | None:
@@ -244,14 +275,14 @@ class Trainer:
             if not found:
                 return None
             directory = found[-1]
-        state = torch.load(Path(directory) / "trainer_state.pt", weights_only=False)
+        # on the CPU: written by rank 0 of any run, maybe from a GPU this machine lacks
+        state = torch.load(Path(directory) / "trainer_state.pt", weights_only=False, map_location="cpu")
         if len(state["params"]) != len(self.params) or any(a.shape != p.shape for a, p in zip(state["params"],
                                                                                                 self.params)):
             raise InputError(f"{directory}: its adapter tensors do not match this run's (other --targets / --lora-r?)")
-        with torch.no_grad():
-            for p, saved in zip(self.params, state["params"]):
-                p.copy_(saved)
-        self.opt.load_state_dict(state["optimizer"])
+        for p, saved in zip(self.params, state["params"]):
+            load_into(p, saved)
+        self.opt.load_state_dict(shard_optimizer_state(state["optimizer"], self.params))
         self.sched.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.cursor = state["step"], state["epoch"], state["cursor"]
         self.losses, self.eval_losses = list(state["losses"]), list(state["eval_losses"])

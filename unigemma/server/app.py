@@ -4,7 +4,8 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions (completions.py), GET /v1/models and
 GET /v1/models/{id} (names.py), POST /tokenize and /detokenize (tokens.py), GET /health, GET
-/metrics (Prometheus text, or JSON with ?format=json: metrics.py), GET / (the chat page, `page.py`).
+/metrics (Prometheus text, or JSON with ?format=json: metrics.py), GET / (the chat page, `page.py`),
+GET /server_info, /model_info and /get_load (what a router asks its replicas: worker_info.py).
 With `cors_origins`, browsers on those origins may call it (CORS, preflight included). Every
 generation is a `Scheduler.submit`; a client that goes away cancels its requests (the
 scheduler frees their rows at its next step). Errors are OpenAI's error object: 400 for bad
@@ -35,7 +36,8 @@ from ..errors import ContextTooLong, InputError, NoChatTemplate, QueueFull
 from ..generate.grammar import Grammars
 from ..generate.scheduler import Scheduler
 from ..inputs import ModelInputs
-from . import adapters, completions, convert, metrics, names, page, respond, responses, tokens, transcribe
+from . import (adapters, completions, convert, metrics, names, page, respond, responses, tokens, transcribe,
+               worker_info)
 from .chat_plan import chat_plan, has_media
 from .guard import LOOPBACK_NAMES, HostCheck
 from .limits import BodyLimit, Closing, Meter
@@ -258,7 +260,7 @@ def create_app(gemma, config: ServerConfig | None = None, scheduler: Scheduler |
         alive = scheduler.is_alive
         return JSONResponse({"status": "ok" if alive else "scheduler stopped"}, status_code=200 if alive else 503)
 
-    for endpoint in (page, completions, names, tokens, metrics, transcribe, responses, adapters):
+    for endpoint in (page, completions, names, tokens, metrics, transcribe, responses, adapters, worker_info):
         endpoint.register(app)
     return app
 

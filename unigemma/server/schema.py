@@ -30,6 +30,16 @@ def _any(_value) -> bool:
     return True
 
 
+# SGLang's router (sglang-router, docs/scaling) re-serialises every request with its own
+# extensions set to their defaults; those defaults are what this server does anyway (stop
+# strings trimmed, special tokens skipped, thinking parsed into reasoning_content and
+# streamed), so only those values pass: asking for anything else is still a 400.
+ROUTER_DEFAULTS: dict[str, Callable[[Any], bool]] = {
+    "no_stop_trim": lambda v: v is False, "continue_final_message": lambda v: v is False,
+    "skip_special_tokens": lambda v: v is True, "separate_reasoning": lambda v: v is True,
+    "stream_reasoning": lambda v: v is True, "return_hidden_states": lambda v: v is False,
+}
+
 # Top-level fields accepted and not acted on, because they change nothing a local server does:
 # bookkeeping (user, metadata, safety_identifier), OpenAI's hosted-service knobs (store,
 # service_tier, prompt caching: this server has no stored completions, tiers or cross-request
@@ -38,7 +48,7 @@ def _any(_value) -> bool:
 HARMLESS: dict[str, Callable[[Any], bool]] = {
     "metadata": _any, "store": _any, "service_tier": _any, "safety_identifier": _any,
     "prompt_cache_key": _any, "prompt_cache_retention": _any, "prompt_cache_options": _any, "cache_prompt": _any,
-    "modalities": lambda v: v is None or v == ["text"],
+    "modalities": lambda v: v is None or v == ["text"], **ROUTER_DEFAULTS,
 }
 
 
