@@ -63,12 +63,11 @@ class _UpcastMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         (weight,) = ctx.saved_tensors
-        dy32 = dy.float()
-        dx = None
+        dy32 = dy.float().reshape(-1, weight.shape[0])
+        dx = dy32.new_zeros(dy32.shape[0], weight.shape[1])
         for rows, w in _blocks(weight, ctx.block_bytes):
-            part = dy32[..., rows] @ w
-            dx = part if dx is None else dx.add_(part)
-        return dx.to(dy.dtype), None, None, None
+            dx.addmm_(dy32[:, rows], w)  # accumulated in place: no product tensor per block
+        return dx.reshape(*dy.shape[:-1], weight.shape[1]).to(dy.dtype), None, None, None
 
 
 def upcast_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
