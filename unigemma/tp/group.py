@@ -1,0 +1,105 @@
+"""The tensor-parallel process group and its collectives, each turning a lost peer into `RankLost`.
+
+    group = init_group(2)            # under torchrun: RANK / WORLD_SIZE / MASTER_ADDR from the env
+    group.all_reduce(x)              # sum over ranks, in place (after a row-parallel layer)
+    group.gather_last(x)             # rank 0: the ranks' slices side by side on the last dim
+    group.broadcast(obj)             # rank 0 → every rank (a step's message: tp/mirror.py)
+
+gloo on CPU, NCCL on GPUs (one GPU per rank: cuda:LOCAL_RANK). The group is made with a timeout,
+so a peer that hangs fails the others' collectives within it rather than never; a peer that dies
+closes its sockets and fails them at once. Either way the collective raises `RankLost` and the
+group is marked lost: later calls raise at once, never wait. This file knows no model.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UnigemmaError
+
+TIMEOUT_S = 60.0  # how long a collective waits for a peer that neither answers nor hangs up
+
+
+class RankLost(UnigemmaError):
+    """A collective failed: a rank died, hung past the timeout, or the group is already lost."""
+
+
+@dataclass
+class Group:
+    rank: int
+    world: int
+    device: torch.device
+    timeout_s: float = TIMEOUT_S
+    lost: threading.Event = field(default_factory=threading.Event)  # set once: a peer is gone
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def _run(self, what: str, fn, *args):
+        if self.lost.is_set():
+            raise RankLost(f"tensor parallelism: the process group was lost before this {what}")
+        try:
+            return fn(*args)
+        except (RuntimeError, ValueError, ConnectionError) as e:  # gloo / NCCL report peers as RuntimeError
+            self.lost.set()
+            raise RankLost(f"tensor parallelism: {what} failed on rank {self.rank} (a rank died or hung "
+                           f"past {self.timeout_s:g} s): {e}") from e
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        self._run("all_reduce", dist.all_reduce, x)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every rank's `x` concatenated along `dim`, on every rank."""
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        self._run("all_gather", dist.all_gather, parts, x)
+        return torch.cat(parts, dim)
+
+    def gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0: the ranks' `x` concatenated on the last dim; other ranks: their own `x`."""
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world)] if self.is_leader else None
+        self._run("gather", dist.gather, x, parts, 0)
+        return torch.cat(parts, -1) if self.is_leader else x
+
+    def broadcast(self, obj=None):
+        """Rank 0 sends `obj` (any picklable object); every rank returns it."""
+        box = [obj]
+        device = self.device if self.device.type == "cuda" else None  # NCCL moves objects through the GPU
+        self._run("broadcast", dist.broadcast_object_list, box, 0, None, device)
+        return box[0]
+
+
+def init_group(world: int, timeout_s: float = TIMEOUT_S, device: str | None = None) -> Group:
+    """Join the group torchrun (or any launcher setting RANK, WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT) started; its size must be `world`. device: "cpu" (gloo) or "cuda" (NCCL);
+    default cuda when this machine has as many GPUs as local ranks need, else cpu."""
+    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    missing = [k for k, v in env.items() if v is None]
+    if missing:
+        raise UnigemmaError(f"--tp {world} runs one process per rank: start it with "
+                            f"`torchrun --nproc-per-node {world} -m unigemma ...` (missing {', '.join(missing)})")
+    if int(env["WORLD_SIZE"]) != world:
+        raise UnigemmaError(f"--tp {world}, but the launcher started {env['WORLD_SIZE']} processes "
+                            f"(torchrun --nproc-per-node {world})")
+    local = int(os.environ.get("LOCAL_RANK", env["RANK"]))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > local else "cpu"
+    dev = torch.device(f"cuda:{local}" if device == "cuda" else "cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    return Group(dist.get_rank(), dist.get_world_size(), dev, timeout_s)
+
+
+__all__ = ["Group", "RankLost", "TIMEOUT_S", "init_group"]
