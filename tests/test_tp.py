@@ -191,3 +191,18 @@ def test_a_dead_rank_fails_the_served_requests_and_rank_0_exits(tmp_path):
         for p in ranks:
             p.kill()
             p.communicate()
+
+
+def test_what_tp_does_not_mirror_is_refused(checkpoints):
+    # a prefix cache's K/V copies and a LoRA adapter's modules would exist on rank 0 only
+    from mock_model import MockTokenizer
+
+    from unigemma.errors import InputError
+    from unigemma.generate.engine import Engine
+    from unigemma.pipeline import Gemma
+
+    shard = load_shard(checkpoints["gemma3"], Group(0, 2, torch.device("cpu")), dtype="float32")
+    with pytest.raises(InputError, match="tensor parallelism"):
+        Engine(shard, MockTokenizer(), prefix_cache_mb=1)
+    with pytest.raises(InputError, match="tensor parallelism"):
+        Gemma(shard).load_adapter(checkpoints["gemma3"])

@@ -178,6 +178,8 @@ class Gemma:
         (else only those that ask: a server's per-request `model`). Returns its LoraConfig."""
         from .lora import load_adapter
 
+        if getattr(self.model, "tp_group", None) is not None:  # it would wrap rank 0's modules only
+            raise InputError("LoRA adapters are not supported with tensor parallelism")
         return load_adapter(self.model, path, name, activate=activate)
 
     def set_adapter(self, name: str | None) -> None:
