@@ -13,6 +13,8 @@ like torchrun (RANK, WORLD_SIZE, MASTER_* in the environment).
 
   prefill_tok_s   P / (time to the prompt's last hidden state), P-token random prompt
   decode_tok_s    (D - 1) / (first token -> last token), greedy, end-of-sequence ignored
+  collective_share_of_wall   TP 2's rank 0: the share of the measured runs' wall time spent inside
+                  collectives (the transfer and the wait for the other rank: what TP adds)
   rss_mib         per rank after the runs (VmRSS; the weights are touched by then, mapped or not),
                   and peak_rss_mib (VmHWM)
 
@@ -31,6 +33,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,11 +58,17 @@ def measure(gemma, prompt_tokens: int, decode_tokens: int, repeats: int) -> dict
     ids = torch.randint(1000, 200_000, (1, prompt_tokens), generator=g)
     params = SamplingParams(temperature=0.0, max_tokens=decode_tokens, ignore_eos=True)
     gemma.engine.generate({"input_ids": ids}, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    group = getattr(gemma.model, "tp_group", None)
+    calls, comm_s, wall = (group.calls, group.seconds, time.perf_counter()) if group else (0, 0.0, 0.0)
     prefill, decode = 0.0, 0.0
     for _ in range(repeats):
         t = gemma.engine.generate({"input_ids": ids}, params).timings
         prefill, decode = max(prefill, prompt_tokens / t.prefill_s), max(decode, t.decode_tokens_per_s)
-    return {"prefill_tok_s": round(prefill, 2), "decode_tok_s": round(decode, 2)}
+    out = {"prefill_tok_s": round(prefill, 2), "decode_tok_s": round(decode, 2)}
+    if group:  # rank 0's time inside collectives (its own and waiting for the other rank's) over the runs
+        out["collectives"] = group.calls - calls
+        out["collective_share_of_wall"] = round((group.seconds - comm_s) / (time.perf_counter() - wall), 3)
+    return out
 
 
 def run_config(args) -> None:

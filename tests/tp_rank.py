@@ -1,12 +1,10 @@
 """One rank of the tensor-parallel tests: tests/test_tp.py starts two of these as torchrun would.
 
     python tests/tp_rank.py '{"checkpoints": [...], "out": "results.pt"}'     # RANK, WORLD_SIZE, MASTER_* set
-    python tests/tp_rank.py '{"checkpoints": [dir], "serve": true}'
 
 Rank 0 loads its shard of each checkpoint, runs `scenario` on it (logits with image + audio,
 greedy tokens, continuous batching, speculative decoding) and saves what came out; rank 1
-follows. test_tp.py runs the same `scenario` on one process and compares. With "serve", rank 0
-decodes one long request and reports how it ended (the test kills rank 1 meanwhile).
+follows. test_tp.py runs the same `scenario` on one process and compares.
 """
 
 from __future__ import annotations
@@ -84,22 +82,6 @@ def scenario(model) -> dict:
     return out
 
 
-def serve_until_killed(model) -> None:
-    """Decode one long request in a scheduler thread; say when it runs and how it ends."""
-    engine = Engine(model, MockTokenizer())
-    s = Scheduler(engine, max_seqs=2, max_len=100_000).start()
-    request = s.submit({"input_ids": torch.tensor([[11, 12, 13]])},
-                       SamplingParams(temperature=0.0, max_tokens=99_000, ignore_eos=True))
-    try:
-        for i, _ in enumerate(request):
-            if i == 3:
-                print("RUNNING", flush=True)
-        print("FINISHED", flush=True)
-    except Exception as e:  # noqa: BLE001 the test reads what it was
-        print(f"FAILED {type(e).__name__}: {e}", flush=True)
-    s.stop()
-
-
 def main() -> int:
     from unigemma.tp.group import init_group
     from unigemma.tp.load import lead, load_shard, run_rank
@@ -116,9 +98,6 @@ def main() -> int:
             continue
         model = load_shard(path, group, dtype="float32")
         leader = lead(model, group)
-        if job.get("serve"):
-            serve_until_killed(model)
-            return 0
         results.append(scenario(model))
         leader.close()
     if group.rank == 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -37,6 +38,8 @@ class Group:
     device: torch.device
     timeout_s: float = TIMEOUT_S
     lost: threading.Event = field(default_factory=threading.Event)  # set once: a peer is gone
+    calls: int = 0  # collectives run, and the seconds spent in them (waiting for peers included)
+    seconds: float = 0.0
 
     @property
     def is_leader(self) -> bool:
@@ -45,12 +48,15 @@ class Group:
     def _run(self, what: str, fn, *args):
         if self.lost.is_set():
             raise RankLost(f"tensor parallelism: the process group was lost before this {what}")
+        t = time.perf_counter()
         try:
             return fn(*args)
         except (RuntimeError, ValueError, ConnectionError) as e:  # gloo / NCCL report peers as RuntimeError
             self.lost.set()
             raise RankLost(f"tensor parallelism: {what} failed on rank {self.rank} (a rank died or hung "
                            f"past {self.timeout_s:g} s): {e}") from e
+        finally:
+            self.calls, self.seconds = self.calls + 1, self.seconds + time.perf_counter() - t
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()

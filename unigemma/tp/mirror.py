@@ -229,8 +229,8 @@ def follow(group: Group, targets: dict[str, object], after: dict[str, Callable] 
             except RankLost as e:
                 log.error("%s", e)
                 return 1
-            except Exception:  # noqa: BLE001 rank 0's same call raised the same error (a bad input): it fails there
-                continue
+            except Exception as e:  # noqa: BLE001 rank 0's same call raised the same error (a bad input): it fails there
+                log.debug("rank %d: %s.%s raised %r (as rank 0's did)", group.rank, message[1], message[2], e)
 
 
 def leader() -> Leader | None:
