@@ -14,6 +14,7 @@ group is marked lost: later calls raise at once, never wait. This file knows no 
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch.distributed as dist
 
 from ..errors import UnigemmaError
 
+MESSAGE_BYTES = 1 << 16  # rank 0's messages up to this size (pickled) take one collective
 TIMEOUT_S = 60.0  # how long a collective waits for a peer that neither answers nor hangs up
 
 
@@ -78,11 +80,33 @@ class Group:
         return torch.cat(parts, -1) if self.is_leader else x
 
     def broadcast(self, obj=None):
-        """Rank 0 sends `obj` (any picklable object); every rank returns it."""
-        box = [obj]
-        device = self.device if self.device.type == "cuda" else None  # NCCL moves objects through the GPU
-        self._run("broadcast", dist.broadcast_object_list, box, 0, None, device)
-        return box[0]
+        """Rank 0 sends `obj` (any picklable object); every rank returns it. One collective of
+        MESSAGE_BYTES carries the pickle's length and, whole, a small message (a decode step's);
+        the rest of a longer one (a prefill chunk's embeddings) follows in a second.
+        (broadcast_object_list always takes two: the size, then the bytes.) Pickled as
+        broadcast_object_list does: the peers are this group's own processes."""
+        room = MESSAGE_BYTES - 8
+        head, data = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8), b""
+        if self.is_leader:
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            head[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
+            head[8:8 + min(len(data), room)] = torch.frombuffer(bytearray(data[:room]), dtype=torch.uint8)
+        head = self._broadcast_bytes(head)
+        n = int(head[:8].view(torch.int64))
+        rest = None
+        if n > room:
+            rest = self._broadcast_bytes(torch.frombuffer(bytearray(data[room:]), dtype=torch.uint8) if self.is_leader
+                                         else torch.empty(n - room, dtype=torch.uint8))
+        if self.is_leader:
+            return obj
+        data = head[8:8 + min(n, room)].numpy().tobytes() + (b"" if rest is None else rest.numpy().tobytes())
+        return pickle.loads(data)
+
+    def _broadcast_bytes(self, buf: torch.Tensor) -> torch.Tensor:
+        """A uint8 buffer from rank 0 to every rank (through the GPU under NCCL)."""
+        on = buf.to(self.device)
+        self._run("broadcast", dist.broadcast, on, 0)
+        return on.cpu()
 
 
 def init_group(world: int, timeout_s: float = TIMEOUT_S, device: str | None = None) -> Group:
