@@ -15,6 +15,7 @@ like torchrun (RANK, WORLD_SIZE, MASTER_* in the environment).
   decode_tok_s    (D - 1) / (first token -> last token), greedy, end-of-sequence ignored
   collective_share_of_wall   TP 2's rank 0: the share of the measured runs' wall time spent inside
                   collectives (the transfer and the wait for the other rank: what TP adds)
+  weights_mib     per rank: the weights it holds (parameters, buffers, oneDNN-packed copies)
   rss_mib         per rank after the runs (VmRSS; the weights are touched by then, mapped or not),
                   and peak_rss_mib (VmHWM)
 
@@ -36,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -48,10 +51,18 @@ def rss_mib() -> dict:
     return {"rss_mib": fields["VmRSS"], "peak_rss_mib": fields["VmHWM"]}
 
 
+def weights_mib(model) -> float:
+    """The model's weights held by this process: parameters, buffers and oneDNN-packed copies."""
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    for m in model.modules():
+        for packed in [getattr(m, "packed", None), *getattr(m, "parts", [])]:
+            if isinstance(packed, torch.Tensor):
+                total += packed.numel() * packed.element_size()
+    return round(total / 2**20, 1)
+
+
 def measure(gemma, prompt_tokens: int, decode_tokens: int, repeats: int) -> dict:
     """Best prefill and decode figures of `repeats` greedy generations after one warm-up."""
-    import torch
-
     from unigemma.generate.sampling import SamplingParams
 
     g = torch.Generator().manual_seed(0)
@@ -73,24 +84,23 @@ def measure(gemma, prompt_tokens: int, decode_tokens: int, repeats: int) -> dict
 
 def run_config(args) -> None:
     """One process of one configuration (--child): load, measure on rank 0, print JSON lines."""
-    import torch
-
     import unigemma
 
     torch.set_num_threads(args.threads)
     group = None
     if args.tp > 1:
         from unigemma.tp.group import init_group
-        from unigemma.tp.load import run_rank
+        from unigemma.tp.load import follow_model, load_shard
 
         group = init_group(args.tp, timeout_s=600)
         if group.rank != 0:
-            code = run_rank(args.model, group, dtype=args.dtype)
-            print(json.dumps({"rank": group.rank, **rss_mib()}), flush=True)
+            model = load_shard(args.model, group, dtype=args.dtype)
+            code = follow_model(model, group)
+            print(json.dumps({"rank": group.rank, "weights_mib": weights_mib(model), **rss_mib()}), flush=True)
             sys.exit(code)
     gemma = unigemma.load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, tp=group)
     figures = measure(gemma, args.prompt_tokens, args.decode_tokens, args.repeats)
-    print(json.dumps({"rank": 0, **figures, **rss_mib()}), flush=True)
+    print(json.dumps({"rank": 0, **figures, "weights_mib": weights_mib(gemma.model), **rss_mib()}), flush=True)
 
 
 def free_port() -> int:
