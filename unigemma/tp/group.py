@@ -9,6 +9,11 @@ gloo on CPU, NCCL on GPUs (one GPU per rank: cuda:LOCAL_RANK). The group is made
 so a peer that hangs fails the others' collectives within it rather than never; a peer that dies
 closes its sockets and fails them at once. Either way the collective raises `RankLost` and the
 group is marked lost: later calls raise at once, never wait. This file knows no model.
+
+Plain eager c10d calls, not DTensor / `parallelize_module` or functional collectives: the shards
+are ordinary tensors of the loader's modules (oneDNN-packed weights are opaque tensors DTensor
+cannot wrap), the model needs only these four calls, and an in-place all_reduce measured 1.8 ms
+against the functional all_reduce's 3.3 ms here (gloo, 1536 bf16 values, a loaded 2-core box).
 """
 
 from __future__ import annotations
