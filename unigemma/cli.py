@@ -64,6 +64,9 @@ def load_for(args):
                   kv_quant_layers=getattr(args, "kv_quant_layers", None))
     if isinstance(getattr(args, "lora", None), str):  # run / chat: one adapter for the whole chat
         common["lora"] = args.lora
+    group = tensor_parallel(args)
+    if group is not None:
+        common["tp"] = group
     if args.model:
         gemma = load(args.model, tokenizer=args.tokenizer, mmproj=args.mmproj, **common)
     else:
@@ -74,6 +77,27 @@ def load_for(args):
     if not getattr(args, "raw", False):
         print(f"chat template: {gemma.template.origin}", file=sys.stderr)
     return gemma
+
+
+def tensor_parallel(args):
+    """--tp N (under torchrun): join the group. Rank 0 gets the group back and loads as rank 0
+    (pipeline.load(tp=)); every other rank loads its shard here, follows rank 0 until it stops
+    and exits with the status (unigemma/tp/)."""
+    n = getattr(args, "tp", 1)
+    if n == 1:
+        return None
+    if n < 1:
+        raise UnigemmaError("--tp must be at least 1")
+    if not args.model:
+        raise UnigemmaError("--tp needs --model (every rank loads the same checkpoint)")
+    from .tp.group import init_group
+    from .tp.load import run_rank
+
+    group = init_group(n, timeout_s=args.tp_timeout)
+    if group.rank != 0:
+        raise SystemExit(run_rank(args.model, group, dtype=args.dtype, mmproj=args.mmproj,
+                                  dequantize=getattr(args, "dequantize", False), quant=getattr(args, "quant", None)))
+    return group
 
 
 def print_kernels(model) -> None:
@@ -319,6 +343,11 @@ def cmd_serve(args) -> None:
     api_key = _api_key(args)
     hosts, any_ip = allowed_hosts(args.host, args.allowed_host or ())
     adapters = _lora_flags(args)
+    if args.tp > 1 and (adapters or args.enable_lora_loading):
+        raise UnigemmaError("--tp: LoRA adapters are not supported with tensor parallelism")
+    if args.tp > 1 and args.prefix_cache_mb:  # its stored K/V would have to be mirrored on every rank
+        print("--tp: prefix caching is off with tensor parallelism", file=sys.stderr)
+        args.prefix_cache_mb = 0
     gemma = load_for(args)
     names = args.served_name or default_names(args.model)
     config = ServerConfig(model_name=names[0], aliases=tuple(names[1:]), strict_model_name=args.strict_model_name,
@@ -431,6 +460,14 @@ def _model_flags(p, model_required=False) -> None:
     p.add_argument("--draft-tokens", type=int, help="tokens drafted per round (default: adaptive)")
 
 
+def _tp_flags(p) -> None:
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallelism over N processes started by torchrun --nproc-per-node N (gloo on CPU, "
+                        "NCCL on GPUs): each holds 1/N of the weights and K/V; rank 0 runs the rest (default 1)")
+    p.add_argument("--tp-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="--tp: a rank silent this long counts as lost; the others fail their requests and exit")
+
+
 def _chat_flags(p) -> None:
     p.add_argument("--tokenizer", help="tokenizer directory or .gguf (default: the checkpoint's)")
     p.add_argument("--system", help="system prompt")
@@ -472,6 +509,7 @@ def main(argv=None) -> int:
         _kv_flags(s)
         _chat_flags(s)
     for s in (r, c):
+        _tp_flags(s)
         s.add_argument("--lora", metavar="DIR", help="a LoRA adapter directory (PEFT's format: PEFT, Unsloth or "
                                                      "unigemma finetune), applied unmerged to the whole chat")
     d.set_defaults(max_tokens=48, temperature=0.0)
@@ -495,6 +533,7 @@ def main(argv=None) -> int:
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, ...) and a chat page at /")
     _model_flags(sv)
     _kv_flags(sv)
+    _tp_flags(sv)
     sv.add_argument("--tokenizer", help="tokenizer directory or .gguf (default: the checkpoint's)")
     _template_flag(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

@@ -67,7 +67,7 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
          dequantize: bool = False, exact: bool = False,
          chat_template: str | os.PathLike | ChatTemplate | None = None,
          kv_cache_dtype: str = "auto", kv_quant_layers: str | None = None,
-         lora: str | os.PathLike | None = None) -> "Gemma":
+         lora: str | os.PathLike | None = None, tp=None) -> "Gemma":
     """Load a checkpoint directory, a GGUF file or a hub model id for chat and for the reference forward.
 
     path: a local directory or .gguf, or "ORG/NAME" (optionally ":FILE.gguf" or ":QUANT", and
@@ -88,6 +88,9 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
     for a float dtype), the others in the model's dtype (cache/kv.py).
     lora: a LoRA adapter directory in PEFT's format (PEFT's, Unsloth's or `unigemma finetune`'s),
     applied unmerged as adapter "default" to every conversation (`Gemma.load_adapter` for more).
+    tp: a tensor-parallel group (unigemma/tp/group.py `init_group`) this process is rank 0 of:
+    it loads its shard and drives the other ranks, which run `tp.load.run_rank` (float weights;
+    no LoRA, no quant).
     """
     from .cache.kv import layer_dtypes
 
@@ -97,8 +100,18 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
     path = resolve(path)
     # fast: the CPU fast path, prepacked oneDNN weights (~2x faster decoding, models/packed.py),
     # packed as they load; fast=False keeps the plain modules (the tests' oracle)
-    model = load_model(path, dtype=dtype, device=device, block_mask=block_mask, progress=progress, quant=quant,
-                       dequantize=dequantize, mmproj=mmproj, pack=fast, exact=exact)
+    if tp is not None:
+        from .tp.load import lead, load_shard
+
+        if lora is not None:
+            raise InputError("LoRA adapters are not supported with tensor parallelism")
+        model = load_shard(path, tp, dtype=dtype, block_mask=block_mask, progress=progress, pack=fast, mmproj=mmproj,
+                           dequantize=dequantize, quant=quant)
+        lead(model, tp)
+        device = tp.device  # (the drafter, on rank 0 only, goes where the shard is)
+    else:
+        model = load_model(path, dtype=dtype, device=device, block_mask=block_mask, progress=progress, quant=quant,
+                           dequantize=dequantize, mmproj=mmproj, pack=fast, exact=exact)
     is_gguf = Path(path).is_file()
     if tokenizer is None and (is_gguf or (Path(path) / "tokenizer.json").is_file()):
         tokenizer = path
@@ -138,8 +151,8 @@ class Gemma:
         self.drafter = drafter
         self.kv_cache = (kv_cache_dtype, kv_quant_layers)
         self.draft = DraftLength(k=draft_tokens, adaptive=False) if draft_tokens else DraftLength()
-        if drafter is not None:
-            drafter.config.check_target(model.config.text)
+        if drafter is not None:  # (a tensor-parallel shard's own config has 1/N of the heads)
+            drafter.config.check_target(getattr(model, "full_config", model.config).text)
         self.model, self.tokenizer = model, tokenizer
         if isinstance(chat_template, str):
             chat_template = ChatTemplate(chat_template, "given to Gemma (chat_template=)")
@@ -165,6 +178,8 @@ class Gemma:
         (else only those that ask: a server's per-request `model`). Returns its LoraConfig."""
         from .lora import load_adapter
 
+        if getattr(self.model, "tp_group", None) is not None:  # it would wrap rank 0's modules only
+            raise InputError("LoRA adapters are not supported with tensor parallelism")
         return load_adapter(self.model, path, name, activate=activate)
 
     def set_adapter(self, name: str | None) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..config import FULL, SLIDING, TextConfig
+from ..tp.mirror import mirrored
 from .kv import (KEY_BLOCK, RESERVE, KVCache, Step, as_attended, as_float, as_stored, layer_dtypes, make_layer,
                  ring_capacity)
 from .quant import scale_bytes
@@ -44,6 +45,7 @@ def bytes_per_row(config: TextConfig, max_len: int, dtype: torch.dtype, reserve:
 
 
 class BatchCache:
+    @mirrored  # tensor parallelism: rank 0 makes every rank run it (tp/mirror.py)
     def __init__(self, config: TextConfig, rows: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", reserve: int = RESERVE,
                  kv_dtype: str = "auto", quant_layers: str | None = None):
@@ -69,6 +71,7 @@ class BatchCache:
     def can_insert(self, length: int) -> bool:
         return self.n < self.rows and length <= self.max_len
 
+    @mirrored
     @torch.inference_mode()  # the buffers are inference tensors
     def insert(self, src: KVCache) -> int:
         """Copy a prefilled one-sequence cache (no padding) into a new row; returns its index."""
@@ -97,6 +100,7 @@ class BatchCache:
         self.n += 1
         return r
 
+    @mirrored
     @torch.inference_mode()  # the buffers are inference tensors
     def save(self, row: int, dst: KVCache) -> None:
         """Copy one row out into a one-sequence cache (a chat session kept between turns); `dst`
@@ -122,6 +126,7 @@ class BatchCache:
         dst.valid[0, :L] = True
         dst.length, dst.broken = L, False
 
+    @mirrored
     @torch.inference_mode()  # the buffers are inference tensors
     def remove(self, row: int) -> None:
         """Drop a row; the last row moves into its place (the caller mirrors this move)."""
@@ -203,6 +208,7 @@ class BatchCache:
         length, cap = self.host_lengths[row], self.capacity[SLIDING]
         return n <= length and (length <= cap or n <= cap - (self.window - 1))
 
+    @mirrored
     @torch.inference_mode()  # the buffers are inference tensors
     def trim(self, n: int, row: int = 0) -> None:
         """Forget the last n tokens of one row."""
@@ -213,6 +219,7 @@ class BatchCache:
         for slots in self.slot_idx.values():
             slots[row][slots[row] >= self.host_lengths[row]] = -1
 
+    @mirrored
     def kv_for(self, layer: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One row's K/V of `layer` ([1, kv_heads, capacity, head_dim], in the model's dtype:
         an int8 layer is dequantized) and the sequence index each slot holds ([capacity], -1: empty)."""

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import FULL, SLIDING, TextConfig
+from ..tp.mirror import mirrored
 from .quant import SCALE_DTYPE, Int8KV, group_size, quantize
 
 
@@ -88,6 +89,7 @@ class Step:
 
 
 class KVCache:
+    @mirrored  # tensor parallelism: rank 0 makes every rank run it (tp/mirror.py)
     def __init__(self, config: TextConfig, batch: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", reserve: int = RESERVE,
                  kv_dtype: str = "auto", quant_layers: str | None = None):
@@ -180,6 +182,7 @@ class KVCache:
         slots that the bookkeeping still lists, so the cache can no longer be trusted."""
         self.steps, self._pending, self.broken = {}, 0, True
 
+    @mirrored
     def grow(self, max_len: int) -> None:
         """Make room for `max_len` tokens in all (a chat's next turn), keeping what is cached."""
         if max_len <= self.max_len:
@@ -214,6 +217,7 @@ class KVCache:
         cap = self.capacity[SLIDING]
         return self.length <= cap or n <= cap - (self.window - 1)
 
+    @mirrored
     def trim(self, n: int, row: int = 0) -> None:
         """Forget the last n tokens (rejected speculative drafts, a chat turn rewritten)."""
         if not self.can_trim(n, row):
@@ -223,6 +227,7 @@ class KVCache:
             slots[slots >= self.length] = -1
         self.valid[:, self.length:] = False
 
+    @mirrored
     def kv_for(self, layer: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One row's K/V of `layer` ([1, kv_heads, capacity, head_dim], in the model's dtype:
         an int8 layer is dequantized) and the sequence index each slot holds ([capacity], -1: empty)."""

@@ -103,6 +103,8 @@ class Engine:
         """A prefix cache of `mb` MiB for this model (None for 0)."""
         if mb < 0:
             raise InputError(f"the prefix cache size is a number of MiB >= 0, got {mb}")
+        if mb and getattr(self.model, "tp_group", None) is not None:  # its K/V copies would live on rank 0 only
+            raise InputError("the prefix cache is not supported with tensor parallelism (use 0 MiB)")
         return PrefixCache(self.model.config.text, int(mb * 2**20)) if mb else None
 
     def session(self) -> Session:

@@ -46,7 +46,7 @@ class MTPProposer:
     """Drafts with the MTP drafter over the target's KV cache."""
 
     def __init__(self, target: CausalLM, drafter: Drafter):
-        drafter.config.check_target(target.config.text)
+        drafter.config.check_target(getattr(target, "full_config", target.config).text)  # (a TP shard: 1/N of the heads)
         self.target, self.drafter = target, drafter
         types = target.config.text.layer_types
         # the target layer each drafter layer type reads: the last one of that type
