@@ -1,0 +1,178 @@
+"""The multimodal training / held-out data generator (bench/mmdata): same seed → same bytes, the
+held-out split disjoint from training on its axes, answers consistent with what was drawn or
+played, the files loadable by the fine-tuning trainer, and the per-kind scorer."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ beside tests/
+
+from bench.mmdata import generate, sounds, vocab  # noqa: E402
+from bench.mmdata.score import MISSING, confusion_table, normalize, read_jsonl, score, summary  # noqa: E402
+
+HAS_ESPEAK = sounds.has_espeak() and not sounds.missing_voices(vocab.TRAIN_VOICES + vocab.HELDOUT_VOICES)
+HAS_FONTS = not vocab.missing_fonts()
+NEEDS_ESPEAK = pytest.mark.skipif(not HAS_ESPEAK, reason="espeak-ng or its voices missing (Debian: apt-get install -y espeak-ng)")
+NEEDS_FONTS = pytest.mark.skipif(not HAS_FONTS, reason=f"fonts missing (Debian: apt-get install -y {vocab.FONT_PACKAGES})")
+SPEECH = {"digit", "spoken_word", "number", "match"}
+# kinds this machine can make: shapes and tones need only Pillow and numpy
+KINDS = [k for k in vocab.KINDS if (HAS_ESPEAK or k not in SPEECH) and (HAS_FONTS or k != "word")]
+
+
+def make(out, seed=0, n=3, kinds=KINDS, size=96):
+    counts = {"train": dict.fromkeys(kinds, n), "heldout": dict.fromkeys(kinds, n)}
+    return generate.build(out, seed, counts, size)
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mm")
+    return out, make(out, n=4)
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, small):
+    out, _ = small
+    make(tmp_path / "again", n=4)
+    a, b = files(out), files(tmp_path / "again")
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+    kinds = [k for k in ("colour", "beeps", "word", "digit") if k in KINDS]
+    make(tmp_path / "other", seed=1, n=2, kinds=kinds)
+    c = files(tmp_path / "other")
+    media = [k for k in c if k.startswith("media/")]
+    assert media and all(c[k] != a[k] for k in media)
+
+
+@NEEDS_ESPEAK
+@NEEDS_FONTS
+def test_every_kind_made(small):
+    _, recs = small
+    for split in ("train", "heldout"):
+        assert {r["kind"] for r in recs[split]} == set(vocab.KINDS)
+
+
+def test_pools_split_on_every_heldout_axis():
+    assert not set(vocab.TRAIN_PAIRS) & vocab.HELDOUT_PAIRS and len(vocab.HELDOUT_PAIRS) == 20
+    # every colour and every shape is still seen in training; each shape has held-out colours
+    assert {c for c, _ in vocab.TRAIN_PAIRS} == set(vocab.COLOURS) and {s for _, s in vocab.TRAIN_PAIRS} == set(vocab.SHAPES)
+    assert {s for _, s in vocab.HELDOUT_PAIRS} == set(vocab.SHAPES)
+    assert len(vocab.COLOURS) >= 10 and len(vocab.SHAPES) >= 8 and len(vocab.WORDS) >= 100
+    assert not set(vocab.TRAIN_FONTS) & set(vocab.HELDOUT_FONTS)
+    assert not set(vocab.TRAIN_VOICES) & set(vocab.HELDOUT_VOICES)
+    # no accent and no variant of a held-out voice is heard in training
+    assert not {v.split("+")[0] for v in vocab.TRAIN_VOICES} & {v.split("+")[0] for v in vocab.HELDOUT_VOICES}
+    assert not {v.split("+")[1] for v in vocab.TRAIN_VOICES} & {v.split("+")[1] for v in vocab.HELDOUT_VOICES}
+    for band in (vocab.LOW_HZ, vocab.HIGH_HZ):
+        assert not set(vocab.tone_grid("train", band)) & set(vocab.tone_grid("heldout", band))
+
+
+def test_written_split_is_disjoint(small):
+    out, _ = small
+    train, held = (read_jsonl(out / f"{s}.jsonl") for s in ("train", "heldout"))
+    generate.check_disjoint(train, held)
+    a, b = generate.axis_values(train), generate.axis_values(held)
+    assert b["pairs"] and b["pairs"] <= vocab.HELDOUT_PAIRS and not a["pairs"] & vocab.HELDOUT_PAIRS
+    if HAS_FONTS:
+        assert b["font"] and b["font"] <= set(vocab.HELDOUT_FONTS) and a["font"] <= set(vocab.TRAIN_FONTS)
+    if HAS_ESPEAK:
+        assert b["voice"] and b["voice"] <= set(vocab.HELDOUT_VOICES) and a["voice"] <= set(vocab.TRAIN_VOICES)
+
+
+@pytest.mark.parametrize("leak", [{"pairs": [sorted(vocab.HELDOUT_PAIRS)[0]]}, {"font": vocab.HELDOUT_FONTS[0]},
+                                  {"voice": vocab.HELDOUT_VOICES[0]}, {"hz": vocab.tone_grid("heldout", vocab.LOW_HZ)[0]}])
+def test_check_disjoint_catches_a_leak(small, leak):
+    _, recs = small
+    bad = recs["train"] + [{"meta": {k: [list(p) for p in v] if k == "pairs" else v for k, v in leak.items()}}]
+    with pytest.raises(AssertionError):
+        generate.check_disjoint(bad, recs["heldout"])
+
+
+def _bursts(wave: np.ndarray) -> int:
+    """Beeps counted from the 10 ms energy envelope."""
+    frames = wave[: len(wave) // 160 * 160].reshape(-1, 160)
+    on = np.sqrt((frames ** 2).mean(axis=1)) > 0.35 * np.sqrt((frames ** 2).mean(axis=1)).max()
+    return int(on[0]) + int(np.sum(on[1:] & ~on[:-1]))
+
+
+def test_answers_agree_with_what_was_made(small):
+    out, recs = small
+    for r in recs["train"] + recs["heldout"]:
+        kind, answer, meta = r["kind"], r["answer"], r["meta"]
+        media = r["messages"][0]["content"]
+        assert r["messages"][1] == {"role": "assistant", "content": answer} and answer
+        assert all((out / p[p["type"]]).is_file() for p in media if p["type"] != "text")
+        colours = [c for c, _ in meta.get("pairs", ())]
+        shapes = [s for _, s in meta.get("pairs", ())]
+        if kind == "colour":
+            assert answer in colours and len(set(shapes)) == len(shapes)
+        elif kind == "shape":
+            assert answer in shapes and len(set(colours)) == len(colours)
+        elif kind == "count":
+            assert answer == str(len(meta["pairs"]))
+        elif kind == "description":
+            assert all(f"{c} {s}" in answer for c, s in meta["pairs"]) and answer.endswith(".")
+        elif kind == "match":
+            assert answer == ("yes" if meta["spoken"] == colours[0] else "no")
+        elif kind == "pitch":
+            assert answer == ("high" if meta["hz"] >= vocab.HIGH_HZ[0] else "low")
+        elif kind == "beeps":
+            wave, rate = soundfile.read(out / media[0]["audio"], dtype="float32")
+            assert rate == 16000 and answer == str(meta["count"]) == str(_bursts(wave))
+        elif kind == "digit":
+            assert answer in "0123456789" and len(answer) == 1
+        for p in media:
+            if p["type"] == "audio":
+                info = soundfile.info(out / p["audio"])
+                assert (info.samplerate, info.channels) == (16000, 1) and info.duration < 5
+
+
+def test_loads_in_the_finetune_trainer(small):
+    from test_tokenizer import VOCAB_GGUF
+
+    import unigemma
+    from unigemma.finetune.data import load_jsonl
+    from unigemma.finetune.labels import IGNORE
+    from unigemma.processing.chat import Processor
+    from unigemma.processing.tokenizer import Tokenizer
+    from unigemma.templates import from_file
+
+    template = Path(unigemma.__file__).parent / "templates" / "gemma4.jinja"
+    proc = Processor(Tokenizer.from_gguf(VOCAB_GGUF), from_file(template, "test").source, image_budget=70)
+    out, recs = small
+    for split in ("train", "heldout"):
+        data = load_jsonl(out / f"{split}.jsonl", proc)
+        assert len(data) == len(recs[split]) and not data.skipped
+        for ex, r in zip(data.examples, recs[split]):
+            enc = ex.encoded
+            has = {p["type"] for p in r["messages"][0]["content"]}
+            assert (enc.inputs.image is not None) == ("image" in has)
+            assert (enc.inputs.audio is not None) == ("audio" in has)
+            trained = [t for t, lab in zip(enc.inputs.input_ids[0].tolist(), enc.labels.tolist()) if lab != IGNORE]
+            assert proc.tokenizer.decode(trained).strip() == r["answer"] + "<turn|>"
+
+
+def test_score_per_kind_and_confusion():
+    items = [{"id": "a", "kind": "colour", "answer": "red"}, {"id": "b", "kind": "colour", "answer": "blue"},
+             {"id": "c", "kind": "colour", "answer": "red"}, {"id": "d", "kind": "digit", "answer": "7"},
+             {"id": "e", "kind": "description", "answer": "A red star."}, {"id": "f", "kind": "digit", "answer": "3"}]
+    preds = {"a": " Red. ", "b": "red", "c": "green", "d": "seven", "e": "a red star"}
+    s = score(items, preds)
+    assert (s["colour"].n, s["colour"].correct) == (3, 1)
+    assert s["digit"].correct == 0 and s["digit"].confusion[("3", MISSING)] == 1 and s["digit"].confusion[("7", "seven")] == 1
+    assert s["description"].accuracy == 1.0
+    assert s["colour"].confusion == {("red", "red"): 1, ("blue", "red"): 1, ("red", "green"): 1}
+    table = confusion_table(s["colour"]).splitlines()
+    assert table[0].split()[-3:] == ["red", "blue", "(other)"]
+    assert table[1].split() == ["red", "1", ".", "1"] and table[2].split() == ["blue", "1", ".", "."]
+    sm = summary(s)
+    assert sm["colour"] == {"n": 3, "accuracy": 0.3333, "target": 0.95, "met": False}
+    assert "target" not in sm["description"]
+    assert normalize('  "Seven."  ') == "seven" and normalize("7") != normalize("seven")
