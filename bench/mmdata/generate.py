@@ -8,6 +8,11 @@ is `{"id", "kind", "answer", "meta", "messages"}`: the trainer reads `messages` 
 relative to the jsonl); `kind` and `answer` are for bench/mmdata/score.py. Fixed seed → the
 same bytes on every run (espeak-ng, Pillow and libsndfile versions held equal).
 
+Picture size: Gemma 4's processor scales every picture to its soft-token budget (70 at the
+least: a square becomes 384 x 384 px, 64 tokens) whatever its size, so --image-size only sets
+how finely shapes and text are drawn. 144 px is 3 x 3 patches of 48: 9 tokens for a model
+whose processor keeps small pictures as they are (issue 22's mini family may add that budget).
+
 Needs espeak-ng and the fonts of vocab.FONT_PACKAGES (Debian: apt-get install -y espeak-ng
 fonts-dejavu-core fonts-liberation fonts-freefont-ttf). Before writing, the held-out split is
 proven disjoint from training on every held-out axis (`check_disjoint`).

@@ -105,7 +105,7 @@ def make(kind: str, split: str, index: int, seed: int, out: Path, size: int) -> 
         if kind == "position":
             side = rng.choice(SIDES)
             r = rng.uniform(0.12, 0.2) * size
-            along = rng.uniform(0.35, 0.65) * size
+            along = rng.uniform(0.4, 0.6) * size  # the side's middle band: one answer only
             near = rng.uniform(r + 2, 0.3 * size)
             x, y = {"left": (near, along), "right": (size - near, along),
                     "top": (along, near), "bottom": (along, size - near)}[side]
