@@ -2,7 +2,6 @@
 held-out split disjoint from training on its axes, answers consistent with what was drawn or
 played, the files loadable by the fine-tuning trainer, and the per-kind scorer."""
 
-import json
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import soundfile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ beside tests/
 
 from bench.mmdata import generate, sounds, vocab  # noqa: E402
-from bench.mmdata.score import MISSING, confusion_table, normalize, read_jsonl, score, summary  # noqa: E402
+from bench.mmdata.score import MISSING, confusion_table, normalize, prompts, read_jsonl, score, summary  # noqa: E402
 
 HAS_ESPEAK = sounds.has_espeak() and not sounds.missing_voices(vocab.TRAIN_VOICES + vocab.HELDOUT_VOICES)
 HAS_FONTS = not vocab.missing_fonts()
@@ -157,6 +156,11 @@ def test_loads_in_the_finetune_trainer(small):
             assert (enc.inputs.audio is not None) == ("audio" in has)
             trained = [t for t, lab in zip(enc.inputs.input_ids[0].tolist(), enc.labels.tolist()) if lab != IGNORE]
             assert proc.tokenizer.decode(trained).strip() == r["answer"] + "<turn|>"
+    asked = prompts(out / "heldout.jsonl")  # what a judged model is given: the question, no reply
+    r = recs["heldout"][0]
+    assert [m["role"] for m in asked[r["id"]]] == ["user"]
+    assert all(Path(p[p["type"]]).is_absolute() and Path(p[p["type"]]).is_file()
+               for p in asked[r["id"]][0]["content"] if p["type"] != "text")
 
 
 def test_score_per_kind_and_confusion():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -57,6 +58,18 @@ def check_disjoint(train: list[dict], heldout: list[dict]) -> None:
     assert b["hz"] <= held_hz and not a["hz"] & held_hz
 
 
+def tool_versions() -> dict[str, str]:
+    """What the bytes depend on besides the seed: the same versions give the same files."""
+    import PIL
+    import soundfile
+    import soxr
+
+    out = {"pillow": PIL.__version__, "libsndfile": soundfile.__libsndfile_version__, "soxr": soxr.__version__}
+    if sounds.has_espeak():
+        out["espeak-ng"] = subprocess.run([sounds.ESPEAK, "--version"], capture_output=True, text=True).stdout.strip()
+    return out
+
+
 def build(out: Path, seed: int, counts: dict[str, dict[str, int]], size: int) -> dict[str, list[dict]]:
     """counts: split -> kind -> number of items. Returns split -> records (also written)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +88,7 @@ def build(out: Path, seed: int, counts: dict[str, dict[str, int]], size: int) ->
         with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for r in recs:
                 f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
-    manifest = {"seed": seed, "image_size": size,
+    manifest = {"seed": seed, "image_size": size, "tools": tool_versions(),
                 "counts": {s: dict(Counter(r["kind"] for r in recs)) for s, recs in records.items()},
                 "heldout_axes": {"pairs": sorted(map(list, vocab.HELDOUT_PAIRS)), "fonts": list(vocab.HELDOUT_FONTS),
                                  "voices": list(vocab.HELDOUT_VOICES),
@@ -97,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     bad = [k for k in kinds if k not in vocab.KINDS]
     if bad:
         p.error(f"unknown kinds {bad}; kinds are {','.join(vocab.KINDS)}")
+    if min(args.train_per_kind, args.heldout_per_kind) < 0:
+        p.error("counts must be >= 0")
     if args.image_size < 48:
         p.error("--image-size must be at least 48 (one patch)")
     counts = {"train": dict.fromkeys(kinds, args.train_per_kind), "heldout": dict.fromkeys(kinds, args.heldout_per_kind)}

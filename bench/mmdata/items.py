@@ -164,9 +164,9 @@ def make(kind: str, split: str, index: int, seed: int, out: Path, size: int) -> 
     media = []
     if img is not None:
         img.save(out / rel / f"{stem}.png", format="PNG", optimize=False)
-        media.append(("image", str(rel / f"{stem}.png")))
+        media.append(("image", (rel / f"{stem}.png").as_posix()))
     if wave is not None:
         sounds.write_wav(out / rel / f"{stem}.wav", wave)
-        media.append(("audio", str(rel / f"{stem}.wav")))
+        media.append(("audio", (rel / f"{stem}.wav").as_posix()))
     question = rng.choice(QUESTIONS[kind]).format(**fmt)
     return Item(f"{split}-{kind}-{stem}", split, kind, question, answer, media, meta)

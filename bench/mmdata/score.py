@@ -92,6 +92,19 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def prompts(path: Path) -> dict[str, list[dict]]:
+    """id -> the item's messages without the reply, media paths made absolute: what a model is
+    asked when it is judged (its reply is compared with the record's `answer`)."""
+    path = Path(path)
+    out = {}
+    for r in read_jsonl(path):
+        user = r["messages"][0]
+        parts = [{**p, p["type"]: str(path.parent / p[p["type"]])} if p["type"] in ("image", "audio") else p
+                 for p in user["content"]]
+        out[r["id"]] = [{**user, "content": parts}]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data", type=Path, help="the held-out jsonl (id, kind, answer per line)")
