@@ -84,89 +84,112 @@ def _picture(rng, chosen, size, spots=None):
     return img, spots
 
 
+@dataclass
+class Made:
+    """What one kind's builder returns: the answer, its media (either may be None), the
+    question's fill-ins."""
+    answer: str
+    image: Any = None
+    wave: np.ndarray | None = None
+    fmt: dict[str, str] = field(default_factory=dict)
+
+
+def _shapes_item(kind, split, rng, np_rng, size, meta) -> Made:
+    n = {"colour": rng.randint(1, 3), "shape": rng.randint(1, 3), "count": rng.randint(1, 4),
+         "description": rng.randint(1, 2)}.get(kind, 1)
+    chosen = _shapes(rng, split, n, {"colour": "shape", "shape": "colour", "description": "shape"}.get(kind))
+    meta["pairs"] = [list(p) for p in chosen]
+    spots = answer = None
+    if kind == "position":
+        side = rng.choice(SIDES)
+        r = rng.uniform(0.12, 0.2) * size
+        along = rng.uniform(0.4, 0.6) * size  # the side's middle band: one answer only
+        near = rng.uniform(r + 2, 0.3 * size)
+        x, y = {"left": (near, along), "right": (size - near, along),
+                "top": (along, near), "bottom": (along, size - near)}[side]
+        spots, answer = [(x, y, r)], side
+    if kind == "description" and n == 2:  # left-to-right order must be unambiguous
+        for _ in range(1000):
+            spots = pictures.layout(rng, 2, size, (0.12, 0.2))
+            if abs(spots[0][0] - spots[1][0]) > 0.25 * size:
+                break
+    img, spots = _picture(rng, chosen, size, spots)
+    made = Made(answer, img)
+    if kind == "colour":
+        target = rng.randrange(n)
+        made.fmt["shape"] = "shape" if n == 1 else chosen[target][1]
+        made.answer = chosen[target][0]
+    elif kind == "shape":
+        target = rng.randrange(n)
+        made.fmt["colour"] = chosen[target][0]
+        made.answer = chosen[target][1]
+    elif kind == "count":
+        made.answer = str(n)
+    elif kind == "description":
+        order = sorted(range(n), key=lambda k: spots[k][0])
+        phrases = [f"{'an' if chosen[k][0][0] in 'aeiou' else 'a'} {chosen[k][0]} {chosen[k][1]}" for k in order]
+        made.answer = " and ".join(phrases).capitalize() + "."
+    elif kind == "match":  # the picture's one shape, and a colour spoken: the same or another
+        same = rng.random() < 0.5
+        spoken = chosen[0][0] if same else rng.choice([c for c in COLOURS if c != chosen[0][0]])
+        v = _voice(rng, split)
+        meta.update(v, spoken=spoken)
+        made.wave = _say(spoken, v, rng, np_rng)
+        made.answer = "yes" if same else "no"
+    return made
+
+
+def _text_item(kind, split, rng, np_rng, size, meta) -> Made:
+    text = rng.choice(WORDS) if rng.random() < 0.6 else str(rng.randint(0, 9999))
+    meta["font"] = rng.choice(fonts(split))
+    return Made(text, pictures.text_picture(rng, text, meta["font"], size))
+
+
+def _speech_item(kind, split, rng, np_rng, size, meta) -> Made:
+    v = _voice(rng, split)
+    meta.update(v)
+    if kind == "digit":
+        d = rng.randrange(10)
+        text, answer = DIGITS[d], str(d)
+    elif kind == "number":
+        text = answer = str(rng.randint(10, 999))  # espeak-ng reads numerals as numbers
+    else:
+        text = answer = rng.choice(WORDS)
+    return Made(answer, wave=_say(text, v, rng, np_rng))
+
+
+def _tone_item(kind, split, rng, np_rng, size, meta) -> Made:
+    high = rng.random() < 0.5
+    hz = rng.choice(tone_grid(split, HIGH_HZ if high else LOW_HZ))
+    count = rng.randint(1, 5) if kind == "beeps" else rng.randint(1, 3)
+    meta.update(hz=hz, count=count)
+    wave = sounds.finish(sounds.beeps(count, hz, rng), rng, np_rng, snr_db=(12, 35))
+    return Made(str(count) if kind == "beeps" else ("high" if high else "low"), wave=wave)
+
+
+BUILDERS = {"colour": _shapes_item, "shape": _shapes_item, "count": _shapes_item, "position": _shapes_item,
+            "description": _shapes_item, "match": _shapes_item, "word": _text_item, "digit": _speech_item,
+            "spoken_word": _speech_item, "number": _speech_item, "beeps": _tone_item, "pitch": _tone_item}
+assert set(BUILDERS) == set(KINDS)
+
+
 def make(kind: str, split: str, index: int, seed: int, out: Path, size: int) -> Item:
     """Build item `index` of `kind` for `split`, writing its media under out/media/split/kind/."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; kinds are {KINDS}")
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     rng, np_rng = _rngs(seed, split, kind, index)
-    rel = Path("media") / split / kind
-    (out / rel).mkdir(parents=True, exist_ok=True)
-    stem = f"{index:05d}"
     meta: dict[str, Any] = {}
-    img = wave = None
-    fmt = {}
-
-    if kind in ("colour", "shape", "count", "description", "position", "match"):
-        n = {"colour": rng.randint(1, 3), "shape": rng.randint(1, 3), "count": rng.randint(1, 4),
-             "description": rng.randint(1, 2)}.get(kind, 1)
-        chosen = _shapes(rng, split, n, {"colour": "shape", "shape": "colour", "description": "shape"}.get(kind))
-        meta["pairs"] = [list(p) for p in chosen]
-        spots = None
-        if kind == "position":
-            side = rng.choice(SIDES)
-            r = rng.uniform(0.12, 0.2) * size
-            along = rng.uniform(0.4, 0.6) * size  # the side's middle band: one answer only
-            near = rng.uniform(r + 2, 0.3 * size)
-            x, y = {"left": (near, along), "right": (size - near, along),
-                    "top": (along, near), "bottom": (along, size - near)}[side]
-            spots, answer = [(x, y, r)], side
-        if kind == "description" and n == 2:  # left-to-right order must be unambiguous
-            for _ in range(1000):
-                spots = pictures.layout(rng, 2, size, (0.12, 0.2))
-                if abs(spots[0][0] - spots[1][0]) > 0.25 * size:
-                    break
-        img, spots = _picture(rng, chosen, size, spots)
-        if kind == "colour":
-            target = rng.randrange(n)
-            fmt["shape"] = "shape" if n == 1 else chosen[target][1]
-            answer = chosen[target][0]
-        elif kind == "shape":
-            target = rng.randrange(n)
-            fmt["colour"] = chosen[target][0]
-            answer = chosen[target][1]
-        elif kind == "count":
-            answer = str(n)
-        elif kind == "description":
-            order = sorted(range(n), key=lambda k: spots[k][0])
-            phrases = [f"{'an' if chosen[k][0][0] in 'aeiou' else 'a'} {chosen[k][0]} {chosen[k][1]}" for k in order]
-            answer = " and ".join(phrases).capitalize() + "."
-        elif kind == "match":
-            same = rng.random() < 0.5
-            spoken = chosen[0][0] if same else rng.choice([c for c in COLOURS if c != chosen[0][0]])
-            v = _voice(rng, split)
-            meta.update(v, spoken=spoken)
-            wave = _say(spoken, v, rng, np_rng)
-            answer = "yes" if same else "no"
-    elif kind == "word":
-        text = rng.choice(WORDS) if rng.random() < 0.6 else str(rng.randint(0, 9999))
-        meta["font"] = rng.choice(fonts(split))
-        img = pictures.text_picture(rng, text, meta["font"], size)
-        answer = text
-    elif kind in ("digit", "spoken_word", "number"):
-        v = _voice(rng, split)
-        meta.update(v)
-        if kind == "digit":
-            d = rng.randrange(10)
-            text, answer = DIGITS[d], str(d)
-        elif kind == "number":
-            text = answer = str(rng.randint(10, 999))  # espeak-ng reads numerals as numbers
-        else:
-            text = answer = rng.choice(WORDS)
-        wave = _say(text, v, rng, np_rng)
-    elif kind in ("beeps", "pitch"):
-        high = rng.random() < 0.5
-        hz = rng.choice(tone_grid(split, HIGH_HZ if high else LOW_HZ))
-        count = rng.randint(1, 5) if kind == "beeps" else rng.randint(1, 3)
-        meta.update(hz=hz, count=count)
-        wave = sounds.finish(sounds.beeps(count, hz, rng), rng, np_rng, snr_db=(12, 35))
-        answer = str(count) if kind == "beeps" else ("high" if high else "low")
-
+    made = BUILDERS[kind](kind, split, rng, np_rng, size, meta)
+    rel, stem = Path("media") / split / kind, f"{index:05d}"
+    (out / rel).mkdir(parents=True, exist_ok=True)
     media = []
-    if img is not None:
-        img.save(out / rel / f"{stem}.png", format="PNG", optimize=False)
+    if made.image is not None:
+        made.image.save(out / rel / f"{stem}.png", format="PNG", optimize=False)
         media.append(("image", (rel / f"{stem}.png").as_posix()))
-    if wave is not None:
-        sounds.write_wav(out / rel / f"{stem}.wav", wave)
+    if made.wave is not None:
+        sounds.write_wav(out / rel / f"{stem}.wav", made.wave)
         media.append(("audio", (rel / f"{stem}.wav").as_posix()))
-    question = rng.choice(QUESTIONS[kind]).format(**fmt)
-    return Item(f"{split}-{kind}-{stem}", split, kind, question, answer, media, meta)
+    question = rng.choice(QUESTIONS[kind]).format(**made.fmt)
+    return Item(f"{split}-{kind}-{stem}", split, kind, question, made.answer, media, meta)
