@@ -101,6 +101,29 @@ def _bursts(wave: np.ndarray) -> int:
     return int(on[0]) + int(np.sum(on[1:] & ~on[:-1]))
 
 
+def test_shapes_are_drawn_where_and_as_labelled(small):
+    """The pixel at each shape's centre has its named colour (every shape covers its centre),
+    and a position item's shape lies on the side its answer names."""
+    out, recs = small
+    from PIL import Image
+
+    checked = 0
+    for r in recs["train"] + recs["heldout"]:
+        if "spots" not in r["meta"]:
+            continue
+        img = np.asarray(Image.open(out / r["messages"][0]["content"][0]["image"]).convert("RGB")).astype(int)
+        size = img.shape[0]
+        for (colour, _), (cx, cy, _) in zip(r["meta"]["pairs"], r["meta"]["spots"]):
+            assert np.abs(img[round(cy), round(cx)] - vocab.COLOURS[colour]).max() <= 24, (r["id"], colour)
+            checked += 1
+        if r["kind"] == "position":
+            cx, cy, _ = r["meta"]["spots"][0]
+            dx, dy = cx - size / 2, cy - size / 2
+            side = ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("top" if dy < 0 else "bottom")
+            assert side == r["answer"] and max(abs(dx), abs(dy)) > 2 * min(abs(dx), abs(dy))
+    assert checked > 20
+
+
 def test_answers_agree_with_what_was_made(small):
     out, recs = small
     for r in recs["train"] + recs["heldout"]:

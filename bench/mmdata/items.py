@@ -114,6 +114,7 @@ def _shapes_item(kind, split, rng, np_rng, size, meta) -> Made:
             if abs(spots[0][0] - spots[1][0]) > 0.25 * size:
                 break
     img, spots = _picture(rng, chosen, size, spots)
+    meta["spots"] = [[round(v, 1) for v in spot] for spot in spots]  # (cx, cy, r) px, for checks and analysis
     made = Made(answer, img)
     if kind == "colour":
         target = rng.randrange(n)
