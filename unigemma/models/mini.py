@@ -145,8 +145,9 @@ def is_quantizable(name: str, module: nn.Module) -> bool:
 
 def text_config_of(gemma3_config: dict) -> dict:
     """A gemma3_text config.json (or a GGUF's, models/gemma3.py `gguf_config`) → the text_config
-    of a mini config (the same keys; model_type dropped)."""
-    return {k: v for k, v in gemma3_config.items() if k != "model_type"}
+    of a mini config: the same keys, but model_type and Gemma 3's use_bidirectional_attention
+    (false there, and EmbeddingGemma's kind when true) give way to the mini default "vision"."""
+    return {k: v for k, v in gemma3_config.items() if k not in ("model_type", "use_bidirectional_attention")}
 
 
 def mini_config(text_config: dict, mm_posemb_size: int = 1120) -> dict:
