@@ -170,3 +170,47 @@ def test_config_checks():
                    "use_bidirectional_attention": False}
     cfg = ModelConfig.from_dict(mini.mini_config(mini.text_config_of(gemma3_text), 16))
     assert cfg.text.use_bidirectional_attention == "vision" and cfg.vision.mm_embed_dim == cfg.text.hidden_size
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    """(the mini tokenizer written from the installed Gemma 3 270M GGUF, that GGUF's own)."""
+    from unigemma.processing.tokenizer import Tokenizer
+    from unigemma.weights.mini import default_base, write_tokenizer
+
+    base = default_base()
+    return Tokenizer.from_dir(write_tokenizer(base, tmp_path_factory.mktemp("mini-tok"))), Tokenizer.from_gguf(base)
+
+
+def test_tokenizer_gives_gemma4_markers_on_gemma3_text(tokenizers):
+    from unigemma.weights.mini import GEMMA4_MARKERS
+
+    tok, gemma3 = tokenizers
+    assert {i: tok.token_to_id(s) for i, (s, _) in GEMMA4_MARKERS.items()} == {i: i for i in GEMMA4_MARKERS}
+    c = ModelConfig.from_dict(mini.mini_config(mini.text_config_of({"vocab_size": 262144})))
+    assert (tok.image_token_id, tok.audio_token_id, tok.video_token_id, tok.boi_token_id, tok.eoi_token_id,
+            tok.boa_token_id, tok.eoa_token_id) == (c.image_token_id, c.audio_token_id, c.video_token_id,
+                                                   c.boi_token_id, c.eoi_token_id, c.boa_token_id, c.eoa_token_index)
+    for text in ("The capital of France is", "  two  spaces\n\ttab, café ½ 中文 😶"):
+        assert tok.encode(text) == gemma3.encode(text)  # plain text tokenizes as Gemma 3 trained on
+    text = "<|turn>user\n<|image><|image|><image|><|audio><|audio|><audio|>hi<turn|>\n<|turn>model\n"
+    ids = tok.encode(text)
+    user = gemma3.encode("user\n", add_special_tokens=False)
+    assert ids[:2 + len(user) + 6] == [2, 105, *user, 255999, 258880, 258882, 256000, 258881, 258883]
+    assert tok.decode(ids) in (text, "<bos>" + text)
+    assert 106 in tok.eos_ids  # <turn|> (Gemma 3's <end_of_turn>) ends a reply
+
+
+def test_marker_ids_are_gemma4s(tokenizers):
+    """GEMMA4_MARKERS against the real Gemma 4 vocabulary, where the demo has fetched it."""
+    from unigemma.vocab import cache_dir
+    from unigemma.weights.mini import GEMMA4_MARKERS
+
+    path = cache_dir() / "ggml-vocab-gemma-4.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} not fetched (`unigemma demo --multimodal` fetches it): nothing to compare against")
+    from unigemma.gguf.reader import read_gguf_metadata
+
+    meta = read_gguf_metadata(path)
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    assert {i: (tokens[i], int(types[i])) for i in GEMMA4_MARKERS} == GEMMA4_MARKERS
