@@ -214,3 +214,17 @@ def test_marker_ids_are_gemma4s(tokenizers):
     meta = read_gguf_metadata(path)
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     assert {i: (tokens[i], int(types[i])) for i in GEMMA4_MARKERS} == GEMMA4_MARKERS
+
+
+def test_lora_default_media_reaches_the_decoder_and_the_embedders():
+    """What the fine-tuning trainer's `--targets default,media` adapts on a mini model."""
+    from unigemma.lora import add_lora
+    from unigemma.lora.config import LoraConfig, parse_targets
+
+    model = mini.UnigemmaMini(ModelConfig.from_dict(mini.tiny_config()))
+    add_lora(model, LoraConfig(r=4, target_modules=parse_targets("default,media")))
+    adapted = {n.rsplit(".lora", 1)[0] for n, _ in model.named_parameters() if ".lora" in n}
+    assert {"model.embed_vision.patch_dense", "model.embed_vision.multimodal_embedder.embedding_projection",
+            "model.embed_audio.embedding_projection"} <= adapted
+    layers = model.config.text.num_hidden_layers
+    assert len([n for n in adapted if n.startswith("model.language_model.layers.")]) == 7 * layers
