@@ -11,6 +11,7 @@ block))) built over the Gemma 3 config, then handed to the decoder as its mask d
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -228,3 +229,40 @@ def test_lora_default_media_reaches_the_decoder_and_the_embedders():
             "model.embed_audio.embedding_projection"} <= adapted
     layers = model.config.text.num_hidden_layers
     assert len([n for n in adapted if n.startswith("model.language_model.layers.")]) == 7 * layers
+
+
+def test_load_process_and_chat_end_to_end(tokenizers, tmp_path):
+    """`unigemma.load` of a mini checkpoint with its tokenizer: the processor's image and audio
+    inputs reach the model, and the engine's first greedy token (cached, media prefilled) is the
+    argmax of the plain forward over the same inputs."""
+    import io
+    import shutil
+
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image
+
+    tok, _ = tokenizers
+    d = mini.mini_config({**mini.tiny_config()["text_config"], "vocab_size": 262144}, mm_posemb_size=64)
+    d["vision_config"].update(mm_embed_dim=48, output_proj_dims=48)
+    model = mini.UnigemmaMini(ModelConfig.from_dict(d))
+    randomize_reference(model, seed=3)
+    save_checkpoint(model.eval(), d, tmp_path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tok.name) / f, tmp_path / f)
+
+    gemma = unigemma.load(tmp_path, dtype="float32", fast=False)
+    png, wav = io.BytesIO(), io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(png, "PNG")
+    sf.write(wav, 0.1 * np.sin(np.arange(8000) / 16000 * 2 * np.pi * 440), 16000, format="WAV")
+    messages = [{"role": "user", "content": [{"type": "image", "image": png.getvalue()},
+                                             {"type": "audio", "audio": wav.getvalue()},
+                                             {"type": "text", "text": "What do you see and hear?"}]}]
+    inputs = dict(gemma.processor()(messages))  # processor-named tensors
+    ids = inputs["input_ids"][0]
+    n_img, n_aud = int((ids == 258880).sum()), int((ids == 258881).sum())
+    assert n_img == int((inputs["image_position_ids"][0] != -1).all(-1).sum()) > 0
+    assert n_aud == int(inputs["input_features_mask"].sum()) == 13  # 0.5 s: 8000 samples in 640-sample frames
+    want = int(gemma.model.logits(**inputs)[0, -1].argmax())
+    reply = gemma.chat(messages, max_new_tokens=2)
+    assert reply.prompt_tokens == ids.numel() and reply.token_ids[0] == want
