@@ -266,3 +266,22 @@ def test_load_process_and_chat_end_to_end(tokenizers, tmp_path):
     want = int(gemma.model.logits(**inputs)[0, -1].argmax())
     reply = gemma.chat(messages, max_new_tokens=2)
     assert reply.prompt_tokens == ids.numel() and reply.token_ids[0] == want
+
+
+def test_build_from_a_gemma3_checkpoint(tmp_path):
+    """build_mini_checkpoint over a (tiny) Gemma 3 base: the decoder is the base's, so text logits
+    are the base's; the embedders are fresh and follow the seed."""
+    from unigemma.models import gemma3
+    from unigemma.weights.mini import build_mini_checkpoint
+
+    d = {**gemma3.tiny_config(), "vocab_size": 262144}  # Gemma 3's: the media ids are Gemma 4's
+    base = gemma3.Gemma3ForCausalLM(ModelConfig.from_dict(d))
+    randomize_reference(base, seed=5)
+    save_checkpoint(base.eval(), d, tmp_path / "base")
+    a, b, c = (unigemma.load_model(build_mini_checkpoint(tmp_path / name, tmp_path / "base", seed=seed), dtype="float32")
+               for name, seed in (("a", 1), ("b", 1), ("c", 2)))
+    ids = torch.tensor([[2, 17, 33, 91, 44, 45, 60]])
+    assert torch.equal(a.logits(ids), base.logits(ids))
+    vision = lambda m: m.model.embed_vision.patch_dense.weight  # noqa: E731
+    assert torch.equal(vision(a), vision(b)) and not torch.equal(vision(a), vision(c))
+    assert a.config.vision.mm_embed_dim == a.config.text.hidden_size and a.config.image_token_id == 258880

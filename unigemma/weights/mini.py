@@ -106,3 +106,19 @@ def write_tokenizer(gguf: str | Path, out: str | Path) -> Path:
         {"add_bos_token": True, "add_eos_token": False, "bos_token": "<bos>", "eos_token": "<eos>",
          "pad_token": "<pad>", "unk_token": "<unk>", "padding_side": "left"}, indent=2))
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m unigemma.weights.mini OUT [--base GGUF_OR_DIR] [--seed N]"""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m unigemma.weights.mini", description=__doc__.splitlines()[0])
+    p.add_argument("out", help="the checkpoint directory to write")
+    p.add_argument("--base", help="a Gemma 3 text GGUF or checkpoint directory (default: the installed 270M GGUF)")
+    p.add_argument("--seed", type=int, default=0, help="the embedders' initialisation seed")
+    args = p.parse_args(argv)
+    print(build_mini_checkpoint(args.out, args.base, args.seed))
+
+
+if __name__ == "__main__":
+    main()
