@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from . import gemma3, gemma4
+from . import gemma3, gemma4, mini
 from .base import Family
 
 FAMILIES: tuple[Family, ...] = (
     gemma4.FAMILY,
     gemma3.FAMILY,
+    mini.FAMILY,
 )
 
 

@@ -1,0 +1,287 @@
+"""unigemma-mini (models/mini.py) against a transformers reference assembled from the same file.
+
+The reference has no mini class: it is transformers' own `Gemma3ForCausalLM` (the decoder) plus
+Gemma 4 unified's `Gemma4UnifiedVisionEmbedder` / `Gemma4UnifiedMultimodalEmbedder` (the
+embedders), each loaded from the safetensors file our `save_checkpoint` wrote (names stripped of
+their prefix; Gemma 3's norms stored as w, as transformers keeps them). Soft tokens are scattered
+into the placeholders by hand, and the masks are transformers' Gemma 4 composition
+(`create_masks_for_vision_model`: full layers causal, sliding layers AND(window, OR(causal,
+block))) built over the Gemma 3 config, then handed to the decoder as its mask dict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from reference import audio_frames, patches
+from safetensors.torch import load_file
+
+import unigemma
+from unigemma.config import ModelConfig
+from unigemma.models import mini
+from unigemma.weights.random import randomize_reference
+from unigemma.weights.save import save_checkpoint
+
+IMG, AUD = 500, 502  # tiny_config's image / audio placeholder ids (boi 503, eoi 504, boa 505, eoa 506)
+GRID = (3, 4)  # 12 soft tokens: one image block longer than the window of 5, so the clip matters
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny random mini model and the checkpoint it saved."""
+    d = mini.tiny_config()
+    model = mini.UnigemmaMini(ModelConfig.from_dict(d))
+    randomize_reference(model, seed=7)  # norms in [0.5, 1.5), tables and matrices random
+    path = save_checkpoint(model.eval(), d, tmp_path_factory.mktemp("mini"))
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def reference(saved):
+    """(decoder, vision embedder, audio embedder) of transformers, loaded from the saved file."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Gemma4UnifiedAudioConfig, Gemma4UnifiedVisionConfig
+    from transformers.models.gemma4_unified.modeling_gemma4_unified import (
+        Gemma4UnifiedMultimodalEmbedder, Gemma4UnifiedVisionEmbedder)
+
+    model, path = saved
+    d = mini.tiny_config()
+    tensors = load_file(str(path / "model.safetensors"))
+
+    def part(prefix: str) -> dict:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    text = {f: getattr(model.config.text, f) for f in ("vocab_size", "hidden_size", "intermediate_size",
+            "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "layer_types",
+            "sliding_window", "rope_parameters", "rms_norm_eps", "query_pre_attn_scalar", "final_logit_softcapping",
+            "tie_word_embeddings", "pad_token_id", "max_position_embeddings")}
+    decoder = Gemma3ForCausalLM(Gemma3TextConfig(**text, attn_implementation="eager"))
+    decoder.model.load_state_dict(part("model.language_model."), strict=True)
+    decoder.tie_weights()
+    width = SimpleNamespace(hidden_size=text["hidden_size"])
+    vision = Gemma4UnifiedVisionEmbedder(Gemma4UnifiedVisionConfig(**d["vision_config"]), width)
+    vision.load_state_dict(part("model.embed_vision."), strict=True)
+    audio = Gemma4UnifiedMultimodalEmbedder(Gemma4UnifiedAudioConfig(**d["audio_config"]), width)
+    audio.load_state_dict(part("model.embed_audio."), strict=True)
+    return decoder.eval(), vision.eval(), audio.eval()
+
+
+def prompt(image: bool, audio: bool, frames: int = 7):
+    """ids [1, S] and mm_token_type_ids: text, then an image block and / or an audio block, then text."""
+    ids = [2, 17, 33, 91]
+    if image:
+        ids += [503] + [IMG] * (GRID[0] * GRID[1]) + [504]
+    ids += [44, 45]
+    if audio:
+        ids += [505] + [AUD] * frames + [506]
+    ids += [60, 61, 62]
+    ids = torch.tensor([ids])
+    types = torch.where(ids == IMG, 1, torch.where(ids == AUD, 3, 0))
+    return ids, types
+
+
+def media(image: bool, audio: bool, frames: int = 7) -> dict:
+    g = torch.Generator().manual_seed(11)
+    out = {}
+    if image:
+        out["pixel_values"], out["image_position_ids"] = patches([GRID], 16, g)  # 4 padding patches
+    if audio:
+        out["input_features"], out["input_features_mask"] = audio_frames([frames], g)
+    return out
+
+
+@torch.no_grad()
+def reference_logits(ref, ids, types, m, block: bool = True):
+    from transformers.masking_utils import create_masks_for_generate
+    from transformers.models.gemma4_unified.modeling_gemma4_unified import (
+        create_masks_for_vision_model, get_block_sequence_ids_for_mask)
+
+    decoder, vision, audio = ref
+    h = decoder.model.embed_tokens(torch.where((ids == IMG) | (ids == AUD), 0, ids))  # × sqrt(hidden)
+    if "pixel_values" in m:
+        pos = m["image_position_ids"]
+        feats = vision(m["pixel_values"], pos).pooler_output[(pos != -1).all(-1)]
+        h = h.masked_scatter((ids == IMG)[..., None], feats)
+    if "input_features" in m:
+        feats = audio(m["input_features"])[m["input_features_mask"]]
+        h = h.masked_scatter((ids == AUD)[..., None], feats)
+    S = ids.shape[1]
+    kw = dict(config=decoder.config, inputs_embeds=h, attention_mask=None, past_key_values=None,
+              position_ids=torch.arange(S)[None])
+    masks = (create_masks_for_vision_model(block_sequence_ids=get_block_sequence_ids_for_mask(types, h.device), **kw)
+             if block else create_masks_for_generate(**kw))
+    return decoder(inputs_embeds=h, attention_mask=masks, position_ids=torch.arange(S)[None]).logits
+
+
+CASES = {"text": (False, False), "image": (True, False), "audio": (False, True), "image+audio": (True, True)}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_equals_the_transformers_reference(saved, reference, case):
+    model, _ = saved
+    image, audio = CASES[case]
+    ids, types = prompt(image, audio)
+    m = media(image, audio)
+    ours = model.logits(ids, mm_token_type_ids=types, **m)
+    want = reference_logits(reference, ids, types, m)
+    diff = (ours - want).abs().max().item()
+    print(f"unigemma-mini vs transformers, {case}: max abs diff {diff:.2e} (logits up to {want.abs().max():.1f})")
+    assert diff < 1e-4
+    if image:  # the bidirectional image block is what the reference has too: causal-only differs
+        causal = reference_logits(reference, ids, types, m, block=False)
+        assert (ours - causal).abs().max() > 1e-3
+
+
+def test_save_load_round_trip(saved):
+    model, path = saved
+    loaded = unigemma.load_model(path, dtype="float32")
+    assert type(loaded) is mini.UnigemmaMini
+    assert loaded.config.text.use_bidirectional_attention == "vision"
+    ids, types = prompt(True, True)
+    m = media(True, True)
+    assert torch.equal(loaded.logits(ids, mm_token_type_ids=types, **m), model.logits(ids, mm_token_type_ids=types, **m))
+    ours = dict(model.state_dict())
+    for name, t in loaded.state_dict().items():
+        assert torch.equal(t, ours[name]), name
+
+
+def test_media_without_an_embedder_or_placeholders_are_refused(saved):
+    model, _ = saved
+    ids, types = prompt(True, False)
+    with pytest.raises(unigemma.InputError, match="no image inputs"):
+        model.logits(ids, mm_token_type_ids=types)
+    with pytest.raises(unigemma.InputError, match="placeholder"):
+        model.logits(prompt(False, False)[0], **media(True, False))
+
+
+def test_config_checks():
+    d = mini.tiny_config()
+    with pytest.raises(unigemma.ConfigError, match="text_config"):
+        ModelConfig.from_dict({k: v for k, v in d.items() if k != "text_config"})
+    with pytest.raises(unigemma.ConfigError, match="image_token_id"):
+        ModelConfig.from_dict({**d, "image_token_id": 10**6})
+    with pytest.raises(unigemma.ConfigError, match="must differ"):
+        ModelConfig.from_dict({**d, "audio_token_id": d["image_token_id"]})
+    with pytest.raises(unigemma.ConfigError, match="use_bidirectional_attention"):
+        ModelConfig.from_dict({**d, "text_config": {**d["text_config"], "use_bidirectional_attention": "all"}})
+    # a Gemma 3 text config carried over: its use_bidirectional_attention=false gives way to "vision"
+    gemma3_text = {**d["text_config"], "model_type": "gemma3_text", "vocab_size": 262144,
+                   "use_bidirectional_attention": False}
+    cfg = ModelConfig.from_dict(mini.mini_config(mini.text_config_of(gemma3_text), 16))
+    assert cfg.text.use_bidirectional_attention == "vision" and cfg.vision.mm_embed_dim == cfg.text.hidden_size
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    """(the mini tokenizer written from the installed Gemma 3 270M GGUF, that GGUF's own)."""
+    from unigemma.processing.tokenizer import Tokenizer
+    from unigemma.weights.mini import default_base, write_tokenizer
+
+    base = default_base()
+    return Tokenizer.from_dir(write_tokenizer(base, tmp_path_factory.mktemp("mini-tok"))), Tokenizer.from_gguf(base)
+
+
+def test_tokenizer_gives_gemma4_markers_on_gemma3_text(tokenizers):
+    from unigemma.weights.mini import GEMMA4_MARKERS
+
+    tok, gemma3 = tokenizers
+    assert {i: tok.token_to_id(s) for i, (s, _) in GEMMA4_MARKERS.items()} == {i: i for i in GEMMA4_MARKERS}
+    c = ModelConfig.from_dict(mini.mini_config(mini.text_config_of({"vocab_size": 262144})))
+    assert (tok.image_token_id, tok.audio_token_id, tok.video_token_id, tok.boi_token_id, tok.eoi_token_id,
+            tok.boa_token_id, tok.eoa_token_id) == (c.image_token_id, c.audio_token_id, c.video_token_id,
+                                                   c.boi_token_id, c.eoi_token_id, c.boa_token_id, c.eoa_token_index)
+    for text in ("The capital of France is", "  two  spaces\n\ttab, café ½ 中文 😶"):
+        assert tok.encode(text) == gemma3.encode(text)  # plain text tokenizes as Gemma 3 trained on
+    text = "<|turn>user\n<|image><|image|><image|><|audio><|audio|><audio|>hi<turn|>\n<|turn>model\n"
+    ids = tok.encode(text)
+    user = gemma3.encode("user\n", add_special_tokens=False)
+    assert ids[:2 + len(user) + 6] == [2, 105, *user, 255999, 258880, 258882, 256000, 258881, 258883]
+    assert tok.decode(ids) in (text, "<bos>" + text)
+    assert 106 in tok.eos_ids  # <turn|> (Gemma 3's <end_of_turn>) ends a reply
+
+
+def test_marker_ids_are_gemma4s(tokenizers):
+    """GEMMA4_MARKERS against the real Gemma 4 vocabulary, where the demo has fetched it."""
+    from unigemma.vocab import cache_dir
+    from unigemma.weights.mini import GEMMA4_MARKERS
+
+    path = cache_dir() / "ggml-vocab-gemma-4.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} not fetched (`unigemma demo --multimodal` fetches it): nothing to compare against")
+    from unigemma.gguf.reader import read_gguf_metadata
+
+    meta = read_gguf_metadata(path)
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    assert {i: (tokens[i], int(types[i])) for i in GEMMA4_MARKERS} == GEMMA4_MARKERS
+
+
+def test_lora_default_media_reaches_the_decoder_and_the_embedders():
+    """What the fine-tuning trainer's `--targets default,media` adapts on a mini model."""
+    from unigemma.lora import add_lora
+    from unigemma.lora.config import LoraConfig, parse_targets
+
+    model = mini.UnigemmaMini(ModelConfig.from_dict(mini.tiny_config()))
+    add_lora(model, LoraConfig(r=4, target_modules=parse_targets("default,media")))
+    adapted = {n.rsplit(".lora", 1)[0] for n, _ in model.named_parameters() if ".lora" in n}
+    assert {"model.embed_vision.patch_dense", "model.embed_vision.multimodal_embedder.embedding_projection",
+            "model.embed_audio.embedding_projection"} <= adapted
+    layers = model.config.text.num_hidden_layers
+    assert len([n for n in adapted if n.startswith("model.language_model.layers.")]) == 7 * layers
+
+
+def test_load_process_and_chat_end_to_end(tokenizers, tmp_path):
+    """`unigemma.load` of a mini checkpoint with its tokenizer: the processor's image and audio
+    inputs reach the model, and the engine's first greedy token (cached, media prefilled) is the
+    argmax of the plain forward over the same inputs."""
+    import io
+    import shutil
+
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image
+
+    tok, _ = tokenizers
+    d = mini.mini_config({**mini.tiny_config()["text_config"], "vocab_size": 262144}, mm_posemb_size=64)
+    d["vision_config"].update(mm_embed_dim=48, output_proj_dims=48)
+    model = mini.UnigemmaMini(ModelConfig.from_dict(d))
+    randomize_reference(model, seed=3)
+    save_checkpoint(model.eval(), d, tmp_path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tok.name) / f, tmp_path / f)
+
+    gemma = unigemma.load(tmp_path, dtype="float32", fast=False)
+    png, wav = io.BytesIO(), io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(png, "PNG")
+    sf.write(wav, 0.1 * np.sin(np.arange(8000) / 16000 * 2 * np.pi * 440), 16000, format="WAV")
+    messages = [{"role": "user", "content": [{"type": "image", "image": png.getvalue()},
+                                             {"type": "audio", "audio": wav.getvalue()},
+                                             {"type": "text", "text": "What do you see and hear?"}]}]
+    inputs = dict(gemma.processor()(messages))  # processor-named tensors
+    ids = inputs["input_ids"][0]
+    n_img, n_aud = int((ids == 258880).sum()), int((ids == 258881).sum())
+    assert n_img == int((inputs["image_position_ids"][0] != -1).all(-1).sum()) > 0
+    assert n_aud == int(inputs["input_features_mask"].sum()) == 13  # 0.5 s: 8000 samples in 640-sample frames
+    want = int(gemma.model.logits(**inputs)[0, -1].argmax())
+    reply = gemma.chat(messages, max_new_tokens=2)
+    assert reply.prompt_tokens == ids.numel() and reply.token_ids[0] == want
+
+
+def test_build_from_a_gemma3_checkpoint(tmp_path):
+    """build_mini_checkpoint over a (tiny) Gemma 3 base: the decoder is the base's, so text logits
+    are the base's; the embedders are fresh and follow the seed."""
+    from unigemma.models import gemma3
+    from unigemma.weights.mini import build_mini_checkpoint
+
+    d = {**gemma3.tiny_config(), "vocab_size": 262144}  # Gemma 3's: the media ids are Gemma 4's
+    base = gemma3.Gemma3ForCausalLM(ModelConfig.from_dict(d))
+    randomize_reference(base, seed=5)
+    save_checkpoint(base.eval(), d, tmp_path / "base")
+    a, b, c = (unigemma.load_model(build_mini_checkpoint(tmp_path / name, tmp_path / "base", seed=seed), dtype="float32")
+               for name, seed in (("a", 1), ("b", 1), ("c", 2)))
+    ids = torch.tensor([[2, 17, 33, 91, 44, 45, 60]])
+    assert torch.equal(a.logits(ids), base.logits(ids))
+    vision = lambda m: m.model.embed_vision.patch_dense.weight  # noqa: E731
+    assert torch.equal(vision(a), vision(b)) and not torch.equal(vision(a), vision(c))
+    assert a.config.vision.mm_embed_dim == a.config.text.hidden_size and a.config.image_token_id == 258880
