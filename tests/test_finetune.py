@@ -4,7 +4,6 @@ resume; QLoRA on int4 weights."""
 import json
 import math
 
-import av
 import numpy as np
 import pytest
 import soundfile
@@ -12,6 +11,7 @@ import torch
 from PIL import Image
 
 import unigemma
+from messages import noise_clip
 from reference import load_reference
 from unigemma.finetune import TrainArgs, Trainer, load_jsonl, prepare
 from unigemma.finetune.data import collate
@@ -28,14 +28,7 @@ def data_file(tmp_path_factory):
     Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(d / "a.png")
     t = np.arange(6400) / 16000
     soundfile.write(d / "a.wav", (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), 16000)
-    with av.open(str(d / "a.mkv"), "w") as c:  # 3 frames of noise, lossless
-        s = c.add_stream("ffv1", rate=4)
-        s.height, s.width, s.pix_fmt = 48, 64, "yuv444p"
-        for _ in range(3):
-            for p in s.encode(av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), np.uint8), "rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    noise_clip(d / "a.mkv", frames=3, seed=1)
     rows = [{"prompt": "Convert 2024-03-05 to words.", "completion": "March 5, 2024"},
             {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
                                                        {"type": "audio", "audio": "a.wav"},

@@ -172,17 +172,9 @@ def test_batches_keep_media_whole(processor, media, tmp_path):
 def test_video_is_masked_and_kept_whole(processor, tmp_path):
     """A video turn: its frames' soft tokens are never labels, each frame is its own block of
     mm_token_type 2, and the frames equal those inference builds for the same prompt."""
-    import av
+    from messages import noise_clip
 
-    rng = np.random.default_rng(2)
-    with av.open(str(tmp_path / "v.mkv"), "w") as c:
-        s = c.add_stream("ffv1", rate=4)
-        s.height, s.width, s.pix_fmt = 48, 64, "yuv444p"
-        for _ in range(3):
-            for p in s.encode(av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), np.uint8), "rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    noise_clip(tmp_path / "v.mkv", frames=3, seed=2)
     msgs = [{"role": "user", "content": [{"type": "video", "video": "v.mkv"}, {"type": "text", "text": "What?"}]},
             {"role": "assistant", "content": "Noise."}]
     data = load_jsonl(write(tmp_path / "v.jsonl", [{"messages": msgs}]), processor)

@@ -29,10 +29,13 @@ from .text import TextModel
 
 
 class _Backbone(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """The module tree (on-disk names): the decoder and the media embedders. text_model_args:
+    another family's decoder layer / norm under the same tree (models/mini.py)."""
+
+    def __init__(self, config: ModelConfig, **text_model_args):
         super().__init__()
         t = config.text
-        self.language_model = TextModel(t)
+        self.language_model = TextModel(t, **text_model_args)
         self.embed_vision = VisionEmbedder(config.vision, t.hidden_size) if config.vision else None
         self.embed_audio = (MultimodalEmbedder(config.audio.audio_embed_dim, t.hidden_size, config.audio.rms_norm_eps)
                             if config.audio else None)

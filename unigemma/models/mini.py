@@ -29,8 +29,6 @@ import torch
 from torch import nn
 
 from ..config import AudioConfig, ModelConfig, VisionConfig, check, from_keys, stored_dtype
-from ..embed.multimodal import MultimodalEmbedder
-from ..embed.vision import VisionEmbedder
 from ..errors import ConfigError
 from . import gemma3, gemma4
 from .base import CausalLM, Family
@@ -55,20 +53,10 @@ class MiniTextConfig(gemma3.Gemma3TextConfig):
         self.use_bidirectional_attention = mode
 
 
-class _Backbone(nn.Module):
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        t = config.text
-        self.language_model = TextModel(t, layer=gemma3.DecoderLayer, norm=gemma3.Norm)
-        self.embed_vision = VisionEmbedder(config.vision, t.hidden_size) if config.vision else None
-        self.embed_audio = (MultimodalEmbedder(config.audio.audio_embed_dim, t.hidden_size, config.audio.rms_norm_eps)
-                            if config.audio else None)
-
-
 class UnigemmaMini(CausalLM):
     def __init__(self, config: ModelConfig, block_mask: str = "sliding"):
         super().__init__(config, block_mask)
-        self.model = _Backbone(config)
+        self.model = gemma4._Backbone(config, layer=gemma3.DecoderLayer, norm=gemma3.Norm)  # Gemma 4's tree
         self.add_head()
 
     @property
