@@ -211,3 +211,16 @@ def test_targets_reach_the_media_embedders(checkpoint, data_file):
                 TrainArgs(**{**ARGS, "max_steps": len(data), "batch_size": 1, "warmup": 0, "shuffle": False}))
     t.run()
     assert all(not torch.equal(before[n], m.lora_B["default"].weight) for n, m in media.items())
+
+
+def test_bad_targets_are_a_clear_error(tmp_path):
+    """--targets that are neither module names nor a regex: exit 2 naming them, before any loading."""
+    from unigemma.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "ok"}\n')
+    with pytest.raises(unigemma.errors.InputError, match=r"--targets 'q_proj\(': not a list of module names"):
+        from unigemma.finetune import train
+        train(tmp_path / "no-model", data, tmp_path / "out", targets="q_proj(", progress=False)
+    assert main(["finetune", "--model", str(tmp_path / "no-model"), "--data", str(data), "--out",
+                 str(tmp_path / "o"), "--targets", "q_proj(", "--quiet"]) == 2
