@@ -41,33 +41,10 @@ def accuracy(gemma, rows, max_tokens=16) -> tuple[float, list[str]]:
 
 
 def plot(losses: list[float], evals: list[tuple[int, float]], path: Path, title: str) -> None:
-    """The loss curve with Pillow (matplotlib is not a dependency): training loss per step, eval dots."""
-    from PIL import Image, ImageDraw
+    """The loss curve (bench/loss_curve.py): training loss per step and its moving average, eval points."""
+    from loss_curve import draw  # bench/ is on sys.path (above)
 
-    W, H, L, R, T, B = 720, 400, 60, 20, 40, 50
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    top = max(losses + [e for _, e in evals]) * 1.05
-    n = len(losses)
-    x = lambda i: L + (W - L - R) * (i - 1) / max(1, n - 1)  # noqa: E731
-    y = lambda v: T + (H - T - B) * (1 - v / top)  # noqa: E731
-    d.line([(L, T), (L, H - B), (W - R, H - B)], fill="black")
-    for k in range(5):
-        v = top * k / 4
-        d.line([(L - 4, y(v)), (L, y(v))], fill="black")
-        d.text((8, y(v) - 6), f"{v:.2f}", fill="black")
-    for k in range(5):
-        s = 1 + round((n - 1) * k / 4)
-        d.text((x(s) - 8, H - B + 8), str(s), fill="black")
-    d.line([(x(i + 1), y(v)) for i, v in enumerate(losses)], fill=(31, 119, 180), width=2)
-    for s, v in evals:
-        d.ellipse([x(s) - 4, y(v) - 4, x(s) + 4, y(v) + 4], fill=(214, 39, 40))
-    d.text((L, 12), title, fill="black")
-    d.text((W - 250, T), "- training loss (per step)", fill=(31, 119, 180))
-    d.text((W - 250, T + 16), "o held-out loss", fill=(214, 39, 40))
-    d.text((W // 2 - 20, H - 22), "step", fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    draw(losses, evals, path, title, window=10, eval_label="held-out loss")
 
 
 def free_port() -> int:

@@ -224,3 +224,64 @@ def test_bad_targets_are_a_clear_error(tmp_path):
         train(tmp_path / "no-model", data, tmp_path / "out", targets="q_proj(", progress=False)
     assert main(["finetune", "--model", str(tmp_path / "no-model"), "--data", str(data), "--out",
                  str(tmp_path / "o"), "--targets", "q_proj(", "--quiet"]) == 2
+
+
+def test_train_full_trains_saves_and_resumes_the_embedders(checkpoint, data_file, tmp_path):
+    """--train-full media: every weight of the image and audio embedders trains (at --full-lr)
+    beside the decoder's adapters; full_weights.safetensors holds them under our module names and
+    loads back into a fresh model, giving the trained model's logits; a resumed run restores them."""
+    from safetensors.torch import load_file
+
+    from unigemma.cli import main
+    from unigemma.finetune.full import FULL_FILE, load_full_weights
+    from unigemma.lora import load_adapter
+
+    def run(out, *extra):
+        return main(["finetune", "--model", str(checkpoint), "--data", str(data_file), "--out", str(out),
+                     "--dtype", "float32", "--lora-r", "2", "--batch-size", "2", "--save-every", "1",
+                     "--image-budget", "70", "--train-full", "media", "--full-lr", "1e-2", "--quiet",
+                     "--schedule", "constant", "--warmup", "0", *extra])  # the same lr whatever --max-steps
+
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    assert run(straight, "--max-steps", "3") == 0  # 3 batches of 2: every example, media ones included
+    assert run(out, "--max-steps", "1") == 0
+    assert run(out, "--max-steps", "3", "--resume") == 0
+    saved = load_file(str(out / FULL_FILE))
+    base = unigemma.load(checkpoint, dtype="float32", fast=False)
+    state = base.model.state_dict()
+    embedders = {k for k in state if k.startswith(("model.embed_vision.", "model.embed_audio."))}
+    assert set(saved) == embedders
+    assert all(not torch.equal(saved[k], state[k]) for k in saved if k.endswith("patch_dense.weight"))
+    want = load_file(str(straight / FULL_FILE))
+    assert all(torch.equal(saved[k], want[k]) for k in want)  # resumed = uninterrupted, bit for bit
+    assert json.loads((out / "training_args.json").read_text())["train_full"] == "media"
+
+    load_full_weights(base.model, out)
+    load_adapter(base.model, out)
+    rng = np.random.default_rng(3)
+    messages = [{"role": "user", "content": [{"type": "image", "image": rng.integers(0, 256, (48, 96, 3), np.uint8)},
+                                             {"type": "text", "text": "What is it?"}]}]
+    inputs = dict(base.processor(image_budget=70)(messages))
+    fresh = unigemma.load(checkpoint, dtype="float32", fast=False)
+    assert not torch.allclose(fresh.model.logits(**inputs), base.model.logits(**inputs))
+    with pytest.raises(unigemma.errors.CheckpointError, match="not a tensor of this model"):
+        load_full_weights(fresh.model, {"model.embed_vision.nope": torch.zeros(1)})
+    from unigemma.finetune.full import resolve
+
+    with pytest.raises(unigemma.errors.InputError, match="'model.nowhere': the model has no such module"):
+        resolve(fresh.model, "model.nowhere")
+    assert main(["finetune", "--model", str(checkpoint), "--data", str(data_file), "--out", str(tmp_path / "x"),
+                 "--train-full", "model.nowhere", "--quiet"]) == 2
+
+
+def test_media_examples_are_re_encoded_not_kept(checkpoint, data_file):
+    """Examples with media keep no tensors between batches (memory holds the jsonl, not every
+    decoded picture) and re-encode to the same tensors; text-only ones keep their encoding."""
+    gemma, data = ours(checkpoint, data_file)
+    with_media = [e for e in data.examples if e._encoded is None]
+    assert len(with_media) == 2 and all(e._encoded is not None for e in data.examples if e not in with_media)
+    for e in with_media:
+        a, b = e.encoded, e.encoded
+        assert a is not b and a.length == e.length and torch.equal(a.labels, b.labels)
+        ma, mb = a.inputs.media(), b.inputs.media()
+        assert ma and ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)

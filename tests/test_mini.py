@@ -41,19 +41,23 @@ def saved(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(saved):
-    """(decoder, vision embedder, audio embedder) of transformers, loaded from the saved file."""
+    return reference_modules(saved[1], mini.tiny_config())
+
+
+def reference_modules(path: Path, d: dict):
+    """(decoder, vision embedder, audio embedder) of transformers, loaded from the checkpoint at
+    `path` whose config.json is `d`."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Gemma4UnifiedAudioConfig, Gemma4UnifiedVisionConfig
     from transformers.models.gemma4_unified.modeling_gemma4_unified import (
         Gemma4UnifiedMultimodalEmbedder, Gemma4UnifiedVisionEmbedder)
 
-    model, path = saved
-    d = mini.tiny_config()
+    config = ModelConfig.from_dict(d)
     tensors = load_file(str(path / "model.safetensors"))
 
     def part(prefix: str) -> dict:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    text = {f: getattr(model.config.text, f) for f in ("vocab_size", "hidden_size", "intermediate_size",
+    text = {f: getattr(config.text, f) for f in ("vocab_size", "hidden_size", "intermediate_size",
             "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "layer_types",
             "sliding_window", "rope_parameters", "rms_norm_eps", "query_pre_attn_scalar", "final_logit_softcapping",
             "tie_word_embeddings", "pad_token_id", "max_position_embeddings")}
@@ -93,20 +97,20 @@ def media(image: bool, audio: bool, frames: int = 7) -> dict:
 
 
 @torch.no_grad()
-def reference_logits(ref, ids, types, m, block: bool = True):
+def reference_logits(ref, ids, types, m, block: bool = True, image_id: int = IMG, audio_id: int = AUD):
     from transformers.masking_utils import create_masks_for_generate
     from transformers.models.gemma4_unified.modeling_gemma4_unified import (
         create_masks_for_vision_model, get_block_sequence_ids_for_mask)
 
     decoder, vision, audio = ref
-    h = decoder.model.embed_tokens(torch.where((ids == IMG) | (ids == AUD), 0, ids))  # × sqrt(hidden)
+    h = decoder.model.embed_tokens(torch.where((ids == image_id) | (ids == audio_id), 0, ids))  # × sqrt(hidden)
     if "pixel_values" in m:
         pos = m["image_position_ids"]
         feats = vision(m["pixel_values"], pos).pooler_output[(pos != -1).all(-1)]
-        h = h.masked_scatter((ids == IMG)[..., None], feats)
+        h = h.masked_scatter((ids == image_id)[..., None], feats)
     if "input_features" in m:
         feats = audio(m["input_features"])[m["input_features_mask"]]
-        h = h.masked_scatter((ids == AUD)[..., None], feats)
+        h = h.masked_scatter((ids == audio_id)[..., None], feats)
     S = ids.shape[1]
     kw = dict(config=decoder.config, inputs_embeds=h, attention_mask=None, past_key_values=None,
               position_ids=torch.arange(S)[None])
@@ -266,6 +270,10 @@ def test_load_process_and_chat_end_to_end(tokenizers, tmp_path):
     want = int(gemma.model.logits(**inputs)[0, -1].argmax())
     reply = gemma.chat(messages, max_new_tokens=2)
     assert reply.prompt_tokens == ids.numel() and reply.token_ids[0] == want
+    # the image budget when none is asked is the checkpoint's vision_config num_soft_tokens (70 for
+    # mini; a config without it, as transformers writes Gemma 4's, means Gemma 4's 280)
+    assert gemma.image_budget == d["vision_config"]["num_soft_tokens"] == 70
+    assert n_img == 60  # 60 x 90 px at budget 70: 6 x 10 patches of 48 (280 would give 13 x 20)
 
 
 def test_build_from_a_gemma3_checkpoint(tmp_path):
@@ -285,3 +293,41 @@ def test_build_from_a_gemma3_checkpoint(tmp_path):
     vision = lambda m: m.model.embed_vision.patch_dense.weight  # noqa: E731
     assert torch.equal(vision(a), vision(b)) and not torch.equal(vision(a), vision(c))
     assert a.config.vision.mm_embed_dim == a.config.text.hidden_size and a.config.image_token_id == 258880
+
+
+def test_trained_checkpoint_folds_in_the_embedders_and_the_adapter(tmp_path):
+    """weights/mini.py `trained_checkpoint`: a `finetune --train-full media` output (embedders whole
+    + the decoder's adapter) over a (tiny) Gemma 3 base becomes a checkpoint whose forward on an
+    image prompt equals the untrained model with those embedders loaded and the adapter unmerged."""
+    from unigemma.finetune.full import FULL_FILE, load_full_weights, save_full_weights
+    from unigemma.lora import LoraConfig, add_lora, load_adapter, save_adapter
+    from unigemma.models import gemma3
+    from unigemma.weights.mini import build_mini_model, trained_checkpoint
+
+    d = {**gemma3.tiny_config(), "vocab_size": 262144}
+    base = gemma3.Gemma3ForCausalLM(ModelConfig.from_dict(d))
+    randomize_reference(base, seed=5)
+    save_checkpoint(base.eval(), d, tmp_path / "base")
+    trained, _ = build_mini_model(tmp_path / "base", seed=3)  # other embedders than seed 0's
+    config = LoraConfig(r=2, alpha=4)
+    for p in add_lora(trained, config):
+        torch.nn.init.normal_(p, std=0.2)  # B too: a nonzero update
+    (tmp_path / "run").mkdir()
+    save_adapter(trained, tmp_path / "run", config)
+    save_full_weights({n: trained.get_submodule(n) for n in ("model.embed_vision", "model.embed_audio")},
+                      tmp_path / "run")
+    assert (tmp_path / "run" / FULL_FILE).is_file()
+
+    out = trained_checkpoint(tmp_path / "run", tmp_path / "out", base=tmp_path / "base")
+    got = unigemma.load_model(out, dtype="float32", pack=False)
+    want, _ = build_mini_model(tmp_path / "base")
+    load_full_weights(want, tmp_path / "run")
+    load_adapter(want, tmp_path / "run")
+    ids = torch.tensor([[2, 17, 255999] + [258880] * 12 + [258882, 60, 61]])
+    types = (ids == 258880).long()
+    pixels, positions = patches([GRID], 16, torch.Generator().manual_seed(2))
+    kw = dict(mm_token_type_ids=types, pixel_values=pixels, image_position_ids=positions)
+    a, b = got.logits(ids, **kw), want.eval().logits(ids, **kw)
+    assert (a - b).abs().max() < 1e-4 * b.abs().max()
+    untrained, _ = build_mini_model(tmp_path / "base")
+    assert not torch.allclose(untrained.eval().logits(ids, **kw), b, atol=1e-3)

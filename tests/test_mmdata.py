@@ -203,3 +203,39 @@ def test_score_per_kind_and_confusion():
     assert sm["colour"] == {"n": 3, "accuracy": 0.3333, "target": 0.95, "met": False}
     assert "target" not in sm["description"]
     assert normalize('  "Seven."  ') == "seven" and normalize("7") != normalize("seven")
+
+
+def test_conversations_ask_what_the_meta_answers(small):
+    """conversations.py: the item's own turn first, then questions whose answers are read from its
+    meta (count, each shape's colour, each colour's shape; beeps and pitch of a tone), none of the
+    first question's kind, all true to the picture / tone the item was made from."""
+    import random
+
+    from bench.mmdata.conversations import conversation, questions
+
+    _, recs = small
+    seen = 0
+    for r in recs["train"]:
+        c = conversation(r, random.Random(0), max_extra=4)
+        assert c["messages"][:2] == r["messages"]
+        extra = c["messages"][2:]
+        assert [m["role"] for m in extra] == ["user", "assistant"] * (len(extra) // 2) and len(extra) <= 8
+        answers = {q: a for _, q, a in questions(r)}
+        for q, a in zip(extra[::2], extra[1::2]):
+            assert answers[q["content"]] == a["content"]
+            seen += 1
+        m = r["meta"]
+        if r["kind"] in ("beeps", "pitch"):
+            want = {"How many beeps are there?": str(m["count"]),
+                    "Is the tone high or low?": "high" if m["hz"] >= vocab.HIGH_HZ[0] else "low"}
+            assert answers == want
+            assert (r["answer"] == want["How many beeps are there?"] if r["kind"] == "beeps"
+                    else r["answer"] == want["Is the tone high or low?"])
+        elif r["kind"] == "count":
+            assert answers["How many shapes are there?"] == r["answer"] == str(len(m["pairs"]))
+            assert not any(q["content"].startswith("How many") for q in extra[::2])  # not its own kind again
+        elif r["kind"] in ("colour", "shape") and len(m["pairs"]) == 1:
+            colour, shape = m["pairs"][0]
+            assert answers.get("What colour is the shape?", colour) == colour
+            assert answers.get(f"What shape is the {colour} one?", shape) == shape
+    assert seen > len(recs["train"])  # more than one extra answer per item on average

@@ -472,7 +472,8 @@ def _chat_flags(p) -> None:
     p.add_argument("--tokenizer", help="tokenizer directory or .gguf (default: the checkpoint's)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--think", action="store_true", help="enable thinking")
-    p.add_argument("--image-budget", type=int, default=280, choices=[70, 140, 280, 560, 1120], help="soft tokens per image")
+    p.add_argument("--image-budget", type=int, choices=[70, 140, 280, 560, 1120],
+                   help="soft tokens per image (default: the model's, 280 for Gemma 4, 70 for unigemma-mini)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=64, help="0 = off")

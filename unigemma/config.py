@@ -202,10 +202,12 @@ class VisionConfig:
     output_proj_dims: int = 3840
     rms_norm_eps: float = 1e-6
     model_patch_size: int | None = None  # derived; checked when present
+    num_soft_tokens: int = 280  # the default image budget (soft tokens per image) the model was made for
 
     def __post_init__(self):
         w = "vision_config"
-        for name in ("patch_size", "pooling_kernel_size", "mm_embed_dim", "mm_posemb_size", "output_proj_dims"):
+        for name in ("patch_size", "pooling_kernel_size", "mm_embed_dim", "mm_posemb_size", "output_proj_dims",
+                     "num_soft_tokens"):
             v = getattr(self, name)
             check(isinstance(v, int) and v > 0, w, f"{name} must be a positive integer, got {v!r}")
         derived = self.patch_size * self.pooling_kernel_size

@@ -168,6 +168,13 @@ class Gemma:
     def config(self):
         return self.model.config
 
+    @property
+    def image_budget(self) -> int:
+        """Soft tokens per image when a call names none: the checkpoint's vision_config
+        num_soft_tokens (the 12B's 280; unigemma-mini was trained at 70)."""
+        vision = self.model.config.vision
+        return vision.num_soft_tokens if vision is not None else 280
+
     def logits(self, *args, **kwargs) -> torch.Tensor:
         """The reference forward; see `CausalLM.logits` (models/base.py)."""
         return self.model.logits(*args, **kwargs)
@@ -188,7 +195,7 @@ class Gemma:
 
         set_adapter(self.model, name)
 
-    def processor(self, image_budget: int = 280, max_len: int | None = None,
+    def processor(self, image_budget: int | None = None, max_len: int | None = None,
                   limits: ProcessingLimits | None = None) -> Processor:
         """A Processor for this checkpoint. max_len: the context prompts must fit, with room for a
         reply (default the model's); a prompt sure to exceed it is refused before media are
@@ -197,12 +204,12 @@ class Gemma:
             raise InputError("this checkpoint has no tokenizer.json: pass tokenizer='path/to/tokenizer-dir' "
                              "or a .gguf file to unigemma.load")
         context = self.model.config.text.max_position_embeddings
-        return Processor(self.tokenizer, self.template.source, image_budget=image_budget,
+        return Processor(self.tokenizer, self.template.source, image_budget=image_budget or self.image_budget,
                          max_len=min(max_len or context, context),
                          limits=limits)
 
     def inputs(self, messages: Any, *, tools: list[dict] | None = None, enable_thinking: bool = False,
-               image_budget: int = 280) -> ModelInputs:
+               image_budget: int | None = None) -> ModelInputs:
         """The model inputs for a conversation: what the reference processor returns."""
         return self.processor(image_budget)(messages, tools=tools, enable_thinking=enable_thinking)
 
@@ -225,14 +232,14 @@ class Gemma:
         return self.inputs(messages, tools=tools, enable_thinking=enable_thinking, image_budget=image_budget)
 
     def stream(self, messages: list[dict], *, tools: list[dict] | None = None, enable_thinking: bool = False,
-               image_budget: int = 280, params: SamplingParams | None = None,
+               image_budget: int | None = None, params: SamplingParams | None = None,
                session: Session | None = None) -> Iterator[Delta]:
         """Reply deltas (content, reasoning, tool calls); the last carries finish_reason and timings."""
         inputs = self._prepare(messages, tools, enable_thinking, image_budget)
         return self.engine.stream(inputs, params or self.default_params, session)
 
     def chat(self, messages: list[dict], *, tools: list[dict] | None = None, enable_thinking: bool = False,
-             max_new_tokens: int | None = None, image_budget: int = 280, params: SamplingParams | None = None,
+             max_new_tokens: int | None = None, image_budget: int | None = None, params: SamplingParams | None = None,
              session: Session | None = None) -> ChatReply:
         """The whole reply to one conversation. Sampling follows the checkpoint's
         generation_config.json unless `params` says otherwise (greedy when it has none)."""

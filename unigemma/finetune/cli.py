@@ -31,7 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights and activations (adapters are float32); default bfloat16")
     p.add_argument("--quantize", help="QLoRA: the frozen base as int8 or int4 (or a scheme: int8-g32, int4-g128)")
     p.add_argument("--max-len", type=int, default=2048, help="longer examples are skipped and counted (default 2048)")
-    p.add_argument("--image-budget", type=int, default=280, help="soft tokens per image (70/140/280/560/1120)")
+    p.add_argument("--image-budget", type=int, help="soft tokens per image (70/140/280/560/1120; default: the model's)")
+    p.add_argument("--train-full", metavar="MODULES",
+                   help="modules trained whole beside the adapters: 'media' (the image and audio embedders, e.g. "
+                        "untrained ones) or comma-separated module paths; saved as full_weights.safetensors")
+    p.add_argument("--full-lr", type=float, help="learning rate of --train-full's weights (default: --lr)")
     p.add_argument("--resume", action="store_true", help="continue from the latest --out/checkpoint-*")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     for f in fields(TrainArgs):
@@ -54,7 +58,7 @@ def main(args: argparse.Namespace) -> None:
     result = train(args.model, args.data, args.out, eval=args.eval, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                    lora_dropout=args.lora_dropout, rslora=args.rslora, targets=args.targets, dtype=args.dtype,
                    quantize=args.quantize, max_len=args.max_len, image_budget=args.image_budget,
-                   tokenizer=args.tokenizer, resume=args.resume, progress=not args.quiet, **train_args)
+                   tokenizer=args.tokenizer, train_full=args.train_full, full_lr=args.full_lr, resume=args.resume, progress=not args.quiet, **train_args)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
         return
     last = f"loss {result.losses[-1]:.4f}" if result.losses else "no step run"

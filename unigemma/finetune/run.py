@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from . import distributed
+from . import distributed, full
 from .data import Dataset, load_jsonl
 from .train import QUANT_NAMES, TrainArgs, Trainer
 
@@ -63,9 +63,12 @@ def prepare(model, lora_config, seed: int = 0) -> list[torch.nn.Parameter]:
 def train(model: str | Path, data: str | Path, out: str | Path, *, eval: str | Path | None = None,
           lora_r: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0, rslora: bool = False,
           targets: str | list[str] | None = None, dtype: str = "bfloat16", quantize: str | None = None,
-          max_len: int = 2048, image_budget: int = 280, tokenizer: str | None = None,
+          max_len: int = 2048, image_budget: int | None = None, tokenizer: str | None = None,
+          train_full: str | None = None, full_lr: float | None = None,
           resume: bool = False, progress: bool = True, **train_args) -> Result:
-    """Fine-tune `model` on `data`; the adapter lands in `out`. train_args: `TrainArgs` fields."""
+    """Fine-tune `model` on `data`; the adapter lands in `out`. train_args: `TrainArgs` fields.
+    train_full: modules trained whole beside the adapters (full.py; "media": the embedders), at
+    `full_lr` (default: the adapters' lr), saved as full_weights.safetensors in `out`."""
     import unigemma
     from ..lora import DEFAULT_TARGETS, LoraConfig, save_adapter
     from ..lora.config import parse_targets
@@ -89,6 +92,12 @@ def train(model: str | Path, data: str | Path, out: str | Path, *, eval: str | P
         config = LoraConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, use_rslora=rslora,
                             target_modules=targets or DEFAULT_TARGETS, base_model=str(model))
         params = prepare(gemma.model, config, args.seed)
+        whole = full.resolve(gemma.model, train_full) if train_full else {}
+        whole_params = full.make_trainable(whole)
+        groups = [{"params": params}] + ([{"params": whole_params, "lr": full_lr or args.lr}] if whole else [])
+        params = params + whole_params
+        if whole and dist.fsdp:
+            raise InputError("--train-full is not supported with --fsdp (the whole modules are not sharded)")
         if dist.fsdp:
             params = dist.shard(gemma.model, params)
         progress = progress and dist.is_main
@@ -100,14 +109,20 @@ def train(model: str | Path, data: str | Path, out: str | Path, *, eval: str | P
             print(f"{len(train_data)} examples ({train_data.trained_tokens} trained tokens"
                   + (f", {train_data.skipped['too_long']} longer than --max-len {max_len} skipped"
                      if train_data.skipped else "") + f"); LoRA r={lora_r} on {len(params) // 2} modules, "
-                  f"{n:,} trainable parameters; {dtype}" + (f", base {quant}" if quant else ""), file=sys.stderr)
+                  f"{n:,} trainable parameters" + (f" ({', '.join(whole)} in full)" if whole else "")
+                  + f"; {dtype}" + (f", base {quant}" if quant else ""), file=sys.stderr)
         out = Path(out)
         if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
         tok = gemma.tokenizer
         pad = tok.pad_id if tok.pad_id is not None else tok.eos_ids[0]
-        trainer = Trainer(gemma.model, params, train_data, pad, args, eval_data, out,
-                          save=lambda m, d: save_adapter(m, d, config), progress=progress, dist=dist)
+
+        def save(m, d):
+            save_adapter(m, d, config)
+            if whole:
+                full.save_full_weights(whole, d)
+        trainer = Trainer(gemma.model, params, train_data, pad, args, eval_data, out, save=save,
+                          progress=progress, dist=dist, groups=groups)
         if resume:
             where = trainer.resume()
             if progress:
@@ -118,11 +133,12 @@ def train(model: str | Path, data: str | Path, out: str | Path, *, eval: str | P
             trainer.checkpoint()  # the last step too, so --resume can extend the run
         with dist.gathered():
             if dist.is_main:
-                save_adapter(gemma.model, out, config)
+                save(gemma.model, out)
         if dist.is_main:
             (out / "training_args.json").write_text(json.dumps(
                 {"model": str(model), "data": str(data), "lora_r": lora_r, "lora_alpha": lora_alpha,
                  "lora_dropout": lora_dropout, "rslora": rslora, "dtype": dtype, "quantize": quant,
-                 "max_len": max_len, **{f.name: getattr(args, f.name) for f in fields(TrainArgs)}}, indent=2))
+                 "max_len": max_len, "train_full": train_full, "full_lr": full_lr,
+                 **{f.name: getattr(args, f.name) for f in fields(TrainArgs)}}, indent=2))
         return Result(out, trainer.losses, trainer.eval_losses, dict(train_data.skipped), trainer.step,
                       sum(p.numel() for p in params))

@@ -138,13 +138,16 @@ def text_config_of(gemma3_config: dict) -> dict:
     return {k: v for k, v in gemma3_config.items() if k not in ("model_type", "use_bidirectional_attention")}
 
 
-def mini_config(text_config: dict, mm_posemb_size: int = 1120) -> dict:
+def mini_config(text_config: dict, mm_posemb_size: int = 1120, num_soft_tokens: int = 70) -> dict:
     """A unigemma_mini config.json around a Gemma 3 text config: the embedders as the 12B has
-    them (48-px patches, 640-sample frames), their width the decoder's, Gemma 4's token ids."""
+    them (48-px patches, 640-sample frames), their width the decoder's, Gemma 4's token ids.
+    num_soft_tokens: the default image budget (the smallest of Gemma 4's five, 8 x 8 patches
+    for a square picture: what the shipped model was trained at)."""
     width = text_config.get("hidden_size", MiniTextConfig.hidden_size)
     return {"model_type": "unigemma_mini", "text_config": dict(text_config),
             "vision_config": dict(patch_size=16, pooling_kernel_size=3, mm_embed_dim=width,
-                                  output_proj_dims=width, mm_posemb_size=mm_posemb_size),
+                                  output_proj_dims=width, mm_posemb_size=mm_posemb_size,
+                                  num_soft_tokens=num_soft_tokens),
             "audio_config": dict(audio_embed_dim=640),
             **{k: getattr(ModelConfig, k) for k in gemma4.MEDIA_TOKEN_KEYS}}
 

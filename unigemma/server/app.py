@@ -112,7 +112,8 @@ class Served:
             raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                            "authentication_error", code="invalid_api_key")
 
-    def processor(self, budget: int):
+    def processor(self, budget: int | None = None):
+        budget = budget or self.gemma.image_budget  # none asked: the model's own
         if budget not in self._processors:
             self._processors[budget] = self.gemma.processor(budget, max_len=self.scheduler.max_len)
         return self._processors[budget]

@@ -80,5 +80,5 @@ def _plan(body: ChatRequest, limits: convert.Limits, grammars: Grammars, process
         first = None
     # one compiled grammar, copied per choice (each copy keeps its own state)
     constraints = [first] + [first.copy() if first else None for _ in range(body.n - 1)]
-    inputs = processor(body.image_budget or 280)(messages, tools=tools, enable_thinking=enable_thinking)
+    inputs = processor(body.image_budget)(messages, tools=tools, enable_thinking=enable_thinking)
     return inputs, constraints

@@ -167,7 +167,7 @@ class ChatRequest(_Sampling):
     chat_template_kwargs: Optional[dict[str, Any]] = None
     reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = None
     image_budget: Optional[Literal[70, 140, 280, 560, 1120]] = Field(
-        default=None, description="extension: soft tokens per image (default 280)")
+        default=None, description="extension: soft tokens per image (default: the model's, 280 for Gemma 4)")
 
 
 class CompletionRequest(_Sampling):

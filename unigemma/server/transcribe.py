@@ -168,7 +168,7 @@ def split(samples: np.ndarray, max_samples: int) -> list[tuple[int, int]]:
 
 def prepare(served, data: bytes, task: Task) -> Job:
     """Price, decode, cut, and build each segment's inputs (a worker thread)."""
-    processor = served.processor(280)
+    processor = served.processor()
     max_len, reply = served.scheduler.max_len, min(served.config.max_tokens_default, MAX_REPLY_TOKENS)
     # the prompt around the audio: the inputs for one token of audio, less that token
     around = processor(task.messages(np.zeros(SAMPLES_PER_TOKEN, np.float32)))["input_ids"].shape[1] - 1
