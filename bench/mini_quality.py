@@ -2,7 +2,7 @@
 of the quantized forwards with float32 on held-out conversations, and the decoder's prose
 perplexity against the Gemma 3 270M it was built on. One JSON line.
 
-    python -m bench.mini_quality --data data/mm/heldout.jsonl [--model mini] [--per-kind 200]
+    python -m bench.mini_quality --data data/mm/heldout.jsonl --model runs/mini/model [--per-kind 200]
         [--quant-per-kind 50] [--agree-per-kind 10] [--prose-tokens 2048]
 
 - accuracy: bench/mmdata/predict.py (greedy, exact match after score.py's normalisation);
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     from unigemma.weights.mini import default_base
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="mini")
+    p.add_argument("--model", required=True,
+                   help="a trained mini checkpoint (python -m unigemma.weights.mini OUT --trained RUN_DIR)")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--per-kind", type=int, default=200, help="float32 accuracy: items per kind")
     p.add_argument("--quant-per-kind", type=int, default=50, help="int8 / int4 accuracy: items per kind")

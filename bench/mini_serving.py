@@ -1,7 +1,7 @@
 """unigemma-mini on multimodal prompts: speculative decoding with the shipped MTP drafter, and
 prefix reuse in the server. One JSON line.
 
-    python -m bench.mini_serving --data data/mm/heldout.jsonl [--model mini] [--items 24]
+    python -m bench.mini_serving --data data/mm/heldout.jsonl --model runs/mini/model [--items 24]
 
 - drafting: held-out description and spoken-number items (the kinds with multi-token answers),
   greedy, with and without `--draft gemma-3-270m --draft-tokens 4` (trained by self-distillation on the plain
@@ -92,7 +92,8 @@ def prefix_reuse(model: str, records: list[dict], data: Path, dtype: str) -> dic
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="mini")
+    p.add_argument("--model", required=True,
+                   help="a trained mini checkpoint (python -m unigemma.weights.mini OUT --trained RUN_DIR)")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--items", type=int, default=24, help="items per part")
     p.add_argument("--dtype", default="float32")

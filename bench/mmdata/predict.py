@@ -1,6 +1,6 @@
 """A model's answers to a held-out set, scored: predictions.jsonl and one JSON line of accuracies.
 
-    python -m bench.mmdata.predict --model mini --data data/mm/heldout.jsonl --out preds.jsonl
+    python -m bench.mmdata.predict --model runs/mini/model --data data/mm/heldout.jsonl --out preds.jsonl
         [--per-kind 200] [--kinds colour,digit] [--dtype float32] [--quant int8] [--batch 16]
 
 Each item's user turn (media + question) goes through the model's own processor and chat
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     import unigemma
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="a checkpoint directory or a shipped name (mini)")
+    p.add_argument("--model", required=True,
+                   help="a checkpoint directory (a trained mini: python -m unigemma.weights.mini OUT --trained RUN)")
     p.add_argument("--data", type=Path, required=True, help="heldout.jsonl of bench.mmdata.generate")
     p.add_argument("--out", type=Path, help="write predictions.jsonl here")
     p.add_argument("--per-kind", type=int, help="the first N items of each kind (default: all)")

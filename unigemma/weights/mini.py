@@ -112,6 +112,8 @@ def trained_checkpoint(trained: str | Path, out: str | Path, base: str | Path | 
     trained, out = Path(trained), Path(out)
     if not (trained / FULL_FILE).is_file():
         raise CheckpointError(f"{trained}: no {FULL_FILE} (train with `unigemma finetune --train-full media`)")
+    if out.exists():
+        raise CheckpointError(f"{out} exists: write the trained checkpoint to a new directory")
     base = Path(base) if base is not None else default_base()
     model, cfg_dict = build_mini_model(base)
     load_full_weights(model, trained)
