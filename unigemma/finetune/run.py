@@ -93,13 +93,14 @@ def train(model: str | Path, data: str | Path, out: str | Path, *, eval: str | P
                             target_modules=targets or DEFAULT_TARGETS, base_model=str(model))
         params = prepare(gemma.model, config, args.seed)
         whole = full.resolve(gemma.model, train_full) if train_full else {}
-        whole_params = full.make_trainable(whole)
-        groups = [{"params": params}] + ([{"params": whole_params, "lr": full_lr or args.lr}] if whole else [])
-        params = params + whole_params
         if whole and dist.fsdp:
             raise InputError("--train-full is not supported with --fsdp (the whole modules are not sharded)")
         if dist.fsdp:
-            params = dist.shard(gemma.model, params)
+            params = dist.shard(gemma.model, params)  # the sharded parameters replace the adapters'
+        whole_params = full.make_trainable(whole)
+        # the whole modules train at their own lr; built after sharding, so the groups hold the live tensors
+        groups = [{"params": params}, {"params": whole_params, "lr": full_lr or args.lr}] if whole else None
+        params = params + whole_params
         progress = progress and dist.is_main
         processor = gemma.processor(image_budget=image_budget)
         train_data = load_jsonl(data, processor, max_len, progress)
