@@ -272,6 +272,8 @@ def test_train_full_trains_saves_and_resumes_the_embedders(checkpoint, data_file
         resolve(fresh.model, "model.nowhere")
     assert main(["finetune", "--model", str(checkpoint), "--data", str(data_file), "--out", str(tmp_path / "x"),
                  "--train-full", "model.nowhere", "--quiet"]) == 2
+    assert main(["finetune", "--model", str(checkpoint), "--data", str(data_file), "--out", str(tmp_path / "y"),
+                 "--train-full", "media", "--full-lr", "0", "--quiet"]) == 2
 
 
 def test_media_examples_are_re_encoded_not_kept(checkpoint, data_file):

@@ -78,6 +78,8 @@ def train(model: str | Path, data: str | Path, out: str | Path, *, eval: str | P
     if unknown:
         raise InputError(f"unknown training options: {', '.join(sorted(unknown))}")
     args = TrainArgs(**train_args)
+    if full_lr is not None and not full_lr > 0:
+        raise InputError(f"--full-lr must be positive, got {full_lr}")
     if isinstance(targets, str):
         try:
             targets = parse_targets(targets)
