@@ -164,6 +164,7 @@ def test_long_text_is_refused_before_rendering_or_tokenizing(tok, monkeypatch):
     monkeypatch.setattr(tok, "encode", boom)
     monkeypatch.setattr(chat, "render", boom)
     text = "hello world " * (31_000_000 // 12)
+    cost.longest_token_chars(tok)  # once per tokenizer (reads the vocabulary: ~0.3 s), not per request
     t0 = time.process_time()
     with pytest.raises(InputError, match=r"^messages: the prompt is at least"):
         processor([{"role": "user", "content": text}])
