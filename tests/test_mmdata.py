@@ -2,6 +2,7 @@
 held-out split disjoint from training on its axes, answers consistent with what was drawn or
 played, the files loadable by the fine-tuning trainer, and the per-kind scorer."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -239,3 +240,18 @@ def test_conversations_ask_what_the_meta_answers(small):
             assert answers.get("What colour is the shape?", colour) == colour
             assert answers.get(f"What shape is the {colour} one?", shape) == shape
     assert seen > len(recs["train"])  # more than one extra answer per item on average
+
+
+def test_the_patch_layernorm_keeps_only_the_hue_of_a_uniform_patch(capsys):
+    from bench.mmdata import patch_colours
+
+    def cos(a, b):
+        return float(patch_colours.interior(a) @ patch_colours.interior(b)) / patch_colours.PATCH_VALUES
+
+    assert cos((255, 140, 0), (130, 80, 30)) > 0.99  # orange and brown: one hue
+    assert cos((220, 30, 30), (30, 70, 220)) < 0  # red and blue apart
+    assert cos((12, 5, 20), (5, 20, 12)) < 0  # two near-blacks: their jitter's hues, nothing of black
+    patch_colours.main(["--draws", "20"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["taken_for"]["red"] == {"red": 10} and out["taken_for"]["cyan"] == {"cyan": 10}
+    assert out["taken_for"]["black"].get("black", 0) < 5 and out["nearest_centroid_accuracy"] < 0.9

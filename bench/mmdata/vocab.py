@@ -11,7 +11,9 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-# name -> RGB; hues far apart so a named colour is unambiguous after small jitter.
+# name -> RGB. In a shape's interior the image embedder's first LayerNorm keeps only the hue
+# (patch_colours.py): black, white and gray become the jitter's random hue there, orange and
+# brown one hue; they differ only where the shape meets its background.
 COLOURS = {
     "red": (220, 30, 30), "orange": (255, 140, 0), "yellow": (250, 220, 20), "green": (30, 160, 50),
     "blue": (30, 70, 220), "purple": (130, 40, 170), "pink": (255, 120, 190), "brown": (130, 80, 30),

@@ -1,0 +1,128 @@
+"""Does unigemma-mini's media path learn? A short run on one question category, scored as it goes.
+
+    python -m bench.mini_probe --model runs/mini/base --data runs/mini/data --category colour \
+        --single --steps 150 --eval-every 50
+
+The full recipe (bench/mini_train.py) takes ~45 minutes before its held-out answers say anything;
+this asks one question category (bench/mmdata/conversations.py `questions`: colour, shape, count,
+beeps, pitch) of the items of `--data`, one question per item, and trains the embedders in full and
+LoRA on the decoder as `unigemma finetune --train-full media` does (AdamW, constant lr, no
+warmup). Every `--eval-every` steps it scores `--eval-n` held-out items by ranking the category's
+answers by their first token's logit after the question (one forward an item, no generation;
+chance is one over the number of answers). Prints one JSON line per evaluation.
+
+It is its own loop, not the trainer's, to score during the run; the pieces are the trainer's
+(`encode_line`, `collate`, `hidden_states`, `label_loss`, `prepare`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.mmdata.conversations import questions  # noqa: E402
+
+
+def one_question(path: Path, category: str, single: bool) -> list[dict]:
+    """Each item of `path` asked its `category` questions (one record each); single: pictures of one shape only."""
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if single and "pairs" in r["meta"] and len(r["meta"]["pairs"]) != 1:
+            continue
+        media = [x for x in r["messages"][0]["content"] if x["type"] != "text"]
+        out += [{"answer": a, "messages": [{"role": "user", "content": media + [{"type": "text", "text": q}]},
+                                           {"role": "assistant", "content": a}]}
+                for cat, q, a in questions(r) if cat == category]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import unigemma
+    from unigemma.finetune.data import collate, encode_line
+    from unigemma.finetune.full import make_trainable, resolve
+    from unigemma.finetune.labels import IGNORE
+    from unigemma.finetune.loss import hidden_states, label_loss
+    from unigemma.finetune.run import prepare
+    from unigemma.lora import LoraConfig
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, required=True, help="an untrained mini checkpoint (weights/mini.py)")
+    p.add_argument("--data", type=Path, required=True, help="bench/mmdata output: train.jsonl, heldout.jsonl")
+    p.add_argument("--category", required=True, choices=("colour", "shape", "count", "beeps", "pitch"))
+    p.add_argument("--single", action="store_true", help="pictures of one shape only")
+    p.add_argument("--image-budget", type=int, default=None, help="default: the checkpoint's (mini: 70)")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--full-lr", type=float, default=1e-3, help="the embedders'")
+    p.add_argument("--lr", type=float, default=3e-4, help="the adapter's")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--eval-n", type=int, default=60)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    gemma = unigemma.load(args.model, dtype="float32", fast=False, exact=True)
+    model, processor, tok = gemma.model, gemma.processor(image_budget=args.image_budget), gemma.tokenizer
+    adapter = prepare(model, LoraConfig(r=args.lora_r, alpha=2 * args.lora_r), args.seed)
+    embedders = make_trainable(resolve(model, "media"))
+    opt = torch.optim.AdamW([{"params": embedders, "lr": args.full_lr}, {"params": adapter, "lr": args.lr}],
+                            weight_decay=0.0)
+    train = one_question(args.data / "train.jsonl", args.category, args.single)
+    held = one_question(args.data / "heldout.jsonl", args.category, args.single)
+    random.Random(args.seed).shuffle(held)
+    held = held[:args.eval_n]
+    answers = sorted({r["answer"] for r in train + held})
+    first = {tok.encode(a, add_special_tokens=False)[0]: a for a in answers}
+    if len(first) != len(answers):
+        raise SystemExit(f"{args.category}: answers share a first token, ranking cannot tell them apart")
+    candidates = torch.tensor(list(first))
+
+    def encode(r):
+        return encode_line(processor, r, args.data, "probe")
+
+    @torch.no_grad()
+    def accuracy() -> float:
+        right = 0
+        for r in held:
+            b = collate([encode(r)], 0)
+            labels = b.labels[0]
+            at = int((labels != IGNORE).nonzero()[0]) - 1  # the position that predicts the answer
+            logits = model.output(hidden_states(model, b.inputs)[0, at])
+            right += first[int(candidates[logits[candidates].argmax()])] == r["answer"]
+        return right / len(held)
+
+    def report(step, losses, t0):
+        print(json.dumps({"category": args.category, "single": args.single, "image_budget": processor.image_budget,
+                          "step": step,
+                          "train_loss": round(sum(losses) / len(losses), 3) if losses else None,
+                          "heldout_accuracy": round(accuracy(), 3), "heldout_items": len(held),
+                          "chance": round(1 / len(answers), 3), "seconds": round(time.time() - t0)}), flush=True)
+
+    rng, t0, losses = random.Random(args.seed), time.time(), []
+    report(0, losses, t0)
+    for step in range(1, args.steps + 1):
+        batch = collate([encode(r) for r in rng.sample(train, args.batch_size)], 0)
+        total, n = label_loss(model, hidden_states(model, batch.inputs), batch.labels)
+        opt.zero_grad()
+        (total / n).backward()
+        opt.step()
+        losses.append(float(total.detach()) / n)
+        if step % args.eval_every == 0:
+            model.eval()
+            report(step, losses[-args.eval_every:], t0)
+            model.train()
+
+
+if __name__ == "__main__":
+    main()
