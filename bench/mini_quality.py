@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     agree_on = select(records, args.agree_per_kind, None)
     processor = ref.processor()
     out["float32_on_quant_items"] = summary(score(quick, preds))  # the same items as the quantized runs
-    for scheme in args.schemes.split(","):
+    for scheme in filter(None, args.schemes.split(",")):  # --schemes "": float32 only
         q = unigemma.load(args.model, dtype="float32", quant=scheme)
         out[scheme] = {"heldout": summary(score(quick, predict(q, quick, args.data, progress=True))),
                        **agreement(ref.model, q.model, processor, agree_on, args.data)}

@@ -255,3 +255,20 @@ def test_the_patch_layernorm_keeps_only_the_hue_of_a_uniform_patch(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["taken_for"]["red"] == {"red": 10} and out["taken_for"]["cyan"] == {"cyan": 10}
     assert out["taken_for"]["black"].get("black", 0) < 5 and out["nearest_centroid_accuracy"] < 0.9
+
+
+def test_alignment_targets_share_each_patch_between_its_shapes_and_the_background():
+    from bench.mini_align import coverage
+
+    # a square (side 2 x 0.85 r) drawn at 96 px, 96 px a side once scaled to the 192 px the
+    # processor gives, centred in the picture: it fills exactly the four centre patches
+    meta = {"pairs": [["red", "square"]], "spots": [[48.0, 48.0, 96 / 1.7 / 2]]}
+    shares = coverage(meta, 96, (192, 192))
+    assert shares.shape == (16, 2)
+    np.testing.assert_allclose(shares.sum(1), 1, atol=1e-6)
+    covered = shares[:, 0].reshape(4, 4)
+    np.testing.assert_allclose(covered[1:3, 1:3], 1, atol=0.05)  # the four centre patches
+    assert covered[0].max() < 0.05 and covered[3].max() < 0.05  # the outer ring: background
+    two = coverage({"pairs": [["red", "circle"], ["blue", "star"]], "spots": [[24, 24, 20], [72, 72, 20]]},
+                   96, (192, 192))
+    assert two.shape == (16, 3) and two[0, 0] > 0.3 and two[0, 1] == 0 and two[15, 1] > 0.1 and two[15, 0] == 0
