@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -106,16 +105,16 @@ def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> None:
     import unigemma
-    from unigemma.weights.save import SIDE_FILES, save_checkpoint
+    from unigemma.weights.save import copy_side_files, save_checkpoint
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="an untrained mini checkpoint (weights/mini.py)")
     p.add_argument("--data", type=Path, required=True, help="bench/mmdata output (train.jsonl, manifest.json)")
     p.add_argument("--out", type=Path, required=True, help="the aligned checkpoint directory to write")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch", type=int, default=32, help="pictures (or clips) a step")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch", type=int, default=32, help="pictures a step")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--limit", type=int, default=None, help="use the first N pictures / clips of each kind")
+    p.add_argument("--limit", type=int, default=None, help="use the first N training pictures")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -157,9 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = json.loads((args.model / "config.json").read_text())
     cfg["vision_config"]["num_soft_tokens"] = BUDGET  # the budget the embedders were aligned at
     save_checkpoint(model.eval(), cfg, args.out)
-    for name in SIDE_FILES:
-        if (args.model / name).is_file():
-            shutil.copy(args.model / name, args.out / name)
+    copy_side_files(args.model, args.out)
     print(json.dumps({"out": str(args.out)}))
 
 

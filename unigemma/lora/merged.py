@@ -10,12 +10,11 @@ tokenizer files, so `unigemma.load` and transformers read it like the original.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from ..config import stored_dtype
 from ..errors import CheckpointError
-from ..weights.save import SIDE_FILES, save_checkpoint
+from ..weights.save import copy_side_files, save_checkpoint
 from .inject import merge
 from .peft import load_adapter
 
@@ -39,7 +38,5 @@ def save_merged(model_path: str | Path, adapter: str | Path, out: str | Path, dt
     load_adapter(model, adapter)
     merge(model)
     save_checkpoint(model, {**config_dict, "dtype": str(model.dtype).removeprefix("torch.")}, out)
-    for name in SIDE_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
+    copy_side_files(src, out)
     return out

@@ -46,8 +46,6 @@ def save_quantized(src: str | Path, dst: str | Path, quant: str, dtype="bfloat16
     """Quantize checkpoint `src` (streamed: never the whole float model) into `dst`: the bits and
     scales in safetensors, the scheme in config.json's "quantization", tokenizer files copied.
     Loading `dst` then reads the quantized tensors as they are."""
-    import shutil
-
     from ..weights.loader import load_model
 
     src, dst = Path(src), Path(dst)
@@ -56,7 +54,17 @@ def save_quantized(src: str | Path, dst: str | Path, quant: str, dtype="bfloat16
     config_dict["quantization"] = model.quant_scheme.to_config()
     config_dict["dtype"] = str(model.dtype).removeprefix("torch.")
     save_checkpoint(model, config_dict, dst)
-    for name in SIDE_FILES:
-        if (src / name).is_file() and src != dst:
-            shutil.copyfile(src / name, dst / name)
+    copy_side_files(src, dst)
     return dst
+
+
+def copy_side_files(src: str | Path, dst: str | Path) -> None:
+    """Copy the `SIDE_FILES` checkpoint `src` has into `dst` (nothing when they are one directory)."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        return
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
