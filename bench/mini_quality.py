@@ -3,9 +3,10 @@ of the quantized forwards with float32 on held-out conversations, and the decode
 perplexity against the Gemma 3 270M it was built on. One JSON line.
 
     python -m bench.mini_quality --data data/mm/heldout.jsonl --model runs/mini/model [--per-kind 200]
-        [--quant-per-kind 50] [--agree-per-kind 10] [--prose-tokens 2048]
+        [--quant-per-kind 50] [--agree-per-kind 10] [--prose-tokens 2048] [--kinds colour,digit]
 
-- accuracy: bench/mmdata/predict.py (greedy, exact match after score.py's normalisation);
+- accuracy: bench/mmdata/predict.py (greedy, exact match after score.py's normalisation), with
+  a confusion table per kind on stderr;
 - agreement: each conversation with its gold answer, teacher-forced; the share of positions whose
   argmax equals float32's (every position: question, media block, answer);
 - perplexity: English prose from Python's standard-library docstrings (bench/quant_quality.py
@@ -26,7 +27,7 @@ import torch
 
 from bench.machine import machine
 from bench.mmdata.predict import predict, select
-from bench.mmdata.score import read_jsonl, score, summary
+from bench.mmdata.score import confusion_table, read_jsonl, score, summary
 
 
 @torch.no_grad()
@@ -79,14 +80,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--agree-per-kind", type=int, default=10, help="top-1 agreement: conversations per kind")
     p.add_argument("--prose-tokens", type=int, default=2048)
     p.add_argument("--schemes", default="int8,int4-g32")
+    p.add_argument("--kinds", help="comma-separated kinds (default: all twelve)")
     args = p.parse_args(argv)
     out = {"bench": "mini_quality", **machine(torch.get_num_threads())}
-    records = read_jsonl(args.data)
+    records = select(read_jsonl(args.data), None, args.kinds.split(",") if args.kinds else None)
     t0 = time.perf_counter()
     ref = unigemma.load(args.model, dtype="float32")
     full = select(records, max(args.per_kind, args.quant_per_kind), None)
     preds = predict(ref, full, args.data, progress=True)
-    out["float32"] = summary(score(select(full, args.per_kind, None), preds))
+    scores = score(select(full, args.per_kind, None), preds)
+    for kind, s in sorted(scores.items()):
+        print(f"## {kind}: {s.correct}/{s.n} = {s.accuracy:.1%}\n{confusion_table(s)}\n", file=sys.stderr)
+    out["float32"] = summary(scores)
     print(json.dumps({"float32": out["float32"]}), file=sys.stderr, flush=True)
     quick = select(records, args.quant_per_kind, None)
     agree_on = select(records, args.agree_per_kind, None)

@@ -4,8 +4,9 @@
 
 1. the data (bench/mmdata/generate.py, seed 0): 1,200 training and 200 held-out items of each of
    the 12 kinds; the last 8 training items of each kind are held back as the eval-loss set; each
-   item becomes a conversation asking up to 4 more questions its meta answers
-   (bench/mmdata/conversations.py: 36,755 trained answers over 14,304 conversations), mixed with
+   item becomes a conversation asking up to 4 more questions its meta answers and the conversation
+   has not already given away (bench/mmdata/conversations.py: 29,805 trained answers over 14,304
+   conversations; 36,755 before that rule, a third of them copyable from an earlier turn), mixed with
    800 paragraphs of plain English (`replay_text`: standard-library docstrings, none from the
    modules the prose perplexity is measured on), every token trained, to keep the decoder's text;
 2. the untrained checkpoint (weights/mini.py: Gemma 3 270M's decoder from the installed GGUF,

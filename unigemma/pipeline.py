@@ -27,6 +27,7 @@ from .generate.sampling import SamplingParams
 from .generate.speculative import DraftLength
 from .generate.stream import Delta, Timings
 from .inputs import ModelInputs
+from .mini import resolve as shipped
 from .models import family_of
 from .models.base import CausalLM
 from .processing.chat import Processor
@@ -70,7 +71,8 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
          lora: str | os.PathLike | None = None, tp=None) -> "Gemma":
     """Load a checkpoint directory, a GGUF file or a hub model id for chat and for the reference forward.
 
-    path: a local directory or .gguf, or "ORG/NAME" (optionally ":FILE.gguf" or ":QUANT", and
+    path: a local directory or .gguf, "mini" (unigemma-mini, shipped: unigemma/mini), or
+    "ORG/NAME" (optionally ":FILE.gguf" or ":QUANT", and
     "@REVISION"), fetched into the hub cache first (weights/hub.py; offline with HF_HUB_OFFLINE=1).
     The tokenizer and chat template come from the checkpoint (`tokenizer.json`,
     `chat_template.jinja`, or a GGUF file's own vocabulary) unless `tokenizer` names another
@@ -97,7 +99,7 @@ def load(path: str | os.PathLike, dtype="bfloat16", device="cpu", block_mask: st
     layer_dtypes(torch.float32, kv_cache_dtype, kv_quant_layers)  # a bad name fails before the weights load
     if chat_template is not None and not isinstance(chat_template, ChatTemplate):
         chat_template = from_file(chat_template, "chat_template=")  # before the weights: fail fast
-    path = resolve(path)
+    path = resolve(shipped(path))  # "mini": the shipped unigemma-mini (unigemma/mini)
     # fast: the CPU fast path, prepacked oneDNN weights (~2x faster decoding, models/packed.py),
     # packed as they load; fast=False keeps the plain modules (the tests' oracle)
     if tp is not None:

@@ -10,6 +10,12 @@ question and answer as its first turn, then up to `--max-extra` of those questio
 none of the first question's own kind), each a user turn with its assistant answer: 3-5 trained
 answers per forward instead of one. Held-out items are never converted: they are asked one
 question, as the first turn here is.
+
+No question is asked whose answer the conversation has already said (`said`): "What shape is
+the red one?" → "triangle" gives away the answer to a later "What colour is the triangle?", and
+"Name the shape that is gray." the colour of a one-shape picture. The first version asked them
+anyway, and its 840 steps learned to copy: the trained model named the same colour ("pink") for
+every held-out picture and the same shape ("cross"), the picture never looked at.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from pathlib import Path
 
 from .vocab import HIGH_HZ
@@ -48,10 +55,23 @@ def conversation(record: dict, rng: random.Random, max_extra: int) -> dict:
     own = CATEGORY.get(record["kind"])
     extra = [(q, a) for cat, q, a in questions(record) if cat != own]
     rng.shuffle(extra)
+    heard = said(record["messages"])
     turns = []
-    for q, a in extra[:max_extra]:
+    for q, a in extra:
+        if len(turns) == 2 * max_extra:
+            break
+        if a.lower() in heard:  # the answer is already in the conversation: it would teach copying
+            continue
         turns += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        heard |= said(turns[-2:])
     return {**record, "messages": record["messages"] + turns}
+
+
+def said(messages: list[dict]) -> set[str]:
+    """The lower-cased words of the messages' text."""
+    text = " ".join(m["content"] if isinstance(m["content"], str) else
+                    " ".join(p.get("text", "") for p in m["content"]) for m in messages)
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
 
 
 def main(argv: list[str] | None = None) -> None:

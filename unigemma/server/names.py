@@ -42,11 +42,14 @@ def default_names(model: str | None) -> list[str]:
     """The names a checkpoint is served under when no --served-name is given: a hub model by its
     id (what clients are configured with; with its tag when it has one), then the id without the
     tag and the bare name as aliases; a GGUF file by its stem (`gemma-3-270m-q4_k_m`), with the
-    file name as an alias; a directory by its name."""
+    file name as an alias; a directory by its name; the shipped `mini` as unigemma-mini."""
+    from ..mini import NAME
     from ..weights.hub import parse
 
     if not model:
         return ["unigemma-demo"]
+    if model == NAME and not Path(model).exists():
+        return ["unigemma-mini", NAME]
     ref = parse(model)
     if ref is not None:
         return list(dict.fromkeys([ref.repo_id + (f":{ref.tag}" if ref.tag else ""), ref.repo_id,

