@@ -14,9 +14,12 @@ unigemma/mini/heldout/. Refuses weights over the issue's 60 MB.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 from pathlib import Path
+
+from unigemma.mini import WEIGHT_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "unigemma" / "mini"
@@ -43,7 +46,7 @@ def copy_items(items: list[dict], data: Path, out: Path) -> None:
     out.mkdir(parents=True)
     lines = []
     for r in items:
-        r = json.loads(json.dumps(r))
+        r = copy.deepcopy(r)
         for part in r["messages"][0]["content"]:
             if part["type"] in ("image", "audio"):
                 src = data / part[part["type"]]
@@ -54,8 +57,16 @@ def copy_items(items: list[dict], data: Path, out: Path) -> None:
     (out / "items.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def checkpoint_step(trained: Path) -> int:
+    name, _, step = trained.name.rpartition("-")
+    missing = [f for f in WEIGHT_FILES if not (trained / f).is_file()]
+    if name != "checkpoint" or not step.isdigit() or missing:
+        raise SystemExit(f"{trained}: not a checkpoint-N directory of a training run with {', '.join(WEIGHT_FILES)}")
+    return int(step)
+
+
 def card(trained: Path, quality: dict) -> dict:
-    step = int(trained.name.rsplit("-", 1)[-1])
+    step = checkpoint_step(trained)
     log = trained.parent / "log.jsonl"
     evals = {}
     if log.is_file():
@@ -70,14 +81,13 @@ def card(trained: Path, quality: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from unigemma.mini import WEIGHT_FILES
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trained", type=Path, required=True, help="a checkpoint-N directory of bench/mini_train.py")
     p.add_argument("--quality", type=Path, required=True,
                    help="bench/mini_quality.py's JSON line, measured on the model assembled from --trained")
     p.add_argument("--data", type=Path, required=True, help="bench/mmdata output (heldout.jsonl and its media)")
     args = p.parse_args(argv)
+    checkpoint_step(args.trained)
     size = sum((args.trained / f).stat().st_size for f in WEIGHT_FILES)
     if size > LIMIT_MB * 1e6:
         raise SystemExit(f"{args.trained}: {size / 1e6:.1f} MB of weights, over the {LIMIT_MB} MB a package may ship")

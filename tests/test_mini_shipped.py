@@ -132,3 +132,11 @@ def test_demo_multimodal_asks_the_shipped_model(checkpoint, cache, capsys):
     assert f"{card['trained_steps']} training steps; held-out accuracy ({n} items a kind)" in err
     assert err.count("(held-out answer: ") == 3  # a picture, a sound, both
     assert "[image " in out and "[audio " in out
+
+
+def test_missing_package_data_is_named(monkeypatch, tmp_path):
+    from unigemma.errors import CheckpointError
+
+    monkeypatch.setattr(mini, "HERE", tmp_path)
+    with pytest.raises(CheckpointError, match="full_weights.safetensors, adapter_model.safetensors"):
+        mini.shipped_checkpoint(tmp_path)

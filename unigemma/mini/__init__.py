@@ -31,6 +31,11 @@ WEIGHT_FILES = ("full_weights.safetensors", "adapter_model.safetensors", "adapte
 
 
 def digest() -> str:
+    from ..errors import CheckpointError
+
+    missing = [name for name in WEIGHT_FILES if not (HERE / name).is_file()]
+    if missing:
+        raise CheckpointError(f"unigemma-mini: {', '.join(missing)} missing from {HERE} (reinstall unigemma)")
     h = hashlib.sha256()
     for name in WEIGHT_FILES:
         h.update(name.encode() + (HERE / name).read_bytes())
