@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "mini")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--train-per-kind", type=int, default=1200)
+    p.add_argument("--anneal", type=int, default=0,
+                   help="end the run annealed: the rate decays (cosine) to 0 over its last N steps "
+                        "(--schedule wsd); 0: constant to the end, so it can be extended")
     args = p.parse_args(argv)
     data, base, out = args.work / "data", args.work / "base", args.work / "train"
     if not (data / "train.jsonl").is_file():
@@ -125,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         "--out", str(out), "--dtype", r["dtype"], "--image-budget", str(r["image_budget"]),
         "--train-full", r["train_full"], "--full-lr", str(r["full_lr"]), "--lr", str(r["lr"]),
         "--lora-r", str(r["lora_r"]), "--lora-alpha", str(r["lora_alpha"]), "--batch-size", str(r["batch_size"]),
-        "--max-steps", str(args.steps), "--warmup", str(r["warmup"]), "--schedule", r["schedule"],
+        "--max-steps", str(args.steps), "--warmup", str(r["warmup"]),
+        *(("--schedule", "wsd", "--decay-steps", str(args.anneal)) if args.anneal else ("--schedule", r["schedule"])),
         "--eval-every", "120", "--save-every", "60",
         "--no-gradient-checkpointing", "--no-return-memory", "--resume", "--quiet")
     curve(out, args.steps)

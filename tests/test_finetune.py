@@ -287,3 +287,25 @@ def test_media_examples_are_re_encoded_not_kept(checkpoint, data_file):
         assert a is not b and a.length == e.length and torch.equal(a.labels, b.labels)
         ma, mb = a.inputs.media(), b.inputs.media()
         assert ma and ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_schedules_equal_transformers():
+    """Every --schedule's rate factor, step by step, equals transformers' schedule of that name."""
+    from transformers import optimization as hf
+
+    from unigemma.finetune.train import lr_lambda
+
+    total, warmup, decay = 40, 5, 12
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = {"cosine": hf.get_cosine_schedule_with_warmup(opt, warmup, total),
+              "linear": hf.get_linear_schedule_with_warmup(opt, warmup, total),
+              "constant": hf.get_constant_schedule_with_warmup(opt, warmup),
+              "wsd": hf.get_wsd_schedule(opt, warmup, decay, num_training_steps=total)}
+    for name, sched in theirs.items():
+        for step in range(total + 1):
+            assert lr_lambda(step, total, warmup, name, decay) == pytest.approx(sched.lr_lambdas[0](step), abs=1e-12), \
+                (name, step)
+    # wsd holds the peak rate until its decay: a constant run resumed with it goes on unchanged
+    assert [lr_lambda(s, total, warmup, "wsd", decay) for s in (warmup, total - decay)] == [1.0, 1.0]
+    with pytest.raises(unigemma.InputError, match="decay-steps"):
+        TrainArgs(schedule="wsd")

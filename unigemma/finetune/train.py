@@ -51,7 +51,11 @@ class TrainArgs:
     batch_size: int = field(default=1, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     warmup: float = field(default=0.03, metadata={"help": "warmup steps (>= 1) or fraction of the steps (< 1)"})
-    schedule: str = field(default="cosine", metadata={"help": "cosine, linear or constant after warmup"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine, linear or constant after warmup; wsd: "
+                                                                "constant, then a cosine decay to 0 over the "
+                                                                "last --decay-steps"})
+    decay_steps: int = field(default=0, metadata={"help": "wsd's decay: its last N steps (a constant-rate run "
+                                                          "resumed with --schedule wsd ends annealed)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     optim: str = field(default="adamw", metadata={"help": "adamw (torch) or adamw8bit (torchao's 8-bit states, "
                                                           "if torchao is installed)"})
@@ -70,18 +74,28 @@ class TrainArgs:
     def __post_init__(self):
         if self.optim not in ("adamw", "adamw8bit"):
             raise InputError(f"optim must be adamw or adamw8bit, got {self.optim!r}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise InputError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.schedule not in ("cosine", "linear", "constant", "wsd"):
+            raise InputError(f"schedule must be cosine, linear, constant or wsd, got {self.schedule!r}")
+        if self.schedule == "wsd" and self.decay_steps < 1:
+            raise InputError("--schedule wsd needs --decay-steps N (N >= 1: the steps of its final decay)")
         if self.batch_size < 1 or self.grad_accum < 1 or self.lr <= 0:
             raise InputError("batch_size and grad_accum must be at least 1, lr positive")
 
 
-def lr_lambda(step: int, total: int, warmup: int, schedule: str) -> float:
-    """transformers' schedules: linear warmup to 1, then cosine / linear decay to 0 (or constant)."""
+def lr_lambda(step: int, total: int, warmup: int, schedule: str, decay: int = 0) -> float:
+    """transformers' schedules: linear warmup to 1, then cosine / linear decay to 0 (or constant);
+    wsd (warmup-stable-decay, transformers' get_wsd_schedule with its cosine decay): 1 until the
+    last `decay` steps, then a cosine to 0. Only wsd lets a long constant-rate run, extended
+    session after session, end annealed: resumed with it, the rate it had holds until the decay."""
     if step < warmup:
         return step / max(1, warmup)
     if schedule == "constant":
         return 1.0
+    if schedule == "wsd":
+        start = max(warmup, total - decay)
+        if step < start:
+            return 1.0
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - start) / max(1, total - start))))
     progress = (step - warmup) / max(1, total - warmup)
     if schedule == "linear":
         return max(0.0, 1.0 - progress)
@@ -142,7 +156,7 @@ class Trainer:
         warmup = int(args.warmup) if args.warmup >= 1 else int(round(args.warmup * self.total))
         self.opt = make_optimizer(args, groups or params)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_lambda(s, self.total, warmup, args.schedule))
+            self.opt, lambda s: lr_lambda(s, self.total, warmup, args.schedule, args.decay_steps))
         self.step, self.epoch, self.cursor = 0, 0, 0  # optimizer steps done; data position
         self.losses: list[float] = []
         self.eval_losses: list[tuple[int, float]] = []
