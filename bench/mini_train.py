@@ -16,9 +16,14 @@
    bench/mini_probe.py took one-shape colour from 8% to 63% in 300 steps); batches of 8
    conversations, 20 warmup steps then a constant rate, so a run can be extended: run the
    script again with a larger `--steps` and the trainer resumes from its latest checkpoint
-   (saved every 60 steps; `--resume`), one session after another; every image at the smallest
-   budget (70: 8 x 8 patches, 64 soft tokens);
-4. the loss curve drawn to docs/mini-training.png, and the trained model assembled as a checkpoint
+   (saved every 60 steps; `--resume`), one session after another; `--anneal N` ends a run
+   annealed (the rate decays to 0 over its last N steps, `--schedule wsd`); `--init DIR` starts
+   from a finished run's weights under a fresh optimizer (the second run: the step-1,680 weights
+   of unigemma/mini, 720 steps more, the last 360 annealed: `--work runs/mini4 --init
+   unigemma/mini --steps 720 --anneal 360`); every image at the smallest budget (70: 8 x 8
+   patches, 64 soft tokens);
+4. the loss curve drawn to docs/mini-training.png (an `--init` run's to
+   docs/mini-training-continued.png), and the trained model assembled as a checkpoint
    (`python -m unigemma.weights.mini WORK/model --trained WORK/train`: embedders in, adapter
    merged), ready for `python -m bench.mini_quality --model WORK/model --data WORK/data/heldout.jsonl`.
 
@@ -112,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--anneal", type=int, default=0,
                    help="end the run annealed: the rate decays (cosine) to 0 over its last N steps "
                         "(--schedule wsd); 0: constant to the end, so it can be extended")
+    p.add_argument("--init", type=Path,
+                   help="start from a finished run's weights (a checkpoint-N of an earlier run, or the shipped "
+                        "unigemma/mini) with a fresh optimizer (`unigemma finetune --init`)")
     args = p.parse_args(argv)
     data, base, out = args.work / "data", args.work / "base", args.work / "train"
     if not (data / "train.jsonl").is_file():
@@ -131,16 +139,18 @@ def main(argv: list[str] | None = None) -> None:
         "--max-steps", str(args.steps), "--warmup", str(r["warmup"]),
         *(("--schedule", "wsd", "--decay-steps", str(args.anneal)) if args.anneal else ("--schedule", r["schedule"])),
         "--eval-every", "120", "--save-every", "60",
-        "--no-gradient-checkpointing", "--no-return-memory", "--resume", "--quiet")
-    curve(out, args.steps)
+        "--no-gradient-checkpointing", "--no-return-memory", "--resume", "--quiet",
+        *(("--init", str(args.init)) if args.init else ()))
+    # a run from shipped weights draws its own curve: the from-scratch one stays
+    curve(out, args.steps, "mini-training-continued.png" if args.init else "mini-training.png")
     run("-m", "unigemma.weights.mini", str(args.work / "model"), "--trained", str(out))
 
 
-def curve(out: Path, steps: int) -> Path:
-    """The run's loss curve, drawn to docs/mini-training.png."""
+def curve(out: Path, steps: int, name: str = "mini-training.png") -> Path:
+    """The run's loss curve, drawn to docs/NAME."""
     from bench.loss_curve import draw, read_log
 
-    return draw(*read_log(out / "log.jsonl"), ROOT / "docs" / "mini-training.png",
+    return draw(*read_log(out / "log.jsonl"), ROOT / "docs" / name,
                 f"unigemma-mini training ({steps} steps of 8 conversations): answer cross-entropy (log scale)",
                 eval_label="eval loss (96 held-back training conversations)")
 

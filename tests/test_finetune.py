@@ -256,6 +256,17 @@ def test_train_full_trains_saves_and_resumes_the_embedders(checkpoint, data_file
     assert all(torch.equal(saved[k], want[k]) for k in want)  # resumed = uninterrupted, bit for bit
     assert json.loads((out / "training_args.json").read_text())["train_full"] == "media"
 
+    # --init: a finished run's adapter and embedders start a new run (fresh optimizer, step 0);
+    # at a rate of ~0 they come out as they went in (a fresh adapter's B is 0, its A random)
+    again = tmp_path / "again"
+    assert run(again, "--max-steps", "1", "--init", str(out), "--lr", "1e-12", "--full-lr", "1e-12") == 0
+    assert json.loads((again / "log.jsonl").read_text().splitlines()[0])["step"] == 1
+    for name in (FULL_FILE, "adapter_model.safetensors"):
+        a, b = load_file(str(out / name)), load_file(str(again / name))
+        assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+    assert run(tmp_path / "r4", "--max-steps", "1", "--init", str(out), "--lora-r", "4") == 2  # r=2 adapter
+    assert run(tmp_path / "none", "--max-steps", "1", "--init", str(tmp_path / "nowhere")) == 2
+
     load_full_weights(base.model, out)
     load_adapter(base.model, out)
     rng = np.random.default_rng(3)

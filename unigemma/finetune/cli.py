@@ -36,7 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="modules trained whole beside the adapters: 'media' (the image and audio embedders, e.g. "
                         "untrained ones) or comma-separated module paths; saved as full_weights.safetensors")
     p.add_argument("--full-lr", type=float, help="learning rate of --train-full's weights (default: --lr)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest --out/checkpoint-*")
+    p.add_argument("--init", metavar="DIR", help="start from a finished run's adapter (and full weights) in DIR, "
+                                                  "with a fresh optimizer and schedule")
+    p.add_argument("--resume", action="store_true", help="continue from the latest --out/checkpoint-* (before "
+                                                         "--init: a resumed run keeps its own weights)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     for f in fields(TrainArgs):
         if f.name == "shuffle":
@@ -58,7 +61,8 @@ def main(args: argparse.Namespace) -> None:
     result = train(args.model, args.data, args.out, eval=args.eval, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                    lora_dropout=args.lora_dropout, rslora=args.rslora, targets=args.targets, dtype=args.dtype,
                    quantize=args.quantize, max_len=args.max_len, image_budget=args.image_budget,
-                   tokenizer=args.tokenizer, train_full=args.train_full, full_lr=args.full_lr, resume=args.resume, progress=not args.quiet, **train_args)
+                   tokenizer=args.tokenizer, train_full=args.train_full, full_lr=args.full_lr, init=args.init,
+                   resume=args.resume, progress=not args.quiet, **train_args)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
         return
     last = f"loss {result.losses[-1]:.4f}" if result.losses else "no step run"

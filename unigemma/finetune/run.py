@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..errors import InputError
 from . import distributed, full
@@ -60,15 +61,53 @@ def prepare(model, lora_config, seed: int = 0) -> list[torch.nn.Parameter]:
     return params
 
 
+def start_from(model, directory: str | Path, config, whole: dict) -> None:
+    """`--init DIR`: a finished run's adapter (and its full_weights.safetensors, with --train-full)
+    as this run's starting weights, under a fresh optimizer and schedule at step 0 (PEFT's
+    `from_pretrained(..., is_trainable=True)`); `--resume` instead continues a run where it
+    stopped. Checked whole before a weight is copied: same rank and alpha, the same modules."""
+    from ..lora.peft import lora_state_dict, read_adapter
+
+    theirs, tensors = read_adapter(directory)
+    if (theirs.r, theirs.alpha, theirs.use_rslora) != (config.r, config.alpha, config.use_rslora):
+        raise InputError(f"--init {directory}: its adapter is r={theirs.r} alpha={theirs.alpha:g}"
+                         f"{' rslora' if theirs.use_rslora else ''}, this run's r={config.r} alpha={config.alpha:g}"
+                         f"{' rslora' if config.use_rslora else ''} (give the same --lora-r / --lora-alpha / --rslora)")
+    mine = lora_state_dict(model)
+    odd = sorted(set(tensors) ^ set(mine)) or [k for k, v in mine.items() if tensors[k].shape != v.shape]
+    if odd:
+        raise InputError(f"--init {directory}: its adapter's tensors are not this run's (other --targets?), "
+                         f"e.g. {odd[:2]}")
+    weights = Path(directory) / full.FULL_FILE
+    if whole and not weights.is_file():
+        raise InputError(f"--init {directory}: no {full.FULL_FILE} for --train-full's modules "
+                         f"(its run trained none; drop --train-full or --init another run)")
+    if weights.is_file() and not whole:
+        raise InputError(f"--init {directory}: it holds {full.FULL_FILE} (trained modules): give --train-full "
+                         f"as its run did")
+    if whole:
+        names = {f"{path}.{k}" for path, m in whole.items() for k in m.state_dict()}
+        with safe_open(str(weights), "pt") as f:
+            saved = set(f.keys())
+        if saved != names:
+            raise InputError(f"--init {directory}: {full.FULL_FILE} holds other modules than --train-full's, "
+                             f"e.g. {sorted(saved ^ names)[:2]}")
+        full.load_full_weights(model, weights)
+    with torch.no_grad():
+        for k, v in mine.items():
+            v.copy_(tensors[k])
+
+
 def train(model: str | Path, data: str | Path, out: str | Path, *, eval: str | Path | None = None,
           lora_r: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0, rslora: bool = False,
           targets: str | list[str] | None = None, dtype: str = "bfloat16", quantize: str | None = None,
           max_len: int = 2048, image_budget: int | None = None, tokenizer: str | None = None,
-          train_full: str | None = None, full_lr: float | None = None,
+          train_full: str | None = None, full_lr: float | None = None, init: str | Path | None = None,
           resume: bool = False, progress: bool = True, **train_args) -> Result:
     """Fine-tune `model` on `data`; the adapter lands in `out`. train_args: `TrainArgs` fields.
     train_full: modules trained whole beside the adapters (full.py; "media": the embedders), at
-    `full_lr` (default: the adapters' lr), saved as full_weights.safetensors in `out`."""
+    `full_lr` (default: the adapters' lr), saved as full_weights.safetensors in `out`. init: a
+    finished run's output directory whose weights this run starts from (`start_from`)."""
     import unigemma
     from ..lora import DEFAULT_TARGETS, LoraConfig, save_adapter
     from ..lora.config import parse_targets
@@ -95,6 +134,8 @@ def train(model: str | Path, data: str | Path, out: str | Path, *, eval: str | P
                             target_modules=targets or DEFAULT_TARGETS, base_model=str(model))
         params = prepare(gemma.model, config, args.seed)
         whole = full.resolve(gemma.model, train_full) if train_full else {}
+        if init is not None:
+            start_from(gemma.model, init, config, whole)
         if whole and dist.fsdp:
             raise InputError("--train-full is not supported with --fsdp (the whole modules are not sharded)")
         if dist.fsdp:
@@ -142,6 +183,7 @@ def train(model: str | Path, data: str | Path, out: str | Path, *, eval: str | P
                 {"model": str(model), "data": str(data), "lora_r": lora_r, "lora_alpha": lora_alpha,
                  "lora_dropout": lora_dropout, "rslora": rslora, "dtype": dtype, "quantize": quant,
                  "max_len": max_len, "train_full": train_full, "full_lr": full_lr,
+                 "init": str(init) if init is not None else None,
                  **{f.name: getattr(args, f.name) for f in fields(TrainArgs)}}, indent=2))
         return Result(out, trainer.losses, trainer.eval_losses, dict(train_data.skipped), trainer.step,
                       sum(p.numel() for p in params))
