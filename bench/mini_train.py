@@ -142,16 +142,17 @@ def main(argv: list[str] | None = None) -> None:
         "--no-gradient-checkpointing", "--no-return-memory", "--resume", "--quiet",
         *(("--init", str(args.init)) if args.init else ()))
     # a run from shipped weights draws its own curve: the from-scratch one stays
-    curve(out, args.steps, "mini-training-continued.png" if args.init else "mini-training.png")
+    curve(out, args.steps, "mini-training-continued.png" if args.init else "mini-training.png", args.init)
     run("-m", "unigemma.weights.mini", str(args.work / "model"), "--trained", str(out))
 
 
-def curve(out: Path, steps: int, name: str = "mini-training.png") -> Path:
-    """The run's loss curve, drawn to docs/NAME."""
+def curve(out: Path, steps: int, name: str = "mini-training.png", start: Path | None = None) -> Path:
+    """The run's loss curve, drawn to docs/NAME (`start`: the weights an --init run began from)."""
     from bench.loss_curve import draw, read_log
 
+    begun = f", from {start}" if start else ""
     return draw(*read_log(out / "log.jsonl"), ROOT / "docs" / name,
-                f"unigemma-mini training ({steps} steps of 8 conversations): answer cross-entropy (log scale)",
+                f"unigemma-mini training ({steps} steps of 8 conversations{begun}): answer cross-entropy (log scale)",
                 eval_label="eval loss (96 held-back training conversations)")
 
 
