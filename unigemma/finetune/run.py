@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load_file
 
 from ..errors import InputError
 from . import distributed, full
@@ -86,13 +86,12 @@ def start_from(model, directory: str | Path, config, whole: dict) -> None:
         raise InputError(f"--init {directory}: it holds {full.FULL_FILE} (trained modules): give --train-full "
                          f"as its run did")
     if whole:
-        names = {f"{path}.{k}" for path, m in whole.items() for k in m.state_dict()}
-        with safe_open(str(weights), "pt") as f:
-            saved = set(f.keys())
-        if saved != names:
+        saved = load_file(str(weights))  # read once: checked here, copied by load_full_weights
+        odd = sorted(set(saved) ^ set(full.full_state_dict(whole)))
+        if odd:
             raise InputError(f"--init {directory}: {full.FULL_FILE} holds other modules than --train-full's, "
-                             f"e.g. {sorted(saved ^ names)[:2]}")
-        full.load_full_weights(model, weights)
+                             f"e.g. {odd[:2]}")
+        full.load_full_weights(model, saved)
     with torch.no_grad():
         for k, v in mine.items():
             v.copy_(tensors[k])
