@@ -20,10 +20,13 @@
    annealed (the rate decays to 0 over its last N steps, `--schedule wsd`); `--init DIR` starts
    from a finished run's weights under a fresh optimizer (the second run: the step-1,680 weights
    of unigemma/mini, 720 steps more, the last 360 annealed: `--work runs/mini4 --init
-   unigemma/mini --steps 720 --anneal 360`); every image at the smallest budget (70: 8 x 8
-   patches, 64 soft tokens);
+   unigemma/mini --steps 720 --anneal 360`); `--more KIND=N` adds the seed's next N training
+   items of a kind and `--replay-repeat K` puts each replay paragraph in the mix K times (the
+   third run: `--work runs/mini5 --init unigemma/mini --steps 600 --anneal 300 --more shape=2400
+   --more digit=1200 --replay-repeat 2`); every image at the smallest budget (70: 8 x 8 patches,
+   64 soft tokens);
 4. the loss curve drawn to docs/mini-training.png (an `--init` run's to
-   docs/mini-training-continued.png), and the trained model assembled as a checkpoint
+   docs/mini-training-continued.png; `--curve NAME` another), and the trained model assembled as a checkpoint
    (`python -m unigemma.weights.mini WORK/model --trained WORK/train`: embedders in, adapter
    merged), ready for `python -m bench.mini_quality --model WORK/model --data WORK/data/heldout.jsonl`.
 
@@ -58,12 +61,13 @@ RECIPE = {"dtype": "float32", "image_budget": 70, "train_full": "media", "full_l
           "gradient_checkpointing": False, "return_memory": False}
 
 
-def split_eval(data: Path, per_kind: int = 8) -> tuple[Path, Path]:
-    """train.jsonl → train_main.jsonl + val.jsonl (the last `per_kind` items of each kind)."""
+def split_eval(data: Path, per_kind: int = 8, extra: list[str] = ()) -> tuple[Path, Path]:
+    """train.jsonl → train_main.jsonl (+ the `extra` lines) and val.jsonl (the last `per_kind`
+    items of each kind)."""
     by_kind = defaultdict(list)
     for line in (data / "train.jsonl").read_text().splitlines():
         by_kind[json.loads(line)["kind"]].append(line)
-    train = [x for k in sorted(by_kind) for x in by_kind[k][:-per_kind]]
+    train = [x for k in sorted(by_kind) for x in by_kind[k][:-per_kind]] + list(extra)
     val = [x for k in sorted(by_kind) for x in by_kind[k][-per_kind:]]
     (data / "train_main.jsonl").write_text("\n".join(train) + "\n")
     (data / "val.jsonl").write_text("\n".join(val) + "\n")
@@ -73,6 +77,21 @@ def split_eval(data: Path, per_kind: int = 8) -> tuple[Path, Path]:
 # the prose perplexity is measured on (bench/quant_quality.py `prose`): never in the replay text
 PROSE_MODULES = {"subprocess", "threading", "logging", "collections", "argparse", "json", "pathlib", "unittest",
                  "inspect"}
+
+
+def extra_items(data: Path, more: dict[str, int], seed: int = 0) -> list[str]:
+    """`more[kind]` training items of a kind beyond those train.jsonl has (the next indices of the
+    same seed: new pictures, the training split's own pairs / fonts / voices), as jsonl lines;
+    their media go under data/media like the others'. Proven disjoint from the held-out split."""
+    from bench.mmdata import generate, items
+
+    manifest = json.loads((data / "manifest.json").read_text())
+    have, size = manifest["counts"]["train"], manifest["image_size"]
+    recs = [items.make(kind, "train", i, seed, data, size).record()
+            for kind, n in sorted(more.items()) for i in range(have[kind], have[kind] + n)]
+    heldout = [json.loads(x) for x in (data / "heldout.jsonl").read_text().splitlines()]
+    generate.check_disjoint(recs, heldout)
+    return [json.dumps(r, ensure_ascii=False, sort_keys=True) for r in recs]
 
 
 def replay_text(path: Path, n: int = 800, seed: int = 0) -> Path:
@@ -94,11 +113,11 @@ def replay_text(path: Path, n: int = 800, seed: int = 0) -> Path:
     return path
 
 
-def mixed(conversations: Path, text: Path, out: Path, seed: int = 0) -> Path:
-    """The conversations and the replay text in one shuffled file."""
+def mixed(conversations: Path, text: Path, out: Path, seed: int = 0, repeat: int = 1) -> Path:
+    """The conversations and the replay text (`repeat` times) in one shuffled file."""
     import random
 
-    lines = conversations.read_text().splitlines() + text.read_text().splitlines()
+    lines = conversations.read_text().splitlines() + text.read_text().splitlines() * repeat
     random.Random(seed).shuffle(lines)
     out.write_text("\n".join(lines) + "\n")
     return out
@@ -120,15 +139,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init", type=Path,
                    help="start from a finished run's weights (a checkpoint-N of an earlier run, or the shipped "
                         "unigemma/mini) with a fresh optimizer (`unigemma finetune --init`)")
+    p.add_argument("--more", action="append", default=[], metavar="KIND=N",
+                   help="N more training items of KIND than --train-per-kind (repeatable)")
+    p.add_argument("--replay-repeat", type=int, default=1, help="each replay paragraph this many times in the mix")
+    p.add_argument("--curve", help="the loss curve's file name under docs/ (default: mini-training.png, "
+                                   "mini-training-continued.png for an --init run)")
     args = p.parse_args(argv)
+    try:
+        more = {k: int(n) for k, n in (m.split("=") for m in args.more)}
+    except ValueError:
+        p.error(f"--more takes KIND=N, got {args.more}")
     data, base, out = args.work / "data", args.work / "base", args.work / "train"
     if not (data / "train.jsonl").is_file():
         run("-m", "bench.mmdata.generate", "--out", str(data), "--train-per-kind", str(args.train_per_kind))
-    train, val = split_eval(data)
+    train, val = split_eval(data, extra=extra_items(data, more) if more else ())
     for src in (train, val):
         run("-m", "bench.mmdata.conversations", str(src), str(src.with_name(src.stem + "_multi.jsonl")))
     train, val = train.with_name("train_main_multi.jsonl"), val.with_name("val_multi.jsonl")
-    train = mixed(train, replay_text(data / "replay.jsonl"), data / "train_mixed.jsonl")
+    train = mixed(train, replay_text(data / "replay.jsonl"), data / "train_mixed.jsonl", repeat=args.replay_repeat)
     if not (base / "config.json").is_file():
         run("-m", "unigemma.weights.mini", str(base))
     r = RECIPE
@@ -142,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         "--no-gradient-checkpointing", "--no-return-memory", "--resume", "--quiet",
         *(("--init", str(args.init)) if args.init else ()))
     # a run from shipped weights draws its own curve: the from-scratch one stays
-    curve(out, args.steps, "mini-training-continued.png" if args.init else "mini-training.png", args.init)
+    curve(out, args.steps, args.curve or ("mini-training-continued.png" if args.init else "mini-training.png"),
+          args.init)
     run("-m", "unigemma.weights.mini", str(args.work / "model"), "--trained", str(out))
 
 

@@ -274,3 +274,28 @@ def test_alignment_targets_share_each_patch_between_its_shapes_and_the_backgroun
     two = coverage({"pairs": [["red", "circle"], ["blue", "star"]], "spots": [[24, 24, 20], [72, 72, 20]]},
                    96, (192, 192))
     assert two.shape == (16, 3) and two[0, 0] > 0.3 and two[0, 1] == 0 and two[15, 1] > 0.1 and two[15, 0] == 0
+
+
+def test_more_training_items_continue_the_seed(tmp_path):
+    """bench/mini_train.py --more KIND=N: the next N training items of a kind, the very items (and
+    media bytes) a larger --train-per-kind would have made, written beside the others without
+    touching them, and put in training only (never in the eval set)."""
+    from bench.mini_train import extra_items, split_eval
+
+    kinds = ["shape", "beeps"]
+    make(tmp_path / "a", n=3, kinds=kinds)
+    before = files(tmp_path / "a")
+    lines = extra_items(tmp_path / "a", {"shape": 2})
+    recs = [json.loads(x) for x in lines]
+    assert [r["id"] for r in recs] == ["train-shape-00003", "train-shape-00004"]
+    make(tmp_path / "b", n=5, kinds=kinds)
+    whole = {r["id"]: r for r in read_jsonl(tmp_path / "b" / "train.jsonl")}
+    assert all(r == whole[r["id"]] for r in recs)
+    after, bigger = files(tmp_path / "a"), files(tmp_path / "b")
+    assert all(after[k] == before[k] for k in before)
+    new = [r["messages"][0]["content"][0]["image"] for r in recs]
+    assert new and all(after[p] == bigger[p] for p in new)
+    train, val = split_eval(tmp_path / "a", per_kind=1, extra=lines)
+    ids = [json.loads(x)["id"] for x in train.read_text().splitlines()]
+    assert ids[-2:] == [r["id"] for r in recs] and len(ids) == 2 * 2 + 2
+    assert not {json.loads(x)["id"] for x in val.read_text().splitlines()} & set(ids)
