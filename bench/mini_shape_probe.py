@@ -1,0 +1,106 @@
+"""Is a shape in unigemma-mini's image soft tokens at all? A linear probe on the embedder's output.
+
+    python -m bench.mini_shape_probe --model runs/mini4/model --data runs/mini5/data [--compare runs/mini4/base]
+
+The trained mini names a shape at chance, even on training-distribution pictures (README, "Sixth
+look"). This asks where the shape is lost: in the embedder (its 64 soft tokens do not carry it) or
+in the decoder (they do, and the adapter has not learned to read it). Pictures of one shape
+(bench/mmdata items whose meta has one pair) go through the checkpoint's own image embedder at
+the recipe's budget (70: 64 tokens); each picture's feature is the mean and the max over its
+tokens (2 x 640: any position); a softmax regression (AdamW, weight decay) learns the shape from the
+training split's pictures and is scored on 300 training-split pictures it did not fit (seen
+colour x shape pairs) and on held-out ones, whose pairs the training never saw, so colour cannot
+stand in for shape there. `--compare` runs the same probe on another
+checkpoint's embedder (the untrained one: what random projections of the patches already give).
+One JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench.machine import machine
+from bench.mmdata.vocab import SHAPES
+
+BUDGET = 70
+
+
+def one_shape(path: Path, limit: int) -> list[dict]:
+    """Up to `limit` items of `path` whose picture has exactly one shape and no sound."""
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if len(r["meta"].get("pairs", ())) == 1 and r["kind"] != "match":
+            out.append(r)
+            if len(out) == limit:
+                break
+    return out
+
+
+@torch.no_grad()
+def features(model, records: list[dict], data: Path) -> torch.Tensor:
+    """[pictures, 2 * hidden]: mean and max of each picture's soft tokens."""
+    from unigemma.processing.image import preprocess_image
+
+    vision, rows = model.model.embed_vision, []
+    for r in records:
+        p = preprocess_image(str(data / r["messages"][0]["content"][0]["image"]), BUDGET)
+        n = p.num_soft_tokens
+        tokens = vision(p.pixel_values[:n].float(), p.position_ids[:n]).float()
+        rows.append(torch.cat([tokens.mean(0), tokens.amax(0)]))
+    return torch.stack(rows)
+
+
+def probe(train_x, train_y, test_x, test_y, epochs: int = 300, seed: int = 0, seen: int = 300) -> dict:
+    """Softmax regression on standardised features, fitted on all but the last `seen` training
+    pictures: accuracy on those it fitted, on the `seen` it did not (training pairs), and on the
+    held-out pictures (unseen pairs)."""
+    torch.manual_seed(seed)
+    train_x, train_y, seen_x, seen_y = train_x[:-seen], train_y[:-seen], train_x[-seen:], train_y[-seen:]
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+    a, b, c = (train_x - mu) / sd, (test_x - mu) / sd, (seen_x - mu) / sd
+    head = torch.nn.Linear(a.shape[1], len(SHAPES))
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-1)
+    for _ in range(epochs):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(a), train_y).backward()
+        opt.step()
+    with torch.no_grad():
+        return {"fitted": round(float((head(a).argmax(-1) == train_y).float().mean()), 3),
+                "unseen_pictures_training_pairs": round(float((head(c).argmax(-1) == seen_y).float().mean()), 3),
+                "heldout": round(float((head(b).argmax(-1) == test_y).float().mean()), 3)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import unigemma
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, required=True, help="a mini checkpoint (trained: weights/mini.py --trained)")
+    p.add_argument("--data", type=Path, required=True, help="bench/mmdata output (train.jsonl, heldout.jsonl)")
+    p.add_argument("--compare", type=Path, help="a second checkpoint whose embedder gets the same probe")
+    p.add_argument("--train", type=int, default=1500, help="one-shape training pictures")
+    p.add_argument("--heldout", type=int, default=400, help="one-shape held-out pictures")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    train, held = one_shape(args.data / "train.jsonl", args.train), one_shape(args.data / "heldout.jsonl", args.heldout)
+    ty = torch.tensor([SHAPES.index(r["meta"]["pairs"][0][1]) for r in train])
+    hy = torch.tensor([SHAPES.index(r["meta"]["pairs"][0][1]) for r in held])
+    result = {"bench": "mini_shape_probe", **machine(torch.get_num_threads()), "train_pictures": len(train), "heldout_pictures": len(held),
+              "chance": round(1 / len(SHAPES), 3)}
+    for name, path in (("model", args.model), ("compare", args.compare)):
+        if path is None:
+            continue
+        model = unigemma.load(path, dtype="float32", fast=False).model
+        result[name] = {"path": str(path), **probe(features(model, train, args.data), ty,
+                                                   features(model, held, args.data), hy)}
+    result["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
