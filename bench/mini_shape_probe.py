@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     train, held = one_shape(args.data / "train.jsonl", args.train), one_shape(args.data / "heldout.jsonl", args.heldout)
     ty = torch.tensor([SHAPES.index(r["meta"]["pairs"][0][1]) for r in train])
     hy = torch.tensor([SHAPES.index(r["meta"]["pairs"][0][1]) for r in held])
-    result = {"bench": "mini_shape_probe", **machine(torch.get_num_threads()), "train_pictures": len(train), "heldout_pictures": len(held),
-              "chance": round(1 / len(SHAPES), 3)}
+    result = {"bench": "mini_shape_probe", **machine(torch.get_num_threads()), "train_pictures": len(train),
+              "heldout_pictures": len(held), "chance": round(1 / len(SHAPES), 3)}
     for name, path in (("model", args.model), ("compare", args.compare)):
         if path is None:
             continue
