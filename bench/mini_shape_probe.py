@@ -28,6 +28,7 @@ from bench.machine import machine
 from bench.mmdata.vocab import SHAPES
 
 BUDGET = 70
+SEEN = 300  # training pictures the probe (and --fit-embedder) leave unfitted
 
 
 def one_shape(path: Path, limit: int) -> list[dict]:
@@ -42,21 +43,52 @@ def one_shape(path: Path, limit: int) -> list[dict]:
     return out
 
 
-@torch.no_grad()
-def features(model, records: list[dict], data: Path) -> torch.Tensor:
-    """[pictures, 2 * hidden]: mean and max of each picture's soft tokens."""
+def patches(records: list[dict], data: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each picture's (pixel patches, positions) at the recipe's budget."""
     from unigemma.processing.image import preprocess_image
 
-    vision, rows = model.model.embed_vision, []
+    out = []
     for r in records:
         p = preprocess_image(str(data / r["messages"][0]["content"][0]["image"]), BUDGET)
-        n = p.num_soft_tokens
-        tokens = vision(p.pixel_values[:n].float(), p.position_ids[:n]).float()
+        out.append((p.pixel_values[:p.num_soft_tokens].float(), p.position_ids[:p.num_soft_tokens]))
+    return out
+
+
+def pooled(vision, pics) -> torch.Tensor:
+    """[pictures, 2 * hidden]: mean and max of each picture's soft tokens."""
+    rows = []
+    for px, pos in pics:
+        tokens = vision(px, pos).float()
         rows.append(torch.cat([tokens.mean(0), tokens.amax(0)]))
     return torch.stack(rows)
 
 
-def probe(train_x, train_y, test_x, test_y, epochs: int = 300, seed: int = 0, seen: int = 300) -> dict:
+def features(model, pics) -> torch.Tensor:
+    with torch.no_grad():
+        return pooled(model.model.embed_vision, pics)
+
+
+def fit_embedder(vision, pics, labels: torch.Tensor, steps: int, batch: int = 32, lr: float = 1e-3) -> None:
+    """Train the embedder itself (with a throw-away linear head on its pooled tokens) to name the
+    shape: can its one Dense per patch carry the shape at all, given a signal of its own?"""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(pooled(vision, pics[:1]).shape[1], len(SHAPES))
+    params = [q.requires_grad_(True) for q in vision.parameters()] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(pics), (batch,), generator=g)
+        x = pooled(vision, [pics[i] for i in idx])
+        x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+        loss = torch.nn.functional.cross_entropy(head(x), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for q in vision.parameters():
+        q.requires_grad_(False)
+
+
+def probe(train_x, train_y, test_x, test_y, epochs: int = 300, seed: int = 0, seen: int = SEEN) -> dict:
     """Softmax regression on standardised features, fitted on all but the last `seen` training
     pictures: accuracy on those it fitted, on the `seen` it did not (training pairs), and on the
     held-out pictures (unseen pairs)."""
@@ -85,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compare", type=Path, help="a second checkpoint whose embedder gets the same probe")
     p.add_argument("--train", type=int, default=1500, help="one-shape training pictures")
     p.add_argument("--heldout", type=int, default=400, help="one-shape held-out pictures")
+    p.add_argument("--fit-embedder", type=int, default=0, metavar="STEPS",
+                   help="first train --model's embedder this many steps to name the shape (pooled tokens, "
+                        "a linear head), then probe it: whether the embedder can carry shape at all")
     args = p.parse_args(argv)
     t0 = time.time()
     train, held = one_shape(args.data / "train.jsonl", args.train), one_shape(args.data / "heldout.jsonl", args.heldout)
@@ -92,12 +127,15 @@ def main(argv: list[str] | None = None) -> None:
     hy = torch.tensor([SHAPES.index(r["meta"]["pairs"][0][1]) for r in held])
     result = {"bench": "mini_shape_probe", **machine(torch.get_num_threads()), "train_pictures": len(train),
               "heldout_pictures": len(held), "chance": round(1 / len(SHAPES), 3)}
+    tp, hp = patches(train, args.data), patches(held, args.data)
     for name, path in (("model", args.model), ("compare", args.compare)):
         if path is None:
             continue
         model = unigemma.load(path, dtype="float32", fast=False).model
-        result[name] = {"path": str(path), **probe(features(model, train, args.data), ty,
-                                                   features(model, held, args.data), hy)}
+        if name == "model" and args.fit_embedder:  # fitted on the pictures the probe fits on only
+            fit_embedder(model.model.embed_vision, tp[:-SEEN], ty[:-SEEN], args.fit_embedder)
+            result["fit_embedder_steps"] = args.fit_embedder
+        result[name] = {"path": str(path), **probe(features(model, tp), ty, features(model, hp), hy)}
     result["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(result))
 
