@@ -1,6 +1,7 @@
 """Is a shape in unigemma-mini's image soft tokens at all? A linear probe on the embedder's output.
 
     python -m bench.mini_shape_probe --model runs/mini4/model --data runs/mini5/data [--compare runs/mini4/base]
+        [--train 1500] [--heldout 400] [--fit-embedder STEPS]
 
 The trained mini names a shape at chance, even on training-distribution pictures (README, "Sixth
 look"). This asks where the shape is lost: in the embedder (its 64 soft tokens do not carry it) or
