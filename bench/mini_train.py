@@ -149,6 +149,11 @@ def main(argv: list[str] | None = None) -> None:
         more = {k: int(n) for k, n in (m.split("=") for m in args.more)}
     except ValueError:
         p.error(f"--more takes KIND=N, got {args.more}")
+    from bench.mmdata.vocab import KINDS
+
+    bad = [f"{k}={n}" for k, n in more.items() if k not in KINDS or n < 0]
+    if bad or args.replay_repeat < 1:
+        p.error(f"--more {bad}: KIND one of {','.join(KINDS)}, N >= 0" if bad else "--replay-repeat must be >= 1")
     data, base, out = args.work / "data", args.work / "base", args.work / "train"
     if not (data / "train.jsonl").is_file():
         run("-m", "bench.mmdata.generate", "--out", str(data), "--train-per-kind", str(args.train_per_kind))
