@@ -122,8 +122,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="first train --model's embedder this many steps to name the shape (pooled tokens, "
                         "a linear head), then probe it: whether the embedder can carry shape at all")
     args = p.parse_args(argv)
+    if args.train <= SEEN or args.heldout < 1 or args.fit_embedder < 0:
+        p.error(f"--train must exceed the {SEEN} pictures the probe leaves unfitted, --heldout be >= 1, "
+                "--fit-embedder >= 0")
+    missing = [str(args.data / f) for f in ("train.jsonl", "heldout.jsonl") if not (args.data / f).is_file()]
+    if missing:
+        p.error(f"no {', '.join(missing)}: --data is bench.mmdata.generate's output directory")
     t0 = time.time()
     train, held = one_shape(args.data / "train.jsonl", args.train), one_shape(args.data / "heldout.jsonl", args.heldout)
+    if len(train) <= SEEN or not held:
+        p.error(f"{args.data} has {len(train)} one-shape training and {len(held)} held-out pictures; "
+                f"the probe needs more than {SEEN} and at least 1")
     ty = torch.tensor([SHAPES.index(r["meta"]["pairs"][0][1]) for r in train])
     hy = torch.tensor([SHAPES.index(r["meta"]["pairs"][0][1]) for r in held])
     result = {"bench": "mini_shape_probe", **machine(torch.get_num_threads()), "train_pictures": len(train),

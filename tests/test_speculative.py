@@ -10,7 +10,6 @@ from messages import img, user
 from unigemma.config import FULL, SLIDING
 from unigemma.errors import InputError
 from unigemma.generate.engine import Engine
-from unigemma.generate import speculative
 from unigemma.generate.sampling import Sampler, SamplingParams
 from unigemma.generate.speculative import DraftLength, MTPProposer, Proposal, accept
 from unigemma.models.drafter import Drafter, DrafterConfig
@@ -60,7 +59,7 @@ PROMPTS = [
 def test_greedy_is_identical_to_plain_decoding(gemma, prompt, kind, k, monkeypatch):
     if k == "adaptive":  # the adaptive length weighs measured times: give it a steady clock, not the
         # shared machine's (under load it once judged the drafts not worth their time: 1.34 tokens a forward)
-        monkeypatch.setattr(speculative, "timed", steady_clock)
+        monkeypatch.setattr("unigemma.generate.speculative.timed", steady_clock)
     p = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     inputs = gemma.processor(70)(PROMPTS[prompt])
     plain = gemma.engine.generate(inputs, p)
