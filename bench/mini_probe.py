@@ -11,6 +11,11 @@ warmup). Every `--eval-every` steps it scores `--eval-n` held-out items by ranki
 answers by their first token's logit after the question (one forward an item, no generation;
 chance is one over the number of answers). Prints one JSON line per evaluation.
 
+`--free-shapes N` trains the shape category on N colour-free pictures instead
+(bench/mmdata/free_shapes.py: one shape in an unnamed random colour, "What shape is this?"),
+made under `--data`, and also scores `--eval-n` further such pictures it never trained
+on ("free_accuracy"), beside the held-out items' named-colour questions.
+
 It is its own loop, not the trainer's, to score during the run; the pieces are the trainer's
 (`encode_line`, `collate`, `hidden_states`, `label_loss`, `prepare`).
 """
@@ -46,6 +51,19 @@ def one_question(path: Path, category: str, single: bool) -> list[dict]:
     return out
 
 
+def free_items(data: Path, indices) -> list[dict]:
+    """Colour-free shape pictures (free_shapes.py) of these indices as one-question records, their
+    media written under `data` (media/train/any_shape/)."""
+    from bench.mmdata import free_shapes
+
+    size = json.loads((data / "manifest.json").read_text())["image_size"]
+    out = []
+    for i in indices:
+        r = free_shapes.make(i, 0, data, size).record()
+        out.append({"answer": r["answer"], "messages": r["messages"]})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     import unigemma
     from unigemma.finetune.data import collate, encode_line
@@ -68,8 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--eval-n", type=int, default=60)
     p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--free-shapes", type=int, default=0, metavar="N",
+                   help="train on N colour-free shape pictures (category shape only)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.free_shapes and args.category != "shape":
+        p.error("--free-shapes trains the shape category: use --category shape")
+    if args.free_shapes < 0:
+        p.error(f"--free-shapes must be >= 0, got {args.free_shapes}")
 
     torch.manual_seed(args.seed)
     gemma = unigemma.load(args.model, dtype="float32", fast=False, exact=True)
@@ -82,6 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     held = one_question(args.data / "heldout.jsonl", args.category, args.single)
     random.Random(args.seed).shuffle(held)
     held = held[:args.eval_n]
+    free_held = []
+    if args.free_shapes:
+        train = free_items(args.data, range(args.free_shapes))
+        free_held = free_items(args.data, range(args.free_shapes, args.free_shapes + args.eval_n))
     answers = sorted({r["answer"] for r in train + held})
     first = {tok.encode(a, add_special_tokens=False)[0]: a for a in answers}
     if len(first) != len(answers):
@@ -92,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         return encode_line(processor, r, args.data, "probe")
 
     @torch.no_grad()
-    def accuracy() -> float:
+    def accuracy(held=held) -> float:
         right = 0
         for r in held:
             b = collate([encode(r)], 0)
@@ -107,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
                           "step": step,
                           "train_loss": round(sum(losses) / len(losses), 3) if losses else None,
                           "heldout_accuracy": round(accuracy(), 3), "heldout_items": len(held),
+                          **({"free_accuracy": round(accuracy(free_held), 3)} if free_held else {}),
                           "chance": round(1 / len(answers), 3), "seconds": round(time.time() - t0)}), flush=True)
 
     rng, t0, losses = random.Random(args.seed), time.time(), []

@@ -23,7 +23,9 @@
    unigemma/mini --steps 720 --anneal 360`); `--more KIND=N` adds the seed's next N training
    items of a kind and `--replay-repeat K` puts each replay paragraph in the mix K times (the
    third run: `--work runs/mini5 --init unigemma/mini --steps 600 --anneal 300 --more shape=2400
-   --more digit=1200 --replay-repeat 2`); every image at the smallest budget (70: 8 x 8 patches,
+   --more digit=1200 --replay-repeat 2`); `--free-shapes N` adds N pictures of one shape in an
+   unnamed random colour (bench/mmdata/free_shapes.py), so that only the outline can name the
+   shape; every image at the smallest budget (70: 8 x 8 patches,
    64 soft tokens);
 4. the loss curve drawn to docs/mini-training.png (an `--init` run's to
    docs/mini-training-continued.png; `--curve NAME` another), and the trained model assembled as a checkpoint
@@ -94,6 +96,16 @@ def extra_items(data: Path, more: dict[str, int], seed: int = 0) -> list[str]:
     return [json.dumps(r, ensure_ascii=False, sort_keys=True) for r in recs]
 
 
+def free_shape_items(data: Path, n: int, seed: int = 0) -> list[str]:
+    """`n` colour-free shape pictures (bench/mmdata/free_shapes.py: one shape in an unnamed random
+    colour, "What shape is this?"), as jsonl lines, their media under data/media/train/any_shape/."""
+    from bench.mmdata import free_shapes
+
+    size = json.loads((data / "manifest.json").read_text())["image_size"]
+    return [json.dumps(free_shapes.make(i, seed, data, size).record(), ensure_ascii=False, sort_keys=True)
+            for i in range(n)]
+
+
 def replay_text(path: Path, n: int = 800, seed: int = 0) -> Path:
     """`n` English paragraphs from the docstrings of standard-library modules other than those the
     perplexity is measured on, as {"text": ...} lines: mixed into training so the adapter keeps
@@ -141,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
                         "unigemma/mini) with a fresh optimizer (`unigemma finetune --init`)")
     p.add_argument("--more", action="append", default=[], metavar="KIND=N",
                    help="N more training items of KIND than --train-per-kind (repeatable)")
+    p.add_argument("--free-shapes", type=int, default=0, metavar="N",
+                   help="N colour-free shape pictures in the training mix (bench/mmdata/free_shapes.py)")
     p.add_argument("--replay-repeat", type=int, default=1, help="each replay paragraph this many times in the mix")
     p.add_argument("--curve", help="the loss curve's file name under docs/ (default: mini-training.png, "
                                    "mini-training-continued.png for an --init run)")
@@ -152,12 +166,14 @@ def main(argv: list[str] | None = None) -> None:
     from bench.mmdata.vocab import KINDS
 
     bad = [f"{k}={n}" for k, n in more.items() if k not in KINDS or n < 0]
-    if bad or args.replay_repeat < 1:
-        p.error(f"--more {bad}: KIND one of {','.join(KINDS)}, N >= 0" if bad else "--replay-repeat must be >= 1")
+    if bad or args.replay_repeat < 1 or args.free_shapes < 0:
+        p.error(f"--more {bad}: KIND one of {','.join(KINDS)}, N >= 0" if bad else
+                "--replay-repeat must be >= 1" if args.replay_repeat < 1 else "--free-shapes must be >= 0")
     data, base, out = args.work / "data", args.work / "base", args.work / "train"
     if not (data / "train.jsonl").is_file():
         run("-m", "bench.mmdata.generate", "--out", str(data), "--train-per-kind", str(args.train_per_kind))
-    train, val = split_eval(data, extra=extra_items(data, more) if more else ())
+    extra = (extra_items(data, more) if more else []) + free_shape_items(data, args.free_shapes)
+    train, val = split_eval(data, extra=extra)
     for src in (train, val):
         run("-m", "bench.mmdata.conversations", str(src), str(src.with_name(src.stem + "_multi.jsonl")))
     train, val = train.with_name("train_main_multi.jsonl"), val.with_name("val_multi.jsonl")

@@ -295,14 +295,13 @@ def test_build_from_a_gemma3_checkpoint(tmp_path):
     assert a.config.vision.mm_embed_dim == a.config.text.hidden_size and a.config.image_token_id == 258880
 
 
-def test_trained_checkpoint_folds_in_the_embedders_and_the_adapter(tmp_path):
-    """weights/mini.py `trained_checkpoint`: a `finetune --train-full media` output (embedders whole
-    + the decoder's adapter) over a (tiny) Gemma 3 base becomes a checkpoint whose forward on an
-    image prompt equals the untrained model with those embedders loaded and the adapter unmerged."""
-    from unigemma.finetune.full import FULL_FILE, load_full_weights, save_full_weights
-    from unigemma.lora import LoraConfig, add_lora, load_adapter, save_adapter
+def _tiny_run(tmp_path):
+    """A (tiny) Gemma 3 base under tmp_path/base and a `finetune --train-full media` output over it
+    under tmp_path/run: other embedders than seed 0's and a nonzero LoRA adapter."""
+    from unigemma.finetune.full import FULL_FILE, save_full_weights
+    from unigemma.lora import LoraConfig, add_lora, save_adapter
     from unigemma.models import gemma3
-    from unigemma.weights.mini import build_mini_model, trained_checkpoint
+    from unigemma.weights.mini import build_mini_model
 
     d = {**gemma3.tiny_config(), "vocab_size": 262144}
     base = gemma3.Gemma3ForCausalLM(ModelConfig.from_dict(d))
@@ -317,17 +316,53 @@ def test_trained_checkpoint_folds_in_the_embedders_and_the_adapter(tmp_path):
     save_full_weights({n: trained.get_submodule(n) for n in ("model.embed_vision", "model.embed_audio")},
                       tmp_path / "run")
     assert (tmp_path / "run" / FULL_FILE).is_file()
+    return tmp_path / "base", tmp_path / "run"
 
-    out = trained_checkpoint(tmp_path / "run", tmp_path / "out", base=tmp_path / "base")
+
+def test_trained_checkpoint_folds_in_the_embedders_and_the_adapter(tmp_path):
+    """weights/mini.py `trained_checkpoint`: a `finetune --train-full media` output (embedders whole
+    + the decoder's adapter) over a (tiny) Gemma 3 base becomes a checkpoint whose forward on an
+    image prompt equals the untrained model with those embedders loaded and the adapter unmerged."""
+    from unigemma.finetune.full import load_full_weights
+    from unigemma.lora import load_adapter
+    from unigemma.weights.mini import build_mini_model, trained_checkpoint
+
+    base, run = _tiny_run(tmp_path)
+    out = trained_checkpoint(run, tmp_path / "out", base=base)
     got = unigemma.load_model(out, dtype="float32", pack=False)
-    want, _ = build_mini_model(tmp_path / "base")
-    load_full_weights(want, tmp_path / "run")
-    load_adapter(want, tmp_path / "run")
+    want, _ = build_mini_model(base)
+    load_full_weights(want, run)
+    load_adapter(want, run)
     ids = torch.tensor([[2, 17, 255999] + [258880] * 12 + [258882, 60, 61]])
     types = (ids == 258880).long()
     pixels, positions = patches([GRID], 16, torch.Generator().manual_seed(2))
     kw = dict(mm_token_type_ids=types, pixel_values=pixels, image_position_ids=positions)
     a, b = got.logits(ids, **kw), want.eval().logits(ids, **kw)
     assert (a - b).abs().max() < 1e-4 * b.abs().max()
-    untrained, _ = build_mini_model(tmp_path / "base")
+    untrained, _ = build_mini_model(base)
     assert not torch.allclose(untrained.eval().logits(ids, **kw), b, atol=1e-3)
+
+
+def test_an_adapter_merged_at_a_scale_lies_between_the_base_and_the_trained_decoder(tmp_path):
+    """bench/mini_scale.py `scaled_adapter` (what bench/mini_ship.py --adapter-scale ships): the
+    adapter's lora_alpha times s, so every merged decoder weight is W + s (W_trained - W), and the
+    embedders are the trained ones whatever s."""
+    from safetensors.torch import load_file
+
+    from bench.mini_scale import scaled_adapter
+    from unigemma.weights.mini import trained_checkpoint
+
+    base, run = _tiny_run(tmp_path)
+    full = load_file(trained_checkpoint(run, tmp_path / "full", base=base) / "model.safetensors")
+    half = load_file(trained_checkpoint(scaled_adapter(run, 0.5, tmp_path / "half_run"), tmp_path / "half",
+                                        base=base) / "model.safetensors")
+    none = load_file(trained_checkpoint(scaled_adapter(run, 1e-9, tmp_path / "no_run"), tmp_path / "none",
+                                        base=base) / "model.safetensors")
+    moved = 0
+    for name, w in full.items():
+        if name.startswith(("model.embed_vision", "model.embed_audio")):
+            assert torch.equal(half[name], w) and torch.equal(none[name], w)
+            continue
+        assert torch.allclose(half[name], (none[name] + w) / 2, atol=1e-6), name
+        moved += not torch.allclose(none[name], w, atol=1e-4)
+    assert moved >= 7  # q, k, v, o, gate, up, down of the layers moved

@@ -49,3 +49,35 @@ def test_a_start_without_a_card_and_a_wrong_directory_are_refused(tmp_path):
         earlier_card(ckpt)
     with pytest.raises(SystemExit, match="not a checkpoint-N"):
         checkpoint_step(tmp_path / "train")
+
+
+def test_the_shipped_model_shipped_again_at_a_scale(tmp_path, monkeypatch):
+    """--trained unigemma/mini --adapter-scale S: the weights stay, the adapter config's lora_alpha
+    is S times its own, the card keeps the steps and eval losses and records the scale (compounded
+    over an earlier one); measured figures are the new quality line's."""
+    import bench.mini_ship as ship
+
+    package = tmp_path / "mini"
+    package.mkdir()
+    for f in WEIGHT_FILES:
+        (package / f).write_bytes(b"w-" + f.encode())
+    (package / "adapter_config.json").write_text(json.dumps({"r": 16, "lora_alpha": 32.0}))
+    (package / "card.json").write_text(json.dumps({
+        "name": "unigemma-mini", "base": "b", "recipe": "r", "trained_steps": 2400, "eval_loss": {"2400": 0.88},
+        "heldout": {}, "prose": {"rise": 0.3}, "adapter_scale": 1.0}))
+    (tmp_path / "quality.json").write_text("progress\n" + json.dumps(QUALITY) + "\n")
+    monkeypatch.setattr(ship, "PACKAGE", package)
+    monkeypatch.setattr(ship, "first_items", lambda heldout: [])
+    monkeypatch.setattr(ship, "copy_items", lambda items, data, out: None)
+    weights = {f: (package / f).read_bytes() for f in WEIGHT_FILES if f != "adapter_config.json"}
+    for scale, alpha in ((0.5, 16.0), (0.5, 8.0)):
+        ship.main(["--trained", str(package), "--quality", str(tmp_path / "quality.json"), "--data", str(tmp_path),
+                   "--adapter-scale", str(scale)])
+        assert json.loads((package / "adapter_config.json").read_text()) == {"r": 16, "lora_alpha": alpha}
+        c = json.loads((package / "card.json").read_text())
+        assert c["trained_steps"] == 2400 and c["eval_loss"] == {"2400": 0.88}
+        assert c["adapter_scale"] == alpha / 32 and c["prose"] == QUALITY["prose"]
+        assert {f: (package / f).read_bytes() for f in weights} == weights
+    with pytest.raises(SystemExit):
+        ship.main(["--trained", str(package), "--quality", str(tmp_path / "quality.json"), "--data", str(tmp_path),
+                   "--adapter-scale", "0"])

@@ -130,6 +130,7 @@ def test_demo_multimodal_asks_the_shipped_model(checkpoint, cache, capsys):
     n = next(iter(card["heldout"].values()))["n"]
     assert "model: unigemma-mini, " in err
     assert f"{card['trained_steps']} training steps; held-out accuracy ({n} items a kind)" in err
+    assert f"prose perplexity {card['prose']['rise']:+.1%} against Gemma 3 270M's" in err
     assert err.count("(held-out answer: ") == 3  # a picture, a sound, both
     assert "[image " in out and "[audio " in out
 

@@ -299,3 +299,40 @@ def test_more_training_items_continue_the_seed(tmp_path):
     ids = [json.loads(x)["id"] for x in train.read_text().splitlines()]
     assert ids[-2:] == [r["id"] for r in recs] and len(ids) == 2 * 2 + 2
     assert not {json.loads(x)["id"] for x in val.read_text().splitlines()} & set(ids)
+
+
+def test_free_shapes_hide_the_colour_and_keep_heldout_pairs_unseen(tmp_path):
+    """bench/mmdata/free_shapes.py: one shape in an unnamed random colour, drawn where and as
+    labelled, the same bytes for the same index; no fill passes for a colour whose pair with that
+    shape is held out, and none carries a named pair; the trainer's conversations and
+    bench/mini_train.py --free-shapes ask its shape."""
+    import random
+
+    from PIL import Image
+
+    from bench.mini_train import free_shape_items
+    from bench.mmdata import free_shapes
+    from bench.mmdata.conversations import conversation, questions
+
+    for c, s in vocab.HELDOUT_PAIRS:
+        assert free_shapes.near_heldout(s, vocab.COLOURS[c])
+    assert {c for c, s in vocab.HELDOUT_PAIRS if s == "circle"} == {"red", "pink"}
+    assert free_shapes.near_heldout("circle", (150, 20, 20)) and not free_shapes.near_heldout("circle", (250, 220, 20))
+    recs = [free_shapes.make(i, 0, tmp_path, 96).record() for i in range(40)]
+    assert len({r["answer"] for r in recs}) >= 8 and len({tuple(r["meta"]["fill"]) for r in recs}) == 40
+    for r in recs:
+        assert r["kind"] == "any_shape" and r["answer"] in vocab.SHAPES and "pairs" not in r["meta"]
+        assert not free_shapes.near_heldout(r["answer"], r["meta"]["fill"])
+        img = np.asarray(Image.open(tmp_path / r["messages"][0]["content"][0]["image"]).convert("RGB")).astype(int)
+        cx, cy, _ = r["meta"]["spots"][0]
+        assert np.abs(img[round(cy), round(cx)] - r["meta"]["fill"]).max() <= 24, r["id"]
+        assert questions(r) == [("shape", "What shape is this?", r["answer"])]
+        assert conversation(r, random.Random(0), 4)["messages"] == r["messages"]
+    first = files(tmp_path)
+    again = tmp_path / "again"
+    free_shapes.make(3, 0, again, 96)
+    assert files(again) == {k: v for k, v in first.items() if k.endswith("00003.png")}
+    (again / "manifest.json").write_text(json.dumps({"image_size": 96}))
+    lines = [json.loads(x) for x in free_shape_items(again, 5)]
+    assert [r["id"] for r in lines] == [f"train-any_shape-{i:05d}" for i in range(5)]
+    generate.check_disjoint(lines, [{"meta": {"pairs": [list(p)]}} for p in vocab.HELDOUT_PAIR_LIST])

@@ -208,8 +208,10 @@ def demo_mini(args) -> None:
     info = card()
     held = ", ".join(f"{k} {v['accuracy']:.0%}" + (f" (target {v['target']:.0%})" if "target" in v else "")
                      for k, v in info["heldout"].items())
+    prose = info.get("prose", {}).get("rise")
+    prose = "" if prose is None else f"; prose perplexity {prose:+.1%} against Gemma 3 270M's (target +10% at most)"
     print(f"model: unigemma-mini, {info['base']}, {info['trained_steps']} training steps; held-out accuracy "
-          f"({next(iter(info['heldout'].values()))['n']} items a kind): {held}", file=sys.stderr)
+          f"({next(iter(info['heldout'].values()))['n']} items a kind): {held}{prose}", file=sys.stderr)
     items = heldout_items()
     if args.prompt != DEMO_PROMPT:
         media = [next(p for r in items for p in r["messages"][0]["content"] if p["type"] == kind)

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from .vocab import HIGH_HZ
 
-CATEGORY = {"colour": "colour", "shape": "shape", "count": "count", "beeps": "beeps", "pitch": "pitch"}
+CATEGORY = {"colour": "colour", "shape": "shape", "count": "count", "beeps": "beeps", "pitch": "pitch",
+            "any_shape": "shape"}
 
 
 def questions(record: dict) -> list[tuple[str, str, str]]:
@@ -44,6 +45,8 @@ def questions(record: dict) -> list[tuple[str, str, str]]:
             out += [("colour", f"What colour is the {s if len(pairs) > 1 else 'shape'}?", c) for c, s in pairs]
         if len(set(colours)) == len(colours):
             out += [("shape", f"What shape is the {c} one?", s) for c, s in pairs]
+    if kind == "any_shape":  # free_shapes.py: one shape in an unnamed colour
+        out.append(("shape", "What shape is this?", meta["shape"]))
     if kind in ("beeps", "pitch"):
         out.append(("beeps", "How many beeps are there?", str(meta["count"])))
         out.append(("pitch", "Is the tone high or low?", "high" if meta["hz"] >= HIGH_HZ[0] else "low"))

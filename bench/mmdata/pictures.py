@@ -81,12 +81,17 @@ def jitter(rgb, rng: random.Random, amount: int = 18) -> tuple[int, int, int]:
     return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
 
 
-def background(rng: random.Random, avoid: list[str], size: int) -> Image.Image:
-    """A plain, two-tone gradient or speckled background far from every colour in `avoid`."""
+def rgb(colour) -> tuple[int, int, int]:
+    """A colour's RGB: a name of vocab.COLOURS, or already an (r, g, b)."""
+    return COLOURS[colour] if isinstance(colour, str) else tuple(colour)
+
+
+def background(rng: random.Random, avoid: list, size: int) -> Image.Image:
+    """A plain, two-tone gradient or speckled background far from every colour in `avoid` (names or RGB)."""
     def pick():
         for _ in range(1000):
             c = tuple(rng.randint(0, 255) for _ in range(3))
-            if all(_distance(c, COLOURS[n]) >= MIN_CONTRAST for n in avoid):
+            if all(_distance(c, rgb(n)) >= MIN_CONTRAST for n in avoid):
                 return c
         raise RuntimeError(f"no background contrasts with {avoid}")
 
@@ -107,11 +112,11 @@ def background(rng: random.Random, avoid: list[str], size: int) -> Image.Image:
 
 
 def shapes_picture(rng: random.Random, items: list[tuple[str, str, float, float, float]], size: int) -> Image.Image:
-    """items: (colour, shape, cx, cy, r) in output pixels."""
+    """items: (colour, shape, cx, cy, r) in output pixels; colour a name or an (r, g, b)."""
     big = background(rng, [c for c, *_ in items], size).resize((size * SS, size * SS), Image.NEAREST)
     draw = ImageDraw.Draw(big)
     for colour, shape, cx, cy, r in items:
-        draw_shape(draw, shape, cx * SS, cy * SS, r * SS, jitter(COLOURS[colour], rng))
+        draw_shape(draw, shape, cx * SS, cy * SS, r * SS, jitter(rgb(colour), rng))
     return big.resize((size, size), Image.LANCZOS)
 
 
