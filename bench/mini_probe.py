@@ -51,19 +51,6 @@ def one_question(path: Path, category: str, single: bool) -> list[dict]:
     return out
 
 
-def free_items(data: Path, indices) -> list[dict]:
-    """Colour-free shape pictures (free_shapes.py) of these indices as one-question records, their
-    media written under `data` (media/train/any_shape/)."""
-    from bench.mmdata import free_shapes
-
-    size = json.loads((data / "manifest.json").read_text())["image_size"]
-    out = []
-    for i in indices:
-        r = free_shapes.make(i, 0, data, size).record()
-        out.append({"answer": r["answer"], "messages": r["messages"]})
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     import unigemma
     from unigemma.finetune.data import collate, encode_line
@@ -108,8 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     held = held[:args.eval_n]
     free_held = []
     if args.free_shapes:
-        train = free_items(args.data, range(args.free_shapes))
-        free_held = free_items(args.data, range(args.free_shapes, args.free_shapes + args.eval_n))
+        from bench.mini_train import free_shape_items
+
+        train = [json.loads(x) for x in free_shape_items(args.data, args.free_shapes)]
+        free_held = [json.loads(x) for x in free_shape_items(args.data, args.eval_n, start=args.free_shapes)]
     answers = sorted({r["answer"] for r in train + held})
     first = {tok.encode(a, add_special_tokens=False)[0]: a for a in answers}
     if len(first) != len(answers):

@@ -96,14 +96,14 @@ def extra_items(data: Path, more: dict[str, int], seed: int = 0) -> list[str]:
     return [json.dumps(r, ensure_ascii=False, sort_keys=True) for r in recs]
 
 
-def free_shape_items(data: Path, n: int, seed: int = 0) -> list[str]:
-    """`n` colour-free shape pictures (bench/mmdata/free_shapes.py: one shape in an unnamed random
-    colour, "What shape is this?"), as jsonl lines, their media under data/media/train/any_shape/."""
+def free_shape_items(data: Path, n: int, seed: int = 0, start: int = 0) -> list[str]:
+    """`n` colour-free shape pictures from index `start` (bench/mmdata/free_shapes.py: one shape in an
+    unnamed random colour, "What shape is this?"), as jsonl lines, their media under data/media/train/any_shape/."""
     from bench.mmdata import free_shapes
 
     size = json.loads((data / "manifest.json").read_text())["image_size"]
     return [json.dumps(free_shapes.make(i, seed, data, size).record(), ensure_ascii=False, sort_keys=True)
-            for i in range(n)]
+            for i in range(start, start + n)]
 
 
 def replay_text(path: Path, n: int = 800, seed: int = 0) -> Path:
