@@ -366,3 +366,72 @@ def test_an_adapter_merged_at_a_scale_lies_between_the_base_and_the_trained_deco
         assert torch.allclose(half[name], (none[name] + w) / 2, atol=1e-6), name
         moved += not torch.allclose(none[name], w, atol=1e-4)
     assert moved >= 7  # q, k, v, o, gate, up, down of the layers moved
+
+
+def test_reader_probe_keeps_heldout_pairs_unseen_and_trains_only_what_it_reads():
+    """bench/mini_reader_probe.py: its training pictures never show a held-out colour x shape pair
+    (named, or as a fill near the held-out colour), its held-out ones only those; the reader's
+    logits come from the embedder and the first `layers` decoder layers, so only their adapter
+    (and the embedder and head) get a gradient, and the yardstick (--scratch) skips the decoder."""
+    import random
+
+    from bench.mini_reader_probe import Reader, batch, draw
+    from bench.mmdata.free_shapes import near_heldout
+    from bench.mmdata.vocab import HELDOUT_PAIRS, SHAPES
+    from unigemma.finetune.run import prepare
+    from unigemma.lora import LoraConfig
+
+    rng = random.Random(0)
+    for _ in range(40):
+        _, y, colour = draw(rng, "train")
+        assert (colour, SHAPES[y]) not in HELDOUT_PAIRS
+        _, y, colour = draw(rng, "heldout")
+        assert (colour, SHAPES[y]) in HELDOUT_PAIRS
+        _, y, fill = draw(rng, "free")
+        assert not near_heldout(SHAPES[y], fill)
+    px, pos, ys = batch(random.Random(1), ["train", "free"])
+    assert px.shape == (2, 64, 6912) and pos.shape == (2, 64, 2) and ys.shape == (2,)
+
+    model = mini.UnigemmaMini(ModelConfig.from_dict(mini.tiny_config()))
+    randomize_reference(model, seed=3)
+    model.config.text.sliding_window = 80  # the probe's block is 64 tokens; the tiny window is 5
+    prepare(model, LoraConfig(r=2, alpha=4))
+    for p in model.model.embed_vision.parameters():
+        p.requires_grad_(True)
+    reader = Reader(model, layers=2)
+    reader(px, pos).logsumexp(-1).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n}
+    assert all(g is not None for n, g in grads.items() if ".layers.0." in n or ".layers.1." in n)
+    assert all(g is None for n, g in grads.items() if ".layers.2." in n or ".layers.6." in n)
+    assert model.model.embed_vision.patch_dense.weight.grad is not None
+    assert Reader(model, layers=0, scratch=1)(px, pos).shape == (2, len(SHAPES))
+
+
+def test_reader_probe_start_checkpoint_folds_in_its_embedder_and_adapter(saved, tmp_path):
+    """bench/mini_reader_probe.py `start_checkpoint`: the probe's saved embedder and adapter,
+    folded into the checkpoint it started from, give the same logits as that model with them
+    loaded and the adapter unmerged."""
+    from bench.mini_reader_probe import start_checkpoint
+    from unigemma.finetune.full import save_full_weights
+    from unigemma.lora import LoraConfig, add_lora, load_adapter, save_adapter
+
+    _, path = saved
+    trained = unigemma.load_model(path, dtype="float32", pack=False)
+    torch.nn.init.normal_(trained.model.embed_vision.patch_dense.weight, std=0.05)  # another embedder
+    config = LoraConfig(r=2, alpha=4)
+    for p in add_lora(trained, config):
+        torch.nn.init.normal_(p, std=0.2)
+    save_adapter(trained, tmp_path / "probe", config)
+    save_full_weights({n: trained.get_submodule(n) for n in ("model.embed_vision", "model.embed_audio")},
+                      tmp_path / "probe")
+    got = unigemma.load_model(start_checkpoint(path, tmp_path / "probe", tmp_path / "start"), dtype="float32")
+    want = unigemma.load_model(path, dtype="float32", pack=False)
+    want.model.embed_vision.load_state_dict(trained.model.embed_vision.state_dict())
+    load_adapter(want, tmp_path / "probe")
+    ids = torch.tensor([[2, 17, 503] + [IMG] * 12 + [504, 60, 61]])
+    pixels, positions = patches([GRID], 16, torch.Generator().manual_seed(2))
+    kw = dict(mm_token_type_ids=(ids == IMG).long(), pixel_values=pixels, image_position_ids=positions)
+    a, b = got.logits(ids, **kw), want.eval().logits(ids, **kw)
+    assert (a - b).abs().max() < 1e-4 * b.abs().max()
+    plain = unigemma.load_model(path, dtype="float32").logits(ids, **kw)
+    assert not torch.allclose(plain, b, atol=1e-3)
