@@ -110,22 +110,18 @@ class Reader(nn.Module):
 def start_checkpoint(model_dir: Path, saved: Path, out: Path) -> Path:
     """`--model`'s checkpoint with a `--save`d embedder and adapter folded in (the adapter merged),
     written as a mini checkpoint under `out`: a start for bench/mini_probe.py or the recipe."""
-    import shutil
-
     from unigemma import load_model
     from unigemma.finetune.full import load_full_weights
     from unigemma.lora import load_adapter
     from unigemma.lora.inject import merge
-    from unigemma.weights.save import save_checkpoint
+    from unigemma.weights.save import copy_side_files, save_checkpoint
 
     model = load_model(model_dir, dtype="float32", pack=False)
     load_full_weights(model, saved)
     load_adapter(model, saved)
-    with torch.no_grad():
-        merge(model)
+    merge(model)
     save_checkpoint(model, json.loads((Path(model_dir) / "config.json").read_text()), out)
-    for f in Path(model_dir).glob("tokenizer*"):
-        shutil.copy(f, Path(out) / f.name)
+    copy_side_files(model_dir, out)  # the tokenizer files
     return Path(out)
 
 
@@ -156,15 +152,20 @@ def main(argv: list[str] | None = None) -> None:
                    "DIR/checkpoint a mini checkpoint with them folded into --model's")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    gemma = unigemma.load(args.model, dtype="float32", fast=False, exact=True)
-    model = gemma.model
-    n_layers = len(model.text.layers)
-    if not 0 <= args.layers <= n_layers or args.steps < 1 or args.batch_size < 1 or not 0 <= args.free <= 1:
-        p.error(f"--layers must be 0..{n_layers}, --steps and --batch-size >= 1, --free in [0, 1]")
+    if min(args.layers, args.scratch) < 0 or min(args.steps, args.batch_size, args.lora_r, args.eval_n,
+                                                 args.eval_every) < 1 or not 0 <= args.free <= 1:
+        p.error("--layers and --scratch must be >= 0; --steps, --batch-size, --lora-r, --eval-n and --eval-every "
+                ">= 1; --free in [0, 1]")
+    if not (args.model / "config.json").is_file():
+        p.error(f"--model {args.model}: no config.json (a mini checkpoint directory)")
+    n_layers = json.loads((args.model / "config.json").read_text()).get("text_config", {}).get("num_hidden_layers")
+    if isinstance(n_layers, int) and args.layers > n_layers:
+        p.error(f"--layers {args.layers}: {args.model} has {n_layers} decoder layers")
+    model = unigemma.load(args.model, dtype="float32", fast=False, exact=True).model
 
     torch.manual_seed(args.seed)
     lora = LoraConfig(r=args.lora_r, alpha=2 * args.lora_r)
-    adapter = prepare(model, lora, args.seed)
+    prepare(model, lora, args.seed)  # the adapter on every layer; only the first --layers' parts are trained
     used = {f"language_model.layers.{i}." for i in range(args.layers)}
     adapter = [q for n, q in model.named_parameters() if q.requires_grad and any(u in n for u in used)]
     if args.pos_std is not None:

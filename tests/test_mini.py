@@ -435,3 +435,21 @@ def test_reader_probe_start_checkpoint_folds_in_its_embedder_and_adapter(saved, 
     assert (a - b).abs().max() < 1e-4 * b.abs().max()
     plain = unigemma.load_model(path, dtype="float32").logits(ids, **kw)
     assert not torch.allclose(plain, b, atol=1e-3)
+
+
+def test_reader_probe_refuses_bad_arguments_before_loading(tmp_path, capsys):
+    """bench/mini_reader_probe.py: a count below 1, a share outside [0, 1], a directory without a
+    checkpoint or more layers than it has are argument errors naming them, before any model loads."""
+    import json
+
+    from bench.mini_reader_probe import main
+
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 3}}))
+    for argv, says in ((["--eval-every", "0"], "--eval-every"), (["--free", "1.5"], "--free"),
+                       (["--layers", "4"], "has 3 decoder layers")):
+        with pytest.raises(SystemExit):
+            main(["--model", str(tmp_path), *argv])
+        assert says in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "none")])
+    assert "no config.json" in capsys.readouterr().err
