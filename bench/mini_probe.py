@@ -16,6 +16,12 @@ chance is one over the number of answers). Prints one JSON line per evaluation.
 made under `--data`, and also scores `--eval-n` further such pictures it never trained
 on ("free_accuracy"), beside the held-out items' named-colour questions.
 
+`--from-layer K` trains only the adapter on decoder layers K and up, the embedders and the
+layers below frozen: after bench/mini_reader_probe.py's warm-up, whose first layers already read
+the shape, it asks whether the later layers learn to carry it to the answer (and backward stops
+at layer K, so a step costs less). `--save DIR` writes the adapter and the embedders at the end,
+and DIR/checkpoint with both folded into `--model`'s (bench/mini_reader_probe.py `start_checkpoint`).
+
 It is its own loop, not the trainer's, to score during the run; the pieces are the trainer's
 (`encode_line`, `collate`, `hidden_states`, `label_loss`, `prepare`).
 """
@@ -51,10 +57,22 @@ def one_question(path: Path, category: str, single: bool) -> list[dict]:
     return out
 
 
+def trained_parts(model, from_layer: int) -> tuple[list, list]:
+    """(embedder parameters, adapter parameters) a run trains, the adapter already added: all of
+    both, or with `from_layer` K > 0 no embedder and the adapter of layers K and up only."""
+    from unigemma.finetune.full import make_trainable, resolve
+
+    below = {f"language_model.layers.{i}." for i in range(from_layer)}
+    for name, q in model.named_parameters():
+        if any(b in name for b in below):
+            q.requires_grad_(False)  # nothing below K needs a gradient, so backward stops at layer K
+    adapter = [q for q in model.parameters() if q.requires_grad]
+    return (make_trainable(resolve(model, "media")) if from_layer == 0 else []), adapter
+
+
 def main(argv: list[str] | None = None) -> None:
     import unigemma
     from unigemma.finetune.data import collate, encode_line
-    from unigemma.finetune.full import make_trainable, resolve
     from unigemma.finetune.labels import IGNORE
     from unigemma.finetune.loss import hidden_states, label_loss
     from unigemma.finetune.run import prepare
@@ -75,18 +93,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--free-shapes", type=int, default=0, metavar="N",
                    help="train on N colour-free shape pictures (category shape only)")
+    p.add_argument("--from-layer", type=int, default=0, metavar="K",
+                   help="train only the adapter on layers K and up (K > 0 freezes the embedders too)")
+    p.add_argument("--save", type=Path, default=None, metavar="DIR",
+                   help="write the adapter, the embedders and DIR/checkpoint (both folded in) at the end")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.free_shapes and args.category != "shape":
         p.error("--free-shapes trains the shape category: use --category shape")
     if args.free_shapes < 0:
         p.error(f"--free-shapes must be >= 0, got {args.free_shapes}")
+    if not (args.model / "config.json").is_file():
+        p.error(f"--model {args.model}: no config.json (a mini checkpoint directory)")
+    n_layers = json.loads((args.model / "config.json").read_text()).get("text_config", {}).get("num_hidden_layers")
+    if args.from_layer < 0 or (isinstance(n_layers, int) and args.from_layer >= n_layers):
+        p.error(f"--from-layer {args.from_layer}: must be >= 0 and below the {n_layers} decoder layers")
 
     torch.manual_seed(args.seed)
     gemma = unigemma.load(args.model, dtype="float32", fast=False, exact=True)
     model, processor, tok = gemma.model, gemma.processor(image_budget=args.image_budget), gemma.tokenizer
-    adapter = prepare(model, LoraConfig(r=args.lora_r, alpha=2 * args.lora_r), args.seed)
-    embedders = make_trainable(resolve(model, "media"))
+    lora = LoraConfig(r=args.lora_r, alpha=2 * args.lora_r)
+    prepare(model, lora, args.seed)
+    embedders, adapter = trained_parts(model, args.from_layer)
     opt = torch.optim.AdamW([{"params": embedders, "lr": args.full_lr}, {"params": adapter, "lr": args.lr}],
                             weight_decay=0.0)
     train = one_question(args.data / "train.jsonl", args.category, args.single)
@@ -121,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def report(step, losses, t0):
         print(json.dumps({"category": args.category, "single": args.single, "image_budget": processor.image_budget,
-                          "step": step,
+                          "from_layer": args.from_layer, "step": step,
                           "train_loss": round(sum(losses) / len(losses), 3) if losses else None,
                           "heldout_accuracy": round(accuracy(), 3), "heldout_items": len(held),
                           **({"free_accuracy": round(accuracy(free_held), 3)} if free_held else {}),
@@ -140,6 +168,15 @@ def main(argv: list[str] | None = None) -> None:
             model.eval()
             report(step, losses[-args.eval_every:], t0)
             model.train()
+    if args.save:
+        from bench.mini_reader_probe import start_checkpoint
+        from unigemma.finetune.full import save_full_weights
+        from unigemma.lora.peft import save_adapter
+
+        args.save.mkdir(parents=True, exist_ok=True)
+        save_adapter(model, args.save, lora)
+        save_full_weights({n: model.get_submodule(n) for n in ("model.embed_vision", "model.embed_audio")}, args.save)
+        start_checkpoint(args.model, args.save, args.save / "checkpoint")
 
 
 if __name__ == "__main__":

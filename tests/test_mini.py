@@ -235,26 +235,32 @@ def test_lora_default_media_reaches_the_decoder_and_the_embedders():
     assert len([n for n in adapted if n.startswith("model.language_model.layers.")]) == 7 * layers
 
 
+def loadable_tiny_mini(tok, path: Path) -> dict:
+    """A tiny random mini with the real vocabulary's size and the mini tokenizer, saved at `path`
+    for `unigemma.load`; returns its config.json."""
+    import shutil
+
+    d = mini.mini_config({**mini.tiny_config()["text_config"], "vocab_size": 262144}, mm_posemb_size=64)
+    d["vision_config"].update(mm_embed_dim=48, output_proj_dims=48)
+    model = mini.UnigemmaMini(ModelConfig.from_dict(d))
+    randomize_reference(model, seed=3)
+    save_checkpoint(model.eval(), d, path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tok.name) / f, path / f)
+    return d
+
+
 def test_load_process_and_chat_end_to_end(tokenizers, tmp_path):
     """`unigemma.load` of a mini checkpoint with its tokenizer: the processor's image and audio
     inputs reach the model, and the engine's first greedy token (cached, media prefilled) is the
     argmax of the plain forward over the same inputs."""
     import io
-    import shutil
 
     import numpy as np
     import soundfile as sf
     from PIL import Image
 
-    tok, _ = tokenizers
-    d = mini.mini_config({**mini.tiny_config()["text_config"], "vocab_size": 262144}, mm_posemb_size=64)
-    d["vision_config"].update(mm_embed_dim=48, output_proj_dims=48)
-    model = mini.UnigemmaMini(ModelConfig.from_dict(d))
-    randomize_reference(model, seed=3)
-    save_checkpoint(model.eval(), d, tmp_path)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(tok.name) / f, tmp_path / f)
-
+    d = loadable_tiny_mini(tokenizers[0], tmp_path)
     gemma = unigemma.load(tmp_path, dtype="float32", fast=False)
     png, wav = io.BytesIO(), io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(png, "PNG")
@@ -453,3 +459,76 @@ def test_reader_probe_refuses_bad_arguments_before_loading(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "none")])
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_probe_from_layer_trains_only_the_adapter_above_it(tmp_path, capsys):
+    """bench/mini_probe.py `--from-layer K`: the embedders are frozen and only the adapter of
+    layers K and up gets a gradient (backward stops at layer K); 0 trains the embedders and every
+    layer; a K the checkpoint lacks is an argument error naming it, before any model loads."""
+    import json
+
+    from bench.mini_probe import main, trained_parts
+    from unigemma.finetune.loss import hidden_states
+    from unigemma.finetune.run import prepare
+    from unigemma.inputs import ModelInputs
+    from unigemma.lora import LoraConfig
+
+    model = mini.UnigemmaMini(ModelConfig.from_dict(mini.tiny_config()))
+    randomize_reference(model, seed=5)
+    prepare(model, LoraConfig(r=2, alpha=4))
+    embedders, adapter = trained_parts(model, 3)
+    assert embedders == [] and adapter
+    ids, types = prompt(image=True, audio=False)
+    inputs = ModelInputs.from_dict({"input_ids": ids, "mm_token_type_ids": types, **media(True, False)})
+    hidden_states(model, inputs).square().sum().backward()  # the trainer's forward
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
+    assert all((g is None) == any(f".layers.{i}." in n for i in range(3)) for n, g in grads.items())
+    assert all(p.grad is None for p in model.model.embed_vision.parameters())
+
+    model = mini.UnigemmaMini(ModelConfig.from_dict(mini.tiny_config()))
+    prepare(model, LoraConfig(r=2, alpha=4))
+    embedders, adapter = trained_parts(model, 0)
+    assert embedders and len(adapter) == sum("lora_" in n for n, _ in model.named_parameters())
+
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 7}}))
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), "--data", str(tmp_path), "--category", "shape", "--from-layer", "7"])
+    assert "--from-layer 7" in capsys.readouterr().err
+
+
+def test_linear_probe_reads_the_models_own_forward_and_its_fit_can_fail(tokenizers, tmp_path):
+    """bench/mini_linear_probe.py: the `answer` feature after the last layer, normed and through
+    the head, is the model's own logits at the position that predicts the answer; every feature
+    has one row a layer; the fitted probe scores separable data perfectly and shuffled labels
+    near chance."""
+    import random
+
+    from bench.mini_linear_probe import fit_and_score, layer_features, pictures_features
+    from bench.mini_reader_probe import BUDGET, draw
+    from unigemma.finetune.data import collate, encode_line
+    from unigemma.finetune.labels import IGNORE
+
+    loadable_tiny_mini(tokenizers[0], tmp_path)
+    gemma = unigemma.load(tmp_path, dtype="float32", fast=False, exact=True)
+    layers, width = gemma.model.config.text.num_hidden_layers, gemma.model.config.text.hidden_size
+    x, y = pictures_features(gemma, "heldout", 2, 0, tmp_path)
+    assert x["image"].shape == (2, layers, 2 * width) and x["answer"].shape == x["question"].shape == (2, layers, width)
+    assert y.shape == (2,)
+
+    draw(random.Random(1), "train")[0].save(tmp_path / "one.png")
+    record = {"messages": [{"role": "user", "content": [{"type": "image", "image": "one.png"},
+                                                        {"type": "text", "text": "What shape is this?"}]},
+                           {"role": "assistant", "content": "circle"}]}
+    b = collate([encode_line(gemma.processor(image_budget=BUDGET), record, tmp_path, "test")], 0)
+    at = int((b.labels[0] != IGNORE).nonzero()[0]) - 1
+    model = gemma.model
+    got = model.output(model.text.norm(layer_features(model, b.inputs, at)["answer"][-1]))
+    want = model.logits(**b.inputs)[0, at]
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (600,), generator=g)
+    points = torch.randn(600, 10, generator=g) + 6 * torch.nn.functional.one_hot(labels, 10)
+    assert fit_and_score(points[:400], labels[:400], points[400:], labels[400:])[0] == 1.0
+    shuffled = labels[torch.randperm(600, generator=g)]
+    assert fit_and_score(points[:400], shuffled[:400], points[400:], shuffled[400:])[0] < 0.3
