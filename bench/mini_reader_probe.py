@@ -16,7 +16,12 @@ them; each step draws fresh pictures (no picture is seen twice): a `--free` shar
 random fill (bench/mmdata/free_shapes.py's rule: never near a colour whose pair with that shape
 is held out), the rest in a named colour of a training pair. Scored every `--eval-every` steps
 on fixed pictures it never trained on: held-out colour x shape pairs (colour cannot stand in for
-shape there), training pairs, and free fills. One JSON line per evaluation.
+shape there), training pairs, and free fills; and the whole model's prose perplexity
+(bench/mini_quality.py's), since the adapter also reaches text. One JSON line per evaluation.
+
+`--keep-text EPS` holds the adapter off the text's input subspace (bench/mini_keep_text.py: all
+but EPS of its energy), so the prose is kept by construction; without it the reader's adapter
+took the prose perplexity from 11.2 to 2,217 (README, "Ninth look").
 
 `--save DIR` writes the embedder and the adapter (PEFT layout, only these layers' modules
 non-zero) at the end, and DIR/checkpoint: `--model`'s checkpoint with both folded in
@@ -127,9 +132,13 @@ def start_checkpoint(model_dir: Path, saved: Path, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     import unigemma
+    from bench.mini_keep_text import keep_off_text, project_
+    from bench.mini_quality import perplexity
+    from bench.quant_quality import prose
     from unigemma.finetune.full import make_trainable, resolve
     from unigemma.finetune.run import prepare
     from unigemma.lora import LoraConfig
+    from unigemma.lora.inject import lora_modules
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="a mini checkpoint (shipped, or weights/mini.py's)")
@@ -150,24 +159,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--save", type=Path, help="write the embedder and adapter here at the end, and under "
                    "DIR/checkpoint a mini checkpoint with them folded into --model's")
+    p.add_argument("--keep-text", type=float, default=None, metavar="EPS",
+                   help="keep each adapted module's A off the subspace holding all but EPS of text's input "
+                        "energy (bench/mini_keep_text.py), e.g. 0.01")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if min(args.layers, args.scratch) < 0 or min(args.steps, args.batch_size, args.lora_r, args.eval_n,
                                                  args.eval_every) < 1 or not 0 <= args.free <= 1:
         p.error("--layers and --scratch must be >= 0; --steps, --batch-size, --lora-r, --eval-n and --eval-every "
                 ">= 1; --free in [0, 1]")
+    if args.keep_text is not None and not 0 <= args.keep_text < 1:
+        p.error(f"--keep-text {args.keep_text}: the share of text's energy left in reach, in [0, 1)")
     if not (args.model / "config.json").is_file():
         p.error(f"--model {args.model}: no config.json (a mini checkpoint directory)")
     n_layers = json.loads((args.model / "config.json").read_text()).get("text_config", {}).get("num_hidden_layers")
     if isinstance(n_layers, int) and args.layers > n_layers:
         p.error(f"--layers {args.layers}: {args.model} has {n_layers} decoder layers")
-    model = unigemma.load(args.model, dtype="float32", fast=False, exact=True).model
+    gemma = unigemma.load(args.model, dtype="float32", fast=False, exact=True)
+    model, tokenizer = gemma.model, gemma.tokenizer
+    prose_ids = prose(2048, tokenizer)
 
     torch.manual_seed(args.seed)
     lora = LoraConfig(r=args.lora_r, alpha=2 * args.lora_r)
     prepare(model, lora, args.seed)  # the adapter on every layer; only the first --layers' parts are trained
     used = {f"language_model.layers.{i}." for i in range(args.layers)}
     adapter = [q for n, q in model.named_parameters() if q.requires_grad and any(u in n for u in used)]
+    kept, bases = {}, {}
+    if args.keep_text is not None:
+        kept = {n: m for n, m in lora_modules(model).items() if any(u in n for u in used)}
+        bases = keep_off_text(model, kept, tokenizer, args.layers, args.keep_text)
     if args.pos_std is not None:
         with torch.no_grad():
             model.model.embed_vision.pos_embedding.normal_(std=args.pos_std)
@@ -191,12 +211,16 @@ def main(argv: list[str] | None = None) -> None:
     t0, losses, rng = time.time(), [], random.Random(f"{args.seed}/train")
     info = {"bench": "mini_reader_probe", **machine(torch.get_num_threads()), "model": str(args.model),
             "layers": args.layers, "scratch": args.scratch, "pos_std": args.pos_std, "batch_size": args.batch_size,
-            "free": args.free, "lr": args.lr, "full_lr": args.full_lr, "chance": round(1 / len(SHAPES), 3)}
+            "free": args.free, "lr": args.lr, "full_lr": args.full_lr, "keep_text": args.keep_text,
+            "text_dims_kept_off": {n.split("language_model.")[-1]: P.shape[1] for n, P in bases.items()},
+            "chance": round(1 / len(SHAPES), 3)}
 
     def report(step):
         print(json.dumps({**info, "step": step, "pictures": step * args.batch_size,
                           "train_loss": round(sum(losses) / len(losses), 3) if losses else None,
-                          **{f"{s}_accuracy": accuracy(s) for s in evals}, "seconds": round(time.time() - t0)}),
+                          **{f"{s}_accuracy": accuracy(s) for s in evals},
+                          "prose_perplexity": round(perplexity(model, prose_ids), 3),
+                          "seconds": round(time.time() - t0)}),
               flush=True)
         info.clear()  # the machine and settings once, on the first line
 
@@ -208,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        project_(kept, bases)
         losses.append(float(loss.detach()))
         if step % args.eval_every == 0:
             report(step)

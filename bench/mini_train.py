@@ -106,11 +106,9 @@ def free_shape_items(data: Path, n: int, seed: int = 0, start: int = 0) -> list[
             for i in range(start, start + n)]
 
 
-def replay_text(path: Path, n: int = 800, seed: int = 0) -> Path:
-    """`n` English paragraphs from the docstrings of standard-library modules other than those the
-    perplexity is measured on, as {"text": ...} lines: mixed into training so the adapter keeps
-    the decoder's language modelling (a run without them left Gemma 3 270M's prose perplexity at
-    8,597 against 16.5)."""
+def replay_paragraphs(seed: int = 0) -> list[str]:
+    """English paragraphs from the docstrings of standard-library modules other than those the
+    perplexity is measured on, shuffled by `seed`."""
     import random
 
     from bench.train_drafter import paragraphs
@@ -119,6 +117,14 @@ def replay_text(path: Path, n: int = 800, seed: int = 0) -> Path:
     names = sorted(m for m in sys.stdlib_module_names if not m.startswith("_") and m not in skip | PROSE_MODULES)
     texts = paragraphs(names)
     random.Random(seed).shuffle(texts)
+    return texts
+
+
+def replay_text(path: Path, n: int = 800, seed: int = 0) -> Path:
+    """`n` of `replay_paragraphs`, as {"text": ...} lines: mixed into training so the adapter keeps
+    the decoder's language modelling (a run without them left Gemma 3 270M's prose perplexity at
+    8,597 against 16.5)."""
+    texts = replay_paragraphs(seed)
     if len(texts) < n:
         raise SystemExit(f"only {len(texts)} paragraphs of replay text")
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:n]))

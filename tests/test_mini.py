@@ -532,3 +532,47 @@ def test_linear_probe_reads_the_models_own_forward_and_its_fit_can_fail(tokenize
     assert fit_and_score(points[:400], labels[:400], points[400:], labels[400:])[0] == 1.0
     shuffled = labels[torch.randperm(600, generator=g)]
     assert fit_and_score(points[:400], shuffled[:400], points[400:], shuffled[400:])[0] < 0.3
+
+
+def test_keep_text_holds_an_adapter_off_the_texts_inputs():
+    """bench/mini_keep_text.py: with each A of the first layers projected off the subspace the
+    texts' inputs fill (gathered while B is zero, as before training), a non-zero update leaves
+    those texts' hidden states as the base model's, while a picture prompt's logits still move;
+    unprojected, the same update moves the text too."""
+    from bench.mini_keep_text import first_layers, project_, text_covariance, text_subspaces
+    from unigemma.finetune.run import prepare
+    from unigemma.lora import LoraConfig
+    from unigemma.lora.inject import lora_modules
+
+    model = mini.UnigemmaMini(ModelConfig.from_dict(mini.tiny_config()))
+    randomize_reference(model, seed=4)
+    model.eval()
+    prepare(model, LoraConfig(r=4, alpha=8))
+    K = 2
+    kept = {n: m for n, m in lora_modules(model).items() if any(f"layers.{i}." in n for i in range(K))}
+    g = torch.Generator().manual_seed(0)
+    texts = [[2] + torch.randint(10, 400, (5,), generator=g).tolist() for _ in range(2)]  # fewer inputs than the width
+    ids, types = prompt(image=True, audio=False)
+    kw = dict(mm_token_type_ids=types, **media(True, False))
+    base_text = [first_layers(model, torch.tensor([t]), K) for t in texts]
+    base_image = model.logits(ids, **kw)
+    bases = text_subspaces(text_covariance(model, kept, texts, K), eps=1e-9)
+    width = model.config.text.hidden_size
+    assert all(P.shape[1] <= len(texts) * 6 for P in bases.values()) and len(bases) == 7 * K
+
+    def moved() -> tuple[float, float]:
+        text = max(float((first_layers(model, torch.tensor([t]), K) - b).abs().max() / b.abs().max())
+                   for t, b in zip(texts, base_text))
+        return text, float((model.logits(ids, **kw) - base_image).abs().max() / base_image.abs().max())
+
+    with torch.no_grad():
+        for m in kept.values():
+            m.lora_B["default"].weight.normal_(std=0.5, generator=g)  # a trained, non-zero update
+    text_before, image_before = moved()
+    project_(kept, bases)
+    text_after, image_after = moved()
+    assert text_before > 1e-2 and image_before > 1e-2
+    assert text_after < 1e-4 * text_before
+    assert image_after > 0.3 * image_before
+    A = next(iter(kept.values())).lora_A["default"].weight
+    assert A.shape[1] == width and float((A.detach() @ next(iter(bases.values()))).abs().max()) < 1e-5

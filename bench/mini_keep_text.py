@@ -1,0 +1,106 @@
+"""Keep an adapter off the text: each LoRA A held outside the subspace that text's inputs fill.
+
+A LoRA update B A x reaches every token, text's too. The reader warm-up (bench/mini_reader_probe.py)
+trains its adapter on image blocks alone, and unconstrained it took the mini's prose perplexity
+from 11.2 to 2,217 (README, "Ninth look"). Here the inputs each adapted module sees on plain
+English are gathered once, before training (B is zero then, so they are the base model's), and
+the eigenvectors of their uncentred covariance that hold all but `eps` of its energy span the
+text's subspace P; A is then kept in its complement, A ← A − A P Pᵀ, after every optimizer step
+(Adam's per-element step leaves any subspace, so the weights are projected, not the gradient).
+Text's inputs then meet B A x ≈ 0 in these layers, and the picture tokens keep whatever part of
+theirs lies outside P. It is the null-space projection of continual learning (Adam-NSCL) and of
+model editing (AlphaEdit), applied per module.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BOS = 2  # Gemma's <bos>: every text starts from it, as the prose perplexity's windows do
+
+
+def text_ids(tokenizer, n_tokens: int, window: int = 512) -> list[list[int]]:
+    """About `n_tokens` of plain English in pieces of at most `window`: bench/mini_train.py's replay
+    paragraphs (standard-library docstrings, never the modules the prose perplexity reads)."""
+    from bench.mini_train import replay_paragraphs
+
+    out, total = [], 0
+    for text in replay_paragraphs():
+        ids = tokenizer.encode(text)[:window - 1]
+        out.append([BOS] + ids)
+        total += len(ids) + 1
+        if total >= n_tokens:
+            break
+    return out
+
+
+@torch.no_grad()
+def first_layers(model, ids: torch.Tensor, layers: int) -> torch.Tensor:
+    """The hidden states of text `ids` [1, S] after the decoder's first `layers` layers (causal
+    masks, as the model's forward masks text); the head is never run."""
+    from unigemma.config import FULL, SLIDING
+
+    S = ids.shape[1]
+    idx = torch.arange(S)
+    h = model.embed(ids)
+    masks = model.masks(idx, {SLIDING: idx, FULL: idx}, {SLIDING: None, FULL: None}, torch.zeros_like(ids),
+                        model.block_mask)
+    tables = {t: rope.cos_sin(idx[None], h.dtype) for t, rope in model.text.ropes.items()}
+    for layer in model.text.layers[:layers]:
+        cos, sin = tables[layer.layer_type]
+        h = layer(h, cos, sin, masks[layer.layer_type])
+    return h
+
+
+@torch.no_grad()
+def text_covariance(model, modules: dict, texts: list[list[int]], layers: int) -> dict[str, torch.Tensor]:
+    """name → Σ x xᵀ (float64) over every text token's input to that module of `modules` (name →
+    LoraLinear, all within the first `layers` layers)."""
+    cov: dict[str, torch.Tensor] = {}
+
+    def gather(name):
+        def hook(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            cov[name] = cov[name] + x.T @ x if name in cov else x.T @ x
+        return hook
+
+    handles = [m.register_forward_pre_hook(gather(n)) for n, m in modules.items()]
+    try:
+        for ids in texts:
+            first_layers(model, torch.tensor([ids]), layers)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(set(modules) - set(cov))
+    if missing:
+        raise ValueError(f"no text reached {missing[:3]}: are they within the first {layers} layers?")
+    return cov
+
+
+def text_subspaces(cov: dict[str, torch.Tensor], eps: float) -> dict[str, torch.Tensor]:
+    """name → [in, k] orthonormal float32 basis: the top eigenvectors of `cov`, as few as hold at
+    least 1 − eps of its trace (eps 0: every direction with any energy at float64's resolution)."""
+    out = {}
+    for name, c in cov.items():
+        w, v = torch.linalg.eigh(c)  # ascending
+        w, v = w.flip(0).clamp_min(0), v.flip(1)
+        share = torch.cumsum(w, 0) / w.sum()
+        k = min(int((share < 1 - max(eps, 1e-12)).sum()) + 1, len(w))
+        out[name] = v[:, :k].float().contiguous()
+    return out
+
+
+@torch.no_grad()
+def project_(modules: dict, bases: dict[str, torch.Tensor], adapter: str = "default") -> None:
+    """A ← A − (A P) Pᵀ for each module's adapter `adapter`: its rows leave the text's subspace."""
+    for name, P in bases.items():
+        A = modules[name].lora_A[adapter].weight
+        A -= (A @ P) @ P.T
+
+
+def keep_off_text(model, modules: dict, tokenizer, layers: int, eps: float, n_tokens: int = 30000) -> dict:
+    """The text subspaces of `modules` (gathered now, on ~`n_tokens` of English), with every A
+    projected off them once; call `project_(modules, bases)` after each optimizer step."""
+    bases = text_subspaces(text_covariance(model, modules, text_ids(tokenizer, n_tokens), layers), eps)
+    project_(modules, bases)
+    return bases
