@@ -576,3 +576,20 @@ def test_keep_text_holds_an_adapter_off_the_texts_inputs():
     assert image_after > 0.3 * image_before
     A = next(iter(kept.values())).lora_A["default"].weight
     assert A.shape[1] == width and float((A.detach() @ next(iter(bases.values()))).abs().max()) < 1e-5
+
+
+def test_probe_mix_arguments_are_checked_before_loading(tmp_path, capsys):
+    """bench/mini_probe.py: a `--mix` file that is not there, or a `--mix-share` outside (0, 1),
+    is an argument error naming it, before any model loads."""
+    import json
+
+    from bench.mini_probe import main
+
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 3}}))
+    (tmp_path / "mix.jsonl").write_text('{"text": "plain English"}\n')
+    base = ["--model", str(tmp_path), "--data", str(tmp_path), "--category", "shape"]
+    for argv, says in ((["--mix", str(tmp_path / "none.jsonl")], "none.jsonl: not a file"),
+                       (["--mix", str(tmp_path / "mix.jsonl"), "--mix-share", "1"], "--mix-share 1.0")):
+        with pytest.raises(SystemExit):
+            main(base + argv)
+        assert says in capsys.readouterr().err
