@@ -38,17 +38,11 @@ def text_ids(tokenizer, n_tokens: int, window: int = 512) -> list[list[int]]:
 def first_layers(model, ids: torch.Tensor, layers: int) -> torch.Tensor:
     """The hidden states of text `ids` [1, S] after the decoder's first `layers` layers (causal
     masks, as the model's forward masks text); the head is never run."""
-    from unigemma.config import FULL, SLIDING
+    from bench.mini_reader_probe import layer_outputs
 
-    S = ids.shape[1]
-    idx = torch.arange(S)
     h = model.embed(ids)
-    masks = model.masks(idx, {SLIDING: idx, FULL: idx}, {SLIDING: None, FULL: None}, torch.zeros_like(ids),
-                        model.block_mask)
-    tables = {t: rope.cos_sin(idx[None], h.dtype) for t, rope in model.text.ropes.items()}
-    for layer in model.text.layers[:layers]:
-        cos, sin = tables[layer.layer_type]
-        h = layer(h, cos, sin, masks[layer.layer_type])
+    for h in layer_outputs(model, h, torch.zeros_like(ids), layers):
+        pass
     return h
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from bench.machine import machine
-from bench.mini_reader_probe import BUDGET, draw
+from bench.mini_reader_probe import BUDGET, draw, layer_outputs
 from bench.mmdata.vocab import SHAPES
 
 FEATURES = ("image", "question", "answer")
@@ -36,21 +36,13 @@ FEATURES = ("image", "question", "answer")
 @torch.no_grad()
 def layer_features(model, inputs, at: int) -> dict:
     """{feature: [layers, dim]} of one prompt (batch of 1) whose answer is predicted at `at`."""
-    from unigemma.config import FULL, SLIDING
     from unigemma.inputs import IMAGE
 
-    S = inputs.input_ids.shape[1]
     image = inputs.mm_token_type_ids[0] == IMAGE
     after = int(image.nonzero()[-1]) + 1
     h = model.embed(inputs.input_ids, **inputs.media())
-    idx = torch.arange(S)
-    masks = model.masks(idx, {SLIDING: idx, FULL: idx}, {SLIDING: None, FULL: None},
-                        inputs.mm_token_type_ids, model.block_mask)  # as the trainer's forward masks
-    tables = {t: rope.cos_sin(idx[None], h.dtype) for t, rope in model.text.ropes.items()}
     rows = {f: [] for f in FEATURES}
-    for layer in model.text.layers:
-        cos, sin = tables[layer.layer_type]
-        h = layer(h, cos, sin, masks[layer.layer_type])
+    for h in layer_outputs(model, h, inputs.mm_token_type_ids):
         block = h[0, image]
         rows["image"].append(torch.cat([block.mean(0), block.amax(0)]))
         rows["question"].append(h[0, after:at + 1].mean(0))

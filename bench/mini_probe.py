@@ -112,9 +112,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--free-shapes trains the shape category: use --category shape")
     if args.free_shapes < 0:
         p.error(f"--free-shapes must be >= 0, got {args.free_shapes}")
-    if args.mix is not None and (not args.mix.is_file() or not 0 < args.mix_share < 1):
-        p.error(f"--mix {args.mix}: not a file" if not args.mix.is_file() else
-                f"--mix-share {args.mix_share}: must be in (0, 1)")
+    if args.mix is not None and not args.mix.is_file():
+        p.error(f"--mix {args.mix}: not a file")
+    if args.mix is not None and not 0 < args.mix_share < 1:
+        p.error(f"--mix-share {args.mix_share}: must be in (0, 1)")
     if not (args.model / "config.json").is_file():
         p.error(f"--model {args.model}: no config.json (a mini checkpoint directory)")
     n_layers = json.loads((args.model / "config.json").read_text()).get("text_config", {}).get("num_hidden_layers")
@@ -185,14 +186,9 @@ def main(argv: list[str] | None = None) -> None:
             report(step, losses[-args.eval_every:], t0)
             model.train()
     if args.save:
-        from bench.mini_reader_probe import start_checkpoint
-        from unigemma.finetune.full import save_full_weights
-        from unigemma.lora.peft import save_adapter
+        from bench.mini_reader_probe import save_run
 
-        args.save.mkdir(parents=True, exist_ok=True)
-        save_adapter(model, args.save, lora)
-        save_full_weights({n: model.get_submodule(n) for n in ("model.embed_vision", "model.embed_audio")}, args.save)
-        start_checkpoint(args.model, args.save, args.save / "checkpoint")
+        save_run(model, lora, args.model, args.save)
 
 
 if __name__ == "__main__":

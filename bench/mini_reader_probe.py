@@ -98,18 +98,25 @@ class Reader(nn.Module):
         return self.head(torch.cat([h.mean(1), h.amax(1)], -1))
 
     def decoder_layers(self, h: torch.Tensor) -> torch.Tensor:
-        """The first `layers` decoder layers over a batch of lone image blocks, masked as the model masks them."""
-        from unigemma.config import FULL, SLIDING
-
-        m, (B, S) = self.model, h.shape[:2]
-        idx = torch.arange(S)
-        types = torch.full((B, S), self.image)
-        masks = m.masks(idx, {SLIDING: idx, FULL: idx}, {SLIDING: None, FULL: None}, types, m.block_mask)
-        tables = {t: rope.cos_sin(idx.expand(B, S), h.dtype) for t, rope in m.text.ropes.items()}
-        for layer in m.text.layers[:self.layers]:
-            cos, sin = tables[layer.layer_type]
-            h = layer(h, cos, sin, masks[layer.layer_type])
+        """The first `layers` decoder layers over a batch of lone image blocks."""
+        for h in layer_outputs(self.model, h, torch.full(h.shape[:2], self.image), self.layers):
+            pass
         return h
+
+
+def layer_outputs(model, h: torch.Tensor, types: torch.Tensor, layers: int | None = None):
+    """Yield the hidden states [B, S, width] after each of the decoder's first `layers` layers
+    (all by default), from embedded `h` whose tokens have mm_token_type_ids `types` [B, S],
+    masked as the model's forward masks them (images bidirectional on sliding layers)."""
+    from unigemma.config import FULL, SLIDING
+
+    (B, S), idx = h.shape[:2], torch.arange(h.shape[1])
+    masks = model.masks(idx, {SLIDING: idx, FULL: idx}, {SLIDING: None, FULL: None}, types, model.block_mask)
+    tables = {t: rope.cos_sin(idx.expand(B, S), h.dtype) for t, rope in model.text.ropes.items()}
+    for layer in model.text.layers[:layers]:
+        cos, sin = tables[layer.layer_type]
+        h = layer(h, cos, sin, masks[layer.layer_type])
+        yield h
 
 
 def start_checkpoint(model_dir: Path, saved: Path, out: Path) -> Path:
@@ -128,6 +135,18 @@ def start_checkpoint(model_dir: Path, saved: Path, out: Path) -> Path:
     save_checkpoint(model, json.loads((Path(model_dir) / "config.json").read_text()), out)
     copy_side_files(model_dir, out)  # the tokenizer files
     return Path(out)
+
+
+def save_run(model, lora, model_dir: Path, out: Path) -> Path:
+    """Write a run's adapter and embedders to `out`, and `out`/checkpoint: `model_dir`'s
+    checkpoint with both folded in (`start_checkpoint`)."""
+    from unigemma.finetune.full import save_full_weights
+    from unigemma.lora.peft import save_adapter
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_adapter(model, out, lora)
+    save_full_weights({n: model.get_submodule(n) for n in ("model.embed_vision", "model.embed_audio")}, out)
+    return start_checkpoint(model_dir, out, out / "checkpoint")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -238,13 +257,7 @@ def main(argv: list[str] | None = None) -> None:
             report(step)
             losses.clear()
     if args.save:
-        from unigemma.finetune.full import save_full_weights
-        from unigemma.lora.peft import save_adapter
-
-        args.save.mkdir(parents=True, exist_ok=True)
-        save_adapter(model, args.save, lora)
-        save_full_weights({n: model.get_submodule(n) for n in ("model.embed_vision", "model.embed_audio")}, args.save)
-        start_checkpoint(args.model, args.save, args.save / "checkpoint")
+        save_run(model, lora, args.model, args.save)
 
 
 if __name__ == "__main__":
