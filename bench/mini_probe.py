@@ -9,12 +9,16 @@ beeps, pitch) of the items of `--data`, one question per item, and trains the em
 LoRA on the decoder as `unigemma finetune --train-full media` does (AdamW, constant lr, no
 warmup). Every `--eval-every` steps it scores `--eval-n` held-out items by ranking the category's
 answers by their first token's logit after the question (one forward an item, no generation;
-chance is one over the number of answers). Prints one JSON line per evaluation.
+chance is one over the number of answers), and the whole model's prose perplexity
+(bench/mini_quality.py's). Prints one JSON line per evaluation.
 
 `--free-shapes N` trains the shape category on N colour-free pictures instead
 (bench/mmdata/free_shapes.py: one shape in an unnamed random colour, "What shape is this?"),
 made under `--data`, and also scores `--eval-n` further such pictures it never trained
-on ("free_accuracy"), beside the held-out items' named-colour questions.
+on ("free_accuracy"), beside the held-out items' named-colour questions. With `--single`, the
+same held-out pictures are also asked "What shape is this?" ("heldout_unnamed_accuracy"): where
+it is high and the named-colour question's low, the shape is read and the colour named in the
+question overrides it (README, "Tenth look").
 
 `--from-layer K` trains only the adapter on decoder layers K and up, the embedders and the
 layers below frozen: after bench/mini_reader_probe.py's warm-up, whose first layers already read
@@ -26,7 +30,11 @@ and DIR/checkpoint with both folded into `--model`'s (bench/mini_reader_probe.py
 relative to FILE's folder: e.g. bench/mini_train.py's train_mixed.jsonl, every kind's
 conversations and the replay text), so a run that teaches one category keeps the others and the
 prose: trained on shape alone, the later layers answered every question with a shape name and the
-prose perplexity went from 11 to 10^10 (README, "Ninth look").
+prose perplexity went from 11 to 10^10 (README, "Ninth look"). `--mix-drop REGEX` first takes out
+of those lines every question that matches (with its answer; the picture or sound moves to the
+next question kept, a line left with none is dropped): the recipe's follow-ups ask "What shape is
+the gray one?" of training colour × shape pairs only, a colour → shape prior that is wrong by
+construction on every held-out pair (README, "Tenth look").
 
 It is its own loop, not the trainer's, to score during the run; the pieces are the trainer's
 (`encode_line`, `collate`, `hidden_states`, `label_loss`, `prepare`).
@@ -37,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -63,6 +72,39 @@ def one_question(path: Path, category: str, single: bool) -> list[dict]:
     return out
 
 
+def unnamed_question(record: dict) -> dict:
+    """`record` (one_question's) asked "What shape is this?" instead: no colour named."""
+    user, answer = record["messages"]
+    content = [x for x in user["content"] if x["type"] != "text"] + [{"type": "text", "text": "What shape is this?"}]
+    return {**record, "messages": [{**user, "content": content}, answer]}
+
+
+def regex(text: str) -> re.Pattern:
+    try:
+        return re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a regular expression: {e}") from None
+
+
+def drop_questions(record: dict, pattern: re.Pattern) -> dict | None:
+    """`record` (a trainer-format line) without its questions that match `pattern`, each with its
+    answer; a dropped first question hands its media to the next kept one. None when none is kept;
+    text lines (no messages) come back as they are."""
+    if "messages" not in record:
+        return record
+    msgs, media, kept = record["messages"], [], []
+    for i in range(0, len(msgs) - 1, 2):
+        q, a = msgs[i], msgs[i + 1]
+        parts = q["content"] if isinstance(q["content"], list) else [{"type": "text", "text": q["content"]}]
+        text = " ".join(x["text"] for x in parts if x["type"] == "text")
+        if pattern.search(text):
+            media += [x for x in parts if x["type"] != "text"]
+            continue
+        kept += [{**q, "content": media + parts} if media else q, a]
+        media = []
+    return {**record, "messages": kept} if kept else None
+
+
 def trained_parts(model, from_layer: int) -> tuple[list, list]:
     """(embedder parameters, adapter parameters) a run trains, the adapter already added: all of
     both, or with `from_layer` K > 0 no embedder and the adapter of layers K and up only."""
@@ -78,6 +120,8 @@ def trained_parts(model, from_layer: int) -> tuple[list, list]:
 
 def main(argv: list[str] | None = None) -> None:
     import unigemma
+    from bench.mini_quality import perplexity
+    from bench.quant_quality import prose
     from unigemma.finetune.data import collate, encode_line
     from unigemma.finetune.labels import IGNORE
     from unigemma.finetune.loss import hidden_states, label_loss
@@ -106,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mix", type=Path, default=None, metavar="FILE",
                    help="trainer-format lines mixed into every batch (media relative to FILE's folder)")
     p.add_argument("--mix-share", type=float, default=0.5, help="the share of each batch from --mix")
+    p.add_argument("--mix-drop", type=regex, default=None, metavar="REGEX",
+                   help="take the questions matching REGEX (and their answers) out of the --mix lines")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.free_shapes and args.category != "shape":
@@ -125,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     gemma = unigemma.load(args.model, dtype="float32", fast=False, exact=True)
     model, processor, tok = gemma.model, gemma.processor(image_budget=args.image_budget), gemma.tokenizer
+    prose_ids = prose(2048, tok)
     lora = LoraConfig(r=args.lora_r, alpha=2 * args.lora_r)
     prepare(model, lora, args.seed)
     embedders, adapter = trained_parts(model, args.from_layer)
@@ -140,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
 
         train = [json.loads(x) for x in free_shape_items(args.data, args.free_shapes)]
         free_held = [json.loads(x) for x in free_shape_items(args.data, args.eval_n, start=args.free_shapes)]
+    unnamed = [unnamed_question(r) for r in held] if args.category == "shape" and args.single else []
     answers = sorted({r["answer"] for r in train + held})
     first = {tok.encode(a, add_special_tokens=False)[0]: a for a in answers}
     if len(first) != len(answers):
@@ -150,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         return encode_line(processor, r, where, "probe")
 
     mix = [json.loads(x) for x in args.mix.read_text(encoding="utf-8").splitlines()] if args.mix else []
+    if args.mix_drop is not None:
+        mix = [r for r in (drop_questions(r, args.mix_drop) for r in mix) if r is not None]
     n_mix = round(args.mix_share * args.batch_size) if mix else 0
 
     @torch.no_grad()
@@ -168,8 +218,11 @@ def main(argv: list[str] | None = None) -> None:
                           "from_layer": args.from_layer, "mix_share": args.mix_share if mix else 0, "step": step,
                           "train_loss": round(sum(losses) / len(losses), 3) if losses else None,
                           "heldout_accuracy": round(accuracy(), 3), "heldout_items": len(held),
+                          **({"heldout_unnamed_accuracy": round(accuracy(unnamed), 3)} if unnamed else {}),
                           **({"free_accuracy": round(accuracy(free_held), 3)} if free_held else {}),
-                          "chance": round(1 / len(answers), 3), "seconds": round(time.time() - t0)}), flush=True)
+                          "chance": round(1 / len(answers), 3),
+                          "prose_perplexity": round(perplexity(model, prose_ids), 3),
+                          "seconds": round(time.time() - t0)}), flush=True)
 
     rng, t0, losses = random.Random(args.seed), time.time(), []
     report(0, losses, t0)

@@ -589,7 +589,50 @@ def test_probe_mix_arguments_are_checked_before_loading(tmp_path, capsys):
     (tmp_path / "mix.jsonl").write_text('{"text": "plain English"}\n')
     base = ["--model", str(tmp_path), "--data", str(tmp_path), "--category", "shape"]
     for argv, says in ((["--mix", str(tmp_path / "none.jsonl")], "none.jsonl: not a file"),
-                       (["--mix", str(tmp_path / "mix.jsonl"), "--mix-share", "1"], "--mix-share 1.0")):
+                       (["--mix", str(tmp_path / "mix.jsonl"), "--mix-share", "1"], "--mix-share 1.0"),
+                       (["--mix-drop", "shape is the (\\w+ one"], "--mix-drop: not a regular expression")):
         with pytest.raises(SystemExit):
             main(base + argv)
         assert says in capsys.readouterr().err
+
+
+def test_probe_mix_drop_takes_out_the_matching_questions_and_keeps_the_media():
+    """bench/mini_probe.py `drop_questions`: a matching question goes with its answer; a dropped
+    first question hands its picture to the next kept one; a line with none kept is dropped; text
+    lines pass as they are."""
+    import re
+
+    from bench.mini_probe import drop_questions
+
+    pic = {"type": "image", "image": "media/a.png"}
+    line = {"answer": "cross", "messages": [
+        {"role": "user", "content": [pic, {"type": "text", "text": "What shape is the gray one?"}]},
+        {"role": "assistant", "content": "cross"},
+        {"role": "user", "content": "How many shapes are there?"},
+        {"role": "assistant", "content": "1"},
+        {"role": "user", "content": "What shape is the red one?"},
+        {"role": "assistant", "content": "star"}]}
+    drop = re.compile(r"shape is the \w+ one")
+    got = drop_questions(line, drop)
+    assert got["messages"] == [
+        {"role": "user", "content": [pic, {"type": "text", "text": "How many shapes are there?"}]},
+        {"role": "assistant", "content": "1"}]
+    assert line["messages"][2]["content"] == "How many shapes are there?"  # the input is left as it was
+    assert drop_questions(line, re.compile("shape")) is None
+    assert drop_questions(line, re.compile("circle")) == line
+    assert drop_questions({"text": "What shape is the gray one?"}, drop) == {"text": "What shape is the gray one?"}
+
+
+def test_probe_unnamed_question_keeps_the_picture_and_the_answer():
+    """bench/mini_probe.py `unnamed_question`: the same held-out picture and answer, asked without
+    the colour the original question named."""
+    from bench.mini_probe import unnamed_question
+
+    pic = {"type": "image", "image": "media/heldout/shape/00001.png"}
+    r = {"answer": "diamond", "messages": [
+        {"role": "user", "content": [pic, {"type": "text", "text": "What shape is the pink one?"}]},
+        {"role": "assistant", "content": "diamond"}]}
+    got = unnamed_question(r)
+    assert got["messages"] == [{"role": "user", "content": [pic, {"type": "text", "text": "What shape is this?"}]},
+                               {"role": "assistant", "content": "diamond"}]
+    assert r["messages"][0]["content"][1]["text"] == "What shape is the pink one?"
