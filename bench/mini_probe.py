@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.mmdata.conversations import questions  # noqa: E402
+from bench.mmdata.free_shapes import QUESTIONS as FREE_QUESTIONS  # noqa: E402
 
 
 def one_question(path: Path, category: str, single: bool) -> list[dict]:
@@ -73,9 +74,9 @@ def one_question(path: Path, category: str, single: bool) -> list[dict]:
 
 
 def unnamed_question(record: dict) -> dict:
-    """`record` (one_question's) asked "What shape is this?" instead: no colour named."""
+    """`record` (one_question's) asked as the free fills are, "What shape is this?": no colour named."""
     user, answer = record["messages"]
-    content = [x for x in user["content"] if x["type"] != "text"] + [{"type": "text", "text": "What shape is this?"}]
+    content = [x for x in user["content"] if x["type"] != "text"] + [{"type": "text", "text": FREE_QUESTIONS[0]}]
     return {**record, "messages": [{**user, "content": content}, answer]}
 
 
