@@ -34,7 +34,10 @@ prose perplexity went from 11 to 10^10 (README, "Ninth look"). `--mix-drop REGEX
 of those lines every question that matches (with its answer; the picture or sound moves to the
 next question kept, a line left with none is dropped): the recipe's follow-ups ask "What shape is
 the gray one?" of training colour × shape pairs only, a colour → shape prior that is wrong by
-construction on every held-out pair (README, "Tenth look").
+construction on every held-out pair (README, "Tenth look"). `--keep-text EPS` holds the adapter
+off the text's input subspace, as bench/mini_reader_probe.py's does (bench/mini_keep_text.py):
+the picture tokens may then learn to be read while every text position, the answer's too, meets
+almost no update (README, "Eleventh look").
 
 It is its own loop, not the trainer's, to score during the run; the pieces are the trainer's
 (`encode_line`, `collate`, `hidden_states`, `label_loss`, `prepare`).
@@ -121,6 +124,7 @@ def trained_parts(model, from_layer: int) -> tuple[list, list]:
 
 def main(argv: list[str] | None = None) -> None:
     import unigemma
+    from bench.mini_keep_text import project_
     from bench.mini_quality import perplexity
     from bench.quant_quality import prose
     from unigemma.finetune.data import collate, encode_line
@@ -153,8 +157,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mix-share", type=float, default=0.5, help="the share of each batch from --mix")
     p.add_argument("--mix-drop", type=regex, default=None, metavar="REGEX",
                    help="take the questions matching REGEX (and their answers) out of the --mix lines")
+    p.add_argument("--keep-text", type=float, default=None, metavar="EPS",
+                   help="keep each trained A off the subspace holding all but EPS of text's input energy "
+                        "(bench/mini_keep_text.py), e.g. 0.01")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.keep_text is not None and not 0 <= args.keep_text < 1:
+        p.error(f"--keep-text {args.keep_text}: the share of text's energy left in reach, in [0, 1)")
     if args.free_shapes and args.category != "shape":
         p.error("--free-shapes trains the shape category: use --category shape")
     if args.free_shapes < 0:
@@ -176,6 +185,14 @@ def main(argv: list[str] | None = None) -> None:
     lora = LoraConfig(r=args.lora_r, alpha=2 * args.lora_r)
     prepare(model, lora, args.seed)
     embedders, adapter = trained_parts(model, args.from_layer)
+    kept, bases = {}, {}
+    if args.keep_text is not None:
+        from bench.mini_keep_text import keep_off_text
+        from unigemma.lora.inject import lora_modules
+
+        trained = {id(q) for q in adapter}
+        kept = {n: m for n, m in lora_modules(model).items() if id(m.lora_A["default"].weight) in trained}
+        bases = keep_off_text(model, kept, tok, len(model.text.layers), args.keep_text)
     opt = torch.optim.AdamW([{"params": embedders, "lr": args.full_lr}, {"params": adapter, "lr": args.lr}],
                             weight_decay=0.0)
     train = one_question(args.data / "train.jsonl", args.category, args.single)
@@ -216,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def report(step, losses, t0):
         print(json.dumps({"category": args.category, "single": args.single, "image_budget": processor.image_budget,
-                          "from_layer": args.from_layer, "mix_share": args.mix_share if mix else 0, "step": step,
+                          "from_layer": args.from_layer, "mix_share": args.mix_share if mix else 0,
+                          "keep_text": args.keep_text, "step": step,
                           "train_loss": round(sum(losses) / len(losses), 3) if losses else None,
                           "heldout_accuracy": round(accuracy(), 3), "heldout_items": len(held),
                           **({"heldout_unnamed_accuracy": round(accuracy(unnamed), 3)} if unnamed else {}),
@@ -234,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         opt.zero_grad()
         (total / n).backward()
         opt.step()
+        if bases:
+            project_(kept, bases)
         losses.append(float(total.detach()) / n)
         if step % args.eval_every == 0:
             model.eval()

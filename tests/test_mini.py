@@ -579,8 +579,9 @@ def test_keep_text_holds_an_adapter_off_the_texts_inputs():
 
 
 def test_probe_mix_arguments_are_checked_before_loading(tmp_path, capsys):
-    """bench/mini_probe.py: a `--mix` file that is not there, or a `--mix-share` outside (0, 1),
-    is an argument error naming it, before any model loads."""
+    """bench/mini_probe.py: a `--mix` file that is not there, a `--mix-share` outside (0, 1), a
+    bad `--mix-drop` or a `--keep-text` outside [0, 1) is an argument error naming it, before any
+    model loads."""
     import json
 
     from bench.mini_probe import main
@@ -590,7 +591,8 @@ def test_probe_mix_arguments_are_checked_before_loading(tmp_path, capsys):
     base = ["--model", str(tmp_path), "--data", str(tmp_path), "--category", "shape"]
     for argv, says in ((["--mix", str(tmp_path / "none.jsonl")], "none.jsonl: not a file"),
                        (["--mix", str(tmp_path / "mix.jsonl"), "--mix-share", "1"], "--mix-share 1.0"),
-                       (["--mix-drop", "shape is the (\\w+ one"], "--mix-drop: not a regular expression")):
+                       (["--mix-drop", "shape is the (\\w+ one"], "--mix-drop: not a regular expression"),
+                       (["--keep-text", "1"], "--keep-text 1.0")):
         with pytest.raises(SystemExit):
             main(base + argv)
         assert says in capsys.readouterr().err
