@@ -14,7 +14,26 @@ model editing (AlphaEdit), applied per module.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
+
+
+class _Share(argparse.Action):
+    """A share of text's energy: in [0, 1), checked as it is parsed (before any model loads)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if not 0 <= value < 1:
+            parser.error(f"{option_string} {value}: the share of text's energy left in reach, in [0, 1)")
+        setattr(namespace, self.dest, value)
+
+
+def add_argument(p: argparse.ArgumentParser) -> None:
+    """`--keep-text EPS` (default None: no constraint), for the probes that train an adapter."""
+    p.add_argument("--keep-text", type=float, default=None, metavar="EPS", action=_Share,
+                   help="keep each trained A off the subspace holding all but EPS of text's input energy "
+                        "(bench/mini_keep_text.py), e.g. 0.01")
+
 
 BOS = 2  # Gemma's <bos>: every text starts from it, as the prose perplexity's windows do
 

@@ -124,7 +124,7 @@ def trained_parts(model, from_layer: int) -> tuple[list, list]:
 
 def main(argv: list[str] | None = None) -> None:
     import unigemma
-    from bench.mini_keep_text import project_
+    from bench import mini_keep_text as keep_text
     from bench.mini_quality import perplexity
     from bench.quant_quality import prose
     from unigemma.finetune.data import collate, encode_line
@@ -157,13 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mix-share", type=float, default=0.5, help="the share of each batch from --mix")
     p.add_argument("--mix-drop", type=regex, default=None, metavar="REGEX",
                    help="take the questions matching REGEX (and their answers) out of the --mix lines")
-    p.add_argument("--keep-text", type=float, default=None, metavar="EPS",
-                   help="keep each trained A off the subspace holding all but EPS of text's input energy "
-                        "(bench/mini_keep_text.py), e.g. 0.01")
+    keep_text.add_argument(p)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.keep_text is not None and not 0 <= args.keep_text < 1:
-        p.error(f"--keep-text {args.keep_text}: the share of text's energy left in reach, in [0, 1)")
     if args.free_shapes and args.category != "shape":
         p.error("--free-shapes trains the shape category: use --category shape")
     if args.free_shapes < 0:
@@ -187,12 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     embedders, adapter = trained_parts(model, args.from_layer)
     kept, bases = {}, {}
     if args.keep_text is not None:
-        from bench.mini_keep_text import keep_off_text
         from unigemma.lora.inject import lora_modules
 
         trained = {id(q) for q in adapter}
         kept = {n: m for n, m in lora_modules(model).items() if id(m.lora_A["default"].weight) in trained}
-        bases = keep_off_text(model, kept, tok, len(model.text.layers), args.keep_text)
+        bases = keep_text.keep_off_text(model, kept, tok, len(model.text.layers), args.keep_text)
     opt = torch.optim.AdamW([{"params": embedders, "lr": args.full_lr}, {"params": adapter, "lr": args.lr}],
                             weight_decay=0.0)
     train = one_question(args.data / "train.jsonl", args.category, args.single)
@@ -253,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         (total / n).backward()
         opt.step()
         if bases:
-            project_(kept, bases)
+            keep_text.project_(kept, bases)
         losses.append(float(total.detach()) / n)
         if step % args.eval_every == 0:
             model.eval()

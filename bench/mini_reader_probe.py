@@ -151,6 +151,7 @@ def save_run(model, lora, model_dir: Path, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     import unigemma
+    from bench.mini_keep_text import add_argument as add_keep_text
     from bench.mini_keep_text import keep_off_text, project_
     from bench.mini_quality import perplexity
     from bench.quant_quality import prose
@@ -178,17 +179,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--save", type=Path, help="write the embedder and adapter here at the end, and under "
                    "DIR/checkpoint a mini checkpoint with them folded into --model's")
-    p.add_argument("--keep-text", type=float, default=None, metavar="EPS",
-                   help="keep each adapted module's A off the subspace holding all but EPS of text's input "
-                        "energy (bench/mini_keep_text.py), e.g. 0.01")
+    add_keep_text(p)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if min(args.layers, args.scratch) < 0 or min(args.steps, args.batch_size, args.lora_r, args.eval_n,
                                                  args.eval_every) < 1 or not 0 <= args.free <= 1:
         p.error("--layers and --scratch must be >= 0; --steps, --batch-size, --lora-r, --eval-n and --eval-every "
                 ">= 1; --free in [0, 1]")
-    if args.keep_text is not None and not 0 <= args.keep_text < 1:
-        p.error(f"--keep-text {args.keep_text}: the share of text's energy left in reach, in [0, 1)")
     if not (args.model / "config.json").is_file():
         p.error(f"--model {args.model}: no config.json (a mini checkpoint directory)")
     n_layers = json.loads((args.model / "config.json").read_text()).get("text_config", {}).get("num_hidden_layers")
