@@ -287,6 +287,31 @@ def test_train_full_trains_saves_and_resumes_the_embedders(checkpoint, data_file
                  "--train-full", "media", "--full-lr", "0", "--quiet"]) == 2
 
 
+def test_train_full_on_a_bf16_base_trains_float32_embedders(checkpoint, data_file, tmp_path):
+    """--train-full under --dtype bfloat16: the embedders train as float32 weights (as the adapters
+    do) inside the bf16 model, so a norm's weight near 1 moves by AdamW's first step (~lr = 1e-3),
+    which bf16 (steps of 2^-7 there) rounds away; the saved weights are float32."""
+    from safetensors.torch import load_file
+
+    from unigemma.cli import main
+    from unigemma.finetune.full import FULL_FILE
+
+    out = tmp_path / "bf16"
+    assert main(["finetune", "--model", str(checkpoint), "--data", str(data_file), "--out", str(out),
+                 "--dtype", "bfloat16", "--lora-r", "2", "--batch-size", "4", "--max-steps", "1",
+                 "--image-budget", "70", "--train-full", "media", "--full-lr", "1e-3", "--quiet",
+                 "--schedule", "constant", "--warmup", "0"]) == 0
+    saved = load_file(str(out / FULL_FILE))
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    start = unigemma.load(checkpoint, dtype="bfloat16", fast=False).model.state_dict()
+    for name in ("model.embed_vision.patch_ln1.weight", "model.embed_audio.embedding_projection.weight"):
+        moved = (saved[name] - start[name].float()).abs()
+        near_one = start[name].float().sub(1).abs() < 0.1
+        assert 5e-4 < float(moved.max()) < 2e-3, name  # Adam's first step is ~lr, not a rounding of it
+        if bool(near_one.any()):
+            assert float(moved[near_one].max()) > 5e-4, name  # bf16 would have kept these at their start
+
+
 def test_media_examples_are_re_encoded_not_kept(checkpoint, data_file):
     """Examples with media keep no tensors between batches (memory holds the jsonl, not every
     decoded picture) and re-encode to the same tensors; text-only ones keep their encoding."""

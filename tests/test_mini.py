@@ -638,3 +638,16 @@ def test_probe_unnamed_question_keeps_the_picture_and_the_answer():
     assert got["messages"] == [{"role": "user", "content": [pic, {"type": "text", "text": "What shape is this?"}]},
                                {"role": "assistant", "content": "diamond"}]
     assert r["messages"][0]["content"][1]["text"] == "What shape is the pink one?"
+
+
+def test_recipe_init_repeats_the_adapter_it_starts_from(tmp_path):
+    """bench/mini_train.py --init DIR gives the trainer DIR's adapter rank and alpha, which `--init`
+    must repeat: the shipped adapter is r 16 at alpha 32 x 0.65 (its merge scale), not the recipe's 32."""
+    import json
+
+    from bench.mini_train import RECIPE, adapter_shape
+
+    shipped = Path(unigemma.__file__).parent / "mini"
+    assert adapter_shape(shipped) == {"lora_r": 16, "lora_alpha": pytest.approx(RECIPE["lora_alpha"] * 0.65)}
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    assert adapter_shape(tmp_path) == {"lora_r": 4, "lora_alpha": 8}

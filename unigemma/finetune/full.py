@@ -47,11 +47,16 @@ def resolve(model: nn.Module, spec: str) -> dict[str, nn.Module]:
 
 
 def make_trainable(modules: dict[str, nn.Module]) -> list[nn.Parameter]:
-    """Every float weight of the modules, trainable; returned in a fixed (name) order."""
+    """Every float weight of the modules, trainable and float32, as the adapters are; returned in
+    a fixed (name) order. A bf16 base keeps bf16 weights here otherwise, and AdamW's steps of
+    ~lr vanish in their rounding: a norm's weight near 1 moves in steps of 2^-7, so at lr 1e-3
+    it never moves. The embedders cast their input to their own dtype and the merge casts their
+    output to the decoder's (embed/), so a float32 module runs inside a bf16 model unchanged."""
     params = []
     for path, module in modules.items():
         for _, p in sorted(module.named_parameters()):
             if p.is_floating_point():
+                p.data = p.data.float()  # in place: the Parameter (and any reference to it) stays
                 p.requires_grad_(True)
                 params.append(p)
     return params
