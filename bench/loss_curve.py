@@ -28,8 +28,14 @@ def moving_average(values: list[float], n: int) -> list[float]:
 
 
 def read_log(log: Path) -> tuple[list[float], list[tuple[int, float]]]:
-    """log.jsonl → (loss per step, [(step, eval loss)])."""
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    """log.jsonl → (loss per step, [(step, eval loss)]). A run stopped and resumed logs the steps
+    after its last checkpoint twice; the later line of a step is the one the run went on from."""
+    rows = {}
+    for line in log.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            rows[r["step"]] = r
+    rows = [rows[k] for k in sorted(rows)]
     return [r["loss"] for r in rows], [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
 
 

@@ -36,7 +36,7 @@ On the 2-core CPU of this project's machines a step takes ~5.5 s (~155 tokens/s)
 (AVX2); on the Xeon with AMX bf16, ~240 tokens/s in float32 and ~330 with `--dtype bfloat16`
 (the frozen decoder in bf16, the embedders and the adapter still float32: the same losses to
 ~1e-3 over the first 12 steps; README, Twelfth look). `--init` takes the rank and alpha of the
-adapter it starts from (the shipped one's alpha is 32 x its 0.65 scale).
+adapter it starts from (the shipped one's alpha is under the recipe's 32: it ships merged at a scale).
 
 The first run reported in the README used lr 2e-3 (embedders) / 3e-4 (adapter) and a cosine
 schedule ending at step 530, and differed from this script in its first 170 steps, which were those of a run on
@@ -147,7 +147,7 @@ def mixed(conversations: Path, text: Path, out: Path, seed: int = 0, repeat: int
 
 def adapter_shape(directory: Path) -> dict:
     """The rank and alpha of the adapter in `directory`, which `--init` must repeat: the shipped
-    one's alpha is the recipe's 32 times the scale it ships at (0.65: README, Seventh look)."""
+    one's alpha is the recipe's 32 times the scale it ships at (README, Seventh and Twelfth looks)."""
     c = json.loads((directory / "adapter_config.json").read_text())
     return {"lora_r": c["r"], "lora_alpha": c["lora_alpha"]}
 
