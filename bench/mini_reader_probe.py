@@ -151,8 +151,7 @@ def save_run(model, lora, model_dir: Path, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     import unigemma
-    from bench.mini_keep_text import add_argument as add_keep_text
-    from bench.mini_keep_text import keep_off_text, project_
+    from bench.mini_keep_text import add_argument as add_keep_text, keep_off_text, project_
     from bench.mini_quality import perplexity
     from bench.quant_quality import prose
     from unigemma.finetune.full import make_trainable, resolve

@@ -148,8 +148,11 @@ def mixed(conversations: Path, text: Path, out: Path, seed: int = 0, repeat: int
 def adapter_shape(directory: Path) -> dict:
     """The rank and alpha of the adapter in `directory`, which `--init` must repeat: the shipped
     one's alpha is the recipe's 32 times the scale it ships at (README, Seventh and Twelfth looks)."""
-    c = json.loads((directory / "adapter_config.json").read_text())
-    return {"lora_r": c["r"], "lora_alpha": c["lora_alpha"]}
+    from unigemma.lora.config import LoraConfig
+
+    where = directory / "adapter_config.json"
+    c = LoraConfig.from_peft(json.loads(where.read_text()), str(where))
+    return {"lora_r": c.r, "lora_alpha": c.alpha}
 
 
 def run(*args: str) -> None:
