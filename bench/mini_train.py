@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     if bad or args.replay_repeat < 1 or args.free_shapes < 0:
         p.error(f"--more {bad}: KIND one of {','.join(KINDS)}, N >= 0" if bad else
                 "--replay-repeat must be >= 1" if args.replay_repeat < 1 else "--free-shapes must be >= 0")
+    if args.init is not None and not (args.init / "adapter_config.json").is_file():
+        p.error(f"--init {args.init}: no adapter_config.json (a run's checkpoint-N or unigemma/mini)")
     data, base, out = args.work / "data", args.work / "base", args.work / "train"
     if not (data / "train.jsonl").is_file():
         run("-m", "bench.mmdata.generate", "--out", str(data), "--train-per-kind", str(args.train_per_kind))

@@ -666,3 +666,15 @@ def test_loss_curve_reads_a_resumed_runs_log_once_a_step(tmp_path):
             {"step": 3, "loss": 1.2}, {"step": 4, "loss": 1.1, "eval_loss": 1.0}]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert read_log(tmp_path / "log.jsonl") == ([2.0, 1.5, 1.2, 1.1], [(2, 1.4), (4, 1.0)])
+
+
+def test_recipe_init_without_an_adapter_is_refused_before_any_work(tmp_path, capsys):
+    """bench/mini_train.py --init DIR without an adapter_config.json: a usage error naming DIR,
+    before the data are made (the work directory stays empty)."""
+    from bench.mini_train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--work", str(tmp_path / "work"), "--init", str(tmp_path / "nowhere"), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--init {tmp_path / 'nowhere'}: no adapter_config.json" in err
+    assert not (tmp_path / "work").exists()
