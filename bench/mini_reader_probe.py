@@ -149,60 +149,103 @@ def save_run(model, lora, model_dir: Path, out: Path) -> Path:
     return start_checkpoint(model_dir, out, out / "checkpoint")
 
 
-def main(argv: list[str] | None = None) -> None:
-    import unigemma
-    from bench.mini_keep_text import add_argument as add_keep_text, keep_off_text, project_
-    from bench.mini_quality import perplexity
-    from bench.quant_quality import prose
-    from unigemma.finetune.full import make_trainable, resolve
+def probe_arguments(doc: str, lr: float) -> argparse.ArgumentParser:
+    """The options this probe and bench/mini_audio_probe.py share (`lr`: the adapter's and head's default)."""
+    from bench.mini_keep_text import add_argument as add_keep_text
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--model", type=Path, required=True, help="a mini checkpoint (shipped, or weights/mini.py's)")
+    p.add_argument("--layers", type=int, default=5, help="decoder layers the block goes through (0: none)")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--full-lr", type=float, default=1e-3, help="the embedder's")
+    p.add_argument("--lr", type=float, default=lr, help="the adapter's and the head's")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--eval-n", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--save", type=Path, help="write the embedders and adapter here at the end, and under "
+                   "DIR/checkpoint a mini checkpoint with them folded into --model's")
+    add_keep_text(p)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def check_model(p: argparse.ArgumentParser, model: Path, layers: int) -> None:
+    """Argument errors, before any model loads: `model` holds no checkpoint, or fewer decoder layers than `layers`."""
+    if not (model / "config.json").is_file():
+        p.error(f"--model {model}: no config.json (a mini checkpoint directory)")
+    n_layers = json.loads((model / "config.json").read_text()).get("text_config", {}).get("num_hidden_layers")
+    if isinstance(n_layers, int) and layers > n_layers:
+        p.error(f"--layers {layers}: {model} has {n_layers} decoder layers")
+
+
+def first_layers_adapter(model, tokenizer, layers: int, r: int, seed: int, keep_text: float | None):
+    """LoRA r (alpha 2r) on every layer, of which only the first `layers`' parts are returned to
+    train: (config, those parameters, the modules kept off the text and their text subspaces, empty
+    without `keep_text`; bench/mini_keep_text.py)."""
+    from bench.mini_keep_text import keep_off_text
     from unigemma.finetune.run import prepare
     from unigemma.lora import LoraConfig
     from unigemma.lora.inject import lora_modules
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, required=True, help="a mini checkpoint (shipped, or weights/mini.py's)")
-    p.add_argument("--layers", type=int, default=5, help="decoder layers the block goes through (0: none)")
+    lora = LoraConfig(r=r, alpha=2 * r)
+    prepare(model, lora, seed)
+    used = {f"language_model.layers.{i}." for i in range(layers)}
+    adapter = [q for n, q in model.named_parameters() if q.requires_grad and any(u in n for u in used)]
+    kept, bases = {}, {}
+    if keep_text is not None:
+        kept = {n: m for n, m in lora_modules(model).items() if any(u in n for u in used)}
+        bases = keep_off_text(model, kept, tokenizer, layers, keep_text)
+    return lora, adapter, kept, bases
+
+
+def train(probe: nn.Module, draw, opt, after_step, steps: int, every: int, report) -> None:
+    """`steps` optimizer steps of `probe` on fresh batches (`draw()` → inputs..., labels), each
+    followed by `after_step()` (the keep-text projection); `report(step, mean train loss)` at step
+    0 (loss None) and every `every` steps."""
+    losses = []
+    report(0, None)
+    for step in range(1, steps + 1):
+        *inputs, ys = draw()
+        loss = nn.functional.cross_entropy(probe(*inputs), ys)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        after_step()
+        losses.append(float(loss.detach()))
+        if step % every == 0:
+            report(step, round(sum(losses) / len(losses), 3))
+            losses.clear()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import unigemma
+    from bench.mini_keep_text import project_
+    from bench.mini_quality import perplexity
+    from bench.quant_quality import prose
+    from unigemma.finetune.full import make_trainable, resolve
+
+    p = probe_arguments(__doc__, lr=1e-3)
     p.add_argument("--scratch", type=int, default=0, metavar="N",
                    help="instead, N layers of a small fresh transformer (its width the decoder's, 4 heads), all "
                         "trained: how many pictures a reader that starts from nothing needs")
     p.add_argument("--pos-std", type=float, default=None, metavar="S",
                    help="first draw the image embedder's 2-D position table afresh at std S (weights/mini.py "
                         "draws it at 0.02: ~2%% of a LayerNorm'd patch's norm)")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--free", type=float, default=0.5, help="share of each batch in unnamed random fills")
-    p.add_argument("--full-lr", type=float, default=1e-3, help="the embedder's")
-    p.add_argument("--lr", type=float, default=1e-3, help="the adapter's and the head's")
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--eval-n", type=int, default=200)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--save", type=Path, help="write the embedder and adapter here at the end, and under "
-                   "DIR/checkpoint a mini checkpoint with them folded into --model's")
-    add_keep_text(p)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if min(args.layers, args.scratch) < 0 or min(args.steps, args.batch_size, args.lora_r, args.eval_n,
                                                  args.eval_every) < 1 or not 0 <= args.free <= 1:
         p.error("--layers and --scratch must be >= 0; --steps, --batch-size, --lora-r, --eval-n and --eval-every "
                 ">= 1; --free in [0, 1]")
-    if not (args.model / "config.json").is_file():
-        p.error(f"--model {args.model}: no config.json (a mini checkpoint directory)")
-    n_layers = json.loads((args.model / "config.json").read_text()).get("text_config", {}).get("num_hidden_layers")
-    if isinstance(n_layers, int) and args.layers > n_layers:
-        p.error(f"--layers {args.layers}: {args.model} has {n_layers} decoder layers")
+    check_model(p, args.model, args.layers)
     gemma = unigemma.load(args.model, dtype="float32", fast=False, exact=True)
     model, tokenizer = gemma.model, gemma.tokenizer
     prose_ids = prose(2048, tokenizer)
 
     torch.manual_seed(args.seed)
-    lora = LoraConfig(r=args.lora_r, alpha=2 * args.lora_r)
-    prepare(model, lora, args.seed)  # the adapter on every layer; only the first --layers' parts are trained
-    used = {f"language_model.layers.{i}." for i in range(args.layers)}
-    adapter = [q for n, q in model.named_parameters() if q.requires_grad and any(u in n for u in used)]
-    kept, bases = {}, {}
-    if args.keep_text is not None:
-        kept = {n: m for n, m in lora_modules(model).items() if any(u in n for u in used)}
-        bases = keep_off_text(model, kept, tokenizer, args.layers, args.keep_text)
+    lora, adapter, kept, bases = first_layers_adapter(model, tokenizer, args.layers, args.lora_r, args.seed,
+                                                      args.keep_text)
     if args.pos_std is not None:
         with torch.no_grad():
             model.model.embed_vision.pos_embedding.normal_(std=args.pos_std)
@@ -223,35 +266,25 @@ def main(argv: list[str] | None = None) -> None:
         reader.train()
         return round(float((got == ys).float().mean()), 3)
 
-    t0, losses, rng = time.time(), [], random.Random(f"{args.seed}/train")
+    t0, rng = time.time(), random.Random(f"{args.seed}/train")
     info = {"bench": "mini_reader_probe", **machine(torch.get_num_threads()), "model": str(args.model),
             "layers": args.layers, "scratch": args.scratch, "pos_std": args.pos_std, "batch_size": args.batch_size,
             "free": args.free, "lr": args.lr, "full_lr": args.full_lr, "keep_text": args.keep_text,
             "text_dims_kept_off": {n.split("language_model.")[-1]: P.shape[1] for n, P in bases.items()},
             "chance": round(1 / len(SHAPES), 3)}
 
-    def report(step):
-        print(json.dumps({**info, "step": step, "pictures": step * args.batch_size,
-                          "train_loss": round(sum(losses) / len(losses), 3) if losses else None,
+    def report(step, loss):
+        print(json.dumps({**info, "step": step, "pictures": step * args.batch_size, "train_loss": loss,
                           **{f"{s}_accuracy": accuracy(s) for s in evals},
                           "prose_perplexity": round(perplexity(model, prose_ids), 3),
                           "seconds": round(time.time() - t0)}),
               flush=True)
         info.clear()  # the machine and settings once, on the first line
 
-    report(0)
-    for step in range(1, args.steps + 1):
-        kinds = ["free" if rng.random() < args.free else "train" for _ in range(args.batch_size)]
-        px, pos, ys = batch(rng, kinds)
-        loss = nn.functional.cross_entropy(reader(px, pos), ys)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        project_(kept, bases)
-        losses.append(float(loss.detach()))
-        if step % args.eval_every == 0:
-            report(step)
-            losses.clear()
+    def draw_batch():
+        return batch(rng, ["free" if rng.random() < args.free else "train" for _ in range(args.batch_size)])
+
+    train(reader, draw_batch, opt, lambda: project_(kept, bases), args.steps, args.eval_every, report)
     if args.save:
         save_run(model, lora, args.model, args.save)
 

@@ -36,7 +36,9 @@ On the 2-core CPU of this project's machines a step takes ~5.5 s (~155 tokens/s)
 (AVX2); on the Xeon with AMX bf16, ~240 tokens/s in float32 and ~330 with `--dtype bfloat16`
 (the frozen decoder in bf16, the embedders and the adapter still float32: the same losses to
 ~1e-3 over the first 12 steps; README, Twelfth look). `--init` takes the rank and alpha of the
-adapter it starts from (the shipped one's alpha is under the recipe's 32: it ships merged at a scale).
+adapter it starts from (the shipped one's alpha is under the recipe's 32: it ships merged at a
+scale), or with `--init-alpha 32` goes on at the recipe's alpha from the same function (its B
+rescaled), at the recipe's pace (README, Thirteenth look).
 
 The first run reported in the README used lr 2e-3 (embedders) / 3e-4 (adapter) and a cosine
 schedule ending at step 530, and differed from this script in its first 170 steps, which were those of a run on
@@ -155,6 +157,28 @@ def adapter_shape(directory: Path) -> dict:
     return {"lora_r": c.r, "lora_alpha": c.alpha}
 
 
+def rescaled(directory: Path, alpha: float, out: Path) -> Path:
+    """A copy of the run in `directory` whose adapter has lora_alpha `alpha`, every lora_B scaled by
+    old alpha / `alpha`: the same function, trained on at `alpha`'s pace. (Under Adam each step moves
+    A and B by ~lr whatever alpha is, so the adapter's update moves ~alpha/r per step: the shipped
+    adapter, at alpha 32 x its merge scales, trains on slower than the recipe's by that factor.)"""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((directory / "adapter_config.json").read_text())
+    ratio = config["lora_alpha"] / alpha
+    tensors = {k: (t * ratio if ".lora_B." in k else t) for k, t in
+               load_file(directory / "adapter_model.safetensors").items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": alpha}, indent=2))
+    for side in ("full_weights.safetensors", "card.json"):  # the embedders; a shipped start's card (its steps)
+        if (directory / side).is_file():
+            shutil.copyfile(directory / side, out / side)
+    return out
+
+
 def run(*args: str) -> None:
     print("+", " ".join(args), file=sys.stderr)
     subprocess.run([sys.executable, *args], check=True, cwd=ROOT)
@@ -171,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init", type=Path,
                    help="start from a finished run's weights (a checkpoint-N of an earlier run, or the shipped "
                         "unigemma/mini) with a fresh optimizer (`unigemma finetune --init`)")
+    p.add_argument("--init-alpha", type=float, metavar="A",
+                   help="with --init: go on at lora_alpha A, its adapter rescaled to the same function (`rescaled`; "
+                        "the recipe's 32 restores its pace to a shipped adapter merged at a scale)")
     p.add_argument("--more", action="append", default=[], metavar="KIND=N",
                    help="N more training items of KIND than --train-per-kind (repeatable)")
     p.add_argument("--free-shapes", type=int, default=0, metavar="N",
@@ -195,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
                 "--replay-repeat must be >= 1" if args.replay_repeat < 1 else "--free-shapes must be >= 0")
     if args.init is not None and not (args.init / "adapter_config.json").is_file():
         p.error(f"--init {args.init}: no adapter_config.json (a run's checkpoint-N or unigemma/mini)")
+    if args.init_alpha is not None and (args.init is None or args.init_alpha <= 0):
+        p.error("--init-alpha takes a positive alpha, with --init")
     data, base, out = args.work / "data", args.work / "base", args.work / "train"
     if not (data / "train.jsonl").is_file():
         run("-m", "bench.mmdata.generate", "--out", str(data), "--train-per-kind", str(args.train_per_kind))
@@ -206,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     train = mixed(train, replay_text(data / "replay.jsonl"), data / "train_mixed.jsonl", repeat=args.replay_repeat)
     if not (base / "config.json").is_file():
         run("-m", "unigemma.weights.mini", str(base))
+    if args.init_alpha is not None:
+        args.init = rescaled(args.init, args.init_alpha, args.work / "init")
     r = {**RECIPE, **(adapter_shape(args.init) if args.init else {})}
     run("-m", "unigemma", "finetune", "--model", str(base), "--data", str(train), "--eval", str(val),
         "--out", str(out), "--dtype", args.dtype, "--image-budget", str(r["image_budget"]),

@@ -443,15 +443,18 @@ def test_reader_probe_start_checkpoint_folds_in_its_embedder_and_adapter(saved, 
     assert not torch.allclose(plain, b, atol=1e-3)
 
 
-def test_reader_probe_refuses_bad_arguments_before_loading(tmp_path, capsys):
-    """bench/mini_reader_probe.py: a count below 1, a share outside [0, 1], a directory without a
-    checkpoint or more layers than it has are argument errors naming them, before any model loads."""
+@pytest.mark.parametrize("probe, own", [("mini_reader_probe", (["--free", "1.5"], "--free")),
+                                         ("mini_audio_probe", (["--task", "shape"], "--task"))])
+def test_reader_probes_refuse_bad_arguments_before_loading(tmp_path, capsys, probe, own):
+    """bench/mini_reader_probe.py and mini_audio_probe.py: a count below 1, a share outside [0, 1]
+    or an unknown task, a directory without a checkpoint or more layers than it has are argument
+    errors naming them, before any model loads."""
+    import importlib
     import json
 
-    from bench.mini_reader_probe import main
-
+    main = importlib.import_module(f"bench.{probe}").main
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 3}}))
-    for argv, says in ((["--eval-every", "0"], "--eval-every"), (["--free", "1.5"], "--free"),
+    for argv, says in ((["--eval-every", "0"], "--eval-every"), own, (["--keep-text", "1"], "--keep-text"),
                        (["--layers", "4"], "has 3 decoder layers")):
         with pytest.raises(SystemExit):
             main(["--model", str(tmp_path), *argv])
@@ -678,3 +681,99 @@ def test_recipe_init_without_an_adapter_is_refused_before_any_work(tmp_path, cap
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"--init {tmp_path / 'nowhere'}: no adapter_config.json" in err
     assert not (tmp_path / "work").exists()
+
+
+def test_recipe_init_alpha_goes_on_from_the_same_function(tmp_path, capsys):
+    """bench/mini_train.py --init-alpha A (`rescaled`): the run's adapter at lora_alpha A with every
+    lora_B scaled by old alpha / A merges to the same decoder, embedders and a shipped card copied; without --init,
+    or A <= 0, a usage error before any work."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from bench.mini_train import main, rescaled
+    from unigemma.weights.mini import trained_checkpoint
+
+    base, run = _tiny_run(tmp_path)
+    (run / "card.json").write_text('{"trained_steps": 7}')  # as a shipped start has
+    alpha = json.loads((run / "adapter_config.json").read_text())["lora_alpha"]
+    moved = rescaled(run, 4 * alpha, tmp_path / "rescaled")
+    assert (moved / "card.json").read_text() == '{"trained_steps": 7}'
+    assert json.loads((moved / "adapter_config.json").read_text())["lora_alpha"] == 4 * alpha
+    a, b = load_file(run / "adapter_model.safetensors"), load_file(moved / "adapter_model.safetensors")
+    assert any(".lora_B." in k and a[k].abs().max() > 0 and torch.allclose(b[k], a[k] / 4) for k in a)
+    want = load_file(trained_checkpoint(run, tmp_path / "want", base=base) / "model.safetensors")
+    got = load_file(trained_checkpoint(moved, tmp_path / "got", base=base) / "model.safetensors")
+    assert want.keys() == got.keys()
+    for name, w in want.items():
+        assert torch.allclose(got[name], w, atol=1e-6), name
+    for bad in (["--init-alpha", "32"], ["--init", str(run), "--init-alpha", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(["--work", str(tmp_path / "work"), *bad, "--steps", "1"])
+        assert e.value.code == 2 and "--init-alpha" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+
+def test_audio_probe_hears_training_voices_only_and_padding_changes_nothing(monkeypatch):
+    """bench/mini_audio_probe.py: its training clips are said in training voices only, its
+    held-out ones in held-out voices only; a clip's logits are the same alone and padded in a
+    batch with a longer one (audio is causal and the pooling skips the padding); only the first
+    `layers` layers' adapter and the audio embedder get a gradient."""
+    import random
+
+    import numpy as np
+
+    from bench.mini_audio_probe import Hearer, TASKS, batch
+    from bench.mmdata import sounds
+    from bench.mmdata.vocab import HELDOUT_VOICES, TRAIN_VOICES
+    from unigemma.finetune.run import prepare
+    from unigemma.lora import LoraConfig
+
+    said = []
+
+    def speak(text, voice, wpm, pitch):  # no espeak-ng needed: a clip whose length depends on the text
+        said.append((text, voice))
+        return np.random.default_rng(len(said)).standard_normal(640 * (2 + len(text))).astype(np.float32) * 0.1
+
+    monkeypatch.setattr(sounds, "speak", speak)
+    frames, real, ys = batch(random.Random(0), np.random.default_rng(0), "digit", "train", 6)
+    assert frames.shape[0] == 6 and frames.shape[-1] == 640 and real.shape == frames.shape[:2]
+    assert all(TASKS["digit"][y] == text for y, (text, _) in zip(ys.tolist(), said))
+    assert all(v in TRAIN_VOICES for _, v in said) and real.sum(1).min() < real.sum(1).max()
+    said.clear()
+    batch(random.Random(1), np.random.default_rng(1), "word", "heldout", 6)
+    assert all(v in HELDOUT_VOICES for _, v in said) and len(said) == 6
+
+    model = mini.UnigemmaMini(ModelConfig.from_dict(mini.tiny_config()))
+    randomize_reference(model, seed=3)
+    prepare(model, LoraConfig(r=2, alpha=4))
+    for p in model.model.embed_audio.parameters():
+        p.requires_grad_(True)
+    hearer = Hearer(model, layers=2, classes=10).eval()  # eval: the head's running statistics, per clip
+    both = hearer(frames, real)
+    short = int(real.sum(1).argmin())
+    alone = hearer(frames[short:short + 1, :int(real[short].sum())], real[short:short + 1, :int(real[short].sum())])
+    assert torch.allclose(both[short], alone[0], atol=1e-5)
+    hearer.train()
+    hearer(frames, real).logsumexp(-1).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n}
+    assert all(g is not None for n, g in grads.items() if ".layers.0." in n or ".layers.1." in n)
+    assert all(g is None for n, g in grads.items() if ".layers.2." in n)
+    assert model.model.embed_audio.embedding_projection.weight.grad is not None
+
+
+def test_probe_training_loop_steps_projects_and_reports():
+    """bench/mini_reader_probe.py `train` (both probes' loop): every step is followed by the
+    keep-text hook, the mean loss is reported at step 0 (None) and every `every` steps, and a
+    learnable batch's loss falls."""
+    from bench.mini_reader_probe import train
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = (x[:, 0] > 0).long()
+    probe = torch.nn.Linear(4, 2)
+    hooks, reports = [], []
+    train(probe, lambda: (x, y), torch.optim.SGD(probe.parameters(), lr=0.5), lambda: hooks.append(1), 30, 10,
+          lambda step, loss: reports.append((step, loss)))
+    assert len(hooks) == 30 and [s for s, _ in reports] == [0, 10, 20, 30] and reports[0][1] is None
+    assert reports[-1][1] < reports[1][1] < 0.7

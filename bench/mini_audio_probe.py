@@ -1,0 +1,149 @@
+"""Can the mini's audio embedder and the decoder's first layers learn to hear a spoken digit or word?
+
+    python -m bench.mini_audio_probe --model CHECKPOINT --task digit --layers 5 [--steps 400]
+        [--batch-size 16] [--full-lr 1e-3] [--lr 5e-4] [--eval-n 200] [--eval-every 50] [--keep-text EPS]
+        [--save DIR]
+
+The audio twin of bench/mini_reader_probe.py. The shipped mini names a held-out spoken digit 23%
+of the time and a spoken word 2%, no better on clips of its own training voices (README,
+Thirteenth look): it has not learned to hear them, where a picture's shape needed ~5,000 pictures
+of that question alone before its first layers began to read it (Eighth look). This asks the
+question of the audio block alone: a clip (bench/mmdata's: espeak-ng, the split's voices, rates
+and pitches, silence and white noise added) becomes 40 ms frames through the checkpoint's audio
+embedder (a scale-free RMSNorm, one Linear), goes through the decoder's first `--layers` layers
+(causal, as the model runs audio), and a throw-away head (BatchNorm, Linear) on the mean and max
+of the block's hidden states names the digit (10 classes) or the word (bench/mmdata's 110).
+Trained: the audio embedder in full and LoRA (r 16) on those layers; every step's clips are
+fresh (synthesized then, none heard twice), in training voices only. Scored every
+`--eval-every` steps on fixed clips it never trained on: unseen voices (the held-out split's
+accents and variants) and training voices; and the whole model's prose perplexity. One JSON line
+per evaluation. `--keep-text` and `--save` as bench/mini_reader_probe.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench.machine import machine
+from bench.mmdata.vocab import DIGITS, WORDS
+
+TASKS = {"digit": DIGITS, "word": WORDS}  # what is said; the label is its index
+
+
+def clip(rng: random.Random, np_rng: np.random.Generator, task: str, split: str) -> tuple[np.ndarray, int]:
+    """(16 kHz samples, label): one clip as bench/mmdata/items.py makes a `digit` / `spoken_word`
+    item of `split` (its voices: the held-out split's are all unseen in training)."""
+    from bench.mmdata.items import _say, _voice
+
+    label = rng.randrange(len(TASKS[task]))
+    return _say(TASKS[task][label], _voice(rng, split), rng, np_rng), label
+
+
+def batch(rng: random.Random, np_rng: np.random.Generator, task: str, split: str,
+          n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(frames [n, T, 640] zero-padded at the end, real [n, T] bool, labels [n]) of fresh clips."""
+    from unigemma.processing.audio import preprocess_audio
+
+    clips = [clip(rng, np_rng, task, split) for _ in range(n)]
+    frames = [torch.as_tensor(preprocess_audio(w).input_features).float() for w, _ in clips]
+    T = max(len(f) for f in frames)
+    out, real = torch.zeros(n, T, frames[0].shape[-1]), torch.zeros(n, T, dtype=torch.bool)
+    for i, f in enumerate(frames):
+        out[i, :len(f)], real[i, :len(f)] = f, True
+    return out, real, torch.tensor([y for _, y in clips])
+
+
+class Hearer(nn.Module):
+    """The audio embedder and the decoder's first `layers` layers on one audio block, then a head."""
+
+    def __init__(self, model, layers: int, classes: int):
+        super().__init__()
+        from unigemma.inputs import AUDIO
+
+        self.model, self.layers, self.audio = model, layers, AUDIO
+        width = model.config.text.hidden_size
+        # per feature over the batch, as the reader's head (a per-clip LayerNorm would let the
+        # residual stream's few huge dimensions swamp the rest)
+        self.head = nn.Sequential(nn.BatchNorm1d(2 * width, affine=False), nn.Linear(2 * width, classes))
+
+    def forward(self, frames: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        from bench.mini_reader_probe import layer_outputs
+
+        h = self.model.model.embed_audio(frames)  # [B, T, width], as embed_audio gathers them
+        # audio is causal, so the zero frames padded after a clip never reach its real ones
+        for h in layer_outputs(self.model, h, torch.full(h.shape[:2], self.audio), self.layers):
+            pass
+        m = real.unsqueeze(-1)
+        mean = (h * m).sum(1) / m.sum(1)
+        return self.head(torch.cat([mean, h.masked_fill(~m, float("-inf")).amax(1)], -1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import unigemma
+    from bench.mini_keep_text import project_
+    from bench.mini_quality import perplexity
+    from bench.mini_reader_probe import check_model, first_layers_adapter, probe_arguments, save_run, train
+    from bench.quant_quality import prose
+    from unigemma.finetune.full import make_trainable
+
+    p = probe_arguments(__doc__, lr=5e-4)
+    p.add_argument("--task", choices=sorted(TASKS), default="digit")
+    args = p.parse_args(argv)
+    if args.layers < 0 or min(args.steps, args.batch_size, args.lora_r, args.eval_n, args.eval_every) < 1:
+        p.error("--layers must be >= 0; --steps, --batch-size, --lora-r, --eval-n and --eval-every >= 1")
+    check_model(p, args.model, args.layers)
+    gemma = unigemma.load(args.model, dtype="float32", fast=False, exact=True)
+    model, tokenizer = gemma.model, gemma.tokenizer
+    prose_ids = prose(2048, tokenizer)
+
+    torch.manual_seed(args.seed)
+    lora, adapter, kept, bases = first_layers_adapter(model, tokenizer, args.layers, args.lora_r, args.seed,
+                                                      args.keep_text)
+    embedder = make_trainable({"model.embed_audio": model.model.embed_audio})
+    hearer = Hearer(model, args.layers, len(TASKS[args.task]))
+    opt = torch.optim.AdamW([{"params": embedder, "lr": args.full_lr},
+                             {"params": adapter + list(hearer.head.parameters()), "lr": args.lr}],
+                            weight_decay=0.0)
+
+    evals = {split: batch(random.Random(f"{args.seed}/eval/{split}"), np.random.default_rng([args.seed, k]),
+                          args.task, split, args.eval_n)
+             for k, split in enumerate(("heldout", "train"), 1)}
+
+    @torch.no_grad()
+    def accuracy(split: str) -> float:
+        hearer.eval()  # the head's running statistics
+        frames, real, ys = evals[split]
+        got = torch.cat([hearer(frames[i:i + 32], real[i:i + 32]).argmax(-1) for i in range(0, len(ys), 32)])
+        hearer.train()
+        return round(float((got == ys).float().mean()), 3)
+
+    t0 = time.time()
+    rng, np_rng = random.Random(f"{args.seed}/train"), np.random.default_rng([args.seed, 0])
+    info = {"bench": "mini_audio_probe", **machine(torch.get_num_threads()), "model": str(args.model),
+            "task": args.task, "classes": len(TASKS[args.task]), "layers": args.layers,
+            "batch_size": args.batch_size, "lr": args.lr, "full_lr": args.full_lr, "keep_text": args.keep_text,
+            "text_dims_kept_off": {n.split("language_model.")[-1]: P.shape[1] for n, P in bases.items()},
+            "chance": round(1 / len(TASKS[args.task]), 3)}
+
+    def report(step, loss):
+        print(json.dumps({**info, "step": step, "clips": step * args.batch_size, "train_loss": loss,
+                          **{f"{s}_voices_accuracy": accuracy(s) for s in evals},
+                          "prose_perplexity": round(perplexity(model, prose_ids), 3),
+                          "seconds": round(time.time() - t0)}),
+              flush=True)
+        info.clear()  # the machine and settings once, on the first line
+
+    train(hearer, lambda: batch(rng, np_rng, args.task, "train", args.batch_size), opt,
+          lambda: project_(kept, bases), args.steps, args.eval_every, report)
+    if args.save:
+        save_run(model, lora, args.model, args.save)
+
+
+if __name__ == "__main__":
+    main()
