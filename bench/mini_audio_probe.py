@@ -12,7 +12,7 @@ question of the audio block alone: a clip (bench/mmdata's: espeak-ng, the split'
 and pitches, silence and white noise added) becomes 40 ms frames through the checkpoint's audio
 embedder (a scale-free RMSNorm, one Linear), goes through the decoder's first `--layers` layers
 (causal, as the model runs audio), and a throw-away head (BatchNorm, Linear) on the mean and max
-of the block's hidden states names the digit (10 classes) or the word (bench/mmdata's 110).
+of the block's hidden states names the digit (10 classes) or the word (bench/mmdata's 102).
 Trained: the audio embedder in full and LoRA (r 16) on those layers; every step's clips are
 fresh (synthesized then, none heard twice), in training voices only. Scored every
 `--eval-every` steps on fixed clips it never trained on: unseen voices (the held-out split's
