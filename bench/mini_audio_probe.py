@@ -85,22 +85,17 @@ class Hearer(nn.Module):
 
 
 def main(argv: list[str] | None = None) -> None:
-    import unigemma
     from bench.mini_keep_text import project_
     from bench.mini_quality import perplexity
-    from bench.mini_reader_probe import check_model, first_layers_adapter, probe_arguments, save_run, train
-    from bench.quant_quality import prose
+    from bench.mini_reader_probe import check_arguments, first_layers_adapter, load_probed, probe_arguments, \
+        save_run, train
     from unigemma.finetune.full import make_trainable
 
     p = probe_arguments(__doc__, lr=5e-4)
     p.add_argument("--task", choices=sorted(TASKS), default="digit")
     args = p.parse_args(argv)
-    if args.layers < 0 or min(args.steps, args.batch_size, args.lora_r, args.eval_n, args.eval_every) < 1:
-        p.error("--layers must be >= 0; --steps, --batch-size, --lora-r, --eval-n and --eval-every >= 1")
-    check_model(p, args.model, args.layers)
-    gemma = unigemma.load(args.model, dtype="float32", fast=False, exact=True)
-    model, tokenizer = gemma.model, gemma.tokenizer
-    prose_ids = prose(2048, tokenizer)
+    check_arguments(p, args)
+    model, tokenizer, prose_ids = load_probed(args.model)
 
     torch.manual_seed(args.seed)
     lora, adapter, kept, bases = first_layers_adapter(model, tokenizer, args.layers, args.lora_r, args.seed,

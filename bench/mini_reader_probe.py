@@ -170,13 +170,26 @@ def probe_arguments(doc: str, lr: float) -> argparse.ArgumentParser:
     return p
 
 
-def check_model(p: argparse.ArgumentParser, model: Path, layers: int) -> None:
-    """Argument errors, before any model loads: `model` holds no checkpoint, or fewer decoder layers than `layers`."""
-    if not (model / "config.json").is_file():
-        p.error(f"--model {model}: no config.json (a mini checkpoint directory)")
-    n_layers = json.loads((model / "config.json").read_text()).get("text_config", {}).get("num_hidden_layers")
-    if isinstance(n_layers, int) and layers > n_layers:
-        p.error(f"--layers {layers}: {model} has {n_layers} decoder layers")
+def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`probe_arguments`' checks, before any model loads: counts below 1, negative layers,
+    `--model` without a checkpoint or with fewer decoder layers than `--layers`."""
+    if args.layers < 0 or min(args.steps, args.batch_size, args.lora_r, args.eval_n, args.eval_every) < 1:
+        p.error("--layers must be >= 0; --steps, --batch-size, --lora-r, --eval-n and --eval-every >= 1")
+    if not (args.model / "config.json").is_file():
+        p.error(f"--model {args.model}: no config.json (a mini checkpoint directory)")
+    n_layers = json.loads((args.model / "config.json").read_text()).get("text_config", {}).get("num_hidden_layers")
+    if isinstance(n_layers, int) and args.layers > n_layers:
+        p.error(f"--layers {args.layers}: {args.model} has {n_layers} decoder layers")
+
+
+def load_probed(model_dir: Path):
+    """(model, tokenizer, prose token ids): the checkpoint in float32, exact kernels, and the text
+    its prose perplexity is measured on (bench/mini_quality.py's)."""
+    import unigemma
+    from bench.quant_quality import prose
+
+    gemma = unigemma.load(model_dir, dtype="float32", fast=False, exact=True)
+    return gemma.model, gemma.tokenizer, prose(2048, gemma.tokenizer)
 
 
 def first_layers_adapter(model, tokenizer, layers: int, r: int, seed: int, keep_text: float | None):
@@ -219,10 +232,8 @@ def train(probe: nn.Module, draw, opt, after_step, steps: int, every: int, repor
 
 
 def main(argv: list[str] | None = None) -> None:
-    import unigemma
     from bench.mini_keep_text import project_
     from bench.mini_quality import perplexity
-    from bench.quant_quality import prose
     from unigemma.finetune.full import make_trainable, resolve
 
     p = probe_arguments(__doc__, lr=1e-3)
@@ -234,14 +245,10 @@ def main(argv: list[str] | None = None) -> None:
                         "draws it at 0.02: ~2%% of a LayerNorm'd patch's norm)")
     p.add_argument("--free", type=float, default=0.5, help="share of each batch in unnamed random fills")
     args = p.parse_args(argv)
-    if min(args.layers, args.scratch) < 0 or min(args.steps, args.batch_size, args.lora_r, args.eval_n,
-                                                 args.eval_every) < 1 or not 0 <= args.free <= 1:
-        p.error("--layers and --scratch must be >= 0; --steps, --batch-size, --lora-r, --eval-n and --eval-every "
-                ">= 1; --free in [0, 1]")
-    check_model(p, args.model, args.layers)
-    gemma = unigemma.load(args.model, dtype="float32", fast=False, exact=True)
-    model, tokenizer = gemma.model, gemma.tokenizer
-    prose_ids = prose(2048, tokenizer)
+    if args.scratch < 0 or not 0 <= args.free <= 1:
+        p.error("--scratch must be >= 0 and --free in [0, 1]")
+    check_arguments(p, args)
+    model, tokenizer, prose_ids = load_probed(args.model)
 
     torch.manual_seed(args.seed)
     lora, adapter, kept, bases = first_layers_adapter(model, tokenizer, args.layers, args.lora_r, args.seed,

@@ -167,7 +167,7 @@ def rescaled(directory: Path, alpha: float, out: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     config = json.loads((directory / "adapter_config.json").read_text())
-    ratio = config["lora_alpha"] / alpha
+    ratio = adapter_shape(directory)["lora_alpha"] / alpha
     tensors = {k: (t * ratio if ".lora_B." in k else t) for k, t in
                load_file(directory / "adapter_model.safetensors").items()}
     out.mkdir(parents=True, exist_ok=True)
