@@ -5,9 +5,11 @@
 
 The full recipe (bench/mini_train.py) takes ~45 minutes before its held-out answers say anything;
 this asks one question category (bench/mmdata/conversations.py `questions`: colour, shape, count,
-beeps, pitch) of the items of `--data`, one question per item, and trains the embedders in full and
-LoRA on the decoder as `unigemma finetune --train-full media` does (AdamW, constant lr, no
-warmup). Every `--eval-every` steps it scores `--eval-n` held-out items by ranking the category's
+beeps, pitch; or digit, spoken_word: those items' own question) of the items of `--data`, one
+question per item (several categories, comma-separated, are trained together and scored each),
+and trains the embedders in full and LoRA on the decoder as `unigemma finetune --train-full
+media` does (AdamW, constant lr, no warmup). Every `--eval-every` steps it scores `--eval-n`
+held-out items (of each category) by ranking the category's
 answers by their first token's logit after the question (one forward an item, no generation;
 chance is one over the number of answers), and the whole model's prose perplexity
 (bench/mini_quality.py's). Prints one JSON line per evaluation.
@@ -62,6 +64,20 @@ from bench.mmdata.conversations import questions  # noqa: E402
 from bench.mmdata.free_shapes import QUESTIONS as FREE_QUESTIONS  # noqa: E402
 
 
+# kinds whose category is the item's own question (conversations.py `questions` asks nothing of a
+# spoken digit or word: the item's first turn is the question)
+OWN = ("digit", "spoken_word")
+CATEGORIES = ("colour", "shape", "count", "beeps", "pitch") + OWN
+
+
+def asked(record: dict) -> list[tuple[str, str, str]]:
+    """(category, question, answer) of `record`: its own first turn for the OWN kinds, else `questions`'."""
+    if record["kind"] not in OWN:
+        return questions(record)
+    user, answer = record["messages"][:2]
+    return [(record["kind"], " ".join(x["text"] for x in user["content"] if x["type"] == "text"), answer["content"])]
+
+
 def one_question(path: Path, category: str, single: bool) -> list[dict]:
     """Each item of `path` asked its `category` questions (one record each); single: pictures of one shape only."""
     out = []
@@ -70,10 +86,20 @@ def one_question(path: Path, category: str, single: bool) -> list[dict]:
         if single and "pairs" in r["meta"] and len(r["meta"]["pairs"]) != 1:
             continue
         media = [x for x in r["messages"][0]["content"] if x["type"] != "text"]
-        out += [{"answer": a, "messages": [{"role": "user", "content": media + [{"type": "text", "text": q}]},
-                                           {"role": "assistant", "content": a}]}
-                for cat, q, a in questions(r) if cat == category]
+        out += [{"answer": a, "category": cat,
+                 "messages": [{"role": "user", "content": media + [{"type": "text", "text": q}]},
+                              {"role": "assistant", "content": a}]}
+                for cat, q, a in asked(r) if cat == category]
     return out
+
+
+def categories(text: str) -> tuple[str, ...]:
+    """--category's comma-separated names, each one of CATEGORIES."""
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in names if x not in CATEGORIES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: each must be one of {', '.join(CATEGORIES)}")
+    return names
 
 
 def unnamed_question(record: dict) -> dict:
@@ -136,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="an untrained mini checkpoint (weights/mini.py)")
     p.add_argument("--data", type=Path, required=True, help="bench/mmdata output: train.jsonl, heldout.jsonl")
-    p.add_argument("--category", required=True, choices=("colour", "shape", "count", "beeps", "pitch"))
+    p.add_argument("--category", required=True, type=categories,
+                   help=f"one or more of {', '.join(CATEGORIES)}, comma-separated: trained together, scored each")
     p.add_argument("--single", action="store_true", help="pictures of one shape only")
     p.add_argument("--image-budget", type=int, default=None, help="default: the checkpoint's (mini: 70)")
     p.add_argument("--steps", type=int, default=150)
@@ -160,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     keep_text.add_argument(p)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.free_shapes and args.category != "shape":
+    if args.free_shapes and args.category != ("shape",):
         p.error("--free-shapes trains the shape category: use --category shape")
     if args.free_shapes < 0:
         p.error(f"--free-shapes must be >= 0, got {args.free_shapes}")
@@ -190,22 +217,27 @@ def main(argv: list[str] | None = None) -> None:
         bases = keep_text.keep_off_text(model, kept, tok, len(model.text.layers), args.keep_text)
     opt = torch.optim.AdamW([{"params": embedders, "lr": args.full_lr}, {"params": adapter, "lr": args.lr}],
                             weight_decay=0.0)
-    train = one_question(args.data / "train.jsonl", args.category, args.single)
-    held = one_question(args.data / "heldout.jsonl", args.category, args.single)
-    random.Random(args.seed).shuffle(held)
-    held = held[:args.eval_n]
+    train = [r for c in args.category for r in one_question(args.data / "train.jsonl", c, args.single)]
+    held = []
+    for c in args.category:  # --eval-n of each
+        some = one_question(args.data / "heldout.jsonl", c, args.single)
+        random.Random(args.seed).shuffle(some)
+        held += some[:args.eval_n]
     free_held = []
     if args.free_shapes:
         from bench.mini_train import free_shape_items
 
-        train = [json.loads(x) for x in free_shape_items(args.data, args.free_shapes)]
-        free_held = [json.loads(x) for x in free_shape_items(args.data, args.eval_n, start=args.free_shapes)]
-    unnamed = [unnamed_question(r) for r in held] if args.category == "shape" and args.single else []
-    answers = sorted({r["answer"] for r in train + held})
-    first = {tok.encode(a, add_special_tokens=False)[0]: a for a in answers}
-    if len(first) != len(answers):
-        raise SystemExit(f"{args.category}: answers share a first token, ranking cannot tell them apart")
-    candidates = torch.tensor(list(first))
+        train = [{**json.loads(x), "category": "shape"} for x in free_shape_items(args.data, args.free_shapes)]
+        free_held = [{**json.loads(x), "category": "shape"}
+                     for x in free_shape_items(args.data, args.eval_n, start=args.free_shapes)]
+    unnamed = [unnamed_question(r) for r in held] if args.category == ("shape",) and args.single else []
+    answers, first, candidates = {}, {}, {}  # per category: answers ranked among their own
+    for c in args.category:
+        answers[c] = sorted({r["answer"] for r in train + held if r["category"] == c})
+        first[c] = {tok.encode(a, add_special_tokens=False)[0]: a for a in answers[c]}
+        if len(first[c]) != len(answers[c]):
+            raise SystemExit(f"{c}: answers share a first token, ranking cannot tell them apart")
+        candidates[c] = torch.tensor(list(first[c]))
 
     def encode(r, where=args.data):
         return encode_line(processor, r, where, "probe")
@@ -223,18 +255,27 @@ def main(argv: list[str] | None = None) -> None:
             labels = b.labels[0]
             at = int((labels != IGNORE).nonzero()[0]) - 1  # the position that predicts the answer
             logits = model.output(hidden_states(model, b.inputs)[0, at])
-            right += first[int(candidates[logits[candidates].argmax()])] == r["answer"]
+            c = candidates[r["category"]]
+            right += first[r["category"]][int(c[logits[c].argmax()])] == r["answer"]
         return right / len(held)
 
+    def scores() -> dict:
+        """heldout_accuracy, of each category when there are several; chance likewise."""
+        one = len(args.category) == 1
+        acc = {c: round(accuracy([r for r in held if r["category"] == c]), 3) for c in args.category}
+        chance = {c: round(1 / len(answers[c]), 3) for c in args.category}
+        return {"heldout_accuracy": acc[args.category[0]] if one else acc,
+                "chance": chance[args.category[0]] if one else chance}
+
     def report(step, losses, t0):
-        print(json.dumps({"category": args.category, "single": args.single, "image_budget": processor.image_budget,
+        print(json.dumps({"category": ",".join(args.category), "single": args.single,
+                          "image_budget": processor.image_budget,
                           "from_layer": args.from_layer, "mix_share": args.mix_share if mix else 0,
                           "keep_text": args.keep_text, "step": step,
                           "train_loss": round(sum(losses) / len(losses), 3) if losses else None,
-                          "heldout_accuracy": round(accuracy(), 3), "heldout_items": len(held),
+                          **scores(), "heldout_items": len(held),
                           **({"heldout_unnamed_accuracy": round(accuracy(unnamed), 3)} if unnamed else {}),
                           **({"free_accuracy": round(accuracy(free_held), 3)} if free_held else {}),
-                          "chance": round(1 / len(answers), 3),
                           "prose_perplexity": round(perplexity(model, prose_ids), 3),
                           "seconds": round(time.time() - t0)}), flush=True)
 

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True,
                    help="a trained mini checkpoint (python -m unigemma.weights.mini OUT --trained RUN_DIR)")
-    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="a held-out jsonl (bench/mmdata's heldout.jsonl)")
     p.add_argument("--per-kind", type=int, default=200, help="float32 accuracy: items per kind")
     p.add_argument("--quant-per-kind", type=int, default=50, help="int8 / int4 accuracy: items per kind")
     p.add_argument("--agree-per-kind", type=int, default=10, help="top-1 agreement: conversations per kind")
@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--schemes", default="int8,int4-g32")
     p.add_argument("--kinds", help="comma-separated kinds (default: all twelve)")
     args = p.parse_args(argv)
+    if not args.data.is_file():
+        p.error(f"--data {args.data}: not a file" + (" (give the directory's heldout.jsonl)"
+                                                     if (args.data / "heldout.jsonl").is_file() else ""))
     out = {"bench": "mini_quality", **machine(torch.get_num_threads())}
     records = select(read_jsonl(args.data), None, args.kinds.split(",") if args.kinds else None)
     t0 = time.perf_counter()

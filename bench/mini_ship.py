@@ -105,8 +105,9 @@ def card(trained: Path, quality: dict, earlier: dict | None = None, scale: float
         scale *= again.get("adapter_scale", 1.0)
     common = {"heldout": quality["float32"], "prose": quality["prose"], "adapter_scale": scale,
               "measured_on": {k: quality[k] for k in ("cpu_model", "cpu_capability")}}
-    if again is not None:
-        return {**{k: again[k] for k in ("name", "base", "recipe", "trained_steps", "eval_loss")}, **common}
+    if again is not None:  # bench/mini_join.py's `stages` too, when the adapter was joined from several
+        return {**{k: again[k] for k in ("name", "base", "recipe", "trained_steps", "eval_loss", "stages")
+                   if k in again}, **common}
     offset = earlier["trained_steps"] if earlier else 0
     evals = {int(k): v for k, v in earlier["eval_loss"].items()} if earlier else {}
     step = checkpoint_step(trained)

@@ -443,6 +443,17 @@ def test_reader_probe_start_checkpoint_folds_in_its_embedder_and_adapter(saved, 
     assert not torch.allclose(plain, b, atol=1e-3)
 
 
+def test_quality_bench_names_a_data_directory_given_for_its_jsonl(tmp_path, capsys):
+    """bench/mini_quality.py --data takes the held-out jsonl: a directory is an argument error that
+    points at its heldout.jsonl, before any model loads."""
+    from bench.mini_quality import main
+
+    (tmp_path / "heldout.jsonl").write_text("")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "none"), "--data", str(tmp_path)])
+    assert e.value.code == 2 and "give the directory's heldout.jsonl" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("probe, own", [("mini_reader_probe", (["--free", "1.5"], "--free")),
                                          ("mini_audio_probe", (["--task", "shape"], "--task"))])
 def test_reader_probes_refuse_bad_arguments_before_loading(tmp_path, capsys, probe, own):
@@ -628,6 +639,40 @@ def test_probe_mix_drop_takes_out_the_matching_questions_and_keeps_the_media():
     assert drop_questions({"text": "What shape is the gray one?"}, drop) == {"text": "What shape is the gray one?"}
 
 
+def test_probe_asks_spoken_items_their_own_question_and_takes_several_categories(tmp_path, capsys):
+    """bench/mini_probe.py: a spoken digit or word (conversations.py asks nothing of them) is asked
+    its own first question, picture kinds their `questions`; --category takes a comma-separated
+    list, and a name outside CATEGORIES is an argument error naming it."""
+    import argparse
+    import json
+
+    from bench.mini_probe import categories, main, one_question
+
+    clip = {"type": "audio", "audio": "media/train/digit/00000.wav"}
+    rows = [{"kind": "digit", "meta": {}, "messages": [
+                {"role": "user", "content": [clip, {"type": "text", "text": "Which digit is spoken?"}]},
+                {"role": "assistant", "content": "6"}]},
+            {"kind": "colour", "meta": {"pairs": [["red", "star"]]}, "messages": [
+                {"role": "user", "content": [{"type": "image", "image": "a.png"},
+                                             {"type": "text", "text": "What colour is it?"}]},
+                {"role": "assistant", "content": "red"}]}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    digit = one_question(path, "digit", single=False)
+    assert digit == [{"answer": "6", "category": "digit", "messages": [
+        {"role": "user", "content": [clip, {"type": "text", "text": "Which digit is spoken?"}]},
+        {"role": "assistant", "content": "6"}]}]
+    assert [r["answer"] for r in one_question(path, "colour", single=False)] == ["red"]
+    assert one_question(path, "spoken_word", single=False) == []
+    assert categories("digit, spoken_word") == ("digit", "spoken_word")
+    for bad in ("digits", "", "colour,,x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            categories(bad)
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), "--data", str(tmp_path), "--category", "digit,word"])
+    assert "'digit,word': each must be one of" in capsys.readouterr().err
+
+
 def test_probe_unnamed_question_keeps_the_picture_and_the_answer():
     """bench/mini_probe.py `unnamed_question`: the same held-out picture and answer, asked without
     the colour the original question named."""
@@ -714,6 +759,63 @@ def test_recipe_init_alpha_goes_on_from_the_same_function(tmp_path, capsys):
     assert not (tmp_path / "work").exists()
 
 
+def test_join_stacks_staged_adapters_into_one_that_merges_the_same(tmp_path, capsys):
+    """bench/mini_join.py: a shipped-like adapter and a later stage's (another alpha, zero on some
+    modules, as a probe's untrained layers) joined into one adapter at scaling 1 assemble to the
+    checkpoint the stages make merged one after the other; the zero parts add no rank, the card
+    keeps the first's steps and lists the stages; one --adapter is a usage error."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from bench.mini_join import main
+    from unigemma.finetune.full import load_full_weights, save_full_weights
+    from unigemma.lora import load_adapter
+    from unigemma.lora.inject import merge
+    from unigemma.weights.mini import build_mini_model, trained_checkpoint
+
+    base, run = _tiny_run(tmp_path)
+    (run / "card.json").write_text('{"trained_steps": 7, "adapter_scale": 0.6}')
+    later = tmp_path / "later"
+    later.mkdir()
+    tensors = {k: v.clone() for k, v in load_file(run / "adapter_model.safetensors").items()}
+    zeroed = [k for k in tensors if ".lora_B." in k and ".layers.0." in k]
+    g = torch.Generator().manual_seed(1)
+    for k in tensors:
+        tensors[k] = torch.zeros_like(tensors[k]) if k in zeroed else torch.randn(tensors[k].shape, generator=g)
+    assert zeroed and len(zeroed) < len([k for k in tensors if ".lora_B." in k])
+    save_file(tensors, str(later / "adapter_model.safetensors"))
+    cfg = json.loads((run / "adapter_config.json").read_text())
+    (later / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": 3.0}))
+    other, _ = build_mini_model(base, seed=9)  # the later stage's embedders
+    save_full_weights({n: other.get_submodule(n) for n in ("model.embed_vision", "model.embed_audio")}, later)
+
+    main(["--adapter", str(run), "--adapter", str(later), "--out", str(tmp_path / "joined")])
+    line = json.loads(capsys.readouterr().out)
+    joined = tmp_path / "joined"
+    jcfg = json.loads((joined / "adapter_config.json").read_text())
+    assert line["r"] == jcfg["r"] == jcfg["lora_alpha"] == 2 * cfg["r"] and line["largest_difference"] < 1e-5
+    card = json.loads((joined / "card.json").read_text())
+    assert card["trained_steps"] == 7 and "adapter_scale" not in card and len(card["stages"]) == 2
+    assert card["stages"][1]["modules"] < card["stages"][0]["modules"]
+    j = load_file(joined / "adapter_model.safetensors")
+    assert all(j[k][:, cfg["r"]:].abs().max() == 0 for k in zeroed)  # padding, not a part
+
+    staged, cfg_dict = build_mini_model(base)  # the stages merged one after the other
+    for stage in (run, later):
+        load_adapter(staged, stage)
+        merge(staged)
+    load_full_weights(staged, later)
+    want = load_file(save_checkpoint(staged.eval(), cfg_dict, tmp_path / "want") / "model.safetensors")
+    got = load_file(trained_checkpoint(joined, tmp_path / "got", base=base) / "model.safetensors")
+    assert want.keys() == got.keys()
+    for name, w in want.items():
+        assert torch.allclose(got[name], w, atol=1e-5), name
+    with pytest.raises(SystemExit) as e:
+        main(["--adapter", str(run), "--out", str(tmp_path / "one")])
+    assert e.value.code == 2 and "at least twice" in capsys.readouterr().err
+
+
 def test_audio_probe_hears_training_voices_only_and_padding_changes_nothing(monkeypatch):
     """bench/mini_audio_probe.py: its training clips are said in training voices only, its
     held-out ones in held-out voices only; a clip's logits are the same alone and padded in a
@@ -743,6 +845,10 @@ def test_audio_probe_hears_training_voices_only_and_padding_changes_nothing(monk
     said.clear()
     batch(random.Random(1), np.random.default_rng(1), "word", "heldout", 6)
     assert all(v in HELDOUT_VOICES for _, v in said) and len(said) == 6
+    said.clear()
+    _, _, ys = batch(random.Random(2), np.random.default_rng(2), "both", "train", 40)
+    assert [TASKS["both"][y] for y in ys.tolist()] == [text for text, _ in said]
+    assert 10 <= int((ys < len(TASKS["digit"])).sum()) <= 30  # about half digits, not 10 in 112
 
     model = mini.UnigemmaMini(ModelConfig.from_dict(mini.tiny_config()))
     randomize_reference(model, seed=3)

@@ -129,7 +129,8 @@ def test_demo_multimodal_asks_the_shipped_model(checkpoint, cache, capsys):
     card = mini.card()
     n = next(iter(card["heldout"].values()))["n"]
     assert "model: unigemma-mini, " in err
-    assert f"{card['trained_steps']} training steps; held-out accuracy ({n} items a kind)" in err
+    staged = f" and {len(card['stages']) - 1} staged adapters" if len(card.get("stages", [])) > 1 else ""
+    assert f"{card['trained_steps']} training steps{staged}; held-out accuracy ({n} items a kind)" in err
     assert f"prose perplexity {card['prose']['rise']:+.1%} against Gemma 3 270M's" in err
     assert err.count("(held-out answer: ") == 3  # a picture, a sound, both
     assert "[image " in out and "[audio " in out

@@ -210,7 +210,9 @@ def demo_mini(args) -> None:
                      for k, v in info["heldout"].items())
     prose = info.get("prose", {}).get("rise")
     prose = "" if prose is None else f"; prose perplexity {prose:+.1%} against Gemma 3 270M's (target +10% at most)"
-    print(f"model: unigemma-mini, {info['base']}, {info['trained_steps']} training steps; held-out accuracy "
+    staged = len(info.get("stages", [])) - 1  # bench/mini_join.py: the recipe's adapter, then the later stages'
+    steps = f"{info['trained_steps']} training steps" + (f" and {staged} staged adapters" if staged > 0 else "")
+    print(f"model: unigemma-mini, {info['base']}, {steps}; held-out accuracy "
           f"({next(iter(info['heldout'].values()))['n']} items a kind): {held}{prose}", file=sys.stderr)
     items = heldout_items()
     if args.prompt != DEMO_PROMPT:

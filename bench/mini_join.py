@@ -1,0 +1,116 @@
+"""Join unigemma-mini's staged adapters into one adapter the package can ship.
+
+    python -m bench.mini_join --adapter unigemma/mini --adapter runs/hear/both \
+        --adapter runs/route/both --out runs/joined
+
+The probes' stages (bench/mini_audio_probe.py, bench/mini_probe.py --from-layer, each with
+`--save`) each train their own LoRA on the checkpoint the stage before folded in, so the model they
+leave is W + sum_i s_i B_i A_i (s_i = alpha_i / r_i): the parts add. The joined adapter stacks them,
+A = [A_1; A_2; ...] and B = [s_1 B_1 | s_2 B_2 | ...] with lora_alpha = r (a scaling of 1), which
+merges to the same weights; it is checked against the sum before it is written. A part whose B is
+all zero on a module (the layers a probe left untrained) is left out; a module with fewer parts is
+padded with zero rows and columns to the common rank (PEFT's one `r`, no rank_pattern).
+
+The embedders (full_weights.safetensors) are the last --adapter's: each stage saved those it
+started from, trained or not. card.json is the first --adapter's when it has one (the shipped
+model: its name, recipe steps and eval losses, which bench/mini_ship.py keeps), its adapter_scale
+dropped (folded into the parts) and `stages` added: each adapter's path, r, alpha and the modules
+it adds to. Prints one JSON line: the rank, the size, the largest difference from the sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parts(adapters: list[tuple[dict, dict[str, torch.Tensor]]]) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """module → its nonzero parts (s B, A) across `adapters` ((PEFT config, tensors) each), in order."""
+    out: dict[str, list] = {}
+    for cfg, tensors in adapters:
+        s = float(cfg["lora_alpha"]) / int(cfg["r"])
+        for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
+            module = key[:-len(".lora_A.weight")]
+            a, b = tensors[key].float(), tensors[module + ".lora_B.weight"].float()
+            if b.any():
+                out.setdefault(module, []).append((s * b, a))
+    return out
+
+
+def join(adapters: list[tuple[dict, dict[str, torch.Tensor]]]) -> tuple[int, dict[str, torch.Tensor]]:
+    """(rank, tensors) of one adapter at scaling 1 equal to the sum of `adapters`."""
+    by_module = parts(adapters)
+    if not by_module:
+        raise SystemExit("the adapters have no nonzero part: nothing to join")
+    rank = max(sum(a.shape[0] for _, a in ps) for ps in by_module.values())
+    out = {}
+    for module, ps in by_module.items():
+        b, a = torch.cat([b for b, _ in ps], 1), torch.cat([a for _, a in ps], 0)
+        pad = rank - a.shape[0]  # zero rows of A, zero columns of B: they add nothing
+        out[module + ".lora_A.weight"] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
+        out[module + ".lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1).contiguous()
+    return rank, out
+
+
+def largest_difference(adapters, joined: dict[str, torch.Tensor]) -> float:
+    """max |sum_i s_i B_i A_i - B A| over the joined adapter's modules."""
+    worst = 0.0
+    for module, ps in parts(adapters).items():
+        want = sum(b @ a for b, a in ps)
+        got = joined[module + ".lora_B.weight"] @ joined[module + ".lora_A.weight"]
+        worst = max(worst, float((want - got).abs().max()))
+    return worst
+
+
+def main(argv: list[str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    from unigemma.finetune.full import FULL_FILE
+    from unigemma.lora.peft import CONFIG_FILE, WEIGHTS_FILE, read_adapter
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--adapter", type=Path, action="append", required=True,
+                   help="an adapter directory (PEFT files), in the order the stages trained; twice or more")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    if len(args.adapter) < 2:
+        p.error("give --adapter at least twice: the stages to join")
+    if not (args.adapter[-1] / FULL_FILE).is_file():
+        p.error(f"{args.adapter[-1]}: no {FULL_FILE} (the last stage's embedders are shipped)")
+    if args.out.resolve() in {a.resolve() for a in args.adapter}:
+        p.error(f"--out {args.out} is one of the adapters")
+    loaded = [read_adapter(a) for a in args.adapter]  # checked as files (CheckpointError naming one)
+    configs = [json.loads((a / CONFIG_FILE).read_text()) for a in args.adapter]
+    targets = [set(c["target_modules"]) for c in configs]
+    if any(t != targets[0] for t in targets):
+        raise SystemExit(f"the adapters target different modules: {[sorted(t) for t in targets]}")
+    adapters = [(c, tensors) for c, (_, tensors) in zip(configs, loaded)]
+    rank, tensors = join(adapters)
+    worst = largest_difference(adapters, tensors)
+    if worst > 1e-4:
+        raise SystemExit(f"the joined adapter is {worst:.2e} off the sum of the parts")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(args.out / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = {**configs[0], "r": rank, "lora_alpha": float(rank), "rank_pattern": {}, "alpha_pattern": {}}
+    (args.out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    shutil.copyfile(args.adapter[-1] / FULL_FILE, args.out / FULL_FILE)
+    stages = [{"adapter": str(a), "r": c["r"], "lora_alpha": c["lora_alpha"],
+               "modules": len(parts([(c, t)]))} for a, (c, t) in zip(args.adapter, adapters)]
+    first_card = args.adapter[0] / "card.json"
+    if first_card.is_file():
+        card = {k: v for k, v in json.loads(first_card.read_text()).items() if k != "adapter_scale"}
+        (args.out / "card.json").write_text(json.dumps({**card, "stages": stages}, indent=1) + "\n")
+    size = sum((args.out / f).stat().st_size for f in (WEIGHTS_FILE, CONFIG_FILE, FULL_FILE))
+    print(json.dumps({"out": str(args.out), "r": rank, "stages": stages, "weights_mb": round(size / 1e6, 1),
+                      "largest_difference": worst}))
+
+
+if __name__ == "__main__":
+    main()
