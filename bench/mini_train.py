@@ -149,7 +149,8 @@ def mixed(conversations: Path, text: Path, out: Path, seed: int = 0, repeat: int
 
 def adapter_shape(directory: Path) -> dict:
     """The rank and alpha of the adapter in `directory`, which `--init` must repeat: the shipped
-    one's alpha is the recipe's 32 times the scale it ships at (README, Seventh and Twelfth looks)."""
+    one's alpha was the recipe's 32 times the scale it shipped at (README, Seventh and Twelfth
+    looks); joined from staged adapters it is r 32 at scaling 1 (bench/mini_join.py)."""
     from unigemma.lora.config import LoraConfig
 
     where = directory / "adapter_config.json"

@@ -690,15 +690,18 @@ def test_probe_unnamed_question_keeps_the_picture_and_the_answer():
 
 def test_recipe_init_repeats_the_adapter_it_starts_from(tmp_path):
     """bench/mini_train.py --init DIR gives the trainer DIR's adapter rank and alpha, which `--init`
-    must repeat: the shipped adapter is the recipe's r 16 at an alpha under the recipe's 32 (it ships
-    merged at a scale: README, Seventh and Twelfth looks)."""
+    must repeat: the shipped adapter is not the recipe's r 16 at alpha 32 (it shipped merged at a
+    scale, Seventh and Twelfth looks; now joined from staged adapters at scaling 1, r 32:
+    bench/mini_join.py, Fourteenth look)."""
     import json
 
     from bench.mini_train import RECIPE, adapter_shape
+    from unigemma.mini import card
 
     shipped = Path(unigemma.__file__).parent / "mini"
     shape = adapter_shape(shipped)
-    assert shape["lora_r"] == RECIPE["lora_r"] and 0 < shape["lora_alpha"] < RECIPE["lora_alpha"]
+    assert len(card()["stages"]) >= 2 and shape["lora_alpha"] == shape["lora_r"]  # joined: scaling 1
+    assert shape["lora_r"] > RECIPE["lora_r"] and shape["lora_r"] % RECIPE["lora_r"] == 0
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
     assert adapter_shape(tmp_path) == {"lora_r": 4, "lora_alpha": 8}
 
