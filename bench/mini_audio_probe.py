@@ -93,8 +93,8 @@ class Hearer(nn.Module):
 def main(argv: list[str] | None = None) -> None:
     from bench.mini_keep_text import project_
     from bench.mini_quality import perplexity
-    from bench.mini_reader_probe import check_arguments, first_layers_adapter, load_probed, probe_arguments, \
-        save_run, train
+    from bench.mini_reader_probe import check_arguments, first_layers_adapter, load_probed, probe_accuracy, \
+        probe_arguments, save_run, train
     from unigemma.finetune.full import make_trainable
 
     p = probe_arguments(__doc__, lr=5e-4)
@@ -116,14 +116,6 @@ def main(argv: list[str] | None = None) -> None:
                           args.task, split, args.eval_n)
              for k, split in enumerate(("heldout", "train"), 1)}
 
-    @torch.no_grad()
-    def accuracy(split: str) -> float:
-        hearer.eval()  # the head's running statistics
-        frames, real, ys = evals[split]
-        got = torch.cat([hearer(frames[i:i + 32], real[i:i + 32]).argmax(-1) for i in range(0, len(ys), 32)])
-        hearer.train()
-        return round(float((got == ys).float().mean()), 3)
-
     t0 = time.time()
     rng, np_rng = random.Random(f"{args.seed}/train"), np.random.default_rng([args.seed, 0])
     info = {"bench": "mini_audio_probe", **machine(torch.get_num_threads()), "model": str(args.model),
@@ -134,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def report(step, loss):
         print(json.dumps({**info, "step": step, "clips": step * args.batch_size, "train_loss": loss,
-                          **{f"{s}_voices_accuracy": accuracy(s) for s in evals},
+                          **{f"{s}_voices_accuracy": probe_accuracy(hearer, evals[s]) for s in evals},
                           "prose_perplexity": round(perplexity(model, prose_ids), 3),
                           "seconds": round(time.time() - t0)}),
               flush=True)

@@ -5,7 +5,7 @@
 
 The probes' stages (bench/mini_audio_probe.py, bench/mini_probe.py --from-layer, each with
 `--save`) each train their own LoRA on the checkpoint the stage before folded in, so the model they
-leave is W + sum_i s_i B_i A_i (s_i = alpha_i / r_i): the parts add. The joined adapter stacks them,
+leave is W + sum_i s_i B_i A_i (s_i: each adapter's scaling, alpha_i / r_i): the parts add. The joined adapter stacks them,
 A = [A_1; A_2; ...] and B = [s_1 B_1 | s_2 B_2 | ...] with lora_alpha = r (a scaling of 1), which
 merges to the same weights; it is checked against the sum before it is written. A part whose B is
 all zero on a module (the layers a probe left untrained) is left out; a module with fewer parts is
@@ -27,25 +27,27 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
 
+def stage_parts(config, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One adapter's (LoraConfig, tensors): module → its part (s B, A), the all-zero ones left out;
+    s is the config's own scaling for that module (alpha / r, rsLoRA's, the patterns')."""
+    from unigemma.lora.peft import PREFIX
 
-def parts(adapters: list[tuple[dict, dict[str, torch.Tensor]]]) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """module → its nonzero parts (s B, A) across `adapters` ((PEFT config, tensors) each), in order."""
-    out: dict[str, list] = {}
-    for cfg, tensors in adapters:
-        s = float(cfg["lora_alpha"]) / int(cfg["r"])
-        for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
-            module = key[:-len(".lora_A.weight")]
-            a, b = tensors[key].float(), tensors[module + ".lora_B.weight"].float()
-            if b.any():
-                out.setdefault(module, []).append((s * b, a))
+    out = {}
+    for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
+        module = key[:-len(".lora_A.weight")]
+        a, b = tensors[key].float(), tensors[module + ".lora_B.weight"].float()
+        if b.any():
+            out[module] = (config.scaling_for(module.removeprefix(PREFIX), r=a.shape[0]) * b, a)
     return out
 
 
-def join(adapters: list[tuple[dict, dict[str, torch.Tensor]]]) -> tuple[int, dict[str, torch.Tensor]]:
-    """(rank, tensors) of one adapter at scaling 1 equal to the sum of `adapters`."""
-    by_module = parts(adapters)
+def join(stages: list[dict]) -> tuple[int, dict[str, torch.Tensor]]:
+    """(rank, tensors) of one adapter at scaling 1 equal to the sum of the `stages` (stage_parts' each)."""
+    by_module: dict[str, list] = {}
+    for parts in stages:
+        for module, part in parts.items():
+            by_module.setdefault(module, []).append(part)
     if not by_module:
         raise SystemExit("the adapters have no nonzero part: nothing to join")
     rank = max(sum(a.shape[0] for _, a in ps) for ps in by_module.values())
@@ -58,17 +60,19 @@ def join(adapters: list[tuple[dict, dict[str, torch.Tensor]]]) -> tuple[int, dic
     return rank, out
 
 
-def largest_difference(adapters, joined: dict[str, torch.Tensor]) -> float:
+def largest_difference(stages: list[dict], joined: dict[str, torch.Tensor]) -> float:
     """max |sum_i s_i B_i A_i - B A| over the joined adapter's modules."""
     worst = 0.0
-    for module, ps in parts(adapters).items():
-        want = sum(b @ a for b, a in ps)
+    for module in {m for parts in stages for m in parts}:
+        want = sum(parts[module][0] @ parts[module][1] for parts in stages if module in parts)
         got = joined[module + ".lora_B.weight"] @ joined[module + ".lora_A.weight"]
         worst = max(worst, float((want - got).abs().max()))
     return worst
 
 
 def main(argv: list[str] | None = None) -> None:
+    from dataclasses import replace
+
     from safetensors.torch import save_file
 
     from unigemma.finetune.full import FULL_FILE
@@ -86,29 +90,28 @@ def main(argv: list[str] | None = None) -> None:
     if args.out.resolve() in {a.resolve() for a in args.adapter}:
         p.error(f"--out {args.out} is one of the adapters")
     loaded = [read_adapter(a) for a in args.adapter]  # checked as files (CheckpointError naming one)
-    configs = [json.loads((a / CONFIG_FILE).read_text()) for a in args.adapter]
-    targets = [set(c["target_modules"]) for c in configs]
+    targets = [c.target_modules for c, _ in loaded]
     if any(t != targets[0] for t in targets):
-        raise SystemExit(f"the adapters target different modules: {[sorted(t) for t in targets]}")
-    adapters = [(c, tensors) for c, (_, tensors) in zip(configs, loaded)]
-    rank, tensors = join(adapters)
-    worst = largest_difference(adapters, tensors)
+        raise SystemExit(f"the adapters target different modules: {targets}")
+    stages = [stage_parts(c, t) for c, t in loaded]
+    rank, tensors = join(stages)
+    worst = largest_difference(stages, tensors)
     if worst > 1e-4:
         raise SystemExit(f"the joined adapter is {worst:.2e} off the sum of the parts")
 
     args.out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(args.out / WEIGHTS_FILE), metadata={"format": "pt"})
-    config = {**configs[0], "r": rank, "lora_alpha": float(rank), "rank_pattern": {}, "alpha_pattern": {}}
-    (args.out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    config = replace(loaded[0][0], r=rank, alpha=float(rank), use_rslora=False, rank_pattern={}, alpha_pattern={})
+    (args.out / CONFIG_FILE).write_text(json.dumps(config.to_peft(), indent=2) + "\n")
     shutil.copyfile(args.adapter[-1] / FULL_FILE, args.out / FULL_FILE)
-    stages = [{"adapter": str(a), "r": c["r"], "lora_alpha": c["lora_alpha"],
-               "modules": len(parts([(c, t)]))} for a, (c, t) in zip(args.adapter, adapters)]
+    described = [{"adapter": str(a), "r": c.r, "lora_alpha": c.alpha, "modules": len(parts)}
+                 for a, (c, _), parts in zip(args.adapter, loaded, stages)]
     first_card = args.adapter[0] / "card.json"
     if first_card.is_file():
         card = {k: v for k, v in json.loads(first_card.read_text()).items() if k != "adapter_scale"}
-        (args.out / "card.json").write_text(json.dumps({**card, "stages": stages}, indent=1) + "\n")
+        (args.out / "card.json").write_text(json.dumps({**card, "stages": described}, indent=1) + "\n")
     size = sum((args.out / f).stat().st_size for f in (WEIGHTS_FILE, CONFIG_FILE, FULL_FILE))
-    print(json.dumps({"out": str(args.out), "r": rank, "stages": stages, "weights_mb": round(size / 1e6, 1),
+    print(json.dumps({"out": str(args.out), "r": rank, "stages": described, "weights_mb": round(size / 1e6, 1),
                       "largest_difference": worst}))
 
 

@@ -212,6 +212,17 @@ def first_layers_adapter(model, tokenizer, layers: int, r: int, seed: int, keep_
     return lora, adapter, kept, bases
 
 
+@torch.no_grad()
+def probe_accuracy(probe: nn.Module, fixed: tuple, chunk: int = 32) -> float:
+    """The share of a fixed evaluation set (inputs..., labels) the probe names, `chunk` at a time, in
+    eval mode (its head's running statistics, not the chunk's), back in training mode after."""
+    *inputs, ys = fixed
+    probe.eval()
+    got = torch.cat([probe(*(x[i:i + chunk] for x in inputs)).argmax(-1) for i in range(0, len(ys), chunk)])
+    probe.train()
+    return round(float((got == ys).float().mean()), 3)
+
+
 def train(probe: nn.Module, draw, opt, after_step, steps: int, every: int, report) -> None:
     """`steps` optimizer steps of `probe` on fresh batches (`draw()` → inputs..., labels), each
     followed by `after_step()` (the keep-text projection); `report(step, mean train loss)` at step
@@ -265,14 +276,6 @@ def main(argv: list[str] | None = None) -> None:
     evals = {split: batch(random.Random(f"{args.seed}/eval/{split}"), [split] * args.eval_n)
              for split in ("heldout", "train", "free")}
 
-    @torch.no_grad()
-    def accuracy(split: str) -> float:
-        reader.eval()  # the head's running statistics
-        px, pos, ys = evals[split]
-        got = torch.cat([reader(px[i:i + 32], pos[i:i + 32]).argmax(-1) for i in range(0, len(ys), 32)])
-        reader.train()
-        return round(float((got == ys).float().mean()), 3)
-
     t0, rng = time.time(), random.Random(f"{args.seed}/train")
     info = {"bench": "mini_reader_probe", **machine(torch.get_num_threads()), "model": str(args.model),
             "layers": args.layers, "scratch": args.scratch, "pos_std": args.pos_std, "batch_size": args.batch_size,
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def report(step, loss):
         print(json.dumps({**info, "step": step, "pictures": step * args.batch_size, "train_loss": loss,
-                          **{f"{s}_accuracy": accuracy(s) for s in evals},
+                          **{f"{s}_accuracy": probe_accuracy(reader, evals[s]) for s in evals},
                           "prose_perplexity": round(perplexity(model, prose_ids), 3),
                           "seconds": round(time.time() - t0)}),
               flush=True)
