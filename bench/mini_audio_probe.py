@@ -12,10 +12,11 @@ question of the audio block alone: a clip (bench/mmdata's: espeak-ng, the split'
 and pitches, silence and white noise added) becomes 40 ms frames through the checkpoint's audio
 embedder (a scale-free RMSNorm, one Linear), goes through the decoder's first `--layers` layers
 (causal, as the model runs audio), and a throw-away head (BatchNorm, Linear) on the mean and max
-of the block's hidden states names the digit (10 classes), the word (bench/mmdata's 102) or, `--task both`, either (112
-classes, half the clips digits).
+of the block's hidden states names the digit (10 classes), the word (bench/mmdata's 102),
+`--task both` either (112 classes, half the clips digits), or `--task beeps` how many beeps a
+tone clip holds (1-5, the held-out split's pitches unseen).
 Trained: the audio embedder in full and LoRA (r 16) on those layers; every step's clips are
-fresh (synthesized then, none heard twice), in training voices only. Scored every
+fresh (synthesized then, none heard twice), in training voices (or pitches) only. Scored every
 `--eval-every` steps on fixed clips it never trained on: unseen voices (the held-out split's
 accents and variants) and training voices; and the whole model's prose perplexity. One JSON line
 per evaluation. `--keep-text` and `--save` as bench/mini_reader_probe.py's.
@@ -34,16 +35,21 @@ from torch import nn
 from bench.machine import machine
 from bench.mmdata.vocab import DIGITS, WORDS
 
-# what is said; the label is its index. "both": a digit or a word, half the clips each (the two
-# kinds the whole model is asked about; by count alone the 10 digits would be 1 clip in 11)
-TASKS = {"digit": DIGITS, "word": WORDS, "both": DIGITS + WORDS}
+# what is said (or, "beeps", how many beeps sound); the label is its index. "both": a digit or a
+# word, half the clips each (the two kinds the whole model is asked about; by count alone the 10
+# digits would be 1 clip in 11)
+TASKS = {"digit": DIGITS, "word": WORDS, "both": DIGITS + WORDS, "beeps": ("1", "2", "3", "4", "5")}
 
 
 def clip(rng: random.Random, np_rng: np.random.Generator, task: str, split: str) -> tuple[np.ndarray, int]:
     """(16 kHz samples, label): one clip as bench/mmdata/items.py makes a `digit` / `spoken_word`
-    item of `split` (its voices: the held-out split's are all unseen in training)."""
-    from bench.mmdata.items import _say, _voice
+    / `beeps` item of `split` (its voices and tone pitches: the held-out split's are all unseen in
+    training)."""
+    from bench.mmdata.items import _say, _tone_item, _voice
 
+    if task == "beeps":
+        made = _tone_item("beeps", split, rng, np_rng, None, {})
+        return made.wave, TASKS[task].index(made.answer)
     if task == "both":
         label = rng.randrange(len(DIGITS)) if rng.random() < 0.5 else len(DIGITS) + rng.randrange(len(WORDS))
     else:

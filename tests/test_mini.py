@@ -766,7 +766,8 @@ def test_join_stacks_staged_adapters_into_one_that_merges_the_same(tmp_path, cap
     """bench/mini_join.py: a shipped-like adapter and a later stage's (another alpha, zero on some
     modules, as a probe's untrained layers) joined into one adapter at scaling 1 assemble to the
     checkpoint the stages make merged one after the other; the zero parts add no rank, the card
-    keeps the first's steps and lists the stages; one --adapter is a usage error."""
+    keeps the first's steps and lists the stages (a joined adapter joined again keeps its list);
+    one --adapter is a usage error."""
     import json
 
     from safetensors.torch import load_file, save_file
@@ -814,6 +815,21 @@ def test_join_stacks_staged_adapters_into_one_that_merges_the_same(tmp_path, cap
     assert want.keys() == got.keys()
     for name, w in want.items():
         assert torch.allclose(got[name], w, atol=1e-5), name
+    main(["--adapter", str(run), "--adapter", str(later), "--out", str(tmp_path / "half"), "--dtype", "bfloat16",
+          "--embedders-dtype", "bfloat16"])
+    line = json.loads(capsys.readouterr().out)
+    half = load_file(tmp_path / "half" / "adapter_model.safetensors")
+    assert half.keys() == j.keys() and all(torch.equal(half[k], j[k].bfloat16()) for k in j)  # the same, rounded
+    assert line["largest_difference"] < 1e-5 < line["stored_difference"] < 1e-1
+    full, half_full = (load_file(d / "full_weights.safetensors") for d in (joined, tmp_path / "half"))
+    assert full.keys() == half_full.keys() and all(torch.equal(half_full[k], full[k].bfloat16()) for k in full)
+    loaded, _ = build_mini_model(base)
+    load_full_weights(loaded, tmp_path / "half")  # copied into the float32 model
+    assert all(torch.equal(loaded.state_dict()[k], full[k].bfloat16().float()) for k in full)
+    main(["--adapter", str(joined), "--adapter", str(later), "--out", str(tmp_path / "again")])
+    capsys.readouterr()  # a joined adapter joined again keeps its stages and appends the new one
+    again = json.loads((tmp_path / "again" / "card.json").read_text())["stages"]
+    assert again[:2] == card["stages"] and again[2]["adapter"] == str(later) and len(again) == 3
     with pytest.raises(SystemExit) as e:
         main(["--adapter", str(run), "--out", str(tmp_path / "one")])
     assert e.value.code == 2 and "at least twice" in capsys.readouterr().err
@@ -822,15 +838,16 @@ def test_join_stacks_staged_adapters_into_one_that_merges_the_same(tmp_path, cap
 def test_audio_probe_hears_training_voices_only_and_padding_changes_nothing(monkeypatch):
     """bench/mini_audio_probe.py: its training clips are said in training voices only, its
     held-out ones in held-out voices only; a clip's logits are the same alone and padded in a
-    batch with a longer one (audio is causal and the pooling skips the padding); only the first
-    `layers` layers' adapter and the audio embedder get a gradient."""
+    batch with a longer one (audio is causal and the pooling skips the padding); a beeps clip's
+    label is its count, at its split's pitches; only the first `layers` layers' adapter and the
+    audio embedder get a gradient."""
     import random
 
     import numpy as np
 
     from bench.mini_audio_probe import Hearer, TASKS, batch
     from bench.mmdata import sounds
-    from bench.mmdata.vocab import HELDOUT_VOICES, TRAIN_VOICES
+    from bench.mmdata.vocab import HELDOUT_VOICES, HIGH_HZ, LOW_HZ, TRAIN_VOICES, tone_grid
     from unigemma.finetune.run import prepare
     from unigemma.lora import LoraConfig
 
@@ -852,6 +869,13 @@ def test_audio_probe_hears_training_voices_only_and_padding_changes_nothing(monk
     _, _, ys = batch(random.Random(2), np.random.default_rng(2), "both", "train", 40)
     assert [TASKS["both"][y] for y in ys.tolist()] == [text for text, _ in said]
     assert 10 <= int((ys < len(TASKS["digit"])).sum()) <= 30  # about half digits, not 10 in 112
+    beeped, real_beeps = [], sounds.beeps
+    monkeypatch.setattr(sounds, "beeps", lambda n, hz, rng: beeped.append((n, hz)) or real_beeps(n, hz, rng))
+    for split in ("train", "heldout"):  # the label is how many beeps sound; the split's pitches only
+        beeped.clear()
+        _, _, ys = batch(random.Random(3), np.random.default_rng(3), "beeps", split, 12)
+        assert [int(TASKS["beeps"][y]) for y in ys.tolist()] == [n for n, _ in beeped] and len(set(ys.tolist())) > 2
+        assert all(hz in tone_grid(split, HIGH_HZ) + tone_grid(split, LOW_HZ) for _, hz in beeped)
 
     model = mini.UnigemmaMini(ModelConfig.from_dict(mini.tiny_config()))
     randomize_reference(model, seed=3)
