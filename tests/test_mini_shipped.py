@@ -84,7 +84,9 @@ def test_forward_equals_the_transformers_reference(checkpoint, gemma):
     diff = (ours - want).abs().max().item()
     print(f"shipped unigemma-mini vs transformers ({ids.shape[1]} tokens): max abs logit diff {diff:.2e} "
           f"(logits up to {want.abs().max():.1f})")
-    assert diff < 5e-4  # measured 1.9e-04 (AVX2 capped), 2.3e-04 (AVX-512), logits up to 93.7
+    # float32 sums in another order: the difference scales with the logits (the Fifteenth look's
+    # weights: 3.9e-04 AVX2-capped, 4.7e-04 AVX-512, logits up to 96.9)
+    assert diff < 1e-5 * want.abs().max().item()
     assert torch.equal(ours.argmax(-1), want.argmax(-1))
 
 
