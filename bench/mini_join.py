@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -77,6 +76,12 @@ def largest_difference(stages: list[dict], joined: dict[str, torch.Tensor]) -> f
     return worst
 
 
+def stored(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """`tensors` as they are written: floating ones in `dtype` (float32 leaves them as they are)."""
+    to = getattr(torch, dtype)
+    return {k: v.to(to).contiguous() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     from dataclasses import replace
 
@@ -109,19 +114,15 @@ def main(argv: list[str] | None = None) -> None:
     worst = largest_difference(stages, tensors)
     if worst > 1e-4:
         raise SystemExit(f"the joined adapter is {worst:.2e} off the sum of the parts")
-    tensors = {k: v.to(getattr(torch, args.dtype)).contiguous() for k, v in tensors.items()}
+    tensors = stored(tensors, args.dtype)
     rounding = largest_difference(stages, tensors) if args.dtype != "float32" else worst
 
     args.out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(args.out / WEIGHTS_FILE), metadata={"format": "pt"})
     config = replace(loaded[0][0], r=rank, alpha=float(rank), use_rslora=False, rank_pattern={}, alpha_pattern={})
     (args.out / CONFIG_FILE).write_text(json.dumps(config.to_peft(), indent=2) + "\n")
-    if args.embedders_dtype == "float32":
-        shutil.copyfile(args.adapter[-1] / FULL_FILE, args.out / FULL_FILE)
-    else:
-        embedders = load_file(str(args.adapter[-1] / FULL_FILE))
-        save_file({k: v.to(torch.bfloat16).contiguous() if v.is_floating_point() else v for k, v in embedders.items()},
-                  str(args.out / FULL_FILE), metadata={"format": "pt"})
+    embedders = load_file(str(args.adapter[-1] / FULL_FILE))
+    save_file(stored(embedders, args.embedders_dtype), str(args.out / FULL_FILE), metadata={"format": "pt"})
     described = [{"adapter": str(a), "r": c.r, "lora_alpha": c.alpha, "modules": len(parts)}
                  for a, (c, _), parts in zip(args.adapter, loaded, stages)]
     first_card = args.adapter[0] / "card.json"
@@ -132,8 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "card.json").write_text(json.dumps({**card, "stages": history}, indent=1) + "\n")
     size = sum((args.out / f).stat().st_size for f in (WEIGHTS_FILE, CONFIG_FILE, FULL_FILE))
     print(json.dumps({"out": str(args.out), "r": rank, "dtype": args.dtype, "embedders_dtype": args.embedders_dtype,
-                      "stages": described,
-                      "weights_mb": round(size / 1e6, 1), "largest_difference": worst, "stored_difference": rounding}))
+                      "stages": described, "weights_mb": round(size / 1e6, 1), "largest_difference": worst, "stored_difference": rounding}))
 
 
 if __name__ == "__main__":
