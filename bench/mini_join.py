@@ -8,8 +8,11 @@ The probes' stages (bench/mini_audio_probe.py, bench/mini_probe.py --from-layer,
 leave is W + sum_i s_i B_i A_i (s_i: each adapter's scaling, alpha_i / r_i): the parts add. The joined adapter stacks them,
 A = [A_1; A_2; ...] and B = [s_1 B_1 | s_2 B_2 | ...] with lora_alpha = r (a scaling of 1), which
 merges to the same weights; it is checked against the sum before it is written. A part whose B is
-all zero on a module (the layers a probe left untrained) is left out; a module with fewer parts is
-padded with zero rows and columns to the common rank (PEFT's one `r`, no rank_pattern).
+all zero on a module (the layers a probe left untrained) is left out, and so is each rank column of
+a part whose B column or A row is zero (a joined adapter's padding); each module keeps its own rank,
+`r` the largest and `rank_pattern` / `alpha_pattern` (PEFT's, alpha = rank: scaling 1) naming the
+modules with fewer. One --adapter alone is compacted so: the shipped r-96 adapter was padded to its
+largest rank on every module, a third of its layers (0-4, r 32) stored as zeros.
 
 The embedders (full_weights.safetensors) are the last --adapter's: each stage saved those it
 started from, trained or not. card.json is the first --adapter's when it has one (the shipped
@@ -29,41 +32,53 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
 
 
 def stage_parts(config, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """One adapter's (LoraConfig, tensors): module → its part (s B, A), the all-zero ones left out;
-    s is the config's own scaling for that module (alpha / r, rsLoRA's, the patterns')."""
+    """One adapter's (LoraConfig, tensors): module → its part (s B, A), its zero rank columns (B's
+    column or A's row all zero: padding, an untrained layer) left out, and the modules with none
+    left; s is the config's own scaling for that module (alpha / r, rsLoRA's, the patterns')."""
     from unigemma.lora.peft import PREFIX
 
     out = {}
     for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
         module = key[:-len(".lora_A.weight")]
         a, b = tensors[key].float(), tensors[module + ".lora_B.weight"].float()
-        if b.any():
-            out[module] = (config.scaling_for(module.removeprefix(PREFIX), r=a.shape[0]) * b, a)
+        used = b.any(0) & a.any(1)  # a rank column adds B[:, i] A[i] = 0 unless both are nonzero
+        if used.any():
+            s = config.scaling_for(module.removeprefix(PREFIX), r=a.shape[0])
+            out[module] = (s * b[:, used], a[used])
     return out
 
 
-def join(stages: list[dict]) -> tuple[int, dict[str, torch.Tensor]]:
-    """(rank, tensors) of one adapter at scaling 1 equal to the sum of the `stages` (stage_parts' each)."""
+def join(stages: list[dict]) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    """(each module's rank, tensors) of one adapter at scaling 1 equal to the sum of the `stages`
+    (stage_parts' each)."""
     by_module: dict[str, list] = {}
     for parts in stages:
         for module, part in parts.items():
             by_module.setdefault(module, []).append(part)
     if not by_module:
         raise SystemExit("the adapters have no nonzero part: nothing to join")
-    rank = max(sum(a.shape[0] for _, a in ps) for ps in by_module.values())
-    out = {}
+    ranks, out = {}, {}
     for module, ps in by_module.items():
-        b, a = torch.cat([b for b, _ in ps], 1), torch.cat([a for _, a in ps], 0)
-        pad = rank - a.shape[0]  # zero rows of A, zero columns of B: they add nothing
-        out[module + ".lora_A.weight"] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
-        out[module + ".lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1).contiguous()
-    return rank, out
+        a = torch.cat([a for _, a in ps], 0).contiguous()
+        out[module + ".lora_A.weight"], out[module + ".lora_B.weight"] = a, torch.cat([b for b, _ in ps], 1).contiguous()
+        ranks[module] = a.shape[0]
+    return ranks, out
+
+
+def rank_patterns(ranks: dict[str, int]) -> tuple[int, dict[str, int]]:
+    """(r, pattern): r the largest rank, pattern each other module's (transformers' name, escaped:
+    PEFT's key rule matches it as a suffix) at its own rank, for rank_pattern and alpha_pattern."""
+    from unigemma.lora.peft import PREFIX
+
+    r = max(ranks.values())
+    return r, {re.escape(m.removeprefix(PREFIX)): k for m, k in sorted(ranks.items()) if k != r}
 
 
 def largest_difference(stages: list[dict], joined: dict[str, torch.Tensor]) -> float:
@@ -83,6 +98,7 @@ def stored(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tens
 
 
 def main(argv: list[str] | None = None) -> None:
+    from collections import Counter
     from dataclasses import replace
 
     from safetensors.torch import load_file, save_file
@@ -92,15 +108,13 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter", type=Path, action="append", required=True,
-                   help="an adapter directory (PEFT files), in the order the stages trained; twice or more")
+                   help="an adapter directory (PEFT files), in the order the stages trained (once: compact it)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="the stored factors' (the package's size limit; the join is checked in float32)")
     p.add_argument("--embedders-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="the stored embedders' (full_weights.safetensors, copied from the last --adapter)")
     args = p.parse_args(argv)
-    if len(args.adapter) < 2:
-        p.error("give --adapter at least twice: the stages to join")
     if not (args.adapter[-1] / FULL_FILE).is_file():
         p.error(f"{args.adapter[-1]}: no {FULL_FILE} (the last stage's embedders are shipped)")
     if args.out.resolve() in {a.resolve() for a in args.adapter}:
@@ -110,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     if any(t != targets[0] for t in targets):
         raise SystemExit(f"the adapters target different modules: {targets}")
     stages = [stage_parts(c, t) for c, t in loaded]
-    rank, tensors = join(stages)
+    ranks, tensors = join(stages)
+    rank, pattern = rank_patterns(ranks)
     worst = largest_difference(stages, tensors)
     if worst > 1e-4:
         raise SystemExit(f"the joined adapter is {worst:.2e} off the sum of the parts")
@@ -119,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(args.out / WEIGHTS_FILE), metadata={"format": "pt"})
-    config = replace(loaded[0][0], r=rank, alpha=float(rank), use_rslora=False, rank_pattern={}, alpha_pattern={})
+    config = replace(loaded[0][0], r=rank, alpha=float(rank), use_rslora=False, rank_pattern=pattern,
+                     alpha_pattern={k: float(v) for k, v in pattern.items()})
     (args.out / CONFIG_FILE).write_text(json.dumps(config.to_peft(), indent=2) + "\n")
     embedders = load_file(str(args.adapter[-1] / FULL_FILE))
     save_file(stored(embedders, args.embedders_dtype), str(args.out / FULL_FILE), metadata={"format": "pt"})
@@ -132,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         history = card.get("stages", described[:1]) + described[1:]
         (args.out / "card.json").write_text(json.dumps({**card, "stages": history}, indent=1) + "\n")
     size = sum((args.out / f).stat().st_size for f in (WEIGHTS_FILE, CONFIG_FILE, FULL_FILE))
-    print(json.dumps({"out": str(args.out), "r": rank, "dtype": args.dtype, "embedders_dtype": args.embedders_dtype,
+    print(json.dumps({"out": str(args.out), "r": rank, "ranks": dict(sorted(Counter(ranks.values()).items())), "dtype": args.dtype, "embedders_dtype": args.embedders_dtype,
                       "stages": described, "weights_mb": round(size / 1e6, 1), "largest_difference": worst, "stored_difference": rounding}))
 
 

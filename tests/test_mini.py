@@ -765,9 +765,10 @@ def test_recipe_init_alpha_goes_on_from_the_same_function(tmp_path, capsys):
 def test_join_stacks_staged_adapters_into_one_that_merges_the_same(tmp_path, capsys):
     """bench/mini_join.py: a shipped-like adapter and a later stage's (another alpha, zero on some
     modules, as a probe's untrained layers) joined into one adapter at scaling 1 assemble to the
-    checkpoint the stages make merged one after the other; the zero parts add no rank, the card
-    keeps the first's steps and lists the stages (a joined adapter joined again keeps its list);
-    one --adapter is a usage error."""
+    checkpoint the stages make merged one after the other; the zero parts add no rank (those modules
+    keep the first's, named in rank_pattern / alpha_pattern), the card keeps the first's steps and
+    lists the stages (a joined adapter joined again keeps its list); one --adapter padded with zero
+    rank columns (as the r-96 adapter shipped before) is compacted to the same merged weights."""
     import json
 
     from safetensors.torch import load_file, save_file
@@ -803,7 +804,11 @@ def test_join_stacks_staged_adapters_into_one_that_merges_the_same(tmp_path, cap
     assert card["trained_steps"] == 7 and "adapter_scale" not in card and len(card["stages"]) == 2
     assert card["stages"][1]["modules"] < card["stages"][0]["modules"]
     j = load_file(joined / "adapter_model.safetensors")
-    assert all(j[k][:, cfg["r"]:].abs().max() == 0 for k in zeroed)  # padding, not a part
+    assert all(j[k].shape[1] == cfg["r"] for k in zeroed)  # the first stage's part only, no padding
+    pattern = {k.removeprefix("base_model.model.").removesuffix(".lora_B.weight").replace(".", "\\."): cfg["r"]
+               for k in zeroed}
+    assert jcfg["rank_pattern"] == pattern and jcfg["alpha_pattern"] == {k: float(v) for k, v in pattern.items()}
+    assert line["ranks"] == {str(cfg["r"]): len(zeroed), str(2 * cfg["r"]): len(j) // 2 - len(zeroed)}
 
     staged, cfg_dict = build_mini_model(base)  # the stages merged one after the other
     for stage in (run, later):
@@ -830,9 +835,26 @@ def test_join_stacks_staged_adapters_into_one_that_merges_the_same(tmp_path, cap
     capsys.readouterr()  # a joined adapter joined again keeps its stages and appends the new one
     again = json.loads((tmp_path / "again" / "card.json").read_text())["stages"]
     assert again[:2] == card["stages"] and again[2]["adapter"] == str(later) and len(again) == 3
-    with pytest.raises(SystemExit) as e:
-        main(["--adapter", str(run), "--out", str(tmp_path / "one")])
-    assert e.value.code == 2 and "at least twice" in capsys.readouterr().err
+
+    padded = tmp_path / "padded"  # the old join's layout: every module at the largest rank, zeros after
+    padded.mkdir()
+    r2 = 2 * cfg["r"]
+    save_file({k: (torch.cat([v, v.new_zeros(r2 - v.shape[0], v.shape[1])]) if ".lora_A." in k else
+                   torch.cat([v, v.new_zeros(v.shape[0], r2 - v.shape[1])], 1)) for k, v in j.items()},
+              str(padded / "adapter_model.safetensors"))
+    (padded / "adapter_config.json").write_text(json.dumps({**jcfg, "rank_pattern": {}, "alpha_pattern": {}}))
+    for f in ("full_weights.safetensors", "card.json"):
+        (padded / f).write_bytes((joined / f).read_bytes())
+    main(["--adapter", str(padded), "--out", str(tmp_path / "compact")])
+    line = json.loads(capsys.readouterr().out)
+    compact = tmp_path / "compact"
+    assert line["r"] == r2 and line["largest_difference"] < 1e-5 and line["stages"][0]["r"] == r2
+    assert json.loads((compact / "adapter_config.json").read_text())["rank_pattern"] == pattern
+    assert json.loads((compact / "card.json").read_text())["stages"] == card["stages"]
+    assert (compact / "adapter_model.safetensors").stat().st_size < (padded / "adapter_model.safetensors").stat().st_size
+    got = load_file(trained_checkpoint(compact, tmp_path / "got-compact", base=base) / "model.safetensors")
+    for name, w in want.items():
+        assert torch.allclose(got[name], w, atol=1e-5), name
 
 
 def test_audio_probe_hears_training_voices_only_and_padding_changes_nothing(monkeypatch):
