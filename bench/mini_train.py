@@ -180,6 +180,38 @@ def rescaled(directory: Path, alpha: float, out: Path) -> Path:
     return out
 
 
+def padded(directory: Path, out: Path) -> Path:
+    """A copy of the run in `directory` whose adapter has one rank, its r, on every module: the
+    trainer's --init takes one r, and bench/mini_join.py writes each module at its own
+    (rank_pattern / alpha_pattern). A module below r gets zero rank columns after its own, its B
+    scaled so the update is the same at the config's scaling; the zero columns stay zero in
+    training (each one's gradient is the other's), as the old joins' padding did."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from unigemma.lora.config import LoraConfig
+    from unigemma.lora.peft import PREFIX
+
+    config = json.loads((directory / "adapter_config.json").read_text())
+    c = LoraConfig.from_peft(config)
+    tensors = load_file(directory / "adapter_model.safetensors")
+    for key in [k for k in tensors if k.endswith(".lora_A.weight")]:
+        module = key[:-len(".lora_A.weight")]
+        a, b = tensors[key], tensors[module + ".lora_B.weight"]
+        pad, ratio = c.r - a.shape[0], c.scaling_for(module.removeprefix(PREFIX), r=a.shape[0]) / c.scaling
+        tensors[key] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
+        tensors[module + ".lora_B.weight"] = torch.cat([b * ratio, b.new_zeros(b.shape[0], pad)], 1).contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {}, "alpha_pattern": {}}, indent=2))
+    for side in ("full_weights.safetensors", "card.json"):
+        if (directory / side).is_file():
+            shutil.copyfile(directory / side, out / side)
+    return out
+
+
 def run(*args: str) -> None:
     print("+", " ".join(args), file=sys.stderr)
     subprocess.run([sys.executable, *args], check=True, cwd=ROOT)
@@ -236,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     train = mixed(train, replay_text(data / "replay.jsonl"), data / "train_mixed.jsonl", repeat=args.replay_repeat)
     if not (base / "config.json").is_file():
         run("-m", "unigemma.weights.mini", str(base))
+    if args.init is not None and json.loads((args.init / "adapter_config.json").read_text()).get("rank_pattern"):
+        args.init = padded(args.init, args.work / "init-padded")
     if args.init_alpha is not None:
         args.init = rescaled(args.init, args.init_alpha, args.work / "init")
     r = {**RECIPE, **(adapter_shape(args.init) if args.init else {})}

@@ -770,6 +770,7 @@ def test_join_stacks_staged_adapters_into_one_that_merges_the_same(tmp_path, cap
     lists the stages (a joined adapter joined again keeps its list); one --adapter padded with zero
     rank columns (as the r-96 adapter shipped before) is compacted to the same merged weights."""
     import json
+    import shutil
 
     from safetensors.torch import load_file, save_file
 
@@ -855,6 +856,62 @@ def test_join_stacks_staged_adapters_into_one_that_merges_the_same(tmp_path, cap
     got = load_file(trained_checkpoint(compact, tmp_path / "got-compact", base=base) / "model.safetensors")
     for name, w in want.items():
         assert torch.allclose(got[name], w, atol=1e-5), name
+    from bench.mini_train import adapter_shape, padded  # the recipe's --init takes one rank again
+
+    halved = tmp_path / "halved"  # the modules with fewer ranks at twice the scaling, their B halved
+    shutil.copytree(compact, halved)
+    ccfg = json.loads((compact / "adapter_config.json").read_text())
+    (halved / "adapter_config.json").write_text(json.dumps({**ccfg, "alpha_pattern": {k: 2.0 * v for k, v in pattern.items()}}))
+    c = load_file(compact / "adapter_model.safetensors")
+    save_file({k: v / 2 if k in zeroed else v for k, v in c.items()}, str(halved / "adapter_model.safetensors"))
+    repadded = padded(halved, tmp_path / "repadded")
+    assert adapter_shape(repadded) == {"lora_r": r2, "lora_alpha": r2}
+    assert all(t.shape[0 if ".lora_A." in k else 1] == r2 for k, t in load_file(repadded / "adapter_model.safetensors").items())
+    got = load_file(trained_checkpoint(repadded, tmp_path / "got-repadded", base=base) / "model.safetensors")
+    for name, w in want.items():
+        assert torch.allclose(got[name], w, atol=1e-5), name
+
+
+def test_join_energy_refactors_each_module_by_svd(tmp_path, capsys):
+    """bench/mini_join.py --energy F: two stages that are the same adapter join to r 4 of true rank
+    2, which F = 1 finds (r 2, merging to the stacked join's weights); F = 0.5 keeps fewer ranks, each
+    module's relative error the Eckart-Young sqrt(1 - kept) <= sqrt(0.5), the largest one printed;
+    F outside (0, 1] is a usage error."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from bench.mini_join import main
+    from unigemma.weights.mini import trained_checkpoint
+
+    base, run = _tiny_run(tmp_path)
+    shutil.copytree(run, tmp_path / "twin")
+    outs = {}
+    for name, extra in (("stacked", []), ("svd", ["--energy", "1"]), ("low", ["--energy", "0.5"])):
+        main(["--adapter", str(run), "--adapter", str(tmp_path / "twin"), "--out", str(tmp_path / name), *extra])
+        outs[name] = json.loads(capsys.readouterr().out)
+    modules = len(load_file(run / "adapter_model.safetensors")) // 2
+    assert outs["stacked"]["ranks"] == {"4": modules} and outs["svd"]["ranks"] == {"2": modules}
+    assert outs["svd"]["largest_relative_error"] < 1e-6
+    want = load_file(trained_checkpoint(tmp_path / "stacked", tmp_path / "want", base=base) / "model.safetensors")
+    got = load_file(trained_checkpoint(tmp_path / "svd", tmp_path / "got", base=base) / "model.safetensors")
+    for name, w in want.items():
+        assert torch.allclose(got[name], w, atol=1e-5), name
+
+    stacked, low = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("stacked", "low"))
+    errors = []
+    for key in (k for k in low if k.endswith(".lora_A.weight")):
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        full, approx = stacked[b_key] @ stacked[key], low[b_key] @ low[key]
+        assert low[key].shape[0] <= 2
+        errors.append(float((full - approx).norm() / full.norm()))
+    assert outs["low"]["r"] <= 2 and sum(outs["low"]["ranks"].values()) == modules
+    assert max(errors) == pytest.approx(outs["low"]["largest_relative_error"], abs=1e-5) and max(errors) <= 0.5 ** 0.5
+    for bad in ("0", "1.5"):
+        with pytest.raises(SystemExit) as e:
+            main(["--adapter", str(run), "--out", str(tmp_path / "bad"), "--energy", bad])
+        assert e.value.code == 2 and "--energy" in capsys.readouterr().err
 
 
 def test_audio_probe_hears_training_voices_only_and_padding_changes_nothing(monkeypatch):

@@ -7,7 +7,8 @@ Files here, written by bench/mini_ship.py from a bench/mini_train.py checkpoint:
 - full_weights.safetensors: the image and audio embedders, trained from scratch;
 - adapter_model.safetensors, adapter_config.json: the decoder's LoRA adapter (PEFT's format; its
   lora_alpha is the trained one times the card's `adapter_scale`, the share of the update merged;
-  joined from staged runs, the card's `stages`, by bench/mini_join.py: their parts stacked, r 32);
+  joined from staged runs, the card's `stages`, by bench/mini_join.py: their parts stacked, each
+  module at its own rank, r 96 on layers 5-17 and 32 on layers 0-4 named in `rank_pattern`);
 - card.json: how many steps it trained and the held-out figures measured on these very weights
   (bench/mini_quality.py), which `unigemma demo --multimodal` prints;
 - heldout/: ten held-out items (pictures and clips the training never saw, their question and
