@@ -201,6 +201,8 @@ def padded(directory: Path, out: Path) -> Path:
         module = key[:-len(".lora_A.weight")]
         a, b = tensors[key], tensors[module + ".lora_B.weight"]
         pad, ratio = c.r - a.shape[0], c.scaling_for(module.removeprefix(PREFIX), r=a.shape[0]) / c.scaling
+        if pad < 0:
+            raise SystemExit(f"--init {directory}: {module} is r {a.shape[0]}, over the adapter's r {c.r}")
         tensors[key] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
         tensors[module + ".lora_B.weight"] = torch.cat([b * ratio, b.new_zeros(b.shape[0], pad)], 1).contiguous()
     out.mkdir(parents=True, exist_ok=True)
