@@ -60,28 +60,27 @@ def stage_parts(config, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[tor
     return out
 
 
-def join(stages: list[dict]) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
-    """(each module's rank, tensors) of one adapter at scaling 1 equal to the sum of the `stages`
-    (stage_parts' each)."""
+def join(stages: list[dict]) -> dict[str, torch.Tensor]:
+    """The tensors of one adapter at scaling 1 equal to the sum of the `stages` (stage_parts' each),
+    each module at its own rank."""
     by_module: dict[str, list] = {}
     for parts in stages:
         for module, part in parts.items():
             by_module.setdefault(module, []).append(part)
     if not by_module:
         raise SystemExit("the adapters have no nonzero part: nothing to join")
-    ranks, out = {}, {}
+    out = {}
     for module, ps in by_module.items():
-        a = torch.cat([a for _, a in ps], 0).contiguous()
-        out[module + ".lora_A.weight"], out[module + ".lora_B.weight"] = a, torch.cat([b for b, _ in ps], 1).contiguous()
-        ranks[module] = a.shape[0]
-    return ranks, out
+        out[module + ".lora_A.weight"] = torch.cat([a for _, a in ps], 0).contiguous()
+        out[module + ".lora_B.weight"] = torch.cat([b for b, _ in ps], 1).contiguous()
+    return out
 
 
-def truncated(tensors: dict[str, torch.Tensor], energy: float) -> tuple[dict[str, int], dict[str, torch.Tensor], float]:
-    """(ranks, tensors, largest relative error): each module's B A (scaling 1) as the SVD's top k,
+def truncated(tensors: dict[str, torch.Tensor], energy: float) -> tuple[dict[str, torch.Tensor], float]:
+    """(tensors, largest relative error): each module's B A (scaling 1) as the SVD's top k,
     k the fewest singular values whose squares sum to `energy` of the total. Through the factors'
     QR (B = Qb Rb, A^T = Qa Ra: B A = Qb (Rb Ra^T) Qa^T), so only an r x r matrix is decomposed."""
-    ranks, out, worst = {}, {}, 0.0
+    out, worst = {}, 0.0
     for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
         module = key[:-len(".lora_A.weight")]
         a, b = tensors[key].double(), tensors[module + ".lora_B.weight"].double()
@@ -93,9 +92,13 @@ def truncated(tensors: dict[str, torch.Tensor], energy: float) -> tuple[dict[str
         root = s[:k].sqrt()
         out[module + ".lora_B.weight"] = (qb @ u[:, :k] * root).float().contiguous()
         out[module + ".lora_A.weight"] = (root[:, None] * vh[:k] @ qa.T).float().contiguous()
-        ranks[module] = k
         worst = max(worst, float((1 - kept[k - 1]).clamp(min=0).sqrt()))
-    return ranks, out, worst
+    return out, worst
+
+
+def ranks_of(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Each module's rank: its lora_A's rows."""
+    return {k[:-len(".lora_A.weight")]: t.shape[0] for k, t in tensors.items() if k.endswith(".lora_A.weight")}
 
 
 def rank_patterns(ranks: dict[str, int]) -> tuple[int, dict[str, int]]:
@@ -154,13 +157,14 @@ def main(argv: list[str] | None = None) -> None:
     if any(t != targets[0] for t in targets):
         raise SystemExit(f"the adapters target different modules: {targets}")
     stages = [stage_parts(c, t) for c, t in loaded]
-    ranks, tensors = join(stages)
+    tensors = join(stages)
     worst = largest_difference(stages, tensors)
     if worst > 1e-4:
         raise SystemExit(f"the joined adapter is {worst:.2e} off the sum of the parts")
     truncation = None
     if args.energy is not None:
-        ranks, tensors, truncation = truncated(tensors, args.energy)
+        tensors, truncation = truncated(tensors, args.energy)
+    ranks = ranks_of(tensors)
     rank, pattern = rank_patterns(ranks)
     tensors = stored(tensors, args.dtype)
     changed = args.dtype != "float32" or args.energy is not None

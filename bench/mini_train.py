@@ -163,38 +163,30 @@ def rescaled(directory: Path, alpha: float, out: Path) -> Path:
     old alpha / `alpha`: the same function, trained on at `alpha`'s pace. (Under Adam each step moves
     A and B by ~lr whatever alpha is, so the adapter's update moves ~alpha/r per step: the shipped
     adapter, at alpha 32 x its merge scales, trains on slower than the recipe's by that factor.)"""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     config = json.loads((directory / "adapter_config.json").read_text())
     ratio = adapter_shape(directory)["lora_alpha"] / alpha
     tensors = {k: (t * ratio if ".lora_B." in k else t) for k, t in
                load_file(directory / "adapter_model.safetensors").items()}
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": alpha}, indent=2))
-    for side in ("full_weights.safetensors", "card.json"):  # the embedders; a shipped start's card (its steps)
-        if (directory / side).is_file():
-            shutil.copyfile(directory / side, out / side)
-    return out
+    return copied_run(directory, out, tensors, {**config, "lora_alpha": alpha})
 
 
 def padded(directory: Path, out: Path) -> Path:
-    """A copy of the run in `directory` whose adapter has one rank, its r, on every module: the
-    trainer's --init takes one r, and bench/mini_join.py writes each module at its own
-    (rank_pattern / alpha_pattern). A module below r gets zero rank columns after its own, its B
-    scaled so the update is the same at the config's scaling; the zero columns stay zero in
+    """`directory` itself when its adapter has one rank; else a copy whose adapter has one, its r,
+    on every module: the trainer's --init takes one r, and bench/mini_join.py writes each module at
+    its own (rank_pattern / alpha_pattern). A module below r gets zero rank columns after its own,
+    its B scaled so the update is the same at the config's scaling; the zero columns stay zero in
     training (each one's gradient is the other's), as the old joins' padding did."""
-    import shutil
-
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from unigemma.lora.config import LoraConfig
     from unigemma.lora.peft import PREFIX
 
     config = json.loads((directory / "adapter_config.json").read_text())
+    if not config.get("rank_pattern"):
+        return directory
     c = LoraConfig.from_peft(config)
     tensors = load_file(directory / "adapter_model.safetensors")
     for key in [k for k in tensors if k.endswith(".lora_A.weight")]:
@@ -205,9 +197,19 @@ def padded(directory: Path, out: Path) -> Path:
             raise SystemExit(f"--init {directory}: {module} is r {a.shape[0]}, over the adapter's r {c.r}")
         tensors[key] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
         tensors[module + ".lora_B.weight"] = torch.cat([b * ratio, b.new_zeros(b.shape[0], pad)], 1).contiguous()
+    return copied_run(directory, out, tensors, {**config, "rank_pattern": {}, "alpha_pattern": {}})
+
+
+def copied_run(directory: Path, out: Path, tensors: dict, config: dict) -> Path:
+    """`out`: the adapter `tensors` and `config`, beside `directory`'s embedders and card (a shipped
+    start's: its steps)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {}, "alpha_pattern": {}}, indent=2))
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     for side in ("full_weights.safetensors", "card.json"):
         if (directory / side).is_file():
             shutil.copyfile(directory / side, out / side)
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     train = mixed(train, replay_text(data / "replay.jsonl"), data / "train_mixed.jsonl", repeat=args.replay_repeat)
     if not (base / "config.json").is_file():
         run("-m", "unigemma.weights.mini", str(base))
-    if args.init is not None and json.loads((args.init / "adapter_config.json").read_text()).get("rank_pattern"):
+    if args.init is not None:
         args.init = padded(args.init, args.work / "init-padded")
     if args.init_alpha is not None:
         args.init = rescaled(args.init, args.init_alpha, args.work / "init")
