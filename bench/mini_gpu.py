@@ -1,0 +1,279 @@
+"""A reading stage for unigemma-mini on a borrowed GPU: fresh pictures by the ten thousand, a time budget.
+
+    python -m bench.mini_gpu --model /tmp/ck --out $OUT --seconds 330 --mix mix.jsonl --text-ids text.json
+
+On the 2-core CPU a stage takes 7 s a step of 16 conversations, so the picture questions (colour,
+shape, count, the written word) were trained on a few thousand pictures seen a few times each; on
+an H200 a step of 64 takes a fraction of a second. This stage, on `--model` (bench/mini_bundle.py
+unpacks the shipped model there):
+  1. draws `--per-kind` new training items of each picture kind and of the tone kinds (beeps,
+     pitch) (bench/mmdata/items.py, seed `--seed`, in `--workers` processes) and asks each the
+     recipe's several questions (bench/mmdata/conversations.py), and the held-out split's colour,
+     shape, count, word and beeps items (seed 0: the same items bench/mini_quality.py scores);
+  2. adds a LoRA (r `--lora-r`, alpha 2r) on every decoder layer, kept off the text's input subspace
+     (bench/mini_keep_text.py, on `--text-ids`' English), and trains it with the vision embedder
+     (the audio embedder frozen), a `--mix-share` of every batch from `--mix` (trainer-format lines:
+     the sound kinds and the replay text, so hearing and prose are trained on too), AdamW, the rate
+     warmed up over 30 steps then cosine-decayed to a tenth over the time budget;
+  3. every `--eval-every` seconds scores the held-out items by exact match, teacher-forced (every
+     label token the argmax where it is predicted, the end of turn included: what greedy decoding
+     answers, without post-processing), prints one JSON line and saves the adapter and the
+     embedders in bfloat16 to `--out` (overwritten: a run stopped by its limit keeps its last).
+Tokens outside the checkpoint's kept.json (a bundle keeps only the rows it was packed for) never
+reach the model: an example holding one is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# drawn on the machine: the picture kinds, and the tones (numpy, no speech synthesizer there)
+DRAWN = ("colour", "shape", "count", "position", "word", "description", "beeps", "pitch")
+SCORED = ("colour", "shape", "count", "word", "beeps")
+SIZE = 144  # bench/mmdata/generate.py's default: 3 x 3 patches
+
+
+def _make(job: tuple) -> dict:
+    from bench.mmdata import items
+
+    kind, split, i, seed, out = job
+    return items.make(kind, split, i, seed, Path(out), SIZE).record()
+
+
+def draw_items(out: Path, kinds: tuple[str, ...], per_kind: int, heldout: int, seed: int,
+               workers: int) -> tuple[list[dict], list[dict]]:
+    """(training conversations, held-out records), media written under `out`."""
+    from bench.mmdata.conversations import conversation
+
+    jobs = [(k, "train", i, seed, str(out)) for k in kinds for i in range(per_kind)]
+    held_jobs = [(k, "heldout", i, 0, str(out)) for k in SCORED if k in kinds for i in range(heldout)]
+    with Pool(workers) as pool:
+        records = pool.map(_make, jobs + held_jobs, chunksize=64)
+    rng = random.Random(seed)
+    return [conversation(r, rng, 4) for r in records[:len(jobs)]], records[len(jobs):]
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """Endless batches: `n - n_mix` training conversations and `n_mix` mix lines, each worker
+    drawing with its own seed; examples holding a token outside `kept` are replaced."""
+
+    def __init__(self, processor, train, base, mix, mix_base, n, n_mix, kept, seed):
+        super().__init__()
+        self.args = (processor, train, base, mix, mix_base, n, n_mix, kept, seed)
+
+    def __iter__(self):
+        from unigemma.finetune.data import collate, encode_line
+
+        processor, train, base, mix, mix_base, n, n_mix, kept, seed = self.args
+        info = torch.utils.data.get_worker_info()
+        torch.set_num_threads(1)
+        rng = random.Random(seed * 1000 + (info.id if info else 0))
+        skipped = 0
+
+        def one(pool, where):
+            nonlocal skipped
+            while True:
+                e = encode_line(processor, rng.choice(pool), where, "stage")
+                if kept is None or bool(torch.isin(e.inputs.input_ids, kept).all()):
+                    return e
+                skipped += 1
+
+        while True:
+            batch = collate([one(train, base) for _ in range(n - n_mix)] + [one(mix, mix_base) for _ in range(n_mix)], 0)
+            yield batch, skipped
+
+
+def text_inputs(ids: list[int]):
+    from unigemma.inputs import ModelInputs
+
+    t = torch.tensor([ids])
+    return ModelInputs(t, torch.ones_like(t), torch.zeros_like(t))
+
+
+@torch.no_grad()
+def text_covariance(model, modules: dict, texts: list[list[int]]) -> dict[str, torch.Tensor]:
+    """bench/mini_keep_text.py's Σ x xᵀ per module, gathered through the training forward (any device)."""
+    from unigemma.finetune.loss import hidden_states
+
+    cov: dict[str, torch.Tensor] = {}
+
+    def gather(name):
+        def hook(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            cov[name] = cov[name] + x.T @ x if name in cov else x.T @ x
+        return hook
+
+    handles = [m.register_forward_pre_hook(gather(n)) for n, m in modules.items()]
+    try:
+        for ids in texts:
+            hidden_states(model, text_inputs(ids))
+    finally:
+        for h in handles:
+            h.remove()
+    return cov
+
+
+@torch.no_grad()
+def exact_match(model, processor, held: list[dict], base: Path, batch: int = 64) -> dict[str, float]:
+    """Per kind, the share of held-out items whose every label token is the argmax where predicted."""
+    from unigemma.finetune.data import collate, encode_line
+    from unigemma.finetune.labels import IGNORE
+    from unigemma.finetune.loss import hidden_states
+
+    right: dict[str, list[bool]] = {}
+    for a in range(0, len(held), batch):
+        part = held[a:a + batch]
+        b = collate([encode_line(processor, r, base, r["id"]) for r in part], 0)
+        h = hidden_states(model, b.inputs)
+        labels = b.labels.to(h.device)
+        for row, r in enumerate(part):
+            at = (labels[row, 1:] != IGNORE).nonzero().flatten()
+            pred = model.output(h[row, at]).argmax(-1)
+            right.setdefault(r["kind"], []).append(bool((pred == labels[row, at + 1]).all()))
+    return {k: round(sum(v) / len(v), 3) for k, v in sorted(right.items())}
+
+
+def save(model, lora, out: Path) -> None:
+    """The adapter (PEFT format) and both embedders, in bfloat16 (each file under the 16 MiB a
+    borrowed machine hands back)."""
+    from safetensors.torch import load_file, save_file
+
+    from unigemma.finetune.full import save_full_weights
+    from unigemma.lora.peft import save_adapter
+
+    save_adapter(model, out, lora)
+    save_full_weights({n: model.get_submodule(n) for n in ("model.embed_vision", "model.embed_audio")}, out)
+    for name in ("adapter_model.safetensors", "full_weights.safetensors"):
+        t = load_file(str(out / name))
+        save_file({k: v.to(torch.bfloat16) for k, v in t.items()}, str(out / name), metadata={"format": "pt"})
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, required=True, help="a mini checkpoint directory")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--work", type=Path, default=Path("/tmp/mini_gpu"), help="where the pictures are drawn")
+    p.add_argument("--seconds", type=float, default=300, help="training time budget (evaluations excluded)")
+    p.add_argument("--kinds", default=",".join(DRAWN), help="the kinds drawn (comma-separated subset)")
+    p.add_argument("--per-kind", type=int, default=6000)
+    p.add_argument("--heldout", type=int, default=200, help="held-out items of each scored kind")
+    p.add_argument("--seed", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--mix", type=Path, default=None)
+    p.add_argument("--mix-share", type=float, default=0.25)
+    p.add_argument("--text-ids", type=Path, default=None, help="JSON token-id lists of English for --keep-text")
+    p.add_argument("--keep-text", type=float, default=0.01)
+    p.add_argument("--lora-r", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--full-lr", type=float, default=5e-4)
+    p.add_argument("--eval-every", type=float, default=90, help="seconds of training between evaluations")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    args = p.parse_args(argv)
+    if not (args.model / "config.json").is_file():
+        p.error(f"--model {args.model}: no config.json")
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if not kinds or set(kinds) - set(DRAWN):
+        p.error(f"--kinds: a subset of {','.join(DRAWN)}")
+    if args.mix is not None and not 0 < args.mix_share < 1:
+        p.error("--mix-share must be in (0, 1)")
+
+    import unigemma
+    from bench import mini_keep_text as keep_text
+    from unigemma.finetune.full import make_trainable, resolve
+    from unigemma.finetune.loss import hidden_states, label_loss
+    from unigemma.finetune.run import prepare
+    from unigemma.lora import LoraConfig
+    from unigemma.lora.inject import lora_modules
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    t_start = time.time()
+    train, held = draw_items(args.work, kinds, args.per_kind, args.heldout, args.seed, args.workers)
+    mix = [json.loads(x) for x in args.mix.read_text(encoding="utf-8").splitlines() if x.strip()] if args.mix else []
+    drawn = time.time() - t_start
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 products, float32 weights and sums
+    torch.backends.cudnn.allow_tf32 = True
+    gemma = unigemma.load(args.model, dtype="float32", device=device, fast=False, exact=True)
+    model, processor = gemma.model, gemma.processor()
+    kept_file = args.model / "kept.json"
+    kept = torch.tensor(json.loads(kept_file.read_text())) if kept_file.is_file() else None
+    lora = LoraConfig(r=args.lora_r, alpha=2 * args.lora_r)
+    prepare(model, lora, args.seed)
+    adapter = [q for q in model.parameters() if q.requires_grad]
+    vision = make_trainable(resolve(model, "model.embed_vision"))
+    modules = lora_modules(model)
+    bases = {}
+    if args.text_ids is not None:
+        texts = json.loads(args.text_ids.read_text())
+        if kept is not None:
+            texts = [t for t in texts if bool(torch.isin(torch.tensor(t), kept).all())]
+        bases = keep_text.text_subspaces(text_covariance(model, modules, texts), args.keep_text)
+        keep_text.project_(modules, bases)
+    opt = torch.optim.AdamW([{"params": vision, "lr": args.full_lr}, {"params": adapter, "lr": args.lr}],
+                            weight_decay=0.0)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    n_mix = round(args.mix_share * args.batch_size) if mix else 0
+    data = Batches(processor, train, args.work, mix, args.mix.parent if args.mix else None, args.batch_size, n_mix,
+                   kept, args.seed)
+    loader = iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=args.workers, prefetch_factor=4,
+                                              persistent_workers=True))
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = open(args.out / "log.jsonl", "a", encoding="utf-8")
+
+    def report(step, losses, trained, skipped):
+        model.eval()
+        line = {"step": step, "trained_seconds": round(trained), "wall_seconds": round(time.time() - t_start),
+                "train_loss": round(sum(losses) / len(losses), 4) if losses else None,
+                "exact_match": exact_match(model, processor, held, args.work), "skipped_examples": skipped,
+                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+        if step:
+            save(model, lora, args.out)
+        model.train()
+        print(json.dumps(line), flush=True)
+        log.write(json.dumps(line) + "\n")
+        log.flush()
+
+    print(json.dumps({"train_conversations": len(train), "heldout": len(held), "mix": len(mix), "draw_seconds": round(drawn),
+                      "kept_text_dims": {k: v.shape[1] for k, v in list(bases.items())[:3]},
+                      "adapter_params": sum(q.numel() for q in adapter), "vision_params": sum(q.numel() for q in vision)}),
+          flush=True)
+    report(0, [], 0, 0)
+    step, trained, losses, last_eval, skipped = 0, 0.0, [], 0.0, 0
+    while trained < args.seconds:
+        t0 = time.time()
+        batch, skipped = next(loader)
+        step += 1
+        frac = trained / args.seconds
+        scale = min(1.0, step / 30) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * scale
+        total, n = label_loss(model, hidden_states(model, batch.inputs), batch.labels)
+        opt.zero_grad(set_to_none=True)
+        (total / max(n, 1)).backward()
+        opt.step()
+        if bases:
+            keep_text.project_(modules, bases)
+        losses.append(float(total.detach()) / max(n, 1))
+        trained += time.time() - t0
+        if trained - last_eval >= args.eval_every or trained >= args.seconds:
+            report(step, losses, trained, skipped)
+            losses, last_eval = [], trained
+    log.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""bench/mini_bundle.py (the mini packed for a borrowed GPU machine) and bench/mini_gpu.py's pieces."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bench import mini_bundle
+from unigemma.config import ModelConfig
+from unigemma.models import gemma3
+from unigemma.weights.random import randomize_reference
+from unigemma.weights.save import save_checkpoint
+
+
+def test_quantize_rounds_each_weight_to_its_groups_step():
+    w = torch.randn(6, 192) * torch.logspace(-3, 1, 192)  # groups of very different ranges
+    q, scale = mini_bundle.quantize(w)
+    assert q.dtype == torch.int8 and scale.shape == (6, 3)
+    back = mini_bundle.dequantize(q, scale)
+    step = scale.float().repeat_interleave(mini_bundle.GROUP, 1)
+    assert ((back - w).abs() <= step / 2 + 1e-3 * step + 1e-7).all()  # half a step (and fp16's scale rounding)
+    with pytest.raises(ValueError, match="not a multiple of 64"):
+        mini_bundle.quantize(torch.randn(2, 100))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny mini checkpoint (Gemma 3's tiny decoder at the real vocabulary, the embedders from
+    seed 0) with a stand-in tokenizer.json (the bundle stores its bytes)."""
+    from unigemma.weights.mini import build_mini_model
+
+    tmp = tmp_path_factory.mktemp("bundle")
+    d = {**gemma3.tiny_config(), "vocab_size": 262144}
+    base = gemma3.Gemma3ForCausalLM(ModelConfig.from_dict(d))
+    randomize_reference(base, seed=5)
+    save_checkpoint(base.eval(), d, tmp / "base")
+    model, config = build_mini_model(tmp / "base", seed=3)
+    path = save_checkpoint(model.eval(), config, tmp / "ck")
+    (path / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0}}}) * 50)
+    return path
+
+
+def test_pack_then_unpack_gives_the_checkpoint_back_within_int8_rounding(checkpoint, tmp_path):
+    ids = [0, 1, 2, 3, 17, 4000, 258880]
+    manifest = mini_bundle.pack(checkpoint, tmp_path / "b", ids, parts=3)
+    assert manifest["kept_ids"] == len(ids) and manifest["largest_group_relative_error"] <= 1 / 254 + 1e-4
+    assert sorted(manifest["files"]) == ["layers0", "layers1", "layers2", "rest"]
+    # each call of the machine brings some parts: the layers scattered over three folders
+    (tmp_path / "p1").mkdir()
+    (tmp_path / "b" / "layers1.safetensors").rename(tmp_path / "p1" / "layers1.safetensors")
+    with pytest.raises(SystemExit, match=r"decoder layers \[3, 4, 5\] missing"):
+        mini_bundle.unpack(tmp_path / "b", tmp_path / "nope")
+    out = mini_bundle.unpack(tmp_path / "b", tmp_path / "ck", parts=[tmp_path / "p1"])
+    want, got = load_file(str(checkpoint / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        g = got[name]
+        assert g.dtype == torch.float32 and g.shape == w.shape, name
+        if name == mini_bundle.EMBED:
+            kept = torch.tensor(ids)
+            assert torch.allclose(g[kept], w[kept], atol=float(w[kept].abs().max()) / 254 + 1e-6)
+            others = torch.ones(len(w), dtype=torch.bool)
+            others[kept] = False
+            assert not g[others].any()  # a row not packed is zero: its logit is 0
+        elif w.dim() == 2 and "layers." in name:
+            assert torch.allclose(g, w, atol=float(w.abs().max()) / 254 + 1e-6), name
+        else:
+            assert torch.equal(g, w.float()), name  # norms and embedders exact
+    assert (out / "tokenizer.json").read_bytes() == (checkpoint / "tokenizer.json").read_bytes()
+    assert json.loads((out / "kept.json").read_text()) == ids
+
+
+def test_unpack_keeps_the_first_layers_only_when_asked(checkpoint, tmp_path):
+    mini_bundle.pack(checkpoint, tmp_path / "b", [0, 1, 2], parts=2)
+    (tmp_path / "b" / "layers1.safetensors").unlink()  # layers 4-6 never arrived
+    out = mini_bundle.unpack(tmp_path / "b", tmp_path / "ck", layers=2)
+    config = json.loads((out / "config.json").read_text())["text_config"]
+    assert config["num_hidden_layers"] == 2 and len(config["layer_types"]) == 2
+    assert {mini_bundle.layer_of(k) for k in load_file(str(out / "model.safetensors"))} == {None, 0, 1}
+    import unigemma
+
+    model = unigemma.load_model(out, dtype="float32", pack=False)
+    assert len(model.text.layers) == 2
+
+
+def test_gpu_stage_gathers_text_covariance_as_keep_text_does(checkpoint):
+    """bench/mini_gpu.py's text covariance (through the training forward, any device) is
+    bench/mini_keep_text.py's (the layer loop of the CPU probes) on the same texts."""
+    import unigemma
+    from bench import mini_gpu, mini_keep_text
+    from unigemma.finetune.run import prepare
+    from unigemma.lora import LoraConfig
+    from unigemma.lora.inject import lora_modules
+
+    model = unigemma.load_model(checkpoint, dtype="float32", pack=False)
+    prepare(model, LoraConfig(r=2, alpha=4), 0)
+    modules = lora_modules(model)
+    texts = [[2, 17, 33, 91, 44, 45, 60, 61, 62], [2, 5, 6, 7]]
+    got = mini_gpu.text_covariance(model, modules, texts)
+    want = mini_keep_text.text_covariance(model, modules, texts, len(model.text.layers))
+    assert sorted(got) == sorted(want) and len(got) == 7 * 7
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=1e-5, atol=1e-6), name
