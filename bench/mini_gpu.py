@@ -17,8 +17,12 @@ unpacks the shipped model there):
      warmed up over 30 steps then cosine-decayed to a tenth over the time budget;
   3. every `--eval-every` seconds scores the held-out items by exact match, teacher-forced (every
      label token the argmax where it is predicted, the end of turn included: what greedy decoding
-     answers, without post-processing), prints one JSON line and saves the adapter and the
+     answers, without post-processing), and as many `--fresh` items of the training axes (new
+     pictures of the training pairs and fonts: README, Seventeenth look, where these learned
+     colour and the held-out ones did not), prints one JSON line and saves the adapter and the
      embedders in bfloat16 to `--out` (overwritten: a run stopped by its limit keeps its last).
+`--text-weight W` makes the mix's text lines W of the loss and the conversations 1 - W; by tokens
+(the default, the trainer's rule) the replay paragraphs were 70% of it and were memorised there.
 Tokens outside the checkpoint's kept.json (a bundle keeps only the rows it was packed for) never
 reach the model: an example holding one is skipped and counted.
 """
@@ -53,22 +57,26 @@ def _make(job: tuple) -> dict:
     return items.make(kind, split, i, seed, Path(out), SIZE).record()
 
 
-def draw_items(out: Path, kinds: tuple[str, ...], per_kind: int, heldout: int, seed: int,
-               workers: int) -> tuple[list[dict], list[dict]]:
-    """(training conversations, held-out records), media written under `out`."""
+def draw_items(out: Path, kinds: tuple[str, ...], per_kind: int, heldout: int, fresh: int, seed: int,
+               workers: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(training conversations, held-out records, fresh records: new items of the training axes,
+    seed + 1, their media under out/fresh), the rest of the media under `out`."""
     from bench.mmdata.conversations import conversation
 
+    scored = [k for k in SCORED if k in kinds]
     jobs = [(k, "train", i, seed, str(out)) for k in kinds for i in range(per_kind)]
-    held_jobs = [(k, "heldout", i, 0, str(out)) for k in SCORED if k in kinds for i in range(heldout)]
+    held_jobs = [(k, "heldout", i, 0, str(out)) for k in scored for i in range(heldout)]
+    fresh_jobs = [(k, "train", i, seed + 1, str(out / "fresh")) for k in scored for i in range(fresh)]
     with Pool(workers) as pool:
-        records = pool.map(_make, jobs + held_jobs, chunksize=64)
-    rng = random.Random(seed)
-    return [conversation(r, rng, 4) for r in records[:len(jobs)]], records[len(jobs):]
+        records = pool.map(_make, jobs + held_jobs + fresh_jobs, chunksize=64)
+    rng, a, b = random.Random(seed), len(jobs), len(jobs) + len(held_jobs)
+    return [conversation(r, rng, 4) for r in records[:a]], records[a:b], records[b:]
 
 
 class Batches(torch.utils.data.IterableDataset):
-    """Endless batches: `n - n_mix` training conversations and `n_mix` mix lines, each worker
-    drawing with its own seed; examples holding a token outside `kept` are replaced."""
+    """Endless (batch, which rows are text lines, examples skipped so far): `n - n_mix` training
+    conversations and `n_mix` mix lines, each worker drawing with its own seed; an example holding
+    a token outside `kept` is replaced by another draw."""
 
     def __init__(self, processor, train, base, mix, mix_base, n, n_mix, kept, seed):
         super().__init__()
@@ -84,16 +92,18 @@ class Batches(torch.utils.data.IterableDataset):
         skipped = 0
 
         def one(pool, where):
+            """(an example of `pool`, whether it is a text line), drawn until its ids are all kept."""
             nonlocal skipped
             while True:
-                e = encode_line(processor, rng.choice(pool), where, "stage")
+                record = rng.choice(pool)
+                e = encode_line(processor, record, where, "stage")
                 if kept is None or bool(torch.isin(e.inputs.input_ids, kept).all()):
-                    return e
+                    return e, "messages" not in record
                 skipped += 1
 
         while True:
-            batch = collate([one(train, base) for _ in range(n - n_mix)] + [one(mix, mix_base) for _ in range(n_mix)], 0)
-            yield batch, skipped
+            examples = [one(train, base) for _ in range(n - n_mix)] + [one(mix, mix_base) for _ in range(n_mix)]
+            yield collate([e for e, _ in examples], 0), torch.tensor([t for _, t in examples]), skipped
 
 
 def text_inputs(ids: list[int]):
@@ -146,6 +156,22 @@ def exact_match(model, processor, held: list[dict], base: Path, batch: int = 64)
     return {k: round(sum(v) / len(v), 3) for k, v in sorted(right.items())}
 
 
+def stage_loss(model, h: torch.Tensor, labels: torch.Tensor, is_text: torch.Tensor,
+               text_weight: float | None) -> torch.Tensor:
+    """The mean label-token loss (text_weight None: every token alike, as the trainer's), or the
+    text lines' mean counting `text_weight` of it and the conversations' mean the rest: a replay
+    paragraph has ~70 label tokens to an answer's ~3, so by tokens the text outweighs the media."""
+    from unigemma.finetune.loss import label_loss
+
+    if text_weight is None or bool(is_text.all()) or not bool(is_text.any()):
+        total, n = label_loss(model, h, labels)
+        return total / max(n, 1)
+    is_text = is_text.to(h.device)
+    text, n_text = label_loss(model, h[is_text], labels[is_text.cpu()])
+    media, n_media = label_loss(model, h[~is_text], labels[~is_text.cpu()])
+    return text_weight * text / max(n_text, 1) + (1 - text_weight) * media / max(n_media, 1)
+
+
 def save(model, lora, out: Path) -> None:
     """The adapter (PEFT format) and both embedders, in bfloat16 (each file under the 16 MiB a
     borrowed machine hands back)."""
@@ -170,6 +196,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kinds", default=",".join(DRAWN), help="the kinds drawn (comma-separated subset)")
     p.add_argument("--per-kind", type=int, default=6000)
     p.add_argument("--heldout", type=int, default=200, help="held-out items of each scored kind")
+    p.add_argument("--fresh", type=int, default=100,
+                   help="new items of the training axes (seed + 1) of each scored kind, scored beside the held-out")
+    p.add_argument("--text-weight", type=float, default=None, metavar="W",
+                   help="the mix's text lines count W of the loss, the conversations 1 - W (default: by tokens)")
     p.add_argument("--seed", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--mix", type=Path, default=None)
@@ -187,20 +217,22 @@ def main(argv: list[str] | None = None) -> None:
     kinds = tuple(k for k in args.kinds.split(",") if k)
     if not kinds or set(kinds) - set(DRAWN):
         p.error(f"--kinds: a subset of {','.join(DRAWN)}")
+    if args.text_weight is not None and not 0 <= args.text_weight <= 1:
+        p.error("--text-weight must be in [0, 1]")
     if args.mix is not None and not 0 < args.mix_share < 1:
         p.error("--mix-share must be in (0, 1)")
 
     import unigemma
     from bench import mini_keep_text as keep_text
     from unigemma.finetune.full import make_trainable, resolve
-    from unigemma.finetune.loss import hidden_states, label_loss
+    from unigemma.finetune.loss import hidden_states
     from unigemma.finetune.run import prepare
     from unigemma.lora import LoraConfig
     from unigemma.lora.inject import lora_modules
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t_start = time.time()
-    train, held = draw_items(args.work, kinds, args.per_kind, args.heldout, args.seed, args.workers)
+    train, held, fresh = draw_items(args.work, kinds, args.per_kind, args.heldout, args.fresh, args.seed, args.workers)
     mix = [json.loads(x) for x in args.mix.read_text(encoding="utf-8").splitlines() if x.strip()] if args.mix else []
     drawn = time.time() - t_start
 
@@ -238,7 +270,9 @@ def main(argv: list[str] | None = None) -> None:
         model.eval()
         line = {"step": step, "trained_seconds": round(trained), "wall_seconds": round(time.time() - t_start),
                 "train_loss": round(sum(losses) / len(losses), 4) if losses else None,
-                "exact_match": exact_match(model, processor, held, args.work), "skipped_examples": skipped,
+                "exact_match": exact_match(model, processor, held, args.work),
+                "fresh_exact_match": exact_match(model, processor, fresh, args.work / "fresh") if fresh else None,
+                "skipped_examples_one_worker": skipped,
                 "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
         if step:
             save(model, lora, args.out)
@@ -247,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
         log.write(json.dumps(line) + "\n")
         log.flush()
 
-    print(json.dumps({"train_conversations": len(train), "heldout": len(held), "mix": len(mix), "draw_seconds": round(drawn),
+    print(json.dumps({"train_conversations": len(train), "heldout": len(held), "fresh": len(fresh), "mix": len(mix),
+                      "draw_seconds": round(drawn),
                       "kept_text_dims": {k: v.shape[1] for k, v in list(bases.items())[:3]},
                       "adapter_params": sum(q.numel() for q in adapter), "vision_params": sum(q.numel() for q in vision)}),
           flush=True)
@@ -255,19 +290,19 @@ def main(argv: list[str] | None = None) -> None:
     step, trained, losses, last_eval, skipped = 0, 0.0, [], 0.0, 0
     while trained < args.seconds:
         t0 = time.time()
-        batch, skipped = next(loader)
+        batch, is_text, skipped = next(loader)
         step += 1
         frac = trained / args.seconds
         scale = min(1.0, step / 30) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * scale
-        total, n = label_loss(model, hidden_states(model, batch.inputs), batch.labels)
+        loss = stage_loss(model, hidden_states(model, batch.inputs), batch.labels, is_text, args.text_weight)
         opt.zero_grad(set_to_none=True)
-        (total / max(n, 1)).backward()
+        loss.backward()
         opt.step()
         if bases:
             keep_text.project_(modules, bases)
-        losses.append(float(total.detach()) / max(n, 1))
+        losses.append(float(loss.detach()))
         trained += time.time() - t0
         if trained - last_eval >= args.eval_every or trained >= args.seconds:
             report(step, losses, trained, skipped)

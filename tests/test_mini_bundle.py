@@ -104,3 +104,55 @@ def test_gpu_stage_gathers_text_covariance_as_keep_text_does(checkpoint):
     assert sorted(got) == sorted(want) and len(got) == 7 * 7
     for name in want:
         assert torch.allclose(got[name], want[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_quantize4_rounds_each_weight_to_its_groups_step():
+    w = torch.randn(5, 96) * torch.logspace(-2, 1, 96)
+    packed, scale = mini_bundle.quantize4(w)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 48) and scale.shape == (5, 3)
+    back = mini_bundle.dequantize4(packed, scale)
+    step = scale.float().repeat_interleave(mini_bundle.GROUP4, 1)
+    assert ((back - w).abs() <= step / 2 + 1e-3 * step + 1e-7).all()
+    assert not torch.equal(back, mini_bundle.dequantize4(packed ^ 1, scale))  # every nibble counts
+
+
+def test_all_rows_packs_the_rest_of_the_table_in_int4(checkpoint, tmp_path):
+    ids = [0, 1, 2, 3, 40]
+    manifest = mini_bundle.pack(checkpoint, tmp_path / "b", ids, parts=1, other_rows=2)
+    assert sorted(manifest["files"]) == ["embed0", "embed1", "layers0", "rest"]
+    (tmp_path / "p").mkdir()
+    (tmp_path / "b" / "embed1.safetensors").rename(tmp_path / "p" / "embed1.safetensors")
+    with pytest.raises(SystemExit, match="embed1.safetensors missing"):
+        mini_bundle.unpack(tmp_path / "b", tmp_path / "nope")
+    mini_bundle.unpack(tmp_path / "b", tmp_path / "small", layers=2)  # a smoke test needs no other rows
+    out = mini_bundle.unpack(tmp_path / "b", tmp_path / "ck", parts=[tmp_path / "p"])
+    w = load_file(str(checkpoint / "model.safetensors"))[mini_bundle.EMBED]
+    g = load_file(str(out / "model.safetensors"))[mini_bundle.EMBED]
+    top = w.abs().reshape(len(w), -1, mini_bundle.GROUP4).amax(-1).repeat_interleave(mini_bundle.GROUP4, 1)
+    assert ((g - w).abs() <= top / 14 * (1 + 1e-3) + 1e-6).all()  # every row: half an int4 step at most
+    kept = torch.tensor(ids)
+    assert (g[kept] - w[kept]).abs().max() <= w[kept].abs().max() / 254 + 1e-6  # the kept rows int8
+
+
+def test_stage_loss_weighs_the_text_lines_apart_when_asked(checkpoint):
+    import unigemma
+    from bench.mini_gpu import stage_loss
+    from unigemma.finetune.labels import IGNORE
+    from unigemma.finetune.loss import label_loss
+
+    model = unigemma.load_model(checkpoint, dtype="float32", pack=False)
+    torch.manual_seed(0)
+    h = torch.randn(3, 6, model.config.text.hidden_size, requires_grad=True)
+    labels = torch.randint(0, 500, (3, 6))
+    labels[0, :4] = IGNORE  # a conversation: two answer tokens; rows 1-2 text, every token
+    is_text = torch.tensor([False, True, True])
+    plain = stage_loss(model, h, labels, is_text, None)
+    total, n = label_loss(model, h, labels)
+    assert torch.allclose(plain, total / n)
+    weighted = stage_loss(model, h, labels, is_text, 0.25)
+    t, nt = label_loss(model, h[1:], labels[1:])
+    m, nm = label_loss(model, h[:1], labels[:1])
+    assert nt == 10 and nm == 2 and torch.allclose(weighted, 0.25 * t / nt + 0.75 * m / nm)
+    weighted.backward()
+    assert h.grad[0].any() and h.grad[1].any()
+    assert torch.allclose(stage_loss(model, h, labels, torch.tensor([True] * 3), 0.25), total / n)
