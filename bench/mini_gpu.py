@@ -106,36 +106,6 @@ class Batches(torch.utils.data.IterableDataset):
             yield collate([e for e, _ in examples], 0), torch.tensor([t for _, t in examples]), skipped
 
 
-def text_inputs(ids: list[int]):
-    from unigemma.inputs import ModelInputs
-
-    t = torch.tensor([ids])
-    return ModelInputs(t, torch.ones_like(t), torch.zeros_like(t))
-
-
-@torch.no_grad()
-def text_covariance(model, modules: dict, texts: list[list[int]]) -> dict[str, torch.Tensor]:
-    """bench/mini_keep_text.py's Σ x xᵀ per module, gathered through the training forward (any device)."""
-    from unigemma.finetune.loss import hidden_states
-
-    cov: dict[str, torch.Tensor] = {}
-
-    def gather(name):
-        def hook(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            cov[name] = cov[name] + x.T @ x if name in cov else x.T @ x
-        return hook
-
-    handles = [m.register_forward_pre_hook(gather(n)) for n, m in modules.items()]
-    try:
-        for ids in texts:
-            hidden_states(model, text_inputs(ids))
-    finally:
-        for h in handles:
-            h.remove()
-    return cov
-
-
 @torch.no_grad()
 def exact_match(model, processor, held: list[dict], base: Path, batch: int = 64) -> dict[str, float]:
     """Per kind, the share of held-out items whose every label token is the argmax where predicted."""
@@ -253,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         texts = json.loads(args.text_ids.read_text())
         if kept is not None:
             texts = [t for t in texts if bool(torch.isin(torch.tensor(t), kept).all())]
-        bases = keep_text.text_subspaces(text_covariance(model, modules, texts), args.keep_text)
+        cov = keep_text.text_covariance(model, modules, texts, len(model.text.layers))
+        bases = keep_text.text_subspaces(cov, args.keep_text)
         keep_text.project_(modules, bases)
     opt = torch.optim.AdamW([{"params": vision, "lr": args.full_lr}, {"params": adapter, "lr": args.lr}],
                             weight_decay=0.0)

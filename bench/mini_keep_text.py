@@ -59,6 +59,7 @@ def first_layers(model, ids: torch.Tensor, layers: int) -> torch.Tensor:
     masks, as the model's forward masks text); the head is never run."""
     from bench.mini_reader_probe import layer_outputs
 
+    ids = ids.to(model.device)  # (bench/mini_gpu.py runs it on a GPU)
     h = model.embed(ids)
     for h in layer_outputs(model, h, torch.zeros_like(ids), layers):
         pass

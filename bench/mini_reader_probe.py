@@ -110,8 +110,9 @@ def layer_outputs(model, h: torch.Tensor, types: torch.Tensor, layers: int | Non
     masked as the model's forward masks them (images bidirectional on sliding layers)."""
     from unigemma.config import FULL, SLIDING
 
-    (B, S), idx = h.shape[:2], torch.arange(h.shape[1])
-    masks = model.masks(idx, {SLIDING: idx, FULL: idx}, {SLIDING: None, FULL: None}, types, model.block_mask)
+    (B, S), idx = h.shape[:2], torch.arange(h.shape[1], device=h.device)
+    masks = model.masks(idx, {SLIDING: idx, FULL: idx}, {SLIDING: None, FULL: None}, types.to(h.device),
+                        model.block_mask)
     tables = {t: rope.cos_sin(idx.expand(B, S), h.dtype) for t, rope in model.text.ropes.items()}
     for layer in model.text.layers[:layers]:
         cos, sin = tables[layer.layer_type]

@@ -86,26 +86,6 @@ def test_unpack_keeps_the_first_layers_only_when_asked(checkpoint, tmp_path):
     assert len(model.text.layers) == 2
 
 
-def test_gpu_stage_gathers_text_covariance_as_keep_text_does(checkpoint):
-    """bench/mini_gpu.py's text covariance (through the training forward, any device) is
-    bench/mini_keep_text.py's (the layer loop of the CPU probes) on the same texts."""
-    import unigemma
-    from bench import mini_gpu, mini_keep_text
-    from unigemma.finetune.run import prepare
-    from unigemma.lora import LoraConfig
-    from unigemma.lora.inject import lora_modules
-
-    model = unigemma.load_model(checkpoint, dtype="float32", pack=False)
-    prepare(model, LoraConfig(r=2, alpha=4), 0)
-    modules = lora_modules(model)
-    texts = [[2, 17, 33, 91, 44, 45, 60, 61, 62], [2, 5, 6, 7]]
-    got = mini_gpu.text_covariance(model, modules, texts)
-    want = mini_keep_text.text_covariance(model, modules, texts, len(model.text.layers))
-    assert sorted(got) == sorted(want) and len(got) == 7 * 7
-    for name in want:
-        assert torch.allclose(got[name], want[name], rtol=1e-5, atol=1e-6), name
-
-
 def test_quantize4_rounds_each_weight_to_its_groups_step():
     w = torch.randn(5, 96) * torch.logspace(-2, 1, 96)
     packed, scale = mini_bundle.quantize4(w)
