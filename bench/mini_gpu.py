@@ -191,6 +191,13 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--text-weight must be in [0, 1]")
     if args.mix is not None and not 0 < args.mix_share < 1:
         p.error("--mix-share must be in (0, 1)")
+    for name in ("mix", "text_ids"):
+        if getattr(args, name) is not None and not getattr(args, name).is_file():
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: not a file")
+    if min(args.per_kind, args.batch_size, args.lora_r, args.workers) < 1 or min(args.heldout, args.fresh) < 0:
+        p.error("--per-kind, --batch-size, --lora-r and --workers must be >= 1, --heldout and --fresh >= 0")
+    if not args.seconds > 0 or not args.eval_every > 0:
+        p.error("--seconds and --eval-every must be > 0")
 
     import unigemma
     from bench import mini_keep_text as keep_text

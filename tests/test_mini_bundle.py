@@ -136,3 +136,19 @@ def test_stage_loss_weighs_the_text_lines_apart_when_asked(checkpoint):
     weighted.backward()
     assert h.grad[0].any() and h.grad[1].any()
     assert torch.allclose(stage_loss(model, h, labels, torch.tensor([True] * 3), 0.25), total / n)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--kinds", "colour,smell"], "--kinds: a subset of"),
+    (["--text-weight", "1.5"], "--text-weight must be in"),
+    (["--mix", "nowhere.jsonl"], "--mix nowhere.jsonl: not a file"),
+    (["--per-kind", "0"], "--per-kind, --batch-size"),
+    (["--seconds", "0"], "--seconds and --eval-every must be > 0"),
+])
+def test_gpu_stage_refuses_bad_arguments_before_drawing(checkpoint, tmp_path, capsys, extra, message):
+    from bench import mini_gpu
+
+    with pytest.raises(SystemExit):
+        mini_gpu.main(["--model", str(checkpoint), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"), *extra])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()  # nothing drawn
