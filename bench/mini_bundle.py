@@ -13,7 +13,8 @@ The machine a training stage may borrow takes 64 MiB a call, and the mini's floa
   * the embedding table's rows of the token ids the stage will ever see (`--ids-from`: every
     trainer-format line it may train or score on, encoded here by the checkpoint's own processor;
     `--text-ids`: token lists such as bench/mini_keep_text.py's), int8 the same way;
-  * everything else (norms, the embedders) in bfloat16 where that is exact, else as stored, and the tokenizer xz-compressed (33 MB → 3.5).
+  * everything else (norms, the embedders) in bfloat16 where that is exact, else as stored, and
+    the tokenizer xz-compressed (33 MB → 3.5).
 `unpack` writes a checkpoint `unigemma.load` takes: float32, every row of the table not packed set to
 zero. A zero row's logit is 0 whatever the hidden state: the stage's loss then spreads over the kept
 tokens and a constant for the rest, an approximation of the softmax it names (`kept.json` lists the
@@ -181,10 +182,10 @@ def unpack(bundle: Path, out: Path, parts: list[Path] | None = None, layers: int
                 tensors[key] = value.float()
     for rows, w in other:
         tensors[EMBED][rows] = w
-    out.mkdir(parents=True, exist_ok=True)
     n = config["text_config"]["num_hidden_layers"]
     if not set(range(n)) <= have:
         raise SystemExit(f"{bundle}: decoder layers {sorted(set(range(n)) - have)} missing (another part's folder?)")
+    out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     for side in ("tokenizer_config.json", "chat_template.jinja", "generation_config.json"):

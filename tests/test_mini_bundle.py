@@ -53,6 +53,7 @@ def test_pack_then_unpack_gives_the_checkpoint_back_within_int8_rounding(checkpo
     (tmp_path / "b" / "layers1.safetensors").rename(tmp_path / "p1" / "layers1.safetensors")
     with pytest.raises(SystemExit, match=r"decoder layers \[3, 4, 5\] missing"):
         mini_bundle.unpack(tmp_path / "b", tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()  # nothing written
     out = mini_bundle.unpack(tmp_path / "b", tmp_path / "ck", parts=[tmp_path / "p1"])
     want, got = load_file(str(checkpoint / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert sorted(got) == sorted(want)
