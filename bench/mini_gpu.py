@@ -136,25 +136,10 @@ def stage_loss(model, h: torch.Tensor, labels: torch.Tensor, is_text: torch.Tens
     if text_weight is None or bool(is_text.all()) or not bool(is_text.any()):
         total, n = label_loss(model, h, labels)
         return total / max(n, 1)
-    is_text = is_text.to(h.device)
-    text, n_text = label_loss(model, h[is_text], labels[is_text.cpu()])
-    media, n_media = label_loss(model, h[~is_text], labels[~is_text.cpu()])
+    on = is_text.to(h.device)
+    text, n_text = label_loss(model, h[on], labels[is_text])
+    media, n_media = label_loss(model, h[~on], labels[~is_text])
     return text_weight * text / max(n_text, 1) + (1 - text_weight) * media / max(n_media, 1)
-
-
-def save(model, lora, out: Path) -> None:
-    """The adapter (PEFT format) and both embedders, in bfloat16 (each file under the 16 MiB a
-    borrowed machine hands back)."""
-    from safetensors.torch import load_file, save_file
-
-    from unigemma.finetune.full import save_full_weights
-    from unigemma.lora.peft import save_adapter
-
-    save_adapter(model, out, lora)
-    save_full_weights({n: model.get_submodule(n) for n in ("model.embed_vision", "model.embed_audio")}, out)
-    for name in ("adapter_model.safetensors", "full_weights.safetensors"):
-        t = load_file(str(out / name))
-        save_file({k: v.to(torch.bfloat16) for k, v in t.items()}, str(out / name), metadata={"format": "pt"})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import unigemma
     from bench import mini_keep_text as keep_text
+    from bench.mini_reader_probe import save_stage
     from unigemma.finetune.full import make_trainable, resolve
     from unigemma.finetune.loss import hidden_states
     from unigemma.finetune.run import prepare
@@ -252,8 +238,8 @@ def main(argv: list[str] | None = None) -> None:
                 "fresh_exact_match": exact_match(model, processor, fresh, args.work / "fresh") if fresh else None,
                 "skipped_examples_one_worker": skipped,
                 "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
-        if step:
-            save(model, lora, args.out)
+        if step:  # bfloat16: each file under the 16 MiB a borrowed machine hands back
+            save_stage(model, lora, args.out, torch.bfloat16)
         model.train()
         print(json.dumps(line), flush=True)
         log.write(json.dumps(line) + "\n")

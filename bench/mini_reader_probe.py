@@ -138,15 +138,19 @@ def start_checkpoint(model_dir: Path, saved: Path, out: Path) -> Path:
     return Path(out)
 
 
-def save_run(model, lora, model_dir: Path, out: Path) -> Path:
-    """Write a run's adapter and embedders to `out`, and `out`/checkpoint: `model_dir`'s
-    checkpoint with both folded in (`start_checkpoint`)."""
+def save_stage(model, lora, out: Path, dtype: torch.dtype | None = None) -> None:
+    """A stage's adapter (PEFT format) and both embedders under `out` (cast to `dtype` if given)."""
     from unigemma.finetune.full import save_full_weights
     from unigemma.lora.peft import save_adapter
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_adapter(model, out, lora)
-    save_full_weights({n: model.get_submodule(n) for n in ("model.embed_vision", "model.embed_audio")}, out)
+    save_adapter(model, out, lora, dtype=dtype)
+    save_full_weights({n: model.get_submodule(n) for n in ("model.embed_vision", "model.embed_audio")}, out, dtype)
+
+
+def save_run(model, lora, model_dir: Path, out: Path) -> Path:
+    """Write a run's adapter and embedders to `out`, and `out`/checkpoint: `model_dir`'s
+    checkpoint with both folded in (`start_checkpoint`)."""
+    save_stage(model, lora, out)
     return start_checkpoint(model_dir, out, out / "checkpoint")
 
 

@@ -153,3 +153,23 @@ def test_gpu_stage_refuses_bad_arguments_before_drawing(checkpoint, tmp_path, ca
         mini_gpu.main(["--model", str(checkpoint), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"), *extra])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "w").exists()  # nothing drawn
+
+
+def test_save_stage_casts_the_adapter_and_embedders_when_asked(checkpoint, tmp_path):
+    """bench/mini_gpu.py saves in bfloat16 through save_stage (the files a borrowed machine hands
+    back stay under 16 MiB); float32 by default, as bench/mini_reader_probe.py's runs save."""
+    import unigemma
+    from bench.mini_reader_probe import save_stage
+    from unigemma.finetune.run import prepare
+    from unigemma.lora import LoraConfig
+
+    model = unigemma.load_model(checkpoint, dtype="float32", pack=False)
+    lora = LoraConfig(r=2, alpha=4)
+    prepare(model, lora, 0)
+    save_stage(model, lora, tmp_path / "f32")
+    save_stage(model, lora, tmp_path / "bf16", torch.bfloat16)
+    for name in ("adapter_model.safetensors", "full_weights.safetensors"):
+        full, half = load_file(str(tmp_path / "f32" / name)), load_file(str(tmp_path / "bf16" / name))
+        assert sorted(full) == sorted(half) and all(v.dtype == torch.float32 for v in full.values())
+        assert all(torch.equal(half[k], v.to(torch.bfloat16)) for k, v in full.items())
+    assert (tmp_path / "bf16" / "adapter_config.json").read_text() == (tmp_path / "f32" / "adapter_config.json").read_text()

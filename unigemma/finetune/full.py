@@ -67,9 +67,12 @@ def full_state_dict(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
             for k, v in m.state_dict().items()}
 
 
-def save_full_weights(modules: dict[str, nn.Module], directory: str | Path) -> Path:
+def save_full_weights(modules: dict[str, nn.Module], directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """FULL_FILE under `directory`: the modules' weights (floats cast to `dtype` if given)."""
     path = Path(directory) / FULL_FILE
-    save_file(full_state_dict(modules), str(path), metadata={"format": "pt"})
+    tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+               for k, v in full_state_dict(modules).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
     return path
 
 

@@ -52,11 +52,12 @@ def lora_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.
     return out
 
 
-def save_adapter(model: nn.Module, path: str | Path, config: LoraConfig, name: str = "default") -> Path:
-    """Write adapter `name` as a PEFT adapter directory; returns `path`."""
+def save_adapter(model: nn.Module, path: str | Path, config: LoraConfig, name: str = "default",
+                 dtype: torch.dtype | None = None) -> Path:
+    """Write adapter `name` as a PEFT adapter directory (its tensors cast to `dtype` if given); returns `path`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model, name).items()}
+    tensors = {k: v.to(dtype or v.dtype).contiguous().cpu() for k, v in lora_state_dict(model, name).items()}
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
     (path / CONFIG_FILE).write_text(json.dumps(config.to_peft(), indent=2))
     return path
