@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mix", type=Path, default=None)
     p.add_argument("--mix-share", type=float, default=0.25)
     p.add_argument("--text-ids", type=Path, default=None, help="JSON token-id lists of English for --keep-text")
-    p.add_argument("--keep-text", type=float, default=0.01)
+    p.add_argument("--keep-text", type=float, default=0.01,
+                   help="with --text-ids: the share of text's input energy the adapter may reach (bench/mini_keep_text.py)")
     p.add_argument("--lora-r", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--full-lr", type=float, default=5e-4)
@@ -172,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     kinds = tuple(k for k in args.kinds.split(",") if k)
     if not kinds or set(kinds) - set(DRAWN):
         p.error(f"--kinds: a subset of {','.join(DRAWN)}")
+    if not 0 <= args.keep_text < 1:
+        p.error(f"--keep-text {args.keep_text}: the share of text's energy left in reach, in [0, 1)")
     if args.text_weight is not None and not 0 <= args.text_weight <= 1:
         p.error("--text-weight must be in [0, 1]")
     if args.mix is not None and not 0 < args.mix_share < 1:

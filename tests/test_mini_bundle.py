@@ -142,6 +142,7 @@ def test_stage_loss_weighs_the_text_lines_apart_when_asked(checkpoint):
 @pytest.mark.parametrize("extra, message", [
     (["--kinds", "colour,smell"], "--kinds: a subset of"),
     (["--text-weight", "1.5"], "--text-weight must be in"),
+    (["--keep-text", "1"], "--keep-text 1.0: the share"),
     (["--mix", "nowhere.jsonl"], "--mix nowhere.jsonl: not a file"),
     (["--per-kind", "0"], "--per-kind, --batch-size"),
     (["--seconds", "0"], "--seconds and --eval-every must be > 0"),
