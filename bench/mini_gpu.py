@@ -25,6 +25,16 @@ unpacks the shipped model there):
 (the default, the trainer's rule) the replay paragraphs were 70% of it and were memorised there.
 Tokens outside the checkpoint's kept.json (a bundle keeps only the rows it was packed for) never
 reach the model: an example holding one is skipped and counted.
+
+Two further objectives (README, Eighteenth look), for what the Seventeenth look's stage did not
+learn: `--read-weight W` adds bench/mini_patch_read.py's per-patch shape and colour heads after
+decoder layer `--read-layer` (a direct signal on every image token); `--distill N` takes the mix's
+text lines out of the cross-entropy and puts N rows a batch of text under KL to the start model
+(bench/mini_self_distill.py: the paragraphs and `--sample-text` continuations the start model
+writes), so the prose is kept without being memorised; the adapter is then free of the
+keep-text projection (leave out `--text-ids`). `--prose-tokens` measures the prose perplexity
+(bench/quant_quality.py's text) at every evaluation, `--extra-held` scores more held-out lines
+(the spoken kinds, drawn where the speech synthesizer is).
 """
 
 from __future__ import annotations
@@ -78,32 +88,39 @@ class Batches(torch.utils.data.IterableDataset):
     conversations and `n_mix` mix lines, each worker drawing with its own seed; an example holding
     a token outside `kept` is replaced by another draw."""
 
-    def __init__(self, processor, train, base, mix, mix_base, n, n_mix, kept, seed):
+    def __init__(self, processor, train, base, mix, mix_base, n, n_mix, kept, seed, patches=False):
         super().__init__()
-        self.args = (processor, train, base, mix, mix_base, n, n_mix, kept, seed)
+        self.args = (processor, train, base, mix, mix_base, n, n_mix, kept, seed, patches)
 
     def __iter__(self):
+        from bench.mini_patch_read import patch_targets
         from unigemma.finetune.data import collate, encode_line
 
-        processor, train, base, mix, mix_base, n, n_mix, kept, seed = self.args
+        processor, train, base, mix, mix_base, n, n_mix, kept, seed, patches = self.args
         info = torch.utils.data.get_worker_info()
         torch.set_num_threads(1)
         rng = random.Random(seed * 1000 + (info.id if info else 0))
         skipped = 0
 
         def one(pool, where):
-            """(an example of `pool`, whether it is a text line), drawn until its ids are all kept."""
+            """(an example of `pool`, whether it is a text line, its record), drawn until its ids are all kept."""
             nonlocal skipped
             while True:
                 record = rng.choice(pool)
                 e = encode_line(processor, record, where, "stage")
                 if kept is None or bool(torch.isin(e.inputs.input_ids, kept).all()):
-                    return e, "messages" not in record
+                    return e, "messages" not in record, record
                 skipped += 1
 
         while True:
             examples = [one(train, base) for _ in range(n - n_mix)] + [one(mix, mix_base) for _ in range(n_mix)]
-            yield collate([e for e, _ in examples], 0), torch.tensor([t for _, t in examples]), skipped
+            targets = None
+            if patches:  # one picture an example at most, in batch order: the image tokens' order
+                targets = torch.cat([patch_targets(r, e.inputs.image.position_ids, SIZE)
+                                     for e, _, r in examples if e.inputs.image is not None] or
+                                    [torch.zeros(0, 2, dtype=torch.long)])
+            yield (collate([e for e, _, _ in examples], 0), torch.tensor([t for _, t, _ in examples]), skipped,
+                   targets)
 
 
 @torch.no_grad()
@@ -124,6 +141,41 @@ def exact_match(model, processor, held: list[dict], base: Path, batch: int = 64)
             pred = model.output(h[row, at]).argmax(-1)
             right.setdefault(r["kind"], []).append(bool((pred == labels[row, at + 1]).all()))
     return {k: round(sum(v) / len(v), 3) for k, v in sorted(right.items())}
+
+
+@torch.no_grad()
+def reading_accuracy(model, processor, reader, held: list[dict], base: Path, batch: int = 64) -> dict | None:
+    """The patch heads on held-out pictures: shape and colour accuracy over their object patches."""
+    from bench.mini_patch_read import patch_targets
+    from unigemma.finetune.data import collate, encode_line
+    from unigemma.finetune.loss import hidden_states
+
+    pictures = [r for r in held if (r.get("meta") or {}).get("spots")]
+    right, n = [0.0, 0.0], 0
+    for a in range(0, len(pictures), batch):
+        examples = [encode_line(processor, r, base, r["id"]) for r in pictures[a:a + batch]]
+        b = collate(examples, 0)
+        hidden_states(model, b.inputs)
+        targets = torch.cat([patch_targets(r, e.inputs.image.position_ids, SIZE)
+                             for r, e in zip(pictures[a:a + batch], examples)])
+        shape, colour, k = reader.accuracy(b.inputs.mm_token_type_ids, targets)
+        right, n = [right[0] + shape * k, right[1] + colour * k], n + k
+    return {"shape": round(right[0] / n, 3), "colour": round(right[1] / n, 3), "patches": n} if n else None
+
+
+@torch.no_grad()
+def prose_perplexity(model, ids: list[int], window: int = 512) -> float:
+    """bench/mini_quality.py's `perplexity` on the model's device: windows of `window` tokens from BOS."""
+    from unigemma.finetune.loss import hidden_states
+    from unigemma.inputs import ModelInputs
+
+    nll, n = 0.0, 0
+    for a in range(0, len(ids) - 1, window):
+        chunk = torch.tensor([[2] + ids[a:a + window]], device=model.device)
+        logits = model.output(hidden_states(model, ModelInputs(chunk))[0, :-1]).float()
+        nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
+        n += chunk.shape[1] - 1
+    return math.exp(nll / n)
 
 
 def stage_loss(model, h: torch.Tensor, labels: torch.Tensor, is_text: torch.Tensor,
@@ -166,6 +218,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--full-lr", type=float, default=5e-4)
     p.add_argument("--eval-every", type=float, default=90, help="seconds of training between evaluations")
+    p.add_argument("--read-weight", type=float, default=0.0,
+                   help="weight of the per-patch shape and colour heads' loss (bench/mini_patch_read.py); 0: none")
+    p.add_argument("--read-layer", type=int, default=5, help="the heads read the image tokens after this many layers")
+    p.add_argument("--read-lr", type=float, default=1e-3)
+    p.add_argument("--distill", type=int, default=0, metavar="N",
+                   help="N rows a batch of text under KL to the start model (bench/mini_self_distill.py); "
+                        "the mix's text lines then leave the cross-entropy")
+    p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--distill-length", type=int, default=128, help="tokens a distilled row at most")
+    p.add_argument("--sample-text", type=int, default=256,
+                   help="with --distill: continuations the start model writes from the paragraphs' first words")
+    p.add_argument("--prose-tokens", type=int, default=0, help="measure the prose perplexity on this many tokens")
+    p.add_argument("--extra-held", type=Path, default=None, help="more held-out lines (jsonl) scored at every evaluation")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     args = p.parse_args(argv)
     if not (args.model / "config.json").is_file():
@@ -179,7 +244,13 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--text-weight must be in [0, 1]")
     if args.mix is not None and not 0 < args.mix_share < 1:
         p.error("--mix-share must be in (0, 1)")
-    for name in ("mix", "text_ids"):
+    if args.distill and args.mix is None:
+        p.error("--distill needs --mix (its text lines are the paragraphs distilled)")
+    if not 0 <= args.read_weight or args.read_weight and not 1 <= args.read_layer <= 18:
+        p.error("--read-weight must be >= 0 and --read-layer in 1..18")
+    if min(args.distill, args.sample_text, args.prose_tokens) < 0 or args.distill_length < 8:
+        p.error("--distill, --sample-text and --prose-tokens must be >= 0, --distill-length >= 8")
+    for name in ("mix", "text_ids", "extra_held"):
         if getattr(args, name) is not None and not getattr(args, name).is_file():
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: not a file")
     if min(args.per_kind, args.batch_size, args.lora_r, args.workers) < 1 or min(args.heldout, args.fresh) < 0:
@@ -200,6 +271,10 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.time()
     train, held, fresh = draw_items(args.work, kinds, args.per_kind, args.heldout, args.fresh, args.seed, args.workers)
     mix = [json.loads(x) for x in args.mix.read_text(encoding="utf-8").splitlines() if x.strip()] if args.mix else []
+    paragraphs = [r["text"] for r in mix if "messages" not in r] if args.distill else []
+    mix = [r for r in mix if "messages" in r] if args.distill else mix
+    extra = ([json.loads(x) for x in args.extra_held.read_text(encoding="utf-8").splitlines() if x.strip()]
+             if args.extra_held else [])
     drawn = time.time() - t_start
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -209,6 +284,22 @@ def main(argv: list[str] | None = None) -> None:
     model, processor = gemma.model, gemma.processor()
     kept_file = args.model / "kept.json"
     kept = torch.tensor(json.loads(kept_file.read_text())) if kept_file.is_file() else None
+    teacher, pool = None, []
+    if args.distill:
+        from bench import mini_self_distill as distill
+
+        teacher = distill.frozen_copy(model)
+        pool = [[2] + gemma.tokenizer.encode(t) for t in paragraphs]
+        pool = [r for r in pool if kept is None or bool(torch.isin(torch.tensor(r), kept).all())]
+        t0 = time.time()
+        pool += distill.sample(teacher, [r[:6] for r in pool if len(r) >= 6][:args.sample_text],
+                               args.distill_length, seed=args.seed)
+        sampled = time.time() - t0
+    prose_ids = None
+    if args.prose_tokens:
+        from bench.quant_quality import prose
+
+        prose_ids = prose(args.prose_tokens, gemma.tokenizer)
     lora = LoraConfig(r=args.lora_r, alpha=2 * args.lora_r)
     prepare(model, lora, args.seed)
     adapter = [q for q in model.parameters() if q.requires_grad]
@@ -222,54 +313,82 @@ def main(argv: list[str] | None = None) -> None:
         cov = keep_text.text_covariance(model, modules, texts, len(model.text.layers))
         bases = keep_text.text_subspaces(cov, args.keep_text)
         keep_text.project_(modules, bases)
-    opt = torch.optim.AdamW([{"params": vision, "lr": args.full_lr}, {"params": adapter, "lr": args.lr}],
-                            weight_decay=0.0)
+    groups = [{"params": vision, "lr": args.full_lr}, {"params": adapter, "lr": args.lr}]
+    reader = None
+    if args.read_weight:
+        from bench.mini_patch_read import PatchReader
+
+        reader = PatchReader(model, args.read_layer)
+        groups.append({"params": list(reader.parameters()), "lr": args.read_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     base_lrs = [g["lr"] for g in opt.param_groups]
     n_mix = round(args.mix_share * args.batch_size) if mix else 0
     data = Batches(processor, train, args.work, mix, args.mix.parent if args.mix else None, args.batch_size, n_mix,
-                   kept, args.seed)
+                   kept, args.seed, patches=reader is not None)
     loader = iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=args.workers, prefetch_factor=4,
                                               persistent_workers=True))
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "log.jsonl", "a", encoding="utf-8")
 
+    def mean(xs):
+        return round(sum(xs) / len(xs), 4) if xs else None
+
     def report(step, losses, trained, skipped):
         model.eval()
+        if reader is not None:
+            reader.eval()
         line = {"step": step, "trained_seconds": round(trained), "wall_seconds": round(time.time() - t_start),
-                "train_loss": round(sum(losses) / len(losses), 4) if losses else None,
+                "train_loss": mean([x[0] for x in losses]), "read_loss": mean([x[1] for x in losses if x[1] is not None]),
+                "distill_kl": mean([x[2] for x in losses if x[2] is not None]),
                 "exact_match": exact_match(model, processor, held, args.work),
                 "fresh_exact_match": exact_match(model, processor, fresh, args.work / "fresh") if fresh else None,
+                "extra_exact_match": exact_match(model, processor, extra, args.extra_held.parent) if extra else None,
+                "reading_heldout": reading_accuracy(model, processor, reader, held, args.work) if reader else None,
+                "prose_perplexity": round(prose_perplexity(model, prose_ids), 3) if prose_ids else None,
                 "skipped_examples_one_worker": skipped,
                 "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
         if step:  # bfloat16: each file under the 16 MiB a borrowed machine hands back
             save_stage(model, lora, args.out, torch.bfloat16)
         model.train()
+        if reader is not None:
+            reader.train()
         print(json.dumps(line), flush=True)
         log.write(json.dumps(line) + "\n")
         log.flush()
 
     print(json.dumps({"train_conversations": len(train), "heldout": len(held), "fresh": len(fresh), "mix": len(mix),
-                      "draw_seconds": round(drawn),
+                      "draw_seconds": round(drawn), "distilled_rows": len(pool),
+                      "sample_seconds": round(sampled, 1) if args.distill else None,
                       "kept_text_dims": {k: v.shape[1] for k, v in list(bases.items())[:3]},
                       "adapter_params": sum(q.numel() for q in adapter), "vision_params": sum(q.numel() for q in vision)}),
           flush=True)
     report(0, [], 0, 0)
     step, trained, losses, last_eval, skipped = 0, 0.0, [], 0.0, 0
+    rng = random.Random(args.seed)
     while trained < args.seconds:
         t0 = time.time()
-        batch, is_text, skipped = next(loader)
+        batch, is_text, skipped, targets = next(loader)
         step += 1
         frac = trained / args.seconds
         scale = min(1.0, step / 30) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * scale
         loss = stage_loss(model, hidden_states(model, batch.inputs), batch.labels, is_text, args.text_weight)
+        parts = [float(loss.detach()), None, None]
+        if reader is not None:
+            read = reader.loss(batch.inputs.mm_token_type_ids, targets)
+            parts[1] = float(read.detach())
+            loss = loss + args.read_weight * read
+        if teacher is not None:
+            kl = distill.kl_loss(model, teacher, *distill.batch_rows(pool, args.distill, args.distill_length, rng))
+            parts[2] = float(kl.detach())
+            loss = loss + args.distill_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if bases:
             keep_text.project_(modules, bases)
-        losses.append(float(loss.detach()))
+        losses.append(parts)
         trained += time.time() - t0
         if trained - last_eval >= args.eval_every or trained >= args.seconds:
             report(step, losses, trained, skipped)
