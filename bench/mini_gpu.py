@@ -34,7 +34,9 @@ text lines out of the cross-entropy and puts N rows a batch of text under KL to 
 writes), so the prose is kept without being memorised; the adapter is then free of the
 keep-text projection (leave out `--text-ids`). `--prose-tokens` measures the prose perplexity
 (bench/quant_quality.py's text) at every evaluation, `--extra-held` scores more held-out lines
-(the spoken kinds, drawn where the speech synthesizer is).
+(the spoken kinds, drawn where the speech synthesizer is). `--free N` adds N pictures of one shape
+in an unnamed random fill (bench/mmdata/free_shapes.py), which the Eighteenth look's heads needed:
+trained on named colours alone they read a held-out pair's shape as one its colour came with.
 """
 
 from __future__ import annotations
@@ -61,20 +63,25 @@ SIZE = 144  # bench/mmdata/generate.py's default: 3 x 3 patches
 
 
 def _make(job: tuple) -> dict:
-    from bench.mmdata import items
+    from bench.mmdata import free_shapes, items
 
     kind, split, i, seed, out = job
+    if kind == free_shapes.KIND:  # one shape in an unnamed random fill (training only)
+        return free_shapes.make(i, seed, Path(out), SIZE).record()
     return items.make(kind, split, i, seed, Path(out), SIZE).record()
 
 
 def draw_items(out: Path, kinds: tuple[str, ...], per_kind: int, heldout: int, fresh: int, seed: int,
-               workers: int) -> tuple[list[dict], list[dict], list[dict]]:
+               workers: int, free: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
     """(training conversations, held-out records, fresh records: new items of the training axes,
-    seed + 1, their media under out/fresh), the rest of the media under `out`."""
+    seed + 1, their media under out/fresh), the rest of the media under `out`; `free` items of
+    bench/mmdata/free_shapes.py among the training ones."""
+    from bench.mmdata import free_shapes
     from bench.mmdata.conversations import conversation
 
     scored = [k for k in SCORED if k in kinds]
     jobs = [(k, "train", i, seed, str(out)) for k in kinds for i in range(per_kind)]
+    jobs += [(free_shapes.KIND, "train", i, seed, str(out)) for i in range(free)]
     held_jobs = [(k, "heldout", i, 0, str(out)) for k in scored for i in range(heldout)]
     fresh_jobs = [(k, "train", i, seed + 1, str(out / "fresh")) for k in scored for i in range(fresh)]
     with Pool(workers) as pool:
@@ -218,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--full-lr", type=float, default=5e-4)
     p.add_argument("--eval-every", type=float, default=90, help="seconds of training between evaluations")
+    p.add_argument("--free", type=int, default=0, metavar="N",
+                   help="N more training items of one shape in an unnamed random fill (bench/mmdata/free_shapes.py)")
     p.add_argument("--read-weight", type=float, default=0.0,
                    help="weight of the per-patch shape and colour heads' loss (bench/mini_patch_read.py); 0: none")
     p.add_argument("--read-layer", type=int, default=5, help="the heads read the image tokens after this many layers")
@@ -248,8 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--distill needs --mix (its text lines are the paragraphs distilled)")
     if not 0 <= args.read_weight or args.read_weight and not 1 <= args.read_layer <= 18:
         p.error("--read-weight must be >= 0 and --read-layer in 1..18")
-    if min(args.distill, args.sample_text, args.prose_tokens) < 0 or args.distill_length < 8:
-        p.error("--distill, --sample-text and --prose-tokens must be >= 0, --distill-length >= 8")
+    if min(args.distill, args.sample_text, args.prose_tokens, args.free) < 0 or args.distill_length < 8:
+        p.error("--distill, --sample-text, --prose-tokens and --free must be >= 0, --distill-length >= 8")
     for name in ("mix", "text_ids", "extra_held"):
         if getattr(args, name) is not None and not getattr(args, name).is_file():
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: not a file")
@@ -269,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t_start = time.time()
-    train, held, fresh = draw_items(args.work, kinds, args.per_kind, args.heldout, args.fresh, args.seed, args.workers)
+    train, held, fresh = draw_items(args.work, kinds, args.per_kind, args.heldout, args.fresh, args.seed, args.workers,
+                                    args.free)
     mix = [json.loads(x) for x in args.mix.read_text(encoding="utf-8").splitlines() if x.strip()] if args.mix else []
     paragraphs = [r["text"] for r in mix if "messages" not in r] if args.distill else []
     mix = [r for r in mix if "messages" in r] if args.distill else mix

@@ -35,13 +35,16 @@ INSIDE, OUTSIDE = 0.6, 1.05  # a patch's middle within 0.6 r of an object is it;
 
 def patch_targets(record: dict, position_ids: torch.Tensor, size: int) -> torch.Tensor:
     """[real patches, 2] long: each real patch's (shape, colour) class in patch order, IGNORE where
-    the record has no objects (a written word, a sound) or the patch is on an object's edge.
+    the record has no objects (a written word, a sound) or the patch is on an object's edge, and
+    for the colour of a shape in an unnamed fill (free_shapes.py's `meta["shape"]`, no `pairs`).
     `position_ids` [..., P, 2] (x, y), (-1, -1) on padding rows; the picture is `size` px square."""
     pos = position_ids.reshape(-1, 2)
     pos = pos[pos[:, 0] >= 0]
     out = torch.full((len(pos), 2), IGNORE, dtype=torch.long)
     meta = record.get("meta") or {}
     pairs, spots = meta.get("pairs"), meta.get("spots")
+    if pairs is None and meta.get("shape") in SHAPES:  # free_shapes.py: one shape, its fill unnamed
+        pairs = [[None, meta["shape"]]]
     if not pairs or not spots or len(pairs) != len(spots) or not len(pos):
         return out
     cols, rows = int(pos[:, 0].max()) + 1, int(pos[:, 1].max()) + 1
@@ -51,7 +54,7 @@ def patch_targets(record: dict, position_ids: torch.Tensor, size: int) -> torch.
         near = min(range(len(d)), key=d.__getitem__)
         if d[near] < INSIDE:
             colour, shape = pairs[near]
-            out[i] = torch.tensor([SHAPES.index(shape), COLOUR_NAMES.index(colour)])
+            out[i] = torch.tensor([SHAPES.index(shape), IGNORE if colour is None else COLOUR_NAMES.index(colour)])
         elif d[near] > OUTSIDE:
             out[i] = torch.tensor([len(SHAPES), len(COLOUR_NAMES)])
     return out

@@ -139,7 +139,7 @@ def checkpoint(tmp_path_factory):
     (["--distill", "4"], "--distill needs --mix"),
     (["--read-weight", "-1"], "--read-weight must be >= 0"),
     (["--read-weight", "1", "--read-layer", "0"], "--read-layer in 1..18"),
-    (["--prose-tokens", "-2"], "--prose-tokens must be >= 0"),
+    (["--free", "-2"], "--prose-tokens and --free must be >= 0"),
     (["--extra-held", "nowhere.jsonl"], "--extra-held nowhere.jsonl: not a file"),
 ])
 def test_gpu_stage_refuses_bad_new_arguments_before_drawing(checkpoint, tmp_path, capsys, extra, message):
@@ -149,3 +149,22 @@ def test_gpu_stage_refuses_bad_new_arguments_before_drawing(checkpoint, tmp_path
         mini_gpu.main(["--model", str(checkpoint), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"), *extra])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_patch_targets_read_the_shape_alone_in_an_unnamed_fill():
+    record = {"kind": "any_shape", "meta": {"shape": "heart", "fill": [12, 200, 90], "spots": [[72.0, 72.0, 40.0]]}}
+    t = patch_targets(record, grid(8, 8), 144)
+    inside = t[:, 0] == SHAPES.index("heart")
+    assert int(inside.sum()) >= 4 and bool((t[inside, 1] == IGNORE).all())  # the fill has no name to learn
+    assert bool((t[t[:, 0] == len(SHAPES), 1] == len(COLOUR_NAMES)).all())  # the background keeps its class
+
+
+def test_draw_items_adds_free_fills_to_the_training_conversations(tmp_path):
+    from bench.mini_gpu import draw_items
+
+    train, held, fresh = draw_items(tmp_path, ("colour",), 2, 1, 1, 7, 1, free=3)
+    kinds = sorted(r["kind"] for r in train)
+    assert kinds == ["any_shape"] * 3 + ["colour"] * 2 and len(held) == 1 and len(fresh) == 1
+    free = [r for r in train if r["kind"] == "any_shape"]
+    assert all(r["answer"] in SHAPES and "pairs" not in r["meta"] for r in free)
+    assert all((tmp_path / r["messages"][0]["content"][0]["image"]).is_file() for r in free)
