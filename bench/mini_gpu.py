@@ -31,7 +31,8 @@ learn: `--read-weight W` adds bench/mini_patch_read.py's per-patch shape and col
 decoder layer `--read-layer` (a direct signal on every image token); `--distill N` takes the mix's
 text lines out of the cross-entropy and puts N rows a batch of text under KL to the start model
 (bench/mini_self_distill.py: the paragraphs and `--sample-text` continuations the start model
-writes), so the prose is kept without being memorised; the adapter is then free of the
+writes; `--teacher` another checkpoint's, to pull the prose back to it), so the prose is kept
+without being memorised; the adapter is then free of the
 keep-text projection (leave out `--text-ids`). `--prose-tokens` measures the prose perplexity
 (bench/quant_quality.py's text) at every evaluation, `--extra-held` scores more held-out lines
 (the spoken kinds, drawn where the speech synthesizer is). `--free N` adds N pictures of one shape
@@ -235,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="N rows a batch of text under KL to the start model (bench/mini_self_distill.py); "
                         "the mix's text lines then leave the cross-entropy")
     p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="with --distill: the checkpoint whose text distributions are matched (default: --model's)")
     p.add_argument("--distill-length", type=int, default=128, help="tokens a distilled row at most")
     p.add_argument("--sample-text", type=int, default=256,
                    help="with --distill: continuations the start model writes from the paragraphs' first words")
@@ -253,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--text-weight must be in [0, 1]")
     if args.mix is not None and not 0 < args.mix_share < 1:
         p.error("--mix-share must be in (0, 1)")
+    if args.teacher is not None and not (args.teacher / "config.json").is_file():
+        p.error(f"--teacher {args.teacher}: no config.json")
     if args.distill and args.mix is None:
         p.error("--distill needs --mix (its text lines are the paragraphs distilled)")
     if not 0 <= args.read_weight or args.read_weight and not 1 <= args.read_layer <= 18:
@@ -298,7 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.distill:
         from bench import mini_self_distill as distill
 
-        teacher = distill.frozen_copy(model)
+        teacher = (distill.frozen_copy(model) if args.teacher is None else
+                   distill.frozen_copy(unigemma.load(args.teacher, dtype="float32", device=device, fast=False,
+                                                     exact=True).model))
         pool = [[2] + gemma.tokenizer.encode(t) for t in paragraphs]
         pool = [r for r in pool if kept is None or bool(torch.isin(torch.tensor(r), kept).all())]
         t0 = time.time()

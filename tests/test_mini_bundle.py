@@ -146,6 +146,12 @@ def test_stage_loss_weighs_the_text_lines_apart_when_asked(checkpoint):
     (["--mix", "nowhere.jsonl"], "--mix nowhere.jsonl: not a file"),
     (["--per-kind", "0"], "--per-kind, --batch-size"),
     (["--seconds", "0"], "--seconds and --eval-every must be > 0"),
+    (["--distill", "4"], "--distill needs --mix"),
+    (["--read-weight", "-1"], "--read-weight must be >= 0"),
+    (["--read-weight", "1", "--read-layer", "0"], "--read-layer in 1..18"),
+    (["--free", "-2"], "--prose-tokens and --free must be >= 0"),
+    (["--extra-held", "nowhere.jsonl"], "--extra-held nowhere.jsonl: not a file"),
+    (["--teacher", "nowhere"], "--teacher nowhere: no config.json"),
 ])
 def test_gpu_stage_refuses_bad_arguments_before_drawing(checkpoint, tmp_path, capsys, extra, message):
     from bench import mini_gpu

@@ -13,7 +13,6 @@ from unigemma.config import ModelConfig
 from unigemma.inputs import IMAGE
 from unigemma.models import gemma3
 from unigemma.weights.random import randomize_reference
-from unigemma.weights.save import save_checkpoint
 
 
 def grid(cols: int, rows: int, padding: int = 0) -> torch.Tensor:
@@ -125,30 +124,6 @@ def test_sample_continues_each_prompt_and_repeats_with_its_seed(model):
     a = sample(model, prompts, 5, seed=1)
     assert len(a) == 2 and all(r[:3] == p[:3] and 3 <= len(r) <= 8 for r, p in zip(a, prompts))
     assert a == sample(model, prompts, 5, seed=1)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    d = gemma3.tiny_config()
-    m = gemma3.Gemma3ForCausalLM(ModelConfig.from_dict(d))
-    path = save_checkpoint(m.eval(), d, tmp_path_factory.mktemp("ck") / "ck")
-    return path
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--distill", "4"], "--distill needs --mix"),
-    (["--read-weight", "-1"], "--read-weight must be >= 0"),
-    (["--read-weight", "1", "--read-layer", "0"], "--read-layer in 1..18"),
-    (["--free", "-2"], "--prose-tokens and --free must be >= 0"),
-    (["--extra-held", "nowhere.jsonl"], "--extra-held nowhere.jsonl: not a file"),
-])
-def test_gpu_stage_refuses_bad_new_arguments_before_drawing(checkpoint, tmp_path, capsys, extra, message):
-    from bench import mini_gpu
-
-    with pytest.raises(SystemExit):
-        mini_gpu.main(["--model", str(checkpoint), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"), *extra])
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "w").exists()
 
 
 def test_patch_targets_read_the_shape_alone_in_an_unnamed_fill():
