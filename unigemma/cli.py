@@ -206,7 +206,8 @@ def demo_mini(args) -> None:
     args.dtype = args.dtype or "float32"  # the dtype its held-out figures were measured in
     gemma = load_for(args)
     info = card()
-    held = ", ".join(f"{k} {v['accuracy']:.0%}" + (f" (target {v['target']:.0%})" if "target" in v else "")
+    # one decimal: 79.5% rounded to a whole "80%" would read as a target of 80% met
+    held = ", ".join(f"{k} {v['accuracy']:.1%}" + (f" (target {v['target']:.0%})" if "target" in v else "")
                      for k, v in info["heldout"].items())
     prose = info.get("prose", {}).get("rise")
     prose = "" if prose is None else f"; prose perplexity {prose:+.1%} against Gemma 3 270M's (target +10% at most)"
