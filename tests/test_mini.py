@@ -691,8 +691,8 @@ def test_probe_unnamed_question_keeps_the_picture_and_the_answer():
 def test_recipe_init_repeats_the_adapter_it_starts_from(tmp_path):
     """bench/mini_train.py --init DIR gives the trainer DIR's adapter rank and alpha, which `--init`
     must repeat: the shipped adapter is not the recipe's r 16 at alpha 32 (it shipped merged at a
-    scale, Seventh and Twelfth looks; now joined from staged adapters at scaling 1, r 32:
-    bench/mini_join.py, Fourteenth look)."""
+    scale, Seventh and Twelfth looks; now joined from staged adapters at scaling 1: bench/mini_join.py,
+    Fourteenth look, its largest rank any number since the joins re-factor by SVD, Eighteenth look)."""
     import json
 
     from bench.mini_train import RECIPE, adapter_shape
@@ -701,7 +701,7 @@ def test_recipe_init_repeats_the_adapter_it_starts_from(tmp_path):
     shipped = Path(unigemma.__file__).parent / "mini"
     shape = adapter_shape(shipped)
     assert len(card()["stages"]) >= 2 and shape["lora_alpha"] == shape["lora_r"]  # joined: scaling 1
-    assert shape["lora_r"] > RECIPE["lora_r"] and shape["lora_r"] % RECIPE["lora_r"] == 0
+    assert shape["lora_r"] > RECIPE["lora_r"]
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
     assert adapter_shape(tmp_path) == {"lora_r": 4, "lora_alpha": 8}
 
