@@ -171,21 +171,6 @@ def reading_accuracy(model, processor, reader, held: list[dict], base: Path, bat
     return {"shape": round(right[0] / n, 3), "colour": round(right[1] / n, 3), "patches": n} if n else None
 
 
-@torch.no_grad()
-def prose_perplexity(model, ids: list[int], window: int = 512) -> float:
-    """bench/mini_quality.py's `perplexity` on the model's device: windows of `window` tokens from BOS."""
-    from unigemma.finetune.loss import hidden_states
-    from unigemma.inputs import ModelInputs
-
-    nll, n = 0.0, 0
-    for a in range(0, len(ids) - 1, window):
-        chunk = torch.tensor([[2] + ids[a:a + window]], device=model.device)
-        logits = model.output(hidden_states(model, ModelInputs(chunk))[0, :-1]).float()
-        nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
-        n += chunk.shape[1] - 1
-    return math.exp(nll / n)
-
-
 def stage_loss(model, h: torch.Tensor, labels: torch.Tensor, is_text: torch.Tensor,
                text_weight: float | None) -> torch.Tensor:
     """The mean label-token loss (text_weight None: every token alike, as the trainer's), or the
@@ -304,8 +289,8 @@ def main(argv: list[str] | None = None) -> None:
         from bench import mini_self_distill as distill
 
         teacher = (distill.frozen_copy(model) if args.teacher is None else
-                   distill.frozen_copy(unigemma.load(args.teacher, dtype="float32", device=device, fast=False,
-                                                     exact=True).model))
+                   distill.frozen(unigemma.load(args.teacher, dtype="float32", device=device, fast=False,
+                                                exact=True).model))
         pool = [[2] + gemma.tokenizer.encode(t) for t in paragraphs]
         pool = [r for r in pool if kept is None or bool(torch.isin(torch.tensor(r), kept).all())]
         t0 = time.time()
@@ -314,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         sampled = time.time() - t0
     prose_ids = None
     if args.prose_tokens:
+        from bench.mini_quality import perplexity  # on the model's device
         from bench.quant_quality import prose
 
         prose_ids = prose(args.prose_tokens, gemma.tokenizer)
@@ -361,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
                 "fresh_exact_match": exact_match(model, processor, fresh, args.work / "fresh") if fresh else None,
                 "extra_exact_match": exact_match(model, processor, extra, args.extra_held.parent) if extra else None,
                 "reading_heldout": reading_accuracy(model, processor, reader, held, args.work) if reader else None,
-                "prose_perplexity": round(prose_perplexity(model, prose_ids), 3) if prose_ids else None,
+                "prose_perplexity": round(perplexity(model, prose_ids), 3) if prose_ids else None,
                 "skipped_examples_one_worker": skipped,
                 "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
         if step:  # bfloat16: each file under the 16 MiB a borrowed machine hands back

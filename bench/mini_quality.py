@@ -37,7 +37,7 @@ def perplexity(model, ids: list[int], window: int = 512) -> float:
     for a in range(0, len(ids) - 1, window):
         chunk = torch.tensor([[2] + ids[a:a + window]])
         logits = model.logits(chunk)[0, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
+        nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:].to(logits.device), reduction="sum"))
         n += chunk.shape[1] - 1
     return math.exp(nll / n)
 

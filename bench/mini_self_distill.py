@@ -28,11 +28,16 @@ from unigemma.inputs import ModelInputs
 CHUNK = 1024  # positions per head + softmax pass: one chunk's 262,144-wide logits at a time
 
 
-def frozen_copy(model):
-    teacher = copy.deepcopy(model).eval()
-    for q in teacher.parameters():
+def frozen(model):
+    """`model` in eval mode with no parameter trained (a teacher loaded for the purpose)."""
+    for q in model.parameters():
         q.requires_grad_(False)
-    return teacher
+    return model.eval()
+
+
+def frozen_copy(model):
+    """A frozen copy of `model` (the start model as teacher, taken before the adapter is added)."""
+    return frozen(copy.deepcopy(model))
 
 
 def batch_rows(pool: list[list[int]], n: int, length: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
