@@ -45,7 +45,7 @@ def text_ids(tokenizer, n_tokens: int, window: int = 512) -> list[list[int]]:
 
     out, total = [], 0
     for text in replay_paragraphs():
-        ids = tokenizer.encode(text)[:window - 1]
+        ids = tokenizer.encode(text, add_special_tokens=False)[:window - 1]  # <bos> once, below
         out.append([BOS] + ids)
         total += len(ids) + 1
         if total >= n_tokens:
@@ -67,24 +67,39 @@ def first_layers(model, ids: torch.Tensor, layers: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def text_covariance(model, modules: dict, texts: list[list[int]], layers: int) -> dict[str, torch.Tensor]:
-    """name → Σ x xᵀ (float64) over every text token's input to that module of `modules` (name →
-    LoraLinear, all within the first `layers` layers)."""
+def input_covariance(modules: dict, run, unit: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+    """(name → Σ x xᵀ in float64 over every input x that reaches that module of `modules` while
+    `run()` runs the model, the number of tokens seen by the first module). `unit` scales each x to
+    length 1 first, so a few tokens of huge norm (<bos>, the attention sinks) do not outweigh the rest."""
     cov: dict[str, torch.Tensor] = {}
+    seen = {}
 
     def gather(name):
         def hook(_module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
+            if unit:
+                x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
             cov[name] = cov[name] + x.T @ x if name in cov else x.T @ x
+            seen[name] = seen.get(name, 0) + x.shape[0]
         return hook
 
     handles = [m.register_forward_pre_hook(gather(n)) for n, m in modules.items()]
     try:
-        for ids in texts:
-            first_layers(model, torch.tensor([ids]), layers)
+        run()
     finally:
         for h in handles:
             h.remove()
+    return cov, next(iter(seen.values()), 0)
+
+
+def text_covariance(model, modules: dict, texts: list[list[int]], layers: int) -> dict[str, torch.Tensor]:
+    """name → Σ x xᵀ (float64) over every text token's input to that module of `modules` (name →
+    LoraLinear, all within the first `layers` layers)."""
+    def run():
+        for ids in texts:
+            first_layers(model, torch.tensor([ids]), layers)
+
+    cov, _ = input_covariance(modules, run)
     missing = sorted(set(modules) - set(cov))
     if missing:
         raise ValueError(f"no text reached {missing[:3]}: are they within the first {layers} layers?")
