@@ -23,8 +23,9 @@ it had learned. Two ways to take it off the text once it is trained:
   factors out of the normal equations). W = 0 keeps A; W → ∞ takes every direction text uses
   away. A comma-separated list writes one adapter each, under `--out`/weight-W.
 
-The inputs are the base model's (`--model`, the checkpoint the stage was trained on: the adapter is
-loaded but not active), as the re-fitted model's text will see them. Lossy for the media too: the
+The inputs are the base decoder's (`--model`, the checkpoint the stage was trained on: the adapter is
+loaded but not active), as the re-fitted model's text will see them, with the stage's own embedders
+(its full_weights.safetensors, when it saved them) making the pictures' and sounds' tokens. Lossy for the media too: the
 model it makes is measured again. Writes the adapter (PEFT format, the stage's config) and the
 stage's embedders (full_weights.safetensors, copied: they never see text). Prints one JSON line
 per adapter written: `text_left`, the share of the update's energy on prose inputs (Σ ‖B A' X_t‖²
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     from bench.mini_keep_text import (_Share, first_layers, input_covariance, project_, text_covariance, text_ids,
                                       text_subspaces)
     from unigemma.finetune.data import collate, encode_line
-    from unigemma.finetune.full import FULL_FILE
+    from unigemma.finetune.full import FULL_FILE, load_full_weights
     from unigemma.finetune.loss import hidden_states
     from unigemma.lora import load_adapter
     from unigemma.lora.inject import lora_modules
@@ -114,7 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     gemma = unigemma.load(args.model, dtype="float32", fast=False, exact=True)
     model, tok = gemma.model, gemma.tokenizer
     config, _ = read_adapter(args.adapter)
-    load_adapter(model, args.adapter, activate=False)  # the base runs: every input as the base sees it
+    if (args.adapter / FULL_FILE).is_file():  # the stage's embedders: the media inputs as its model makes them
+        load_full_weights(model, args.adapter)
+    load_adapter(model, args.adapter, activate=False)  # the base decoder runs: every input as it sees it
     modules = lora_modules(model)
     A = {n: m.lora_A["default"].weight.detach().clone() for n, m in modules.items()}
     B = {n: m.lora_B["default"].weight.detach() for n, m in modules.items()}
