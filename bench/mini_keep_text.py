@@ -92,14 +92,15 @@ def input_covariance(modules: dict, run, unit: bool = False) -> tuple[dict[str, 
     return cov, next(iter(seen.values()), 0)
 
 
-def text_covariance(model, modules: dict, texts: list[list[int]], layers: int) -> dict[str, torch.Tensor]:
+def text_covariance(model, modules: dict, texts: list[list[int]], layers: int,
+                    unit: bool = False) -> dict[str, torch.Tensor]:
     """name → Σ x xᵀ (float64) over every text token's input to that module of `modules` (name →
-    LoraLinear, all within the first `layers` layers)."""
+    LoraLinear, all within the first `layers` layers); `unit` as in `input_covariance`."""
     def run():
         for ids in texts:
             first_layers(model, torch.tensor([ids]), layers)
 
-    cov, _ = input_covariance(modules, run)
+    cov, _ = input_covariance(modules, run, unit)
     missing = sorted(set(modules) - set(cov))
     if missing:
         raise ValueError(f"no text reached {missing[:3]}: are they within the first {layers} layers?")

@@ -23,10 +23,10 @@ it had learned. Two ways to take it off the text once it is trained:
   factors out of the normal equations). W = 0 keeps A; W → ∞ takes every direction text uses
   away. A comma-separated list writes one adapter each, under `--out`/weight-W.
 
-The inputs are the base decoder's (`--model`, the checkpoint the stage was trained on: the adapter is
-loaded but not active), as the re-fitted model's text will see them, with the stage's own embedders
-(its full_weights.safetensors, when it saved them) making the pictures' and sounds' tokens. Lossy for the media too: the
-model it makes is measured again. Writes the adapter (PEFT format, the stage's config) and the
+The inputs are the base decoder's (`--model`, the checkpoint the stage was trained on: the adapter
+is loaded but not active), as the re-fitted model's text will see them, with the stage's own
+embedders (its full_weights.safetensors, when it saved them) making the pictures' and sounds'
+tokens. Lossy for the media too: the model it makes is measured again. Writes the adapter (PEFT format, the stage's config) and the
 stage's embedders (full_weights.safetensors, copied: they never see text). Prints one JSON line
 per adapter written: `text_left`, the share of the update's energy on prose inputs (Σ ‖B A' X_t‖²
 over Σ ‖B A X_t‖², every module) and `media_error`, the relative error on the media conversations'
@@ -61,9 +61,13 @@ def energy(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> float:
 def media_lines(path: Path, n: int, seed: int) -> list[dict]:
     """`n` lines of a trainer jsonl that hold a picture or a sound, drawn with `seed`."""
     lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    lines = [r for r in lines if any(isinstance(m.get("content"), list) and any(c.get("type") in ("image", "audio")
-                                                                                  for c in m["content"])
-                                     for m in r.get("messages", []))]
+
+    def has_media(message) -> bool:
+        content = message.get("content") if isinstance(message, dict) else None
+        return isinstance(content, list) and any(isinstance(c, dict) and c.get("type") in ("image", "audio")
+                                                 for c in content)
+
+    lines = [r for r in lines if isinstance(r, dict) and any(has_media(m) for m in r.get("messages", []))]
     if not lines:
         raise SystemExit(f"{path}: no line holds a picture or a sound")
     random.Random(seed).shuffle(lines)
@@ -79,14 +83,13 @@ def weights(text: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> None:
     import unigemma
-    from bench.mini_keep_text import (_Share, first_layers, input_covariance, project_, text_covariance, text_ids,
-                                      text_subspaces)
+    from bench.mini_keep_text import _Share, input_covariance, project_, text_covariance, text_ids, text_subspaces
     from unigemma.finetune.data import collate, encode_line
     from unigemma.finetune.full import FULL_FILE, load_full_weights
     from unigemma.finetune.loss import hidden_states
     from unigemma.lora import load_adapter
     from unigemma.lora.inject import lora_modules
-    from unigemma.lora.peft import read_adapter, save_adapter
+    from unigemma.lora.peft import save_adapter
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="the checkpoint the stage was trained on")
@@ -114,17 +117,17 @@ def main(argv: list[str] | None = None) -> None:
 
     gemma = unigemma.load(args.model, dtype="float32", fast=False, exact=True)
     model, tok = gemma.model, gemma.tokenizer
-    config, _ = read_adapter(args.adapter)
-    if (args.adapter / FULL_FILE).is_file():  # the stage's embedders: the media inputs as its model makes them
-        load_full_weights(model, args.adapter)
-    load_adapter(model, args.adapter, activate=False)  # the base decoder runs: every input as it sees it
+    full = args.adapter / FULL_FILE
+    if full.is_file():  # the stage's embedders: the media inputs as its model makes them
+        load_full_weights(model, full)
+    config = load_adapter(model, args.adapter, activate=False)  # the base decoder runs: every input as it sees it
     modules = lora_modules(model)
     A = {n: m.lora_A["default"].weight.detach().clone() for n, m in modules.items()}
     B = {n: m.lora_B["default"].weight.detach() for n, m in modules.items()}
-    texts = text_ids(tok, args.tokens)
+    texts, layers = text_ids(tok, args.tokens), len(model.text.layers)
 
     if args.keep_text is not None:
-        c_text = text_covariance(model, modules, texts, len(model.text.layers))
+        c_text = text_covariance(model, modules, texts, layers)
         project_(modules, text_subspaces(c_text, args.keep_text))
         outs = [(args.out, {n: m.lora_A["default"].weight.detach().clone() for n, m in modules.items()},
                  {"keep_text": args.keep_text})]
@@ -138,17 +141,12 @@ def main(argv: list[str] | None = None) -> None:
             for r in lines:
                 hidden_states(model, collate([encode_line(processor, r, args.media.parent, "media")], 0).inputs)
 
-        @torch.no_grad()
-        def prose():
-            for ids in texts:
-                first_layers(model, torch.tensor([ids]), len(model.text.layers))
-
         # each input at length 1: <bos> and the attention sinks' inputs are hundreds of times
         # longer than the rest and would otherwise be most of both covariances
         c_media, n_media = input_covariance(modules, run, unit=True)
-        c_text, n_text = input_covariance(modules, prose, unit=True)
+        n_text = sum(len(ids) for ids in texts)
         c_media = {n: c / n_media for n, c in c_media.items()}
-        c_text = {n: c / n_text for n, c in c_text.items()}
+        c_text = {n: c / n_text for n, c in text_covariance(model, modules, texts, layers, unit=True).items()}
         outs = [(args.out / f"weight-{w:g}", {n: refit(A[n], c_media[n], c_text[n], w) for n in modules},
                  {"text_weight": w, "media_tokens": n_media}) for w in args.text_weight]
 
@@ -157,8 +155,8 @@ def main(argv: list[str] | None = None) -> None:
             for n, m in modules.items():
                 m.lora_A["default"].weight.copy_(refitted[n])
         save_adapter(model, out, config)
-        if (args.adapter / FULL_FILE).is_file():
-            shutil.copyfile(args.adapter / FULL_FILE, out / FULL_FILE)
+        if full.is_file():
+            shutil.copyfile(full, out / FULL_FILE)
         line = {"bench": "mini_off_text", "adapter": str(args.adapter), **how,
                 "text_left": round(sum(energy(B[n], refitted[n], c_text[n]) for n in modules)
                                    / sum(energy(B[n], A[n], c_text[n]) for n in modules), 4)}

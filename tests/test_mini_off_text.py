@@ -72,7 +72,8 @@ def test_media_lines_keep_pictures_and_sounds_only(tmp_path):
     lines = [{"messages": [{"role": "user", "content": "plain text"}]},
              {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
                                                         {"type": "text", "text": "which colour?"}]}]},
-             {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}]}]
+             {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}]},
+             {"messages": ["not a message", {"role": "user", "content": ["not a part", 3]}]}, [1, 2]]
     f = tmp_path / "t.jsonl"
     f.write_text("\n".join(json.dumps(x) for x in lines))
     got = media_lines(f, 10, seed=0)
