@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -99,5 +100,4 @@ def test_arguments_are_refused_before_anything_loads(tmp_path, monkeypatch, caps
     args = ["--model", "M", "--adapter", "A", "--out", "O"] + extra
     with pytest.raises(SystemExit):
         main(args)
-    import re
     assert re.search(message, capsys.readouterr().err)
