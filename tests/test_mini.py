@@ -673,6 +673,34 @@ def test_probe_asks_spoken_items_their_own_question_and_takes_several_categories
     assert "'digit,word': each must be one of" in capsys.readouterr().err
 
 
+def test_probe_own_question_asks_each_item_of_the_kind_its_first_question(tmp_path):
+    """bench/mini_probe.py `--own-question`: a beep clip is asked its own phrasing, not `questions`'
+    one "How many beeps are there?", and a pitch clip (which `questions` also asks to count) is
+    not asked at all; without it both clips are asked the one phrasing."""
+    import json
+
+    from bench.mini_probe import one_question
+
+    def clip(kind, question, answer, count):
+        return {"kind": kind, "meta": {"count": count, "hz": 440.0}, "messages": [
+            {"role": "user", "content": [{"type": "audio", "audio": f"{kind}.wav"},
+                                         {"type": "text", "text": question}]},
+            {"role": "assistant", "content": answer}]}
+
+    rows = [clip("beeps", "Count the beeps. Answer with a number.", "4", 4),
+            clip("pitch", "Is the tone high or low?", "low", 2)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    own = one_question(path, "beeps", single=False, own=True)
+    assert [(r["messages"][0]["content"][-1]["text"], r["answer"]) for r in own] == [
+        ("Count the beeps. Answer with a number.", "4")]
+    assert own[0]["messages"][0]["content"][0] == {"type": "audio", "audio": "beeps.wav"}
+    plain = one_question(path, "beeps", single=False)
+    assert [(r["messages"][0]["content"][-1]["text"], r["answer"]) for r in plain] == [
+        ("How many beeps are there?", "4"), ("How many beeps are there?", "2")]
+    assert [r["answer"] for r in one_question(path, "pitch", single=False, own=True)] == ["low"]
+
+
 def test_probe_unnamed_question_keeps_the_picture_and_the_answer():
     """bench/mini_probe.py `unnamed_question`: the same held-out picture and answer, asked without
     the colour the original question named."""
