@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
-from bench.mmdata.score import normalize, read_jsonl
+from bench.mmdata.score import normalize, read_jsonl, read_predictions
 
 # kind -> (index of the answer in a [colour, shape] pair, index of the attribute the question names)
 ASKED = {"colour": (0, 1), "shape": (1, 0)}
@@ -38,7 +38,7 @@ def question(item: dict) -> str:
 def binding(items: list[dict], predictions: dict[str, str]) -> dict:
     """{kind: {shapes in picture: {n, accuracy, random_in_picture, wrong, wrong_in_picture}}} for
     the colour and shape items of `items` that `predictions` (id -> reply) answers."""
-    cells: dict[str, dict[int, list]] = defaultdict(lambda: defaultdict(lambda: [0, 0, 0.0, 0, 0]))
+    cells: dict[str, dict[int, Counter]] = defaultdict(lambda: defaultdict(Counter))
     for item in items:
         if item["kind"] not in ASKED or item["id"] not in predictions:
             continue
@@ -50,19 +50,19 @@ def binding(items: list[dict], predictions: dict[str, str]) -> dict:
             raise ValueError(f"{item['id']}: the question names {len(asked)} of the picture's shapes; "
                              f"cannot tell which one {item['answer']!r} answers")
         # a colour two shapes share answers for both: not counted as another shape's
-        others = {p[said] for p in pairs if p is not asked[0]} - {item["answer"]}
+        gold = normalize(item["answer"])
+        others = {normalize(p[said]) for p in pairs if p is not asked[0]} - {gold}
         guess = normalize(predictions[item["id"]])
         cell = cells[item["kind"]][len(pairs)]
-        cell[0] += 1
-        cell[2] += 1 / len({p[said] for p in pairs})
-        if guess == normalize(item["answer"]):
-            cell[1] += 1
-        else:
-            cell[3] += 1
-            cell[4] += guess in others
-    return {kind: {str(k): {"n": n, "accuracy": round(right / n, 3), "random_in_picture": round(chance / n, 3),
-                            "wrong": wrong, "wrong_in_picture": in_picture}
-                   for k, (n, right, chance, wrong, in_picture) in sorted(by_count.items())}
+        cell["n"] += 1
+        cell["chance"] += 1 / len({p[said] for p in pairs})
+        cell["right"] += guess == gold
+        cell["wrong"] += guess != gold
+        cell["wrong_in_picture"] += guess in others
+    return {kind: {str(k): {"n": c["n"], "accuracy": round(c["right"] / c["n"], 3),
+                            "random_in_picture": round(c["chance"] / c["n"], 3),
+                            "wrong": c["wrong"], "wrong_in_picture": c["wrong_in_picture"]}
+                   for k, c in sorted(by_count.items())}
             for kind, by_count in sorted(cells.items())}
 
 
@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", type=Path, required=True, help="heldout.jsonl of bench.mmdata.generate")
     p.add_argument("--predictions", type=Path, required=True, help="predictions.jsonl of bench.mmdata.predict")
     args = p.parse_args(argv)
-    predictions = {r["id"]: r["prediction"] for r in read_jsonl(args.predictions)}
+    try:
+        predictions = read_predictions(args.predictions)
+    except ValueError as e:
+        p.error(str(e))
     print(json.dumps({"bench": "mini_binding", "data": str(args.data), "predictions": str(args.predictions),
                       **binding(read_jsonl(args.data), predictions)}))
 

@@ -59,3 +59,13 @@ def test_main_prints_one_json_line(tmp_path, capsys):
     main(["--data", str(data), "--predictions", str(preds)])
     line = json.loads(capsys.readouterr().out)
     assert line["bench"] == "mini_binding" and line["colour"]["2"]["accuracy"] == 1.0
+
+
+def test_main_names_a_malformed_predictions_line(tmp_path, capsys):
+    data, preds = tmp_path / "heldout.jsonl", tmp_path / "preds.jsonl"
+    data.write_text(json.dumps(ITEMS[0]) + "\n", encoding="utf-8")
+    preds.write_text(json.dumps({"id": "x-0", "prediction": "red"}) + "\n" + json.dumps({"id": "x-1"}) + "\n",
+                     encoding="utf-8")
+    with pytest.raises(SystemExit):
+        main(["--data", str(data), "--predictions", str(preds)])
+    assert f"{preds}:2: expected" in capsys.readouterr().err

@@ -92,6 +92,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def read_predictions(path: Path) -> dict[str, str]:
+    """id -> prediction of a predictions.jsonl; ValueError naming the first malformed line."""
+    out = {}
+    for n, r in enumerate(read_jsonl(path), 1):
+        if not isinstance(r, dict) or not isinstance(r.get("id"), str) or not isinstance(r.get("prediction"), str):
+            raise ValueError(f"{path}:{n}: expected {{\"id\": str, \"prediction\": str}}")
+        out[r["id"]] = r["prediction"]
+    return out
+
+
 def prompts(path: Path) -> dict[str, list[dict]]:
     """id -> the item's messages without the reply, media paths made absolute: what a model is
     asked when it is judged (its reply is compared with the record's `answer`)."""
@@ -110,11 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("data", type=Path, help="the held-out jsonl (id, kind, answer per line)")
     p.add_argument("predictions", type=Path, help='jsonl of {"id": ..., "prediction": ...}')
     args = p.parse_args(argv)
-    preds = {}
-    for n, r in enumerate(read_jsonl(args.predictions), 1):
-        if not isinstance(r, dict) or not isinstance(r.get("id"), str) or not isinstance(r.get("prediction"), str):
-            p.error(f"{args.predictions}:{n}: expected {{\"id\": str, \"prediction\": str}}")
-        preds[r["id"]] = r["prediction"]
+    try:
+        preds = read_predictions(args.predictions)
+    except ValueError as e:
+        p.error(str(e))
     scores = score(read_jsonl(args.data), preds)
     for kind, s in sorted(scores.items()):
         print(f"## {kind}: {s.correct}/{s.n} = {s.accuracy:.1%}\n{confusion_table(s)}\n")
