@@ -63,22 +63,27 @@ def draw(rng: random.Random, split: str) -> tuple:
 
 def batch(rng: random.Random, kinds: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pixels [B, 64, 6912], positions [B, 64, 2], shapes [B]) of fresh pictures."""
+    return encode([draw(rng, kind)[:2] for kind in kinds])
+
+
+def encode(labelled: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pixels [B, 64, 6912], positions [B, 64, 2], labels [B]) of (SIZE-px picture, label) pairs,
+    patched as the processor patches them at the recipe's budget."""
     from unigemma.processing.image import preprocess_image
 
-    px, pos, ys = [], [], []
-    for kind in kinds:
-        img, y, _ = draw(rng, kind)
+    px, pos = [], []
+    for img, _ in labelled:
         p = preprocess_image(img, BUDGET)
         px.append(p.pixel_values[:p.num_soft_tokens].float())
         pos.append(p.position_ids[:p.num_soft_tokens])
-        ys.append(y)
-    return torch.stack(px), torch.stack(pos), torch.tensor(ys)
+    return torch.stack(px), torch.stack(pos), torch.tensor([y for _, y in labelled])
 
 
 class Reader(nn.Module):
-    """The image embedder and the decoder's first `layers` layers on one image block, then a head."""
+    """The image embedder and the decoder's first `layers` layers on one image block, then a head
+    naming one of `classes` (the shapes by default; bench/mini_word_probe.py's words)."""
 
-    def __init__(self, model, layers: int, scratch: int = 0):
+    def __init__(self, model, layers: int, scratch: int = 0, classes: int = len(SHAPES)):
         super().__init__()
         from unigemma.inputs import IMAGE
 
@@ -90,7 +95,7 @@ class Reader(nn.Module):
             self.scratch = nn.TransformerEncoder(layer, scratch, enable_nested_tensor=False)
         # standardised per feature over the batch (BatchNorm), not per picture: the residual stream's
         # few huge dimensions would swamp a LayerNorm's scale and hide every other feature
-        self.head = nn.Sequential(nn.BatchNorm1d(2 * width, affine=False), nn.Linear(2 * width, len(SHAPES)))
+        self.head = nn.Sequential(nn.BatchNorm1d(2 * width, affine=False), nn.Linear(2 * width, classes))
 
     def forward(self, px: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         h = self.model.model.embed_vision(px, pos)  # [B, 64, width], as model.embed scatters them

@@ -20,6 +20,7 @@ from reference import audio_frames, patches
 from safetensors.torch import load_file
 
 import unigemma
+from bench.mmdata.vocab import FONT_PACKAGES, missing_fonts
 from unigemma.config import ModelConfig
 from unigemma.models import mini
 from unigemma.weights.random import randomize_reference
@@ -413,6 +414,35 @@ def test_reader_probe_keeps_heldout_pairs_unseen_and_trains_only_what_it_reads()
     assert Reader(model, layers=0, scratch=1)(px, pos).shape == (2, len(SHAPES))
 
 
+@pytest.mark.skipif(bool(missing_fonts()), reason=f"the data's fonts are missing (Debian: apt-get install -y "
+                                                  f"{FONT_PACKAGES})")
+def test_word_probe_draws_each_split_in_its_own_fonts_and_names_one_of_the_words():
+    """bench/mini_word_probe.py: training pictures only in training fonts, held-out ones only in the
+    held-out family, labelled by the drawn word's index; its reader names one of all the words."""
+    import random
+
+    from bench.mini_reader_probe import Reader
+    from bench.mini_word_probe import batch, draw
+    from bench.mmdata.vocab import HELDOUT_FONTS, TRAIN_FONTS, WORDS
+
+    rng, seen = random.Random(0), set()
+    for _ in range(40):
+        img, y, font = draw(rng, "train")
+        assert font in TRAIN_FONTS and img.size == (144, 144)
+        seen.add(y)
+        assert draw(rng, "heldout")[2] in HELDOUT_FONTS
+    assert len(seen) > 20  # drawn across the vocabulary, not one word
+    px, pos, ys = batch(random.Random(1), "heldout", 3)
+    assert px.shape == (3, 64, 6912) and pos.shape == (3, 64, 2) and ys.shape == (3,)
+    again = batch(random.Random(1), "heldout", 3)  # fixed evaluation sets are fixed by their seed
+    assert torch.equal(again[0], px) and torch.equal(again[2], ys)
+
+    model = mini.UnigemmaMini(ModelConfig.from_dict(mini.tiny_config()))
+    randomize_reference(model, seed=3)
+    model.config.text.sliding_window = 80
+    assert Reader(model, layers=1, classes=len(WORDS))(px, pos).shape == (3, len(WORDS))
+
+
 def test_reader_probe_start_checkpoint_folds_in_its_embedder_and_adapter(saved, tmp_path):
     """bench/mini_reader_probe.py `start_checkpoint`: the probe's saved embedder and adapter,
     folded into the checkpoint it started from, give the same logits as that model with them
@@ -455,9 +485,10 @@ def test_quality_bench_names_a_data_directory_given_for_its_jsonl(tmp_path, caps
 
 
 @pytest.mark.parametrize("probe, own", [("mini_reader_probe", (["--free", "1.5"], "--free")),
-                                         ("mini_audio_probe", (["--task", "shape"], "--task"))])
+                                         ("mini_audio_probe", (["--task", "shape"], "--task")),
+                                         ("mini_word_probe", (["--batch-size", "0"], "--batch-size"))])
 def test_reader_probes_refuse_bad_arguments_before_loading(tmp_path, capsys, probe, own):
-    """bench/mini_reader_probe.py and mini_audio_probe.py: a count below 1, a share outside [0, 1]
+    """bench/mini_reader_probe.py, mini_audio_probe.py and mini_word_probe.py: a count below 1, a share outside [0, 1]
     or an unknown task, a directory without a checkpoint or more layers than it has are argument
     errors naming them, before any model loads."""
     import importlib
