@@ -24,15 +24,12 @@ per evaluation. `--keep-text` and `--save` as bench/mini_reader_probe.py's.
 
 from __future__ import annotations
 
-import json
 import random
-import time
 
 import numpy as np
 import torch
 from torch import nn
 
-from bench.machine import machine
 from bench.mmdata.vocab import DIGITS, WORDS
 
 # what is said (or, "beeps", how many beeps sound); the label is its index. "both": a digit or a
@@ -98,9 +95,8 @@ class Hearer(nn.Module):
 
 def main(argv: list[str] | None = None) -> None:
     from bench.mini_keep_text import project_
-    from bench.mini_quality import perplexity
-    from bench.mini_reader_probe import check_arguments, first_layers_adapter, load_probed, probe_accuracy, \
-        probe_arguments, save_run, train
+    from bench.mini_reader_probe import check_arguments, first_layers_adapter, load_probed, probe_arguments, \
+        reporter, save_run, train
     from unigemma.finetune.full import make_trainable
 
     p = probe_arguments(__doc__, lr=5e-4)
@@ -122,21 +118,9 @@ def main(argv: list[str] | None = None) -> None:
                           args.task, split, args.eval_n)
              for k, split in enumerate(("heldout", "train"), 1)}
 
-    t0 = time.time()
     rng, np_rng = random.Random(f"{args.seed}/train"), np.random.default_rng([args.seed, 0])
-    info = {"bench": "mini_audio_probe", **machine(torch.get_num_threads()), "model": str(args.model),
-            "task": args.task, "classes": len(TASKS[args.task]), "layers": args.layers,
-            "batch_size": args.batch_size, "lr": args.lr, "full_lr": args.full_lr, "keep_text": args.keep_text,
-            "text_dims_kept_off": {n.split("language_model.")[-1]: P.shape[1] for n, P in bases.items()},
-            "chance": round(1 / len(TASKS[args.task]), 3)}
-
-    def report(step, loss):
-        print(json.dumps({**info, "step": step, "clips": step * args.batch_size, "train_loss": loss,
-                          **{f"{s}_voices_accuracy": probe_accuracy(hearer, evals[s]) for s in evals},
-                          "prose_perplexity": round(perplexity(model, prose_ids), 3),
-                          "seconds": round(time.time() - t0)}),
-              flush=True)
-        info.clear()  # the machine and settings once, on the first line
+    report = reporter("mini_audio_probe", args, bases, hearer, evals, "clips", "_voices_accuracy", model, prose_ids,
+                      task=args.task, classes=len(TASKS[args.task]), chance=round(1 / len(TASKS[args.task]), 3))
 
     train(hearer, lambda: batch(rng, np_rng, args.task, "train", args.batch_size), opt,
           lambda: project_(kept, bases), args.steps, args.eval_every, report)

@@ -233,6 +233,31 @@ def probe_accuracy(probe: nn.Module, fixed: tuple, chunk: int = 32) -> float:
     return round(float((got == ys).float().mean()), 3)
 
 
+def reporter(name: str, args: argparse.Namespace, bases: dict, probe: nn.Module, evals: dict, unit: str,
+             suffix: str, model, prose_ids: torch.Tensor, **settings):
+    """`train`'s report(step, loss) for a probe: one JSON line an evaluation, with the step, the
+    `unit`s seen (pictures, clips), the mean train loss, each fixed set's accuracy (`{split}{suffix}`),
+    the whole model's prose perplexity and the seconds since; the first line also holds the machine,
+    the shared settings, the text dimensions kept off and the probe's own `settings`."""
+    from bench.mini_quality import perplexity
+
+    t0 = time.time()
+    info = {"bench": name, **machine(torch.get_num_threads()), "model": str(args.model), "layers": args.layers,
+            "batch_size": args.batch_size, "lr": args.lr, "full_lr": args.full_lr, "keep_text": args.keep_text,
+            "text_dims_kept_off": {n.split("language_model.")[-1]: P.shape[1] for n, P in bases.items()},
+            **settings}
+
+    def report(step, loss):
+        print(json.dumps({**info, "step": step, unit: step * args.batch_size, "train_loss": loss,
+                          **{f"{s}{suffix}": probe_accuracy(probe, evals[s]) for s in evals},
+                          "prose_perplexity": round(perplexity(model, prose_ids), 3),
+                          "seconds": round(time.time() - t0)}),
+              flush=True)
+        info.clear()  # the machine and settings once, on the first line
+
+    return report
+
+
 def train(probe: nn.Module, draw, opt, after_step, steps: int, every: int, report) -> None:
     """`steps` optimizer steps of `probe` on fresh batches (`draw()` → inputs..., labels), each
     followed by `after_step()` (the keep-text projection); `report(step, mean train loss)` at step
@@ -254,7 +279,6 @@ def train(probe: nn.Module, draw, opt, after_step, steps: int, every: int, repor
 
 def main(argv: list[str] | None = None) -> None:
     from bench.mini_keep_text import project_
-    from bench.mini_quality import perplexity
     from unigemma.finetune.full import make_trainable, resolve
 
     p = probe_arguments(__doc__, lr=1e-3)
@@ -286,20 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     evals = {split: batch(random.Random(f"{args.seed}/eval/{split}"), [split] * args.eval_n)
              for split in ("heldout", "train", "free")}
 
-    t0, rng = time.time(), random.Random(f"{args.seed}/train")
-    info = {"bench": "mini_reader_probe", **machine(torch.get_num_threads()), "model": str(args.model),
-            "layers": args.layers, "scratch": args.scratch, "pos_std": args.pos_std, "batch_size": args.batch_size,
-            "free": args.free, "lr": args.lr, "full_lr": args.full_lr, "keep_text": args.keep_text,
-            "text_dims_kept_off": {n.split("language_model.")[-1]: P.shape[1] for n, P in bases.items()},
-            "chance": round(1 / len(SHAPES), 3)}
-
-    def report(step, loss):
-        print(json.dumps({**info, "step": step, "pictures": step * args.batch_size, "train_loss": loss,
-                          **{f"{s}_accuracy": probe_accuracy(reader, evals[s]) for s in evals},
-                          "prose_perplexity": round(perplexity(model, prose_ids), 3),
-                          "seconds": round(time.time() - t0)}),
-              flush=True)
-        info.clear()  # the machine and settings once, on the first line
+    rng = random.Random(f"{args.seed}/train")
+    report = reporter("mini_reader_probe", args, bases, reader, evals, "pictures", "_accuracy", model, prose_ids,
+                      scratch=args.scratch, pos_std=args.pos_std, free=args.free, chance=round(1 / len(SHAPES), 3))
 
     def draw_batch():
         return batch(rng, ["free" if rng.random() < args.free else "train" for _ in range(args.batch_size)])

@@ -25,13 +25,10 @@ JSON line per evaluation. `--keep-text` and `--save` as bench/mini_reader_probe.
 
 from __future__ import annotations
 
-import json
 import random
-import time
 
 import torch
 
-from bench.machine import machine
 from bench.mini_reader_probe import SIZE, encode
 from bench.mmdata import pictures
 from bench.mmdata.vocab import WORDS, fonts
@@ -50,9 +47,8 @@ def batch(rng: random.Random, split: str, n: int) -> tuple[torch.Tensor, torch.T
 
 def main(argv: list[str] | None = None) -> None:
     from bench.mini_keep_text import project_
-    from bench.mini_quality import perplexity
     from bench.mini_reader_probe import Reader, check_arguments, first_layers_adapter, load_probed, \
-        probe_accuracy, probe_arguments, save_run, train
+        probe_arguments, reporter, save_run, train
     from unigemma.finetune.full import make_trainable
 
     p = probe_arguments(__doc__, lr=1e-3)
@@ -71,20 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     evals = {split: batch(random.Random(f"{args.seed}/eval/{split}"), split, args.eval_n)
              for split in ("heldout", "train")}
 
-    t0, rng = time.time(), random.Random(f"{args.seed}/train")
-    info = {"bench": "mini_word_probe", **machine(torch.get_num_threads()), "model": str(args.model),
-            "classes": len(WORDS), "layers": args.layers, "batch_size": args.batch_size, "lr": args.lr,
-            "full_lr": args.full_lr, "keep_text": args.keep_text,
-            "text_dims_kept_off": {n.split("language_model.")[-1]: P.shape[1] for n, P in bases.items()},
-            "chance": round(1 / len(WORDS), 3)}
-
-    def report(step, loss):
-        print(json.dumps({**info, "step": step, "pictures": step * args.batch_size, "train_loss": loss,
-                          **{f"{s}_fonts_accuracy": probe_accuracy(reader, evals[s]) for s in evals},
-                          "prose_perplexity": round(perplexity(model, prose_ids), 3),
-                          "seconds": round(time.time() - t0)}),
-              flush=True)
-        info.clear()  # the machine and settings once, on the first line
+    rng = random.Random(f"{args.seed}/train")
+    report = reporter("mini_word_probe", args, bases, reader, evals, "pictures", "_fonts_accuracy", model, prose_ids,
+                      classes=len(WORDS), chance=round(1 / len(WORDS), 3))
 
     train(reader, lambda: batch(rng, "train", args.batch_size), opt, lambda: project_(kept, bases), args.steps,
           args.eval_every, report)
