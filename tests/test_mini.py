@@ -541,6 +541,49 @@ def test_probe_from_layer_trains_only_the_adapter_above_it(tmp_path, capsys):
     assert "--from-layer 7" in capsys.readouterr().err
 
 
+def test_probe_pads_the_mix_apart_with_the_same_loss_and_gradient():
+    """bench/mini_probe.py `batch_loss`: the category's items and the --mix lines, each padded to
+    its own longest, give the label loss (sum and count) and the gradient of the plain path that
+    pads all of them as one batch, within float32 rounding; a list left empty is skipped."""
+    from bench.mini_probe import batch_loss
+    from unigemma.finetune.labels import IGNORE, Encoded
+    from unigemma.finetune.run import prepare
+    from unigemma.inputs import ModelInputs
+    from unigemma.lora import LoraConfig
+
+    model = mini.UnigemmaMini(ModelConfig.from_dict(mini.tiny_config()))
+    randomize_reference(model, seed=6)
+    prepare(model, LoraConfig(r=2, alpha=4))
+
+    def item(image: bool, audio: bool, frames: int = 7, tail: int = 0) -> Encoded:
+        ids, types = prompt(image, audio, frames)
+        ids = torch.cat([ids, torch.arange(70, 70 + tail)[None]], 1)  # longer answers
+        types = torch.cat([types, torch.zeros(1, tail, dtype=types.dtype)], 1)
+        labels = torch.full(ids.shape[1:], IGNORE)
+        labels[-3 - tail:] = ids[0, -3 - tail:]
+        return Encoded(ModelInputs.from_dict({"input_ids": ids, "mm_token_type_ids": types,
+                                              **media(image, audio, frames)}), labels)
+
+    own = [item(False, True, 5), item(False, True, 9)]  # short clips
+    mixed = [item(True, False, tail=30), item(False, False, tail=12)]  # a picture, a longer text
+    grads, sums = [], []
+    for together in (True, False):
+        model.zero_grad()
+        total, n = batch_loss(model, own, mixed, together)
+        (total / n).backward()
+        sums.append((float(total.detach()), n))
+        grads.append({k: q.grad.clone() for k, q in model.named_parameters() if q.grad is not None})
+    assert sums[0][1] == sums[1][1] == 2 * 3 + 33 + 15
+    assert sums[0][0] == pytest.approx(sums[1][0], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6)
+    alone = batch_loss(model, own, [])
+    plain = batch_loss(model, own, [], True)
+    assert alone[1] == plain[1] == 6
+    assert float(alone[0].detach()) == pytest.approx(float(plain[0].detach()), rel=1e-5)
+
+
 def test_linear_probe_reads_the_models_own_forward_and_its_fit_can_fail(tokenizers, tmp_path):
     """bench/mini_linear_probe.py: the `answer` feature after the last layer, normed and through
     the head, is the model's own logits at the position that predicts the answer; every feature
