@@ -34,6 +34,12 @@ the shape, it asks whether the later layers learn to carry it to the answer (and
 at layer K, so a step costs less). `--save DIR` writes the adapter and the embedders at the end,
 and DIR/checkpoint with both folded into `--model`'s (bench/mini_reader_probe.py `start_checkpoint`).
 
+`--train-full SPEC` names the embedders trained (default both; `model.embed_audio` alone leaves
+every picture's tokens as they were), and `--lr 0` trains no adapter: a run of the audio embedder
+alone leaves every text and picture token's computation untouched, so the prose perplexity cannot
+move (the decoder's weights are not trained), and it ships without package room (the embedders
+ship whole either way; README, "Twenty-seventh look").
+
 `--mix FILE` fills a `--mix-share` of every batch from FILE (trainer-format lines, media paths
 relative to FILE's folder: e.g. bench/mini_train.py's train_mixed.jsonl, every kind's
 conversations and the replay text), so a run that teaches one category keeps the others and the
@@ -143,17 +149,19 @@ def drop_questions(record: dict, pattern: re.Pattern) -> dict | None:
     return {**record, "messages": kept} if kept else None
 
 
-def trained_parts(model, from_layer: int) -> tuple[list, list]:
-    """(embedder parameters, adapter parameters) a run trains, the adapter already added: all of
-    both, or with `from_layer` K > 0 no embedder and the adapter of layers K and up only."""
+def trained_parts(model, from_layer: int, full: str = "media", adapter: bool = True) -> tuple[list, list]:
+    """(embedder parameters, adapter parameters) a run trains, the adapter already added: the
+    embedders `full` names (unigemma/finetune/full.py `resolve`: "media" is both) and the whole
+    adapter, or with `from_layer` K > 0 no embedder and the adapter of layers K and up only;
+    `adapter` False: no adapter at all (it stays as added, zero, and gets no gradient)."""
     from unigemma.finetune.full import make_trainable, resolve
 
     below = {f"language_model.layers.{i}." for i in range(from_layer)}
     for name, q in model.named_parameters():
-        if any(b in name for b in below):
+        if any(b in name for b in below) or not adapter:
             q.requires_grad_(False)  # nothing below K needs a gradient, so backward stops at layer K
-    adapter = [q for q in model.parameters() if q.requires_grad]
-    return (make_trainable(resolve(model, "media")) if from_layer == 0 else []), adapter
+    trained = [q for q in model.parameters() if q.requires_grad]
+    return (make_trainable(resolve(model, full)) if from_layer == 0 else []), trained
 
 
 def batch_loss(model, own: list, mixed: list, together: bool = False) -> tuple[torch.Tensor, int]:
@@ -198,7 +206,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--full-lr", type=float, default=1e-3, help="the embedders'")
-    p.add_argument("--lr", type=float, default=3e-4, help="the adapter's")
+    p.add_argument("--lr", type=float, default=3e-4, help="the adapter's; 0 trains no adapter (the embedders alone)")
+    p.add_argument("--train-full", default="media", metavar="SPEC",
+                   help="the embedders trained in full (unigemma finetune's --train-full: media, or "
+                        "model.embed_audio / model.embed_vision alone); with --from-layer 0 only")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--eval-n", type=int, default=60)
     p.add_argument("--eval-every", type=int, default=50)
@@ -233,13 +244,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.from_layer < 0 or (isinstance(n_layers, int) and args.from_layer >= n_layers):
         p.error(f"--from-layer {args.from_layer}: must be >= 0 and below the {n_layers} decoder layers")
 
+    if args.lr < 0 or args.full_lr < 0:
+        p.error(f"--lr {args.lr} / --full-lr {args.full_lr}: must be >= 0")
+    if args.lr == 0 and args.from_layer:
+        p.error("--lr 0 trains no adapter, and --from-layer K no embedder: nothing would train")
+    if args.lr == 0 and args.keep_text is not None:
+        p.error("--keep-text holds the adapter off the text, and --lr 0 trains none")
+
     torch.manual_seed(args.seed)
     gemma = unigemma.load(args.model, dtype="float32", fast=False, exact=True)
     model, processor, tok = gemma.model, gemma.processor(image_budget=args.image_budget), gemma.tokenizer
     prose_ids = prose(2048, tok)
     lora = LoraConfig(r=args.lora_r, alpha=2 * args.lora_r)
     prepare(model, lora, args.seed)
-    embedders, adapter = trained_parts(model, args.from_layer)
+    embedders, adapter = trained_parts(model, args.from_layer, args.train_full, args.lr > 0)
     kept, bases = {}, {}
     if args.keep_text is not None:
         from unigemma.lora.inject import lora_modules
@@ -247,8 +265,8 @@ def main(argv: list[str] | None = None) -> None:
         trained = {id(q) for q in adapter}
         kept = {n: m for n, m in lora_modules(model).items() if id(m.lora_A["default"].weight) in trained}
         bases = keep_text.keep_off_text(model, kept, tok, len(model.text.layers), args.keep_text)
-    opt = torch.optim.AdamW([{"params": embedders, "lr": args.full_lr}, {"params": adapter, "lr": args.lr}],
-                            weight_decay=0.0)
+    opt = torch.optim.AdamW([g for g in ({"params": embedders, "lr": args.full_lr}, {"params": adapter, "lr": args.lr})
+                             if g["params"]], weight_decay=0.0)
     train = [r for c in args.category
              for r in one_question(args.data / "train.jsonl", c, args.single, args.own_question)]
     held = []

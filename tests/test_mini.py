@@ -509,7 +509,9 @@ def test_reader_probes_refuse_bad_arguments_before_loading(tmp_path, capsys, pro
 def test_probe_from_layer_trains_only_the_adapter_above_it(tmp_path, capsys):
     """bench/mini_probe.py `--from-layer K`: the embedders are frozen and only the adapter of
     layers K and up gets a gradient (backward stops at layer K); 0 trains the embedders and every
-    layer; a K the checkpoint lacks is an argument error naming it, before any model loads."""
+    layer, and with `--train-full model.embed_audio --lr 0` the audio embedder alone; a K the
+    checkpoint lacks, or nothing left to train, is an argument error naming it, before any model
+    loads."""
     import json
 
     from bench.mini_probe import main, trained_parts
@@ -535,10 +537,26 @@ def test_probe_from_layer_trains_only_the_adapter_above_it(tmp_path, capsys):
     embedders, adapter = trained_parts(model, 0)
     assert embedders and len(adapter) == sum("lora_" in n for n, _ in model.named_parameters())
 
+    # the audio embedder alone (--train-full model.embed_audio --lr 0): no adapter, no picture path
+    model = mini.UnigemmaMini(ModelConfig.from_dict(mini.tiny_config()))
+    randomize_reference(model, seed=5)
+    prepare(model, LoraConfig(r=2, alpha=4))
+    embedders, adapter = trained_parts(model, 0, "model.embed_audio", adapter=False)
+    assert adapter == [] and {id(q) for q in embedders} == {id(q) for q in model.model.embed_audio.parameters()}
+    ids, types = prompt(image=True, audio=True)
+    inputs = ModelInputs.from_dict({"input_ids": ids, "mm_token_type_ids": types, **media(True, True)})
+    hidden_states(model, inputs).square().sum().backward()
+    trained = [n for n, q in model.named_parameters() if q.grad is not None]
+    assert trained and all(n.startswith("model.embed_audio.") for n in trained)
+
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 7}}))
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path), "--data", str(tmp_path), "--category", "shape", "--from-layer", "7"])
     assert "--from-layer 7" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), "--data", str(tmp_path), "--category", "shape", "--from-layer", "3",
+              "--lr", "0"])
+    assert "nothing would train" in capsys.readouterr().err
 
 
 def test_probe_pads_the_mix_apart_with_the_same_loss_and_gradient():
@@ -620,6 +638,54 @@ def test_linear_probe_reads_the_models_own_forward_and_its_fit_can_fail(tokenize
     assert fit_and_score(points[:400], labels[:400], points[400:], labels[400:])[0] == 1.0
     shuffled = labels[torch.randperm(600, generator=g)]
     assert fit_and_score(points[:400], shuffled[:400], points[400:], shuffled[400:])[0] < 0.3
+    many = torch.randint(0, 30, (600,), generator=g)  # more classes than the ten shapes
+    points = torch.randn(600, 30, generator=g) + 6 * torch.nn.functional.one_hot(many, 30)
+    assert fit_and_score(points[:400], many[:400], points[400:], many[400:], classes=30)[0] == 1.0
+
+
+def test_linear_probe_hears_the_audio_block_of_spoken_words(tokenizers, tmp_path):
+    """bench/mini_linear_probe.py --spoken: a spoken_word item's `image` feature is its audio
+    block's mean and max (another item kind in the file is passed over), the label its index among
+    the 102 words, and a file with fewer items than asked is an error naming it."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    from bench.mini_linear_probe import layer_features, spoken_features
+    from bench.mini_reader_probe import layer_outputs
+    from bench.mmdata.vocab import WORDS
+    from unigemma.finetune.data import collate, encode_line
+    from unigemma.finetune.labels import IGNORE
+    from unigemma.inputs import AUDIO
+
+    loadable_tiny_mini(tokenizers[0], tmp_path)
+    gemma = unigemma.load(tmp_path, dtype="float32", fast=False, exact=True)
+    layers, width = gemma.model.config.text.num_hidden_layers, gemma.model.config.text.hidden_size
+    rows = []
+    for i, (kind, answer) in enumerate((("digit", "6"), ("spoken_word", "coffee"), ("spoken_word", "road"))):
+        sf.write(tmp_path / f"{i}.wav", 0.1 * np.sin(np.arange(4000 + 2000 * i) / 16000 * 2 * np.pi * 440 * (i + 1)),
+                 16000)
+        rows.append({"kind": kind, "answer": answer, "meta": {}, "messages": [
+            {"role": "user", "content": [{"type": "audio", "audio": f"{i}.wav"},
+                                         {"type": "text", "text": "Which word is spoken?"}]},
+            {"role": "assistant", "content": answer}]})
+    path = tmp_path / "items.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    x, y = spoken_features(gemma, path, 2)
+    assert y.tolist() == [WORDS.index("coffee"), WORDS.index("road")]
+    assert x["image"].shape == (2, layers, 2 * width) and x["answer"].shape == (2, layers, width)
+
+    b = collate([encode_line(gemma.processor(), {"messages": rows[2]["messages"]}, tmp_path, "test")], 0)
+    at = int((b.labels[0] != IGNORE).nonzero()[0]) - 1
+    model = gemma.model
+    audio = b.inputs.mm_token_type_ids[0] == AUDIO
+    h = model.embed(b.inputs.input_ids, **b.inputs.media())
+    first = next(iter(layer_outputs(model, h, b.inputs.mm_token_type_ids)))[0, audio]
+    torch.testing.assert_close(x["image"][1, 0], torch.cat([first.mean(0), first.amax(0)]))
+    torch.testing.assert_close(layer_features(model, b.inputs, at, "audio")["answer"], x["answer"][1])
+    with pytest.raises(SystemExit, match="2 spoken_word items, 3 asked for"):
+        spoken_features(gemma, path, 3)
 
 
 def test_keep_text_holds_an_adapter_off_the_texts_inputs():
