@@ -159,7 +159,7 @@ def trained_parts(model, from_layer: int, full: str = "media", adapter: bool = T
     below = {f"language_model.layers.{i}." for i in range(from_layer)}
     for name, q in model.named_parameters():
         if any(b in name for b in below) or not adapter:
-            q.requires_grad_(False)  # nothing below K needs a gradient, so backward stops at layer K
+            q.requires_grad_(False)  # none below K (so backward stops at layer K), or none without an adapter
     trained = [q for q in model.parameters() if q.requires_grad]
     return (make_trainable(resolve(model, full)) if from_layer == 0 else []), trained
 
