@@ -62,9 +62,6 @@ def layer_features(model, inputs, at: int, media: str = "image") -> dict:
 def pictures_features(gemma, split: str, n: int, seed: int, tmp: Path) -> tuple[dict, torch.Tensor]:
     """({feature: [n, layers, dim]}, shapes [n]) for `n` fresh pictures of `split`, each asked
     "What shape is this?" with its answer, encoded and collated as the trainer does."""
-    from unigemma.finetune.data import collate, encode_line
-    from unigemma.finetune.labels import IGNORE
-
     processor = gemma.processor(image_budget=BUDGET)
     rng, out, ys = random.Random(f"{seed}/{split}"), {f: [] for f in FEATURES}, []
     for i in range(n):
@@ -73,28 +70,33 @@ def pictures_features(gemma, split: str, n: int, seed: int, tmp: Path) -> tuple[
         record = {"messages": [{"role": "user", "content": [{"type": "image", "image": f"{split}{i}.png"},
                                                             {"type": "text", "text": "What shape is this?"}]},
                                {"role": "assistant", "content": SHAPES[y]}]}
-        b = collate([encode_line(processor, record, tmp, "linear probe")], 0)
-        at = int((b.labels[0] != IGNORE).nonzero()[0]) - 1  # the position that predicts the answer
-        for f, v in layer_features(gemma.model, b.inputs, at).items():
+        for f, v in record_features(gemma.model, processor, record, tmp, "image").items():
             out[f].append(v)
         ys.append(y)
     return {f: torch.stack(v) for f, v in out.items()}, torch.tensor(ys)
 
 
-def spoken_features(gemma, path: Path, n: int) -> tuple[dict, torch.Tensor]:
-    """({feature: [n, layers, dim]}, word indices [n]) for the first `n` spoken_word items of the
-    bench/mmdata jsonl `path`, each its own question and answer, encoded as the trainer does."""
+def record_features(model, processor, record: dict, root: Path, media: str) -> dict:
+    """`layer_features` of one trainer-format conversation (media paths relative to `root`),
+    encoded and collated as the trainer does, at the position that predicts its answer."""
     from unigemma.finetune.data import collate, encode_line
     from unigemma.finetune.labels import IGNORE
 
+    b = collate([encode_line(processor, record, root, "linear probe")], 0)
+    at = int((b.labels[0] != IGNORE).nonzero()[0]) - 1  # the position that predicts the answer
+    return layer_features(model, b.inputs, at, media)
+
+
+def spoken_features(gemma, path: Path, n: int) -> tuple[dict, torch.Tensor]:
+    """({feature: [n, layers, dim]}, word indices [n]) for the first `n` spoken_word items of the
+    bench/mmdata jsonl `path`, each its own question and answer, encoded as the trainer does."""
     processor, out, ys = gemma.processor(), {f: [] for f in FEATURES}, []
     for line in path.read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
         if r["kind"] != "spoken_word":
             continue
-        b = collate([encode_line(processor, {"messages": r["messages"][:2]}, path.parent, "linear probe")], 0)
-        at = int((b.labels[0] != IGNORE).nonzero()[0]) - 1
-        for f, v in layer_features(gemma.model, b.inputs, at, "audio").items():
+        for f, v in record_features(gemma.model, processor, {"messages": r["messages"][:2]}, path.parent,
+                                    "audio").items():
             out[f].append(v)
         ys.append(WORDS.index(r["answer"]))
         if len(ys) == n:
