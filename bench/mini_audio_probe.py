@@ -19,7 +19,9 @@ Trained: the audio embedder in full and LoRA (r 16) on those layers; every step'
 fresh (synthesized then, none heard twice), in training voices (or pitches) only. Scored every
 `--eval-every` steps on fixed clips it never trained on: unseen voices (the held-out split's
 accents and variants) and training voices; and the whole model's prose perplexity. One JSON line
-per evaluation. `--keep-text` and `--save` as bench/mini_reader_probe.py's.
+per evaluation. `--keep-text` and `--save` as bench/mini_reader_probe.py's; `--anchor-text W` adds W x
+the first layers' drift on English from the start model's output to the loss (bench/mini_keep_text.py
+`TextAnchor`: what the later layers see of text held where it was, so the prose with it).
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ class Hearer(nn.Module):
 def main(argv: list[str] | None = None) -> None:
     from bench.mini_keep_text import project_
     from bench.mini_reader_probe import check_arguments, first_layers_adapter, load_probed, probe_arguments, \
-        reporter, save_run, train
+        reporter, save_run, text_anchor, train
     from unigemma.finetune.full import make_trainable
 
     p = probe_arguments(__doc__, lr=5e-4)
@@ -118,12 +120,13 @@ def main(argv: list[str] | None = None) -> None:
                           args.task, split, args.eval_n)
              for k, split in enumerate(("heldout", "train"), 1)}
 
+    anchor = text_anchor(args, model, tokenizer)
     rng, np_rng = random.Random(f"{args.seed}/train"), np.random.default_rng([args.seed, 0])
     report = reporter("mini_audio_probe", args, bases, hearer, evals, "clips", "_voices_accuracy", model, prose_ids,
-                      task=args.task, classes=len(TASKS[args.task]), chance=round(1 / len(TASKS[args.task]), 3))
+                      anchor, task=args.task, classes=len(TASKS[args.task]), chance=round(1 / len(TASKS[args.task]), 3))
 
     train(hearer, lambda: batch(rng, np_rng, args.task, "train", args.batch_size), opt,
-          lambda: project_(kept, bases), args.steps, args.eval_every, report)
+          lambda: project_(kept, bases), args.steps, args.eval_every, report, anchor, args.anchor_text)
     if args.save:
         save_run(model, lora, args.model, args.save)
 

@@ -29,10 +29,15 @@ class _Share(argparse.Action):
 
 
 def add_argument(p: argparse.ArgumentParser) -> None:
-    """`--keep-text EPS` (default None: no constraint), for the probes that train an adapter."""
+    """`--keep-text EPS` (default None: no constraint) and `--anchor-text W` (default 0: none), for
+    the probes that train an adapter on the first layers."""
     p.add_argument("--keep-text", type=float, default=None, metavar="EPS", action=_Share,
                    help="keep each trained A off the subspace holding all but EPS of text's input energy "
                         "(bench/mini_keep_text.py), e.g. 0.01")
+    p.add_argument("--anchor-text", type=float, default=0.0, metavar="W",
+                   help="add W x the first layers' relative drift on English from the start model's output "
+                        "(`TextAnchor`: replay paragraphs, never the prose scored) to each step's loss")
+    p.add_argument("--anchor-rows", type=int, default=8, help="with --anchor-text: paragraphs a step")
 
 
 BOS = 2  # Gemma's <bos>: every text starts from it, as the prose perplexity's windows do
@@ -134,3 +139,56 @@ def keep_off_text(model, modules: dict, tokenizer, layers: int, eps: float, n_to
     bases = text_subspaces(text_covariance(model, modules, text_ids(tokenizer, n_tokens), layers), eps)
     project_(modules, bases)
     return bases
+
+
+class TextAnchor:
+    """Hold the first `layers` layers' output on English where the start model had it.
+
+    The projection above keeps each A off the text's input subspace, but what is left in reach
+    still moves the prose once a stage trains long (README, Fourteenth look: a hearing warm-up's
+    prose 11.26 at step 600, 14.16 at 900). The layers after `layers` are not trained, so if the
+    first layers' output on a text is unchanged, so is everything the model says about it: this
+    asks that directly. The targets are the start model's hidden states after `layers` layers on
+    replay paragraphs (`text_ids`, taken before any step: LoRA starts at zero), and the loss is
+    each real token's squared distance from its target relative to the target's own (the <bos>
+    and the attention sinks carry norms hundreds of times the rest: an absolute distance would
+    weigh little else), averaged over the tokens of `rows` paragraphs drawn a step.
+
+        anchor = TextAnchor(model, tokenizer, layers=5)
+        loss = task_loss + weight * anchor.loss()
+    """
+
+    def __init__(self, model, tokenizer, layers: int, rows: int = 8, n_tokens: int = 60000, window: int = 128,
+                 seed: int = 0):
+        texts = text_ids(tokenizer, n_tokens, window)
+        L = max(len(t) for t in texts)
+        self.ids = torch.zeros(len(texts), L, dtype=torch.long)  # right-padded: causal, so the pads never reach a real token
+        self.real = torch.zeros(len(texts), L, dtype=torch.bool)
+        for i, t in enumerate(texts):
+            self.ids[i, :len(t)], self.real[i, :len(t)] = torch.tensor(t), True
+        self.targets = torch.cat([first_layers(model, self.ids[a:a + 16], layers) for a in range(0, len(texts), 16)])
+        self.model, self.layers, self.rows = model, layers, rows
+        self.rng = torch.Generator().manual_seed(seed)
+        self.recent: list[float] = []  # each loss() since the last `drift()`
+
+    def loss(self) -> torch.Tensor:
+        """The mean relative squared drift over `rows` paragraphs drawn at random (with grad)."""
+        from bench.mini_reader_probe import layer_outputs
+
+        pick = torch.randint(len(self.ids), (self.rows,), generator=self.rng)
+        ids, real, target = self.ids[pick], self.real[pick], self.targets[pick]
+        keep = int(real.sum(1).max())  # the longest drawn paragraph: the rest of the padding is not run
+        ids, real, target = ids[:, :keep], real[:, :keep], target[:, :keep]
+        h = self.model.embed(ids.to(self.model.device))
+        for h in layer_outputs(self.model, h, torch.zeros_like(ids), self.layers):
+            pass
+        rel = (h - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-12)
+        out = rel[real].mean()
+        self.recent.append(float(out.detach()))
+        return out
+
+    def drift(self) -> float | None:
+        """The mean of `loss()` since the last call (None if none): the report's text drift."""
+        out = round(sum(self.recent) / len(self.recent), 6) if self.recent else None
+        self.recent.clear()
+        return out

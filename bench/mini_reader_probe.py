@@ -183,8 +183,12 @@ def probe_arguments(doc: str, lr: float) -> argparse.ArgumentParser:
 def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """`probe_arguments`' checks, before any model loads: counts below 1, negative layers,
     `--model` without a checkpoint or with fewer decoder layers than `--layers`."""
-    if args.layers < 0 or min(args.steps, args.batch_size, args.lora_r, args.eval_n, args.eval_every) < 1:
-        p.error("--layers must be >= 0; --steps, --batch-size, --lora-r, --eval-n and --eval-every >= 1")
+    if args.layers < 0 or min(args.steps, args.batch_size, args.lora_r, args.eval_n, args.eval_every,
+                              args.anchor_rows) < 1:
+        p.error("--layers must be >= 0; --steps, --batch-size, --lora-r, --eval-n, --eval-every and "
+                "--anchor-rows >= 1")
+    if args.anchor_text < 0:
+        p.error(f"--anchor-text {args.anchor_text}: a weight, >= 0")
     if not (args.model / "config.json").is_file():
         p.error(f"--model {args.model}: no config.json (a mini checkpoint directory)")
     n_layers = json.loads((args.model / "config.json").read_text()).get("text_config", {}).get("num_hidden_layers")
@@ -222,6 +226,14 @@ def first_layers_adapter(model, tokenizer, layers: int, r: int, seed: int, keep_
     return lora, adapter, kept, bases
 
 
+def text_anchor(args: argparse.Namespace, model, tokenizer):
+    """`--anchor-text`'s bench/mini_keep_text.py `TextAnchor` on the first `--layers` layers (None
+    without it): its targets taken now, so before any step."""
+    from bench.mini_keep_text import TextAnchor
+
+    return TextAnchor(model, tokenizer, args.layers, args.anchor_rows, seed=args.seed) if args.anchor_text else None
+
+
 @torch.no_grad()
 def probe_accuracy(probe: nn.Module, fixed: tuple, chunk: int = 32) -> float:
     """The share of a fixed evaluation set (inputs..., labels) the probe names, `chunk` at a time, in
@@ -234,16 +246,18 @@ def probe_accuracy(probe: nn.Module, fixed: tuple, chunk: int = 32) -> float:
 
 
 def reporter(name: str, args: argparse.Namespace, bases: dict, probe: nn.Module, evals: dict, unit: str,
-             suffix: str, model, prose_ids: torch.Tensor, **settings):
+             suffix: str, model, prose_ids: torch.Tensor, anchor=None, **settings):
     """`train`'s report(step, loss) for a probe: one JSON line an evaluation, with the step, the
     `unit`s seen (pictures, clips), the mean train loss, each fixed set's accuracy (`{split}{suffix}`),
-    the whole model's prose perplexity and the seconds since; the first line also holds the machine,
-    the shared settings, the text dimensions kept off and the probe's own `settings`."""
+    the whole model's prose perplexity, with `anchor` the mean text drift it measured since, and the
+    seconds since; the first line also holds the machine, the shared settings, the text dimensions
+    kept off and the probe's own `settings`."""
     from bench.mini_quality import perplexity
 
     t0 = time.time()
     info = {"bench": name, **machine(torch.get_num_threads()), "model": str(args.model), "layers": args.layers,
             "batch_size": args.batch_size, "lr": args.lr, "full_lr": args.full_lr, "keep_text": args.keep_text,
+            "anchor_text": args.anchor_text, "anchor_rows": args.anchor_rows,
             "text_dims_kept_off": {n.split("language_model.")[-1]: P.shape[1] for n, P in bases.items()},
             **settings}
 
@@ -251,6 +265,7 @@ def reporter(name: str, args: argparse.Namespace, bases: dict, probe: nn.Module,
         print(json.dumps({**info, "step": step, unit: step * args.batch_size, "train_loss": loss,
                           **{f"{s}{suffix}": probe_accuracy(probe, evals[s]) for s in evals},
                           "prose_perplexity": round(perplexity(model, prose_ids), 3),
+                          **({"text_drift": anchor.drift()} if anchor is not None else {}),
                           "seconds": round(time.time() - t0)}),
               flush=True)
         info.clear()  # the machine and settings once, on the first line
@@ -258,17 +273,19 @@ def reporter(name: str, args: argparse.Namespace, bases: dict, probe: nn.Module,
     return report
 
 
-def train(probe: nn.Module, draw, opt, after_step, steps: int, every: int, report) -> None:
+def train(probe: nn.Module, draw, opt, after_step, steps: int, every: int, report, anchor=None,
+          anchor_weight: float = 0.0) -> None:
     """`steps` optimizer steps of `probe` on fresh batches (`draw()` → inputs..., labels), each
     followed by `after_step()` (the keep-text projection); `report(step, mean train loss)` at step
-    0 (loss None) and every `every` steps."""
+    0 (loss None) and every `every` steps. With `anchor` (bench/mini_keep_text.py `TextAnchor`)
+    each step's loss adds `anchor_weight` × its text drift (the train loss reported is the task's)."""
     losses = []
     report(0, None)
     for step in range(1, steps + 1):
         *inputs, ys = draw()
         loss = nn.functional.cross_entropy(probe(*inputs), ys)
         opt.zero_grad()
-        loss.backward()
+        (loss + anchor_weight * anchor.loss() if anchor is not None else loss).backward()
         opt.step()
         after_step()
         losses.append(float(loss.detach()))
@@ -310,14 +327,16 @@ def main(argv: list[str] | None = None) -> None:
     evals = {split: batch(random.Random(f"{args.seed}/eval/{split}"), [split] * args.eval_n)
              for split in ("heldout", "train", "free")}
 
+    anchor = text_anchor(args, model, tokenizer)
     rng = random.Random(f"{args.seed}/train")
     report = reporter("mini_reader_probe", args, bases, reader, evals, "pictures", "_accuracy", model, prose_ids,
-                      scratch=args.scratch, pos_std=args.pos_std, free=args.free, chance=round(1 / len(SHAPES), 3))
+                      anchor, scratch=args.scratch, pos_std=args.pos_std, free=args.free, chance=round(1 / len(SHAPES), 3))
 
     def draw_batch():
         return batch(rng, ["free" if rng.random() < args.free else "train" for _ in range(args.batch_size)])
 
-    train(reader, draw_batch, opt, lambda: project_(kept, bases), args.steps, args.eval_every, report)
+    train(reader, draw_batch, opt, lambda: project_(kept, bases), args.steps, args.eval_every, report, anchor,
+          args.anchor_text)
     if args.save:
         save_run(model, lora, args.model, args.save)
 

@@ -48,7 +48,7 @@ def batch(rng: random.Random, split: str, n: int) -> tuple[torch.Tensor, torch.T
 def main(argv: list[str] | None = None) -> None:
     from bench.mini_keep_text import project_
     from bench.mini_reader_probe import Reader, check_arguments, first_layers_adapter, load_probed, \
-        probe_arguments, reporter, save_run, train
+        probe_arguments, reporter, save_run, text_anchor, train
     from unigemma.finetune.full import make_trainable
 
     p = probe_arguments(__doc__, lr=1e-3)
@@ -67,12 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     evals = {split: batch(random.Random(f"{args.seed}/eval/{split}"), split, args.eval_n)
              for split in ("heldout", "train")}
 
+    anchor = text_anchor(args, model, tokenizer)
     rng = random.Random(f"{args.seed}/train")
     report = reporter("mini_word_probe", args, bases, reader, evals, "pictures", "_fonts_accuracy", model, prose_ids,
-                      classes=len(WORDS), chance=round(1 / len(WORDS), 3))
+                      anchor, classes=len(WORDS), chance=round(1 / len(WORDS), 3))
 
     train(reader, lambda: batch(rng, "train", args.batch_size), opt, lambda: project_(kept, bases), args.steps,
-          args.eval_every, report)
+          args.eval_every, report, anchor, args.anchor_text)
     if args.save:
         save_run(model, lora, args.model, args.save)
 

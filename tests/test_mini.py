@@ -497,6 +497,7 @@ def test_reader_probes_refuse_bad_arguments_before_loading(tmp_path, capsys, pro
     main = importlib.import_module(f"bench.{probe}").main
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 3}}))
     for argv, says in ((["--eval-every", "0"], "--eval-every"), own, (["--keep-text", "1"], "--keep-text"),
+                       (["--anchor-text", "-1"], "--anchor-text"), (["--anchor-rows", "0"], "--anchor-rows"),
                        (["--layers", "4"], "has 3 decoder layers")):
         with pytest.raises(SystemExit):
             main(["--model", str(tmp_path), *argv])
@@ -730,6 +731,53 @@ def test_keep_text_holds_an_adapter_off_the_texts_inputs():
     assert image_after > 0.3 * image_before
     A = next(iter(kept.values())).lora_A["default"].weight
     assert A.shape[1] == width and float((A.detach() @ next(iter(bases.values()))).abs().max()) < 1e-5
+
+
+def test_text_anchor_is_zero_at_the_start_and_pulls_a_drifted_adapter_back():
+    """bench/mini_keep_text.py `TextAnchor`: its targets are the first layers' output on the
+    English it holds (taken while B is zero), so its loss is 0 there; an update that moves the
+    text gives a loss, and steps on that loss alone bring the text most of the way back while
+    the adapter stays non-zero (the anchor pulls text, not the whole adapter, to the start)."""
+    from bench.mini_keep_text import TextAnchor, first_layers
+    from unigemma.finetune.run import prepare
+    from unigemma.lora import LoraConfig
+    from unigemma.lora.inject import lora_modules
+
+    model = mini.UnigemmaMini(ModelConfig.from_dict(mini.tiny_config()))
+    randomize_reference(model, seed=4)
+    model.eval()
+    prepare(model, LoraConfig(r=4, alpha=8))
+    K = 2
+
+    class Tok:  # text_ids' only call; ids within the tiny vocabulary
+        def encode(self, text, add_special_tokens=False):
+            return [10 + ord(c) % 300 for c in text[:40]]
+
+    anchor = TextAnchor(model, Tok(), K, rows=4, n_tokens=400, window=32)
+    assert anchor.ids.shape[0] >= 4 and anchor.real[:, 0].all() and (anchor.ids[:, 0] == 2).all()
+    one = anchor.ids[:1, :int(anchor.real[0].sum())]
+    torch.testing.assert_close(anchor.targets[0, :one.shape[1]], first_layers(model, one, K)[0])
+    with torch.no_grad():
+        assert float(anchor.loss()) < 1e-10 and anchor.drift() < 1e-10 and anchor.drift() is None
+
+    g = torch.Generator().manual_seed(0)
+    first = {n: m for n, m in lora_modules(model).items() if any(f"layers.{i}." in n for i in range(K))}
+    with torch.no_grad():
+        for m in first.values():
+            m.lora_B["default"].weight.normal_(std=0.2, generator=g)
+    with torch.no_grad():
+        drifted = float(anchor.loss())
+    assert drifted > 1e-3
+    params = [q for m in first.values() for q in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        anchor.loss().backward()
+        opt.step()
+    anchor.drift()
+    with torch.no_grad():
+        assert float(anchor.loss()) < 0.2 * drifted
+        assert min(float(m.lora_B["default"].weight.abs().max()) for m in first.values()) > 1e-2
 
 
 def test_probe_mix_arguments_are_checked_before_loading(tmp_path, capsys):
