@@ -29,11 +29,15 @@ class _Share(argparse.Action):
 
 
 def add_argument(p: argparse.ArgumentParser) -> None:
-    """`--keep-text EPS` (default None: no constraint) and `--anchor-text W` (default 0: none), for
-    the probes that train an adapter on the first layers."""
+    """`--keep-text EPS` (default None: no constraint), for the probes that train an adapter."""
     p.add_argument("--keep-text", type=float, default=None, metavar="EPS", action=_Share,
                    help="keep each trained A off the subspace holding all but EPS of text's input energy "
                         "(bench/mini_keep_text.py), e.g. 0.01")
+
+
+def add_anchor_arguments(p: argparse.ArgumentParser) -> None:
+    """`--anchor-text W` (default 0: none) and `--anchor-rows N`, for the probes that train the
+    first layers only (`TextAnchor`)."""
     p.add_argument("--anchor-text", type=float, default=0.0, metavar="W",
                    help="add W x the first layers' relative drift on English from the start model's output "
                         "(`TextAnchor`: replay paragraphs, never the prose scored) to each step's loss")

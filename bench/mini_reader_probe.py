@@ -161,7 +161,7 @@ def save_run(model, lora, model_dir: Path, out: Path) -> Path:
 
 def probe_arguments(doc: str, lr: float) -> argparse.ArgumentParser:
     """The options this probe and bench/mini_audio_probe.py share (`lr`: the adapter's and head's default)."""
-    from bench.mini_keep_text import add_argument as add_keep_text
+    from bench.mini_keep_text import add_anchor_arguments, add_argument as add_keep_text
 
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="a mini checkpoint (shipped, or weights/mini.py's)")
@@ -176,6 +176,7 @@ def probe_arguments(doc: str, lr: float) -> argparse.ArgumentParser:
     p.add_argument("--save", type=Path, help="write the embedders and adapter here at the end, and under "
                    "DIR/checkpoint a mini checkpoint with them folded into --model's")
     add_keep_text(p)
+    add_anchor_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     return p
 
