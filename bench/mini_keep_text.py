@@ -166,7 +166,8 @@ class TextAnchor:
                  seed: int = 0):
         texts = text_ids(tokenizer, n_tokens, window)
         L = max(len(t) for t in texts)
-        self.ids = torch.zeros(len(texts), L, dtype=torch.long)  # right-padded: causal, so the pads never reach a real token
+        # right-padded: text is causal, so the pads never reach a real token
+        self.ids = torch.zeros(len(texts), L, dtype=torch.long)
         self.real = torch.zeros(len(texts), L, dtype=torch.bool)
         for i, t in enumerate(texts):
             self.ids[i, :len(t)], self.real[i, :len(t)] = torch.tensor(t), True

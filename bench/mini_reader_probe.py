@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     anchor = text_anchor(args, model, tokenizer)
     rng = random.Random(f"{args.seed}/train")
     report = reporter("mini_reader_probe", args, bases, reader, evals, "pictures", "_accuracy", model, prose_ids,
-                      anchor, scratch=args.scratch, pos_std=args.pos_std, free=args.free, chance=round(1 / len(SHAPES), 3))
+                      anchor, scratch=args.scratch, pos_std=args.pos_std, free=args.free,
+                      chance=round(1 / len(SHAPES), 3))
 
     def draw_batch():
         return batch(rng, ["free" if rng.random() < args.free else "train" for _ in range(args.batch_size)])
