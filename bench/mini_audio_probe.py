@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                       anchor, task=args.task, classes=len(TASKS[args.task]), chance=round(1 / len(TASKS[args.task]), 3))
 
     train(hearer, lambda: batch(rng, np_rng, args.task, "train", args.batch_size), opt,
-          lambda: project_(kept, bases), args.steps, args.eval_every, report, anchor, args.anchor_text)
+          lambda: project_(kept, bases), args.steps, args.eval_every, report, anchor)
     if args.save:
         save_run(model, lora, args.model, args.save)
 

@@ -62,10 +62,10 @@ def text_ids(tokenizer, n_tokens: int, window: int = 512) -> list[list[int]]:
     return out
 
 
-@torch.no_grad()
-def first_layers(model, ids: torch.Tensor, layers: int) -> torch.Tensor:
-    """The hidden states of text `ids` [1, S] after the decoder's first `layers` layers (causal
-    masks, as the model's forward masks text); the head is never run."""
+def hidden_after(model, ids: torch.Tensor, layers: int) -> torch.Tensor:
+    """The hidden states of text `ids` [B, S] after the decoder's first `layers` layers (causal
+    masks, as the model's forward masks text); the head is never run. With grad where grad is on
+    (`TextAnchor` trains through it)."""
     from bench.mini_reader_probe import layer_outputs
 
     ids = ids.to(model.device)  # (bench/mini_gpu.py runs it on a GPU)
@@ -73,6 +73,12 @@ def first_layers(model, ids: torch.Tensor, layers: int) -> torch.Tensor:
     for h in layer_outputs(model, h, torch.zeros_like(ids), layers):
         pass
     return h
+
+
+@torch.no_grad()
+def first_layers(model, ids: torch.Tensor, layers: int) -> torch.Tensor:
+    """`hidden_after` without grad: what the text's subspaces and the anchor's targets are taken from."""
+    return hidden_after(model, ids, layers)
 
 
 @torch.no_grad()
@@ -158,12 +164,12 @@ class TextAnchor:
     and the attention sinks carry norms hundreds of times the rest: an absolute distance would
     weigh little else), averaged over the tokens of `rows` paragraphs drawn a step.
 
-        anchor = TextAnchor(model, tokenizer, layers=5)
-        loss = task_loss + weight * anchor.loss()
+        anchor = TextAnchor(model, tokenizer, layers=5, weight=1000)
+        loss = task_loss + anchor.weight * anchor.loss()
     """
 
-    def __init__(self, model, tokenizer, layers: int, rows: int = 8, n_tokens: int = 60000, window: int = 128,
-                 seed: int = 0):
+    def __init__(self, model, tokenizer, layers: int, rows: int = 8, weight: float = 1.0, n_tokens: int = 60000,
+                 window: int = 128, seed: int = 0):
         texts = text_ids(tokenizer, n_tokens, window)
         L = max(len(t) for t in texts)
         # right-padded: text is causal, so the pads never reach a real token
@@ -172,21 +178,17 @@ class TextAnchor:
         for i, t in enumerate(texts):
             self.ids[i, :len(t)], self.real[i, :len(t)] = torch.tensor(t), True
         self.targets = torch.cat([first_layers(model, self.ids[a:a + 16], layers) for a in range(0, len(texts), 16)])
-        self.model, self.layers, self.rows = model, layers, rows
+        self.model, self.layers, self.rows, self.weight = model, layers, rows, weight
         self.rng = torch.Generator().manual_seed(seed)
         self.recent: list[float] = []  # each loss() since the last `drift()`
 
     def loss(self) -> torch.Tensor:
         """The mean relative squared drift over `rows` paragraphs drawn at random (with grad)."""
-        from bench.mini_reader_probe import layer_outputs
-
         pick = torch.randint(len(self.ids), (self.rows,), generator=self.rng)
         ids, real, target = self.ids[pick], self.real[pick], self.targets[pick]
         keep = int(real.sum(1).max())  # the longest drawn paragraph: the rest of the padding is not run
         ids, real, target = ids[:, :keep], real[:, :keep], target[:, :keep]
-        h = self.model.embed(ids.to(self.model.device))
-        for h in layer_outputs(self.model, h, torch.zeros_like(ids), self.layers):
-            pass
+        h = hidden_after(self.model, ids, self.layers)
         rel = (h - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-12)
         out = rel[real].mean()
         self.recent.append(float(out.detach()))

@@ -232,7 +232,8 @@ def text_anchor(args: argparse.Namespace, model, tokenizer):
     without it): its targets taken now, so before any step."""
     from bench.mini_keep_text import TextAnchor
 
-    return TextAnchor(model, tokenizer, args.layers, args.anchor_rows, seed=args.seed) if args.anchor_text else None
+    return (TextAnchor(model, tokenizer, args.layers, args.anchor_rows, weight=args.anchor_text, seed=args.seed)
+            if args.anchor_text else None)
 
 
 @torch.no_grad()
@@ -274,19 +275,18 @@ def reporter(name: str, args: argparse.Namespace, bases: dict, probe: nn.Module,
     return report
 
 
-def train(probe: nn.Module, draw, opt, after_step, steps: int, every: int, report, anchor=None,
-          anchor_weight: float = 0.0) -> None:
+def train(probe: nn.Module, draw, opt, after_step, steps: int, every: int, report, anchor=None) -> None:
     """`steps` optimizer steps of `probe` on fresh batches (`draw()` → inputs..., labels), each
     followed by `after_step()` (the keep-text projection); `report(step, mean train loss)` at step
     0 (loss None) and every `every` steps. With `anchor` (bench/mini_keep_text.py `TextAnchor`)
-    each step's loss adds `anchor_weight` × its text drift (the train loss reported is the task's)."""
+    each step's loss adds its weight × its text drift (the train loss reported is the task's)."""
     losses = []
     report(0, None)
     for step in range(1, steps + 1):
         *inputs, ys = draw()
         loss = nn.functional.cross_entropy(probe(*inputs), ys)
         opt.zero_grad()
-        (loss + anchor_weight * anchor.loss() if anchor is not None else loss).backward()
+        (loss + anchor.weight * anchor.loss() if anchor is not None else loss).backward()
         opt.step()
         after_step()
         losses.append(float(loss.detach()))
@@ -337,8 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     def draw_batch():
         return batch(rng, ["free" if rng.random() < args.free else "train" for _ in range(args.batch_size)])
 
-    train(reader, draw_batch, opt, lambda: project_(kept, bases), args.steps, args.eval_every, report, anchor,
-          args.anchor_text)
+    train(reader, draw_batch, opt, lambda: project_(kept, bases), args.steps, args.eval_every, report, anchor)
     if args.save:
         save_run(model, lora, args.model, args.save)
 
