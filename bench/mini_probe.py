@@ -34,6 +34,14 @@ the shape, it asks whether the later layers learn to carry it to the answer (and
 at layer K, so a step costs less). `--save DIR` writes the adapter and the embedders at the end,
 and DIR/checkpoint with both folded into `--model`'s (bench/mini_reader_probe.py `start_checkpoint`).
 
+`--to-layer K` is the other way round: only the adapter on layers below K (and the embedders) trains,
+the later layers frozen, so the first layers learn from the answer's own loss through the routing the
+later layers already have (the audio probe's warm-up learns them on its own head, whose better
+hearing the routing did not read: README, "Twenty-eighth look"). The later layers untrained, the
+prose moves only by what the first layers put out on English: `--anchor-text W` holds that where the
+start model had it (bench/mini_keep_text.py `TextAnchor`, as on the first-layer probes; the report
+gains `text_drift`).
+
 `--train-full SPEC` names the embedders trained (default both; `model.embed_audio` alone leaves
 every picture's tokens as they were), and `--lr 0` trains no adapter: a run of the audio embedder
 alone leaves every text and picture token's computation untouched, so the prose perplexity cannot
@@ -149,17 +157,22 @@ def drop_questions(record: dict, pattern: re.Pattern) -> dict | None:
     return {**record, "messages": kept} if kept else None
 
 
-def trained_parts(model, from_layer: int, full: str = "media", adapter: bool = True) -> tuple[list, list]:
+def trained_parts(model, from_layer: int, full: str = "media", adapter: bool = True,
+                  to_layer: int | None = None) -> tuple[list, list]:
     """(embedder parameters, adapter parameters) a run trains, the adapter already added: the
     embedders `full` names (unigemma/finetune/full.py `resolve`: "media" is both) and the whole
-    adapter, or with `from_layer` K > 0 no embedder and the adapter of layers K and up only;
+    adapter, or with `from_layer` K > 0 no embedder and the adapter of layers K and up only, or with
+    `to_layer` K the adapter of layers below K only (the embedders as without it);
     `adapter` False: no adapter at all (it stays as added, zero, and gets no gradient)."""
     from unigemma.finetune.full import make_trainable, resolve
 
-    below = {f"language_model.layers.{i}." for i in range(from_layer)}
+    n = len(model.text.layers)
+    frozen = range(from_layer) if to_layer is None else range(to_layer, n)
+    below = {f"language_model.layers.{i}." for i in frozen}
     for name, q in model.named_parameters():
         if any(b in name for b in below) or not adapter:
-            q.requires_grad_(False)  # none below K (so backward stops at layer K), or none without an adapter
+            q.requires_grad_(False)  # none below K (so backward stops at layer K), none from --to-layer's K,
+            # or none without an adapter
     trained = [q for q in model.parameters() if q.requires_grad]
     return (make_trainable(resolve(model, full)) if from_layer == 0 else []), trained
 
@@ -224,7 +237,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mix-share", type=float, default=0.5, help="the share of each batch from --mix")
     p.add_argument("--mix-drop", type=regex, default=None, metavar="REGEX",
                    help="take the questions matching REGEX (and their answers) out of the --mix lines")
+    p.add_argument("--to-layer", type=int, default=None, metavar="K",
+                   help="train only the adapter on layers below K (and the embedders): the first layers "
+                        "learn from the answer's loss through the later layers as they are")
     keep_text.add_argument(p)
+    keep_text.add_anchor_arguments(p)
     p.add_argument("--pad-together", action="store_true",
                    help="pad the --mix lines and the category's items as one batch (the plain path; "
                         "by default each is padded to its own longest: the same loss, less padding)")
@@ -244,6 +261,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.from_layer < 0 or (isinstance(n_layers, int) and args.from_layer >= n_layers):
         p.error(f"--from-layer {args.from_layer}: must be >= 0 and below the {n_layers} decoder layers")
 
+    if args.to_layer is not None and (args.from_layer or args.to_layer < 1
+                                      or (isinstance(n_layers, int) and args.to_layer >= n_layers)):
+        p.error(f"--to-layer {args.to_layer}: must be above 0 and below the {n_layers} decoder layers, "
+                "without --from-layer")
+    if args.anchor_text < 0 or args.anchor_rows < 1:
+        p.error(f"--anchor-text {args.anchor_text} / --anchor-rows {args.anchor_rows}: must be >= 0 / >= 1")
+    if args.anchor_text and (args.to_layer is None or args.lr == 0):
+        p.error("--anchor-text holds the first layers' output on English: it needs --to-layer K and an adapter")
     if args.lr < 0 or args.full_lr < 0:
         p.error(f"--lr {args.lr} / --full-lr {args.full_lr}: must be >= 0")
     if args.lr == 0 and args.from_layer:
@@ -257,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     prose_ids = prose(2048, tok)
     lora = LoraConfig(r=args.lora_r, alpha=2 * args.lora_r)
     prepare(model, lora, args.seed)
-    embedders, adapter = trained_parts(model, args.from_layer, args.train_full, args.lr > 0)
+    embedders, adapter = trained_parts(model, args.from_layer, args.train_full, args.lr > 0, args.to_layer)
     kept, bases = {}, {}
     if args.keep_text is not None:
         from unigemma.lora.inject import lora_modules
@@ -265,6 +290,10 @@ def main(argv: list[str] | None = None) -> None:
         trained = {id(q) for q in adapter}
         kept = {n: m for n, m in lora_modules(model).items() if id(m.lora_A["default"].weight) in trained}
         bases = keep_text.keep_off_text(model, kept, tok, len(model.text.layers), args.keep_text)
+    anchor = None
+    if args.anchor_text:  # its targets taken now, before any step (the adapter is still zero)
+        anchor = keep_text.TextAnchor(model, tok, args.to_layer, args.anchor_rows, weight=args.anchor_text,
+                                      seed=args.seed)
     opt = torch.optim.AdamW([g for g in ({"params": embedders, "lr": args.full_lr}, {"params": adapter, "lr": args.lr})
                              if g["params"]], weight_decay=0.0)
     train = [r for c in args.category
@@ -322,12 +351,14 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"category": ",".join(args.category), "single": args.single,
                           "image_budget": processor.image_budget,
                           "from_layer": args.from_layer, "mix_share": args.mix_share if mix else 0,
+                          **({"to_layer": args.to_layer} if args.to_layer is not None else {}),
                           "keep_text": args.keep_text, "step": step,
                           "train_loss": round(sum(losses) / len(losses), 3) if losses else None,
                           **scores(), "heldout_items": len(held),
                           **({"heldout_unnamed_accuracy": round(accuracy(unnamed), 3)} if unnamed else {}),
                           **({"free_accuracy": round(accuracy(free_held), 3)} if free_held else {}),
                           "prose_perplexity": round(perplexity(model, prose_ids), 3),
+                          **({"text_drift": anchor.drift()} if anchor else {}),
                           "seconds": round(time.time() - t0)}), flush=True)
 
     rng, t0, losses = random.Random(args.seed), time.time(), []
@@ -336,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         total, n = batch_loss(model, [encode(r) for r in rng.sample(train, args.batch_size - n_mix)],
                               [encode(r, args.mix.parent) for r in rng.sample(mix, n_mix)], args.pad_together)
         opt.zero_grad()
-        (total / n).backward()
+        (total / n + (anchor.weight * anchor.loss() if anchor else 0)).backward()
         opt.step()
         if bases:
             keep_text.project_(kept, bases)

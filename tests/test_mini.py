@@ -780,6 +780,50 @@ def test_text_anchor_is_zero_at_the_start_and_pulls_a_drifted_adapter_back():
         assert min(float(m.lora_B["default"].weight.abs().max()) for m in first.values()) > 1e-2
 
 
+def test_probe_to_layer_trains_only_the_first_layers_and_anchors_their_text(tmp_path, capsys):
+    """bench/mini_probe.py `--to-layer K`: only the adapter of layers below K (and the embedders
+    `--train-full` names) gets a gradient, through the later layers as they are; `--anchor-text`
+    needs it and an adapter, and a K the checkpoint lacks or one beside `--from-layer` is an
+    argument error naming it, before any model loads."""
+    import json
+
+    from bench.mini_probe import main, trained_parts
+    from unigemma.finetune.loss import hidden_states
+    from unigemma.finetune.run import prepare
+    from unigemma.inputs import ModelInputs
+    from unigemma.lora import LoraConfig
+
+    model = mini.UnigemmaMini(ModelConfig.from_dict(mini.tiny_config()))
+    randomize_reference(model, seed=5)
+    prepare(model, LoraConfig(r=2, alpha=4))
+    n = len(model.text.layers)
+    assert n > 2
+    embedders, adapter = trained_parts(model, 0, "model.embed_audio", to_layer=2)
+    assert {id(q) for q in embedders} == {id(q) for q in model.model.embed_audio.parameters()}
+    assert adapter and all(q.requires_grad for q in adapter)
+    ids, types = prompt(image=True, audio=True)
+    inputs = ModelInputs.from_dict({"input_ids": ids, "mm_token_type_ids": types, **media(True, True)})
+    hidden_states(model, inputs).square().sum().backward()
+    grads = {n_: q.grad for n_, q in model.named_parameters() if "lora_B" in n_}
+    below = [n_ for n_ in grads if any(f".layers.{i}." in n_ for i in range(2))]
+    assert below and all(grads[n_] is not None for n_ in below)
+    assert all(g is None for n_, g in grads.items() if n_ not in below)
+    assert all(q.grad is None for q in model.model.embed_vision.parameters())
+    assert any(q.grad is not None and q.grad.abs().sum() > 0 for q in model.model.embed_audio.parameters())
+
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 7}}))
+    base = ["--model", str(tmp_path), "--data", str(tmp_path), "--category", "digit"]
+    for argv, says in ((["--to-layer", "7"], "--to-layer 7"), (["--to-layer", "0"], "--to-layer 0"),
+                       (["--to-layer", "3", "--from-layer", "2"], "without --from-layer"),
+                       (["--anchor-text", "10"], "needs --to-layer K"),
+                       (["--to-layer", "3", "--anchor-text", "-1"], "--anchor-text -1.0"),
+                       (["--to-layer", "3", "--anchor-text", "10", "--lr", "0"],
+                        "needs --to-layer K and an adapter")):
+        with pytest.raises(SystemExit):
+            main(base + argv)
+        assert says in capsys.readouterr().err
+
+
 def test_probe_mix_arguments_are_checked_before_loading(tmp_path, capsys):
     """bench/mini_probe.py: a `--mix` file that is not there, a `--mix-share` outside (0, 1), a
     bad `--mix-drop` or a `--keep-text` outside [0, 1) is an argument error naming it, before any
