@@ -171,8 +171,7 @@ def trained_parts(model, from_layer: int, full: str = "media", adapter: bool = T
     below = {f"language_model.layers.{i}." for i in frozen}
     for name, q in model.named_parameters():
         if any(b in name for b in below) or not adapter:
-            q.requires_grad_(False)  # none below K (so backward stops at layer K), none from --to-layer's K,
-            # or none without an adapter
+            q.requires_grad_(False)  # outside the trained layers (backward stops at --from-layer's K), or all
     trained = [q for q in model.parameters() if q.requires_grad]
     return (make_trainable(resolve(model, full)) if from_layer == 0 else []), trained
 
@@ -199,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     import unigemma
     from bench import mini_keep_text as keep_text
     from bench.mini_quality import perplexity
+    from bench.mini_reader_probe import text_anchor
     from bench.quant_quality import prose
     from unigemma.finetune.data import collate, encode_line
     from unigemma.finetune.labels import IGNORE
@@ -290,10 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         trained = {id(q) for q in adapter}
         kept = {n: m for n, m in lora_modules(model).items() if id(m.lora_A["default"].weight) in trained}
         bases = keep_text.keep_off_text(model, kept, tok, len(model.text.layers), args.keep_text)
-    anchor = None
-    if args.anchor_text:  # its targets taken now, before any step (the adapter is still zero)
-        anchor = keep_text.TextAnchor(model, tok, args.to_layer, args.anchor_rows, weight=args.anchor_text,
-                                      seed=args.seed)
+    anchor = text_anchor(args, model, tok, args.to_layer)  # before any step: the adapter is still zero
     opt = torch.optim.AdamW([g for g in ({"params": embedders, "lr": args.full_lr}, {"params": adapter, "lr": args.lr})
                              if g["params"]], weight_decay=0.0)
     train = [r for c in args.category

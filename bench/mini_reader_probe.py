@@ -227,12 +227,13 @@ def first_layers_adapter(model, tokenizer, layers: int, r: int, seed: int, keep_
     return lora, adapter, kept, bases
 
 
-def text_anchor(args: argparse.Namespace, model, tokenizer):
-    """`--anchor-text`'s bench/mini_keep_text.py `TextAnchor` on the first `--layers` layers (None
-    without it): its targets taken now, so before any step."""
+def text_anchor(args: argparse.Namespace, model, tokenizer, layers: int | None = None):
+    """`--anchor-text`'s bench/mini_keep_text.py `TextAnchor` on the first `layers` layers (default
+    `--layers`; None without it): its targets taken now, so before any step."""
     from bench.mini_keep_text import TextAnchor
 
-    return (TextAnchor(model, tokenizer, args.layers, args.anchor_rows, weight=args.anchor_text, seed=args.seed)
+    return (TextAnchor(model, tokenizer, args.layers if layers is None else layers, args.anchor_rows,
+                       weight=args.anchor_text, seed=args.seed)
             if args.anchor_text else None)
 
 
