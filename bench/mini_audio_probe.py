@@ -2,7 +2,7 @@
 
     python -m bench.mini_audio_probe --model CHECKPOINT --task digit --layers 5 [--steps 400]
         [--batch-size 16] [--full-lr 1e-3] [--lr 5e-4] [--eval-n 200] [--eval-every 50] [--keep-text EPS]
-        [--save DIR]
+        [--wide-voices] [--save DIR]
 
 The audio twin of bench/mini_reader_probe.py. The shipped mini names a held-out spoken digit 23%
 of the time and a spoken word 2%, no better on clips of its own training voices (README,
@@ -16,7 +16,8 @@ of the block's hidden states names the digit (10 classes), the word (bench/mmdat
 `--task both` either (112 classes, half the clips digits), or `--task beeps` how many beeps a
 tone clip holds (1-5, the held-out split's pitches unseen).
 Trained: the audio embedder in full and LoRA (r 16) on those layers; every step's clips are
-fresh (synthesized then, none heard twice), in training voices (or pitches) only. Scored every
+fresh (synthesized then, none heard twice), in training voices (or pitches) only
+(`--wide-voices`: bench/mmdata/vocab.py's wider training pool, still none held out). Scored every
 `--eval-every` steps on fixed clips it never trained on: unseen voices (the held-out split's
 accents and variants) and training voices; and the whole model's prose perplexity. One JSON line
 per evaluation. `--keep-text` and `--save` as bench/mini_reader_probe.py's; `--anchor-text W` adds W x
@@ -40,7 +41,8 @@ from bench.mmdata.vocab import DIGITS, WORDS
 TASKS = {"digit": DIGITS, "word": WORDS, "both": DIGITS + WORDS, "beeps": ("1", "2", "3", "4", "5")}
 
 
-def clip(rng: random.Random, np_rng: np.random.Generator, task: str, split: str) -> tuple[np.ndarray, int]:
+def clip(rng: random.Random, np_rng: np.random.Generator, task: str, split: str,
+         wide: bool = False) -> tuple[np.ndarray, int]:
     """(16 kHz samples, label): one clip as bench/mmdata/items.py makes a `digit` / `spoken_word`
     / `beeps` item of `split` (its voices and tone pitches: the held-out split's are all unseen in
     training)."""
@@ -53,15 +55,15 @@ def clip(rng: random.Random, np_rng: np.random.Generator, task: str, split: str)
         label = rng.randrange(len(DIGITS)) if rng.random() < 0.5 else len(DIGITS) + rng.randrange(len(WORDS))
     else:
         label = rng.randrange(len(TASKS[task]))
-    return _say(TASKS[task][label], _voice(rng, split), rng, np_rng), label
+    return _say(TASKS[task][label], _voice(rng, split, wide), rng, np_rng), label
 
 
 def batch(rng: random.Random, np_rng: np.random.Generator, task: str, split: str,
-          n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          n: int, wide: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(frames [n, T, 640] zero-padded at the end, real [n, T] bool, labels [n]) of fresh clips."""
     from unigemma.processing.audio import preprocess_audio
 
-    clips = [clip(rng, np_rng, task, split) for _ in range(n)]
+    clips = [clip(rng, np_rng, task, split, wide) for _ in range(n)]
     frames = [torch.as_tensor(preprocess_audio(w).input_features).float() for w, _ in clips]
     T = max(len(f) for f in frames)
     out, real = torch.zeros(n, T, frames[0].shape[-1]), torch.zeros(n, T, dtype=torch.bool)
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = probe_arguments(__doc__, lr=5e-4)
     p.add_argument("--task", choices=sorted(TASKS), default="digit")
+    p.add_argument("--wide-voices", action="store_true", help="train on bench/mmdata/vocab.py's wider voice pool")
     args = p.parse_args(argv)
     check_arguments(p, args)
     model, tokenizer, prose_ids = load_probed(args.model)
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     report = reporter("mini_audio_probe", args, bases, hearer, evals, "clips", "_voices_accuracy", model, prose_ids,
                       anchor, task=args.task, classes=len(TASKS[args.task]), chance=round(1 / len(TASKS[args.task]), 3))
 
-    train(hearer, lambda: batch(rng, np_rng, args.task, "train", args.batch_size), opt,
+    train(hearer, lambda: batch(rng, np_rng, args.task, "train", args.batch_size, args.wide_voices), opt,
           lambda: project_(kept, bases), args.steps, args.eval_every, report, anchor)
     if args.save:
         save_run(model, lora, args.model, args.save)

@@ -74,6 +74,24 @@ def test_pools_split_on_every_heldout_axis():
         assert not set(vocab.tone_grid("train", band)) & set(vocab.tone_grid("heldout", band))
 
 
+def test_wide_voices_add_training_voices_and_leave_the_heldout_split_alone(tmp_path):
+    wide = set(vocab.WIDE_TRAIN_VOICES)
+    assert set(vocab.TRAIN_VOICES) < wide and len(wide) >= 4 * len(vocab.TRAIN_VOICES)
+    assert not {v.split("+")[0] for v in wide} & {v.split("+")[0] for v in vocab.HELDOUT_VOICES}
+    assert not {v.split("+")[1] for v in wide} & {v.split("+")[1] for v in vocab.HELDOUT_VOICES}
+    assert vocab.voices("heldout", wide=True) == vocab.HELDOUT_VOICES
+    if not HAS_ESPEAK:
+        pytest.skip("espeak-ng or its voices missing (Debian: apt-get install -y espeak-ng)")
+    assert not sounds.missing_voices(vocab.WIDE_TRAIN_VOICES)
+    counts = {"train": {"spoken_word": 40}, "heldout": {"spoken_word": 3}}
+    narrow, widened = (generate.build(tmp_path / str(w), 0, counts, 96, wide_voices=w) for w in (False, True))
+    heard = {r["meta"]["voice"] for r in widened["train"]}
+    assert heard <= wide and heard - set(vocab.TRAIN_VOICES)
+    assert widened["heldout"] == narrow["heldout"]
+    assert files(tmp_path / "True" / "media" / "heldout") == files(tmp_path / "False" / "media" / "heldout")
+    generate.check_disjoint(widened["train"], widened["heldout"])
+
+
 def test_written_split_is_disjoint(small):
     out, _ = small
     train, held = (read_jsonl(out / f"{s}.jsonl") for s in ("train", "heldout"))

@@ -70,17 +70,20 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
-def build(out: Path, seed: int, counts: dict[str, dict[str, int]], size: int) -> dict[str, list[dict]]:
-    """counts: split -> kind -> number of items. Returns split -> records (also written)."""
+def build(out: Path, seed: int, counts: dict[str, dict[str, int]], size: int,
+          wide_voices: bool = False) -> dict[str, list[dict]]:
+    """counts: split -> kind -> number of items. Returns split -> records (also written).
+    `wide_voices`: training items speak in vocab.WIDE_TRAIN_VOICES."""
     out.mkdir(parents=True, exist_ok=True)
     kinds = {k for per_kind in counts.values() for k, n in per_kind.items() if n}
     if kinds & {"digit", "spoken_word", "number", "match"}:
-        missing = sounds.missing_voices(vocab.TRAIN_VOICES + vocab.HELDOUT_VOICES) if sounds.has_espeak() else ["espeak-ng"]
+        wanted = vocab.voices("train", wide_voices) + vocab.HELDOUT_VOICES
+        missing = sounds.missing_voices(wanted) if sounds.has_espeak() else ["espeak-ng"]
         if missing:
             raise SystemExit(f"espeak-ng or its voices missing: {missing} (Debian: apt-get install -y espeak-ng)")
     if "word" in kinds and vocab.missing_fonts():
         raise SystemExit(f"fonts missing: {vocab.missing_fonts()} (Debian: apt-get install -y {vocab.FONT_PACKAGES})")
-    records = {split: [items.make(kind, split, i, seed, out, size).record()
+    records = {split: [items.make(kind, split, i, seed, out, size, wide_voices).record()
                        for kind, n in per_kind.items() for i in range(n)]
                for split, per_kind in counts.items()}
     check_disjoint(records.get("train", []), records.get("heldout", []))
@@ -88,7 +91,7 @@ def build(out: Path, seed: int, counts: dict[str, dict[str, int]], size: int) ->
         with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for r in recs:
                 f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
-    manifest = {"seed": seed, "image_size": size, "tools": tool_versions(),
+    manifest = {"seed": seed, "image_size": size, "wide_voices": wide_voices, "tools": tool_versions(),
                 "counts": {s: dict(Counter(r["kind"] for r in recs)) for s, recs in records.items()},
                 "heldout_axes": {"pairs": sorted(map(list, vocab.HELDOUT_PAIRS)), "fonts": list(vocab.HELDOUT_FONTS),
                                  "voices": list(vocab.HELDOUT_VOICES),
@@ -105,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heldout-per-kind", type=int, default=200, help="the issue asks for >= 200 per kind")
     p.add_argument("--kinds", default=",".join(vocab.KINDS), help="comma-separated subset of " + ",".join(vocab.KINDS))
     p.add_argument("--image-size", type=int, default=144, help="pictures are square, this many pixels a side")
+    p.add_argument("--wide-voices", action="store_true",
+                   help="training items speak in more voices (vocab.WIDE_TRAIN_VOICES; the held-out split's unchanged)")
     args = p.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     bad = [k for k in kinds if k not in vocab.KINDS]
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.image_size < 48:
         p.error("--image-size must be at least 48 (one patch)")
     counts = {"train": dict.fromkeys(kinds, args.train_per_kind), "heldout": dict.fromkeys(kinds, args.heldout_per_kind)}
-    recs = build(args.out, args.seed, counts, args.image_size)
+    recs = build(args.out, args.seed, counts, args.image_size, args.wide_voices)
     print(json.dumps({s: len(r) for s, r in recs.items()}))
 
 
