@@ -1,7 +1,7 @@
 """Can the mini's audio embedder and the decoder's first layers learn to hear a spoken digit or word?
 
     python -m bench.mini_audio_probe --model CHECKPOINT --task digit --layers 5 [--steps 400]
-        [--batch-size 16] [--full-lr 1e-3] [--lr 5e-4] [--eval-n 200] [--eval-every 50] [--keep-text EPS]
+        [--batch-size 16] [--full-lr 1e-3] [--lr 5e-4] [--decay] [--eval-n 200] [--eval-every 50] [--keep-text EPS]
         [--wide-voices] [--save DIR]
 
 The audio twin of bench/mini_reader_probe.py. The shipped mini names a held-out spoken digit 23%
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
                       anchor, task=args.task, classes=len(TASKS[args.task]), chance=round(1 / len(TASKS[args.task]), 3))
 
     train(hearer, lambda: batch(rng, np_rng, args.task, "train", args.batch_size, args.wide_voices), opt,
-          lambda: project_(kept, bases), args.steps, args.eval_every, report, anchor)
+          lambda: project_(kept, bases), args.steps, args.eval_every, report, anchor, args.decay)
     if args.save:
         save_run(model, lora, args.model, args.save)
 

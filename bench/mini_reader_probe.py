@@ -171,6 +171,8 @@ def probe_arguments(doc: str, lr: float) -> argparse.ArgumentParser:
     p.add_argument("--full-lr", type=float, default=1e-3, help="the embedder's")
     p.add_argument("--lr", type=float, default=lr, help="the adapter's and the head's")
     p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--decay", action="store_true",
+                   help="every learning rate falls linearly to 0 by the last step (default: constant)")
     p.add_argument("--eval-n", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--save", type=Path, help="write the embedders and adapter here at the end, and under "
@@ -276,11 +278,15 @@ def reporter(name: str, args: argparse.Namespace, bases: dict, probe: nn.Module,
     return report
 
 
-def train(probe: nn.Module, draw, opt, after_step, steps: int, every: int, report, anchor=None) -> None:
+def train(probe: nn.Module, draw, opt, after_step, steps: int, every: int, report, anchor=None,
+          decay: bool = False) -> None:
     """`steps` optimizer steps of `probe` on fresh batches (`draw()` → inputs..., labels), each
     followed by `after_step()` (the keep-text projection); `report(step, mean train loss)` at step
     0 (loss None) and every `every` steps. With `anchor` (bench/mini_keep_text.py `TextAnchor`)
-    each step's loss adds its weight × its text drift (the train loss reported is the task's)."""
+    each step's loss adds its weight × its text drift (the train loss reported is the task's).
+    `decay`: the rates fall linearly to 0 by the last step (a constant rate's last steps are as
+    noisy as its first, and the fresh clips keep the loss noisy too)."""
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda done: 1 - done / steps) if decay else None
     losses = []
     report(0, None)
     for step in range(1, steps + 1):
@@ -289,6 +295,8 @@ def train(probe: nn.Module, draw, opt, after_step, steps: int, every: int, repor
         opt.zero_grad()
         (loss + anchor.weight * anchor.loss() if anchor is not None else loss).backward()
         opt.step()
+        if schedule is not None:
+            schedule.step()
         after_step()
         losses.append(float(loss.detach()))
         if step % every == 0:
@@ -338,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     def draw_batch():
         return batch(rng, ["free" if rng.random() < args.free else "train" for _ in range(args.batch_size)])
 
-    train(reader, draw_batch, opt, lambda: project_(kept, bases), args.steps, args.eval_every, report, anchor)
+    train(reader, draw_batch, opt, lambda: project_(kept, bases), args.steps, args.eval_every, report, anchor,
+          args.decay)
     if args.save:
         save_run(model, lora, args.model, args.save)
 

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
                       anchor, classes=len(WORDS), chance=round(1 / len(WORDS), 3))
 
     train(reader, lambda: batch(rng, "train", args.batch_size), opt, lambda: project_(kept, bases), args.steps,
-          args.eval_every, report, anchor)
+          args.eval_every, report, anchor, args.decay)
     if args.save:
         save_run(model, lora, args.model, args.save)
 

@@ -507,6 +507,22 @@ def test_reader_probes_refuse_bad_arguments_before_loading(tmp_path, capsys, pro
     assert "no config.json" in capsys.readouterr().err
 
 
+def test_probe_training_decays_its_rates_to_zero_only_when_asked():
+    """bench/mini_reader_probe.py `train(..., decay=True)` (the probes' `--decay`): each group's
+    rate falls linearly from its own start to 0 at the last step; without it the rates stay."""
+    from bench.mini_reader_probe import train
+
+    for decay, want in ((True, [[0.075, 0.0075], [0.05, 0.005], [0.025, 0.0025], [0.0, 0.0]]),
+                        (False, [[0.1, 0.01]] * 4)):
+        probe = torch.nn.Linear(3, 2)
+        opt = torch.optim.SGD([{"params": [probe.weight], "lr": 0.1}, {"params": [probe.bias], "lr": 0.01}])
+        rates, reports = [], []
+        train(probe, lambda: (torch.randn(4, 3), torch.tensor([0, 1, 0, 1])), opt,
+              lambda: rates.append([g["lr"] for g in opt.param_groups]), 4, 2,
+              lambda step, loss: reports.append(step), decay=decay)
+        assert rates == [pytest.approx(r) for r in want] and reports == [0, 2, 4]
+
+
 def test_probe_from_layer_trains_only_the_adapter_above_it(tmp_path, capsys):
     """bench/mini_probe.py `--from-layer K`: the embedders are frozen and only the adapter of
     layers K and up gets a gradient (backward stops at layer K); 0 trains the embedders and every
