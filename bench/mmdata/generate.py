@@ -13,6 +13,9 @@ least: a square becomes 384 x 384 px, 64 tokens) whatever its size, so --image-s
 how finely shapes and text are drawn. 144 px is 3 x 3 patches of 48: 9 tokens for a model
 whose processor keeps small pictures as they are (issue 22's mini family may add that budget).
 
+`--wide-voices`: training items speak in vocab.WIDE_TRAIN_VOICES (125 voices instead of 24; the
+held-out split's items are the same bytes either way).
+
 Needs espeak-ng and the fonts of vocab.FONT_PACKAGES (Debian: apt-get install -y espeak-ng
 fonts-dejavu-core fonts-liberation fonts-freefont-ttf). Before writing, the held-out split is
 proven disjoint from training on every held-out axis (`check_disjoint`).
