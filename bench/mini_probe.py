@@ -8,8 +8,8 @@ this asks one question category (bench/mmdata/conversations.py `questions`: colo
 beeps, pitch; or digit, spoken_word: those items' own question) of the items of `--data`, one
 question per item (several categories, comma-separated, are trained together and scored each),
 and trains the embedders in full and LoRA on the decoder as `unigemma finetune --train-full
-media` does (AdamW, constant lr, no warmup). Every `--eval-every` steps it scores `--eval-n`
-held-out items (of each category) by ranking the category's
+media` does (AdamW, no warmup, the lr constant or with `--decay` falling linearly to 0). Every
+`--eval-every` steps it scores `--eval-n` held-out items (of each category) by ranking the category's
 answers by their first token's logit after the question (one forward an item, no generation;
 chance is one over the number of answers), and the whole model's prose perplexity
 (bench/mini_quality.py's). Prints one JSON line per evaluation.
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     import unigemma
     from bench import mini_keep_text as keep_text
     from bench.mini_quality import perplexity
-    from bench.mini_reader_probe import text_anchor
+    from bench.mini_reader_probe import linear_decay, text_anchor
     from bench.quant_quality import prose
     from unigemma.finetune.data import collate, encode_line
     from unigemma.finetune.labels import IGNORE
@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pad-together", action="store_true",
                    help="pad the --mix lines and the category's items as one batch (the plain path; "
                         "by default each is padded to its own longest: the same loss, less padding)")
+    p.add_argument("--decay", action="store_true",
+                   help="every learning rate falls linearly to 0 by the last step (default: constant)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.free_shapes and args.category != ("shape",):
@@ -358,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
                           **({"text_drift": anchor.drift()} if anchor else {}),
                           "seconds": round(time.time() - t0)}), flush=True)
 
+    schedule = linear_decay(opt, args.steps) if args.decay else None
     rng, t0, losses = random.Random(args.seed), time.time(), []
     report(0, losses, t0)
     for step in range(1, args.steps + 1):
@@ -366,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
         opt.zero_grad()
         (total / n + (anchor.weight * anchor.loss() if anchor else 0)).backward()
         opt.step()
+        if schedule is not None:
+            schedule.step()
         if bases:
             keep_text.project_(kept, bases)
         losses.append(float(total.detach()) / n)

@@ -278,6 +278,12 @@ def reporter(name: str, args: argparse.Namespace, bases: dict, probe: nn.Module,
     return report
 
 
+def linear_decay(opt, steps: int):
+    """Every group's rate falling linearly from its own to 0 by step `steps` (call `.step()` after
+    each optimizer step)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda done: 1 - done / steps)
+
+
 def train(probe: nn.Module, draw, opt, after_step, steps: int, every: int, report, anchor=None,
           decay: bool = False) -> None:
     """`steps` optimizer steps of `probe` on fresh batches (`draw()` → inputs..., labels), each
@@ -286,7 +292,7 @@ def train(probe: nn.Module, draw, opt, after_step, steps: int, every: int, repor
     each step's loss adds its weight × its text drift (the train loss reported is the task's).
     `decay`: the rates fall linearly to 0 by the last step (a constant rate's last steps are as
     noisy as its first, and the fresh clips keep the loss noisy too)."""
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda done: 1 - done / steps) if decay else None
+    schedule = linear_decay(opt, steps) if decay else None
     losses = []
     report(0, None)
     for step in range(1, steps + 1):

@@ -507,9 +507,11 @@ def test_reader_probes_refuse_bad_arguments_before_loading(tmp_path, capsys, pro
     assert "no config.json" in capsys.readouterr().err
 
 
-def test_probe_training_decays_its_rates_to_zero_only_when_asked():
+def test_probe_training_decays_its_rates_to_zero_only_when_asked(tmp_path, capsys):
     """bench/mini_reader_probe.py `train(..., decay=True)` (the probes' `--decay`): each group's
-    rate falls linearly from its own start to 0 at the last step; without it the rates stay."""
+    rate falls linearly from its own start to 0 at the last step; without it the rates stay.
+    bench/mini_probe.py takes `--decay` too (its loop steps the same `linear_decay`)."""
+    from bench.mini_probe import main
     from bench.mini_reader_probe import train
 
     for decay, want in ((True, [[0.075, 0.0075], [0.05, 0.005], [0.025, 0.0025], [0.0, 0.0]]),
@@ -521,6 +523,11 @@ def test_probe_training_decays_its_rates_to_zero_only_when_asked():
               lambda: rates.append([g["lr"] for g in opt.param_groups]), 4, 2,
               lambda step, loss: reports.append(step), decay=decay)
         assert rates == [pytest.approx(r) for r in want] and reports == [0, 2, 4]
+
+    with pytest.raises(SystemExit):  # the flag is taken; the missing checkpoint is what is named
+        main(["--model", str(tmp_path / "none"), "--data", str(tmp_path), "--category", "digit", "--decay"])
+    err = capsys.readouterr().err
+    assert "no config.json" in err and "unrecognized" not in err
 
 
 def test_probe_from_layer_trains_only_the_adapter_above_it(tmp_path, capsys):
