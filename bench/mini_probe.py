@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     import unigemma
     from bench import mini_keep_text as keep_text
     from bench.mini_quality import perplexity
-    from bench.mini_reader_probe import linear_decay, text_anchor
+    from bench.mini_reader_probe import add_decay_argument, linear_decay, text_anchor
     from bench.quant_quality import prose
     from unigemma.finetune.data import collate, encode_line
     from unigemma.finetune.labels import IGNORE
@@ -245,8 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pad-together", action="store_true",
                    help="pad the --mix lines and the category's items as one batch (the plain path; "
                         "by default each is padded to its own longest: the same loss, less padding)")
-    p.add_argument("--decay", action="store_true",
-                   help="every learning rate falls linearly to 0 by the last step (default: constant)")
+    add_decay_argument(p)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.free_shapes and args.category != ("shape",):

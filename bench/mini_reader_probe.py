@@ -159,6 +159,12 @@ def save_run(model, lora, model_dir: Path, out: Path) -> Path:
     return start_checkpoint(model_dir, out, out / "checkpoint")
 
 
+def add_decay_argument(p: argparse.ArgumentParser) -> None:
+    """`--decay` (`linear_decay`), for every probe that trains."""
+    p.add_argument("--decay", action="store_true",
+                   help="every learning rate falls linearly to 0 by the last step (default: constant)")
+
+
 def probe_arguments(doc: str, lr: float) -> argparse.ArgumentParser:
     """The options this probe and bench/mini_audio_probe.py share (`lr`: the adapter's and head's default)."""
     from bench.mini_keep_text import add_anchor_arguments, add_argument as add_keep_text
@@ -171,8 +177,7 @@ def probe_arguments(doc: str, lr: float) -> argparse.ArgumentParser:
     p.add_argument("--full-lr", type=float, default=1e-3, help="the embedder's")
     p.add_argument("--lr", type=float, default=lr, help="the adapter's and the head's")
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--decay", action="store_true",
-                   help="every learning rate falls linearly to 0 by the last step (default: constant)")
+    add_decay_argument(p)
     p.add_argument("--eval-n", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--save", type=Path, help="write the embedders and adapter here at the end, and under "
@@ -280,8 +285,8 @@ def reporter(name: str, args: argparse.Namespace, bases: dict, probe: nn.Module,
 
 def linear_decay(opt, steps: int):
     """Every group's rate falling linearly from its own to 0 by step `steps` (call `.step()` after
-    each optimizer step)."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda done: 1 - done / steps)
+    each optimizer step). `steps` 0 (an evaluation-only run) leaves the rates as they are."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda done: 1 - done / max(steps, 1))
 
 
 def train(probe: nn.Module, draw, opt, after_step, steps: int, every: int, report, anchor=None,

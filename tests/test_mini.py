@@ -512,7 +512,7 @@ def test_probe_training_decays_its_rates_to_zero_only_when_asked(tmp_path, capsy
     rate falls linearly from its own start to 0 at the last step; without it the rates stay.
     bench/mini_probe.py takes `--decay` too (its loop steps the same `linear_decay`)."""
     from bench.mini_probe import main
-    from bench.mini_reader_probe import train
+    from bench.mini_reader_probe import linear_decay, train
 
     for decay, want in ((True, [[0.075, 0.0075], [0.05, 0.005], [0.025, 0.0025], [0.0, 0.0]]),
                         (False, [[0.1, 0.01]] * 4)):
@@ -528,6 +528,9 @@ def test_probe_training_decays_its_rates_to_zero_only_when_asked(tmp_path, capsy
         main(["--model", str(tmp_path / "none"), "--data", str(tmp_path), "--category", "digit", "--decay"])
     err = capsys.readouterr().err
     assert "no config.json" in err and "unrecognized" not in err
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    linear_decay(opt, 0)  # mini_probe's `--steps 0 --decay` (evaluate only): no division by zero
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
 
 
 def test_probe_from_layer_trains_only_the_adapter_above_it(tmp_path, capsys):
