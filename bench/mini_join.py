@@ -25,6 +25,10 @@ squared Frobenius norm (the best approximation at that rank, Eckart-Young: relat
 sqrt(1 - kept) <= sqrt(1 - F)); the stages, trained one after another, overlap, so the joined r-96
 modules keep 99% at rank 39 on average. Lossy: the model it makes is measured again before it ships.
 
+`--strength S1,S2,...` merges each stage at its own strength (its s_i B_i A_i times S_i; default 1 each),
+as the Seventh and Eighteenth looks merged a whole run at 0.65 and 0.7: a stage added on top of a joined
+adapter at S - 1 moves that stage's part to S times its trained size (README, Thirty-sixth look).
+
 `--dtype bfloat16` stores the joined factors in bfloat16 (half the bytes: a third stage joined onto
 the shipped r-32 adapter is r 48, over the package's 60 MB in float32); the join is checked in
 float32 first, and the rounding's own largest difference is printed beside it.
@@ -43,9 +47,10 @@ from pathlib import Path
 import torch
 
 
-def stage_parts(config, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """One adapter's (LoraConfig, tensors): module → its part (s B, A), its zero rank columns (B's
-    column or A's row all zero: padding, an untrained layer) left out, and the modules with none
+def stage_parts(config, tensors: dict[str, torch.Tensor],
+                strength: float = 1.0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One adapter's (LoraConfig, tensors): module → its part (strength s B, A), its zero rank columns
+    (B's column or A's row all zero: padding, an untrained layer) left out, and the modules with none
     left; s is the config's own scaling for that module (alpha / r, rsLoRA's, the patterns')."""
     from unigemma.lora.peft import PREFIX
 
@@ -56,7 +61,7 @@ def stage_parts(config, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[tor
         used = b.any(0) & a.any(1)  # a rank column adds B[:, i] A[i] = 0 unless both are nonzero
         if used.any():
             s = config.scaling_for(module.removeprefix(PREFIX), r=a.shape[0])
-            out[module] = (s * b[:, used], a[used])
+            out[module] = (strength * s * b[:, used], a[used])
     return out
 
 
@@ -145,7 +150,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="the stored factors' (the package's size limit; the join is checked in float32)")
     p.add_argument("--embedders-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="the stored embedders' (full_weights.safetensors, copied from the last --adapter)")
+    p.add_argument("--strength", default=None, metavar="S1,S2,...",
+                   help="each --adapter's merge strength, in their order (default: 1 each)")
     args = p.parse_args(argv)
+    try:
+        strengths = [float(x) for x in args.strength.split(",")] if args.strength else [1.0] * len(args.adapter)
+    except ValueError:
+        p.error(f"--strength {args.strength}: numbers, comma-separated")
+    if len(strengths) != len(args.adapter):
+        p.error(f"--strength {args.strength}: {len(strengths)} strengths for {len(args.adapter)} adapters")
     if not (args.adapter[-1] / FULL_FILE).is_file():
         p.error(f"{args.adapter[-1]}: no {FULL_FILE} (the last stage's embedders are shipped)")
     if args.out.resolve() in {a.resolve() for a in args.adapter}:
@@ -156,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     targets = [c.target_modules for c, _ in loaded]
     if any(t != targets[0] for t in targets):
         raise SystemExit(f"the adapters target different modules: {targets}")
-    stages = [stage_parts(c, t) for c, t in loaded]
+    stages = [stage_parts(c, t, k) for (c, t), k in zip(loaded, strengths)]
     tensors = join(stages)
     worst = largest_difference(stages, tensors)
     if worst > 1e-4:
@@ -177,8 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / CONFIG_FILE).write_text(json.dumps(config.to_peft(), indent=2) + "\n")
     embedders = load_file(str(args.adapter[-1] / FULL_FILE))
     save_file(stored(embedders, args.embedders_dtype), str(args.out / FULL_FILE), metadata={"format": "pt"})
-    described = [{"adapter": str(a), "r": c.r, "lora_alpha": c.alpha, "modules": len(parts)}
-                 for a, (c, _), parts in zip(args.adapter, loaded, stages)]
+    described = [{"adapter": str(a), "r": c.r, "lora_alpha": c.alpha, "modules": len(parts),
+                  **({"strength": k} if k != 1 else {})}
+                 for a, (c, _), parts, k in zip(args.adapter, loaded, stages, strengths)]
     first_card = args.adapter[0] / "card.json"
     if first_card.is_file():
         card = {k: v for k, v in json.loads(first_card.read_text()).items() if k != "adapter_scale"}

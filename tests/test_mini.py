@@ -1158,6 +1158,40 @@ def test_join_stacks_staged_adapters_into_one_that_merges_the_same(tmp_path, cap
         assert torch.allclose(got[name], w, atol=1e-5), name
 
 
+def test_join_strength_scales_each_stage(tmp_path, capsys):
+    """bench/mini_join.py --strength: a stage joined twice, at 1 and 0.5, merges as that stage's
+    B A times 1.5 (checked module by module in float32); the strengths are kept in the card's
+    stages; a count that is not one per --adapter, or not numbers, is a usage error naming it."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from bench.mini_join import main
+
+    _, run = _tiny_run(tmp_path)
+    (run / "card.json").write_text('{"trained_steps": 7}')
+    shutil.copytree(run, tmp_path / "twin")
+    main(["--adapter", str(run), "--adapter", str(tmp_path / "twin"), "--strength", "1,0.5",
+          "--out", str(tmp_path / "joined")])
+    capsys.readouterr()
+    cfg = json.loads((run / "adapter_config.json").read_text())
+    s = cfg["lora_alpha"] / cfg["r"]
+    one, joined = (load_file(d / "adapter_model.safetensors") for d in (run, tmp_path / "joined"))
+    for key in (k for k in one if k.endswith(".lora_A.weight")):
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        want = 1.5 * s * one[b_key] @ one[key]
+        assert torch.allclose(joined[b_key] @ joined[key], want, atol=1e-6), key
+    stages = json.loads((tmp_path / "joined" / "card.json").read_text())["stages"]
+    assert "strength" not in stages[0] and stages[1]["strength"] == 0.5
+    for bad in ("1", "1,x"):
+        with pytest.raises(SystemExit) as e:
+            main(["--adapter", str(run), "--adapter", str(tmp_path / "twin"), "--strength", bad,
+                  "--out", str(tmp_path / "bad")])
+        assert e.value.code == 2 and "--strength" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_join_energy_refactors_each_module_by_svd(tmp_path, capsys):
     """bench/mini_join.py --energy F: two stages that are the same adapter join to r 4 of true rank
     2, which F = 1 finds (r 2, merging to the stacked join's weights); F = 0.5 keeps fewer ranks, each
