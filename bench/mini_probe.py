@@ -42,6 +42,15 @@ prose moves only by what the first layers put out on English: `--anchor-text W` 
 start model had it (bench/mini_keep_text.py `TextAnchor`, as on the first-layer probes; the report
 gains `text_drift`).
 
+`--hear W` trains the hearing warm-up's objective in the same stage: bench/mini_audio_probe.py's
+head (`Hearer`: the audio block after the first `--hear-layers` layers, mean and max pooled, a
+throw-away BatchNorm + Linear) names the word said in `--batch-size` fresh clips a step (`--hear-task`,
+in the wide training voices), and W x its cross-entropy joins the answers' loss. A warm-up trained
+alone moves the block the later layers were fitted to, and routing after it won back less than the
+warm-up gained (README, "Thirty-fifth look"); here the later layers follow the block as it moves.
+It trains every layer (no `--from-layer`), `--anchor-text` then holding the first `--hear-layers`
+layers' output on English; the report gains `hear_heldout_accuracy` (fixed clips in unseen voices).
+
 `--train-full SPEC` names the embedders trained (default both; `model.embed_audio` alone leaves
 every picture's tokens as they were), and `--lr 0` trains no adapter: a run of the audio embedder
 alone leaves every text and picture token's computation untouched, so the prose perplexity cannot
@@ -194,6 +203,32 @@ def batch_loss(model, own: list, mixed: list, together: bool = False) -> tuple[t
     return total, n
 
 
+class Hearing:
+    """`--hear`: bench/mini_audio_probe.py's head on the first `--hear-layers` layers, its loss on
+    `--batch-size` fresh training-voice clips a step (the wide pool) and its accuracy on `--eval-n`
+    fixed clips in the held-out voices (the same clips for a seed as the audio probe's)."""
+
+    def __init__(self, model, args: argparse.Namespace):
+        import numpy as np
+
+        from bench.mini_audio_probe import TASKS, Hearer, batch
+
+        self.hearer = Hearer(model, args.hear_layers, len(TASKS[args.hear_task]))
+        self.clips = lambda: batch(self.rng, self.np_rng, args.hear_task, "train", args.batch_size, wide=True)
+        self.rng, self.np_rng = random.Random(f"{args.seed}/hear"), np.random.default_rng([args.seed, 0])
+        self.held = batch(random.Random(f"{args.seed}/eval/heldout"), np.random.default_rng([args.seed, 1]),
+                          args.hear_task, "heldout", args.eval_n)
+
+    def loss(self) -> torch.Tensor:
+        frames, real, labels = self.clips()
+        return torch.nn.functional.cross_entropy(self.hearer(frames, real), labels)
+
+    def accuracy(self) -> float:
+        from bench.mini_reader_probe import probe_accuracy
+
+        return probe_accuracy(self.hearer, self.held)
+
+
 def main(argv: list[str] | None = None) -> None:
     import unigemma
     from bench import mini_keep_text as keep_text
@@ -242,6 +277,11 @@ def main(argv: list[str] | None = None) -> None:
                         "learn from the answer's loss through the later layers as they are")
     keep_text.add_argument(p)
     keep_text.add_anchor_arguments(p)
+    p.add_argument("--hear", type=float, default=0.0, metavar="W",
+                   help="add W x the hearing head's loss on fresh clips (bench/mini_audio_probe.py) to each step's")
+    p.add_argument("--hear-layers", type=int, default=5, help="with --hear: the layers the head reads after")
+    p.add_argument("--hear-task", choices=("word", "digit", "both", "beeps"), default="word",
+                   help="with --hear: what the head names")
     p.add_argument("--pad-together", action="store_true",
                    help="pad the --mix lines and the category's items as one batch (the plain path; "
                         "by default each is padded to its own longest: the same loss, less padding)")
@@ -268,8 +308,14 @@ def main(argv: list[str] | None = None) -> None:
                 "without --from-layer")
     if args.anchor_text < 0 or args.anchor_rows < 1:
         p.error(f"--anchor-text {args.anchor_text} / --anchor-rows {args.anchor_rows}: must be >= 0 / >= 1")
-    if args.anchor_text and (args.to_layer is None or args.lr == 0):
-        p.error("--anchor-text holds the first layers' output on English: it needs --to-layer K and an adapter")
+    if args.hear < 0 or (args.hear and (args.from_layer or args.to_layer is not None or args.lr == 0)):
+        p.error(f"--hear {args.hear}: a weight >= 0, training every layer's adapter (no --from-layer / --to-layer, "
+                "--lr above 0)")
+    if args.hear and not (isinstance(n_layers, int) and 0 < args.hear_layers < n_layers):
+        p.error(f"--hear-layers {args.hear_layers}: must be above 0 and below the {n_layers} decoder layers")
+    if args.anchor_text and ((args.to_layer is None and not args.hear) or args.lr == 0):
+        p.error("--anchor-text holds the first layers' output on English: it needs --to-layer K "
+                "and an adapter, or --hear")
     if args.lr < 0 or args.full_lr < 0:
         p.error(f"--lr {args.lr} / --full-lr {args.full_lr}: must be >= 0")
     if args.lr == 0 and args.from_layer:
@@ -291,9 +337,13 @@ def main(argv: list[str] | None = None) -> None:
         trained = {id(q) for q in adapter}
         kept = {n: m for n, m in lora_modules(model).items() if id(m.lora_A["default"].weight) in trained}
         bases = keep_text.keep_off_text(model, kept, tok, len(model.text.layers), args.keep_text)
-    anchor = text_anchor(args, model, tok, args.to_layer)  # before any step: the adapter is still zero
-    opt = torch.optim.AdamW([g for g in ({"params": embedders, "lr": args.full_lr}, {"params": adapter, "lr": args.lr})
-                             if g["params"]], weight_decay=0.0)
+    # before any step: the adapter is still zero
+    anchor = text_anchor(args, model, tok, args.hear_layers if args.hear else args.to_layer)
+    hearing = Hearing(model, args) if args.hear else None
+    head = list(hearing.hearer.head.parameters()) if hearing else []
+    opt = torch.optim.AdamW([g for g in ({"params": embedders, "lr": args.full_lr},
+                                         {"params": adapter + head, "lr": args.lr}) if g["params"]],
+                            weight_decay=0.0)
     train = [r for c in args.category
              for r in one_question(args.data / "train.jsonl", c, args.single, args.own_question)]
     held = []
@@ -357,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
                           **({"free_accuracy": round(accuracy(free_held), 3)} if free_held else {}),
                           "prose_perplexity": round(perplexity(model, prose_ids), 3),
                           **({"text_drift": anchor.drift()} if anchor else {}),
+                          **({"hear_heldout_accuracy": round(hearing.accuracy(), 3)} if hearing else {}),
                           "seconds": round(time.time() - t0)}), flush=True)
 
     schedule = linear_decay(opt, args.steps) if args.decay else None
@@ -366,7 +417,8 @@ def main(argv: list[str] | None = None) -> None:
         total, n = batch_loss(model, [encode(r) for r in rng.sample(train, args.batch_size - n_mix)],
                               [encode(r, args.mix.parent) for r in rng.sample(mix, n_mix)], args.pad_together)
         opt.zero_grad()
-        (total / n + (anchor.weight * anchor.loss() if anchor else 0)).backward()
+        loss = total / n + (anchor.weight * anchor.loss() if anchor else 0)
+        (loss + (args.hear * hearing.loss() if hearing else 0)).backward()
         opt.step()
         if schedule is not None:
             schedule.step()

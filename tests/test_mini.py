@@ -850,6 +850,65 @@ def test_probe_to_layer_trains_only_the_first_layers_and_anchors_their_text(tmp_
         assert says in capsys.readouterr().err
 
 
+def test_probe_hear_adds_the_hearing_heads_loss(tmp_path, capsys, monkeypatch):
+    """bench/mini_probe.py `--hear W` (`Hearing`): the audio probe's head on the first
+    `--hear-layers` layers, its loss on fresh clips in the wide training voices (the head and
+    those layers' adapter get a gradient, the later layers' none), its accuracy on fixed
+    held-out-voice clips (the same each time: no training between); `--hear` beside
+    `--from-layer`, `--to-layer` or `--lr 0`, a layer count the checkpoint lacks, or a negative
+    weight is an argument error naming it, and `--anchor-text` is taken with it."""
+    import argparse
+    import json
+
+    import numpy as np
+
+    from bench.mini_probe import Hearing, main
+    from bench.mmdata import sounds
+    from bench.mmdata.vocab import HELDOUT_VOICES, WIDE_TRAIN_VOICES
+    from unigemma.finetune.run import prepare
+    from unigemma.lora import LoraConfig
+
+    said = []
+
+    def speak(text, voice, wpm, pitch):  # no espeak-ng needed: a clip whose length depends on the text
+        said.append(voice)
+        return np.random.default_rng(len(said)).standard_normal(640 * (2 + len(text))).astype(np.float32) * 0.1
+
+    monkeypatch.setattr(sounds, "speak", speak)
+    model = mini.UnigemmaMini(ModelConfig.from_dict(mini.tiny_config()))
+    randomize_reference(model, seed=4)
+    prepare(model, LoraConfig(r=2, alpha=4))
+    args = argparse.Namespace(hear_layers=2, hear_task="word", batch_size=4, seed=0, eval_n=5)
+    hearing = Hearing(model, args)
+    assert len(said) == 5 and all(v in HELDOUT_VOICES for v in said)
+    said.clear()
+    first = hearing.accuracy()
+    assert 0 <= first <= 1 and hearing.accuracy() == first and not said
+    loss = hearing.loss()
+    assert len(said) == 4 and all(v in WIDE_TRAIN_VOICES for v in said) and torch.isfinite(loss)
+    assert any(v not in HELDOUT_VOICES for v in said)
+    loss.backward()
+    assert all(q.grad is not None for q in hearing.hearer.head.parameters())
+    grads = {n_: q.grad for n_, q in model.named_parameters() if "lora_B" in n_}
+    below = [n_ for n_ in grads if ".layers.0." in n_ or ".layers.1." in n_]
+    assert below and all(grads[n_] is not None for n_ in below)
+    assert all(g is None for n_, g in grads.items() if n_ not in below)
+
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 7}}))
+    base = ["--model", str(tmp_path), "--data", str(tmp_path), "--category", "spoken_word"]
+    for argv, says in ((["--hear", "1", "--from-layer", "5"], "--hear 1.0"),
+                       (["--hear", "1", "--to-layer", "3"], "no --from-layer / --to-layer"),
+                       (["--hear", "1", "--lr", "0"], "--lr above 0"), (["--hear", "-1"], "--hear -1.0"),
+                       (["--hear", "1", "--hear-layers", "7"], "--hear-layers 7"),
+                       (["--anchor-text", "10"], "needs --to-layer K and an adapter, or --hear")):
+        with pytest.raises(SystemExit):
+            main(base + argv)
+        assert says in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # taken together: what is named is the missing data
+        main(base + ["--hear", "1", "--anchor-text", "10", "--model", str(tmp_path / "none")])
+    assert "no config.json" in capsys.readouterr().err
+
+
 def test_probe_mix_arguments_are_checked_before_loading(tmp_path, capsys):
     """bench/mini_probe.py: a `--mix` file that is not there, a `--mix-share` outside (0, 1), a
     bad `--mix-drop` or a `--keep-text` outside [0, 1) is an argument error naming it, before any
