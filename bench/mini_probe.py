@@ -214,13 +214,13 @@ class Hearing:
         from bench.mini_audio_probe import TASKS, Hearer, batch
 
         self.hearer = Hearer(model, args.hear_layers, len(TASKS[args.hear_task]))
-        self.clips = lambda: batch(self.rng, self.np_rng, args.hear_task, "train", args.batch_size, wide=True)
+        self.batch, self.task, self.n = batch, args.hear_task, args.batch_size
         self.rng, self.np_rng = random.Random(f"{args.seed}/hear"), np.random.default_rng([args.seed, 0])
         self.held = batch(random.Random(f"{args.seed}/eval/heldout"), np.random.default_rng([args.seed, 1]),
                           args.hear_task, "heldout", args.eval_n)
 
     def loss(self) -> torch.Tensor:
-        frames, real, labels = self.clips()
+        frames, real, labels = self.batch(self.rng, self.np_rng, self.task, "train", self.n, wide=True)
         return torch.nn.functional.cross_entropy(self.hearer(frames, real), labels)
 
     def accuracy(self) -> float:
