@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--from-layer", type=int, default=0, metavar="K",
                    help="train only the adapter on layers K and up (K > 0 freezes the embedders too)")
     p.add_argument("--save", type=Path, default=None, metavar="DIR",
-                   help="write the adapter, the embedders and DIR/checkpoint (both folded in) at the end")
+                   help="write the adapter, the embedders and DIR/checkpoint (both folded in) at the end; the "
+                        "adapter and embedders also at each evaluation, so a run stopped early keeps its last")
     p.add_argument("--mix", type=Path, default=None, metavar="FILE",
                    help="trainer-format lines mixed into every batch (media relative to FILE's folder)")
     p.add_argument("--mix-share", type=float, default=0.5, help="the share of each batch from --mix")
@@ -428,6 +429,10 @@ def main(argv: list[str] | None = None) -> None:
         if step % args.eval_every == 0:
             model.eval()
             report(step, losses[-args.eval_every:], t0)
+            if args.save and step < args.steps:  # a long stage stopped for time keeps what it reached
+                from bench.mini_reader_probe import save_stage
+
+                save_stage(model, lora, args.save)
             model.train()
     if args.save:
         from bench.mini_reader_probe import save_run
