@@ -909,6 +909,47 @@ def test_probe_hear_adds_the_hearing_heads_loss(tmp_path, capsys, monkeypatch):
     assert "no config.json" in capsys.readouterr().err
 
 
+def test_probe_saves_its_stage_at_each_evaluation(tokenizers, tmp_path, monkeypatch, capsys):
+    """bench/mini_probe.py `--save DIR`: the adapter and embedders are written at each evaluation
+    before the last step (a long stage stopped for time keeps the state it was last measured at),
+    and the whole run, DIR/checkpoint included, at the end."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    import bench.mini_reader_probe as reader_probe
+    from bench.mini_probe import main
+
+    loadable_tiny_mini(tokenizers[0], tmp_path / "ck")
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 4), ("heldout", 2)):
+        rows = []
+        for i in range(n):
+            name = f"{split}-{i}.wav"
+            sf.write(data / name, 0.1 * np.sin(np.arange(3200) / 16000 * 2 * np.pi * 200 * (i + 1)), 16000)
+            rows.append({"kind": "digit", "answer": str(i), "meta": {}, "messages": [
+                {"role": "user", "content": [{"type": "audio", "audio": name},
+                                             {"type": "text", "text": "Which digit is spoken?"}]},
+                {"role": "assistant", "content": str(i)}]})
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    saved, save_stage = [], reader_probe.save_stage
+
+    def recording(model, lora, out, dtype=None):
+        saved.append((out, len(capsys.readouterr().out.splitlines())))  # the reports printed since the last
+        save_stage(model, lora, out, dtype)
+
+    monkeypatch.setattr(reader_probe, "save_stage", recording)
+    out = tmp_path / "stage"
+    main(["--model", str(tmp_path / "ck"), "--data", str(data), "--category", "digit", "--own-question",
+          "--steps", "4", "--eval-every", "2", "--eval-n", "2", "--batch-size", "2", "--lora-r", "2",
+          "--save", str(out)])
+    # step 2's evaluation (after the reports of steps 0 and 2), then the end (after step 4's)
+    assert saved == [(out, 2), (out, 1)]
+    assert (out / "adapter_config.json").is_file() and (out / "checkpoint" / "config.json").is_file()
+
+
 def test_probe_mix_arguments_are_checked_before_loading(tmp_path, capsys):
     """bench/mini_probe.py: a `--mix` file that is not there, a `--mix-share` outside (0, 1), a
     bad `--mix-drop` or a `--keep-text` outside [0, 1) is an argument error naming it, before any
