@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     import unigemma
     from bench import mini_keep_text as keep_text
     from bench.mini_quality import perplexity
-    from bench.mini_reader_probe import add_decay_argument, linear_decay, text_anchor
+    from bench.mini_reader_probe import add_decay_argument, linear_decay, save_run, save_stage, text_anchor
     from bench.quant_quality import prose
     from unigemma.finetune.data import collate, encode_line
     from unigemma.finetune.labels import IGNORE
@@ -418,8 +418,8 @@ def main(argv: list[str] | None = None) -> None:
         total, n = batch_loss(model, [encode(r) for r in rng.sample(train, args.batch_size - n_mix)],
                               [encode(r, args.mix.parent) for r in rng.sample(mix, n_mix)], args.pad_together)
         opt.zero_grad()
-        loss = total / n + (anchor.weight * anchor.loss() if anchor else 0)
-        (loss + (args.hear * hearing.loss() if hearing else 0)).backward()
+        (total / n + (anchor.weight * anchor.loss() if anchor else 0)
+         + (args.hear * hearing.loss() if hearing else 0)).backward()
         opt.step()
         if schedule is not None:
             schedule.step()
@@ -430,13 +430,9 @@ def main(argv: list[str] | None = None) -> None:
             model.eval()
             report(step, losses[-args.eval_every:], t0)
             if args.save and step < args.steps:  # a long stage stopped for time keeps what it reached
-                from bench.mini_reader_probe import save_stage
-
                 save_stage(model, lora, args.save)
             model.train()
     if args.save:
-        from bench.mini_reader_probe import save_run
-
         save_run(model, lora, args.model, args.save)
 
 
