@@ -43,13 +43,17 @@ start model had it (bench/mini_keep_text.py `TextAnchor`, as on the first-layer 
 gains `text_drift`).
 
 `--hear W` trains the hearing warm-up's objective in the same stage: bench/mini_audio_probe.py's
-head (`Hearer`: the audio block after the first `--hear-layers` layers, mean and max pooled, a
+head (`Hearer`: the audio block after the first `--head-layers` layers, mean and max pooled, a
 throw-away BatchNorm + Linear) names the word said in `--batch-size` fresh clips a step (`--hear-task`,
 in the wide training voices), and W x its cross-entropy joins the answers' loss. A warm-up trained
 alone moves the block the later layers were fitted to, and routing after it won back less than the
 warm-up gained (README, "Thirty-fifth look"); here the later layers follow the block as it moves.
-It trains every layer (no `--from-layer`), `--anchor-text` then holding the first `--hear-layers`
+It trains every layer (no `--from-layer`), `--anchor-text` then holding the first `--head-layers`
 layers' output on English; the report gains `hear_heldout_accuracy` (fixed clips in unseen voices).
+`--see W` is the same for pictures: bench/mini_reader_probe.py's head (`Reader`) names the shape in
+fresh one-shape pictures (half unnamed fills, half training pairs), scored on held-out colour x shape
+pairs (`see_heldout_accuracy`): the shape reader, trained alone, cost the colour and count answers the
+later layers had learned on the old tokens (README, "Twenty-third look"); here they train beside it.
 
 `--train-full SPEC` names the embedders trained (default both; `model.embed_audio` alone leaves
 every picture's tokens as they were), and `--lr 0` trains no adapter: a run of the audio embedder
@@ -203,30 +207,50 @@ def batch_loss(model, own: list, mixed: list, together: bool = False) -> tuple[t
     return total, n
 
 
-class Hearing:
-    """`--hear`: bench/mini_audio_probe.py's head on the first `--hear-layers` layers, its loss on
-    `--batch-size` fresh training-voice clips a step (the wide pool) and its accuracy on `--eval-n`
-    fixed clips in the held-out voices (the same clips for a seed as the audio probe's)."""
+class Head:
+    """A throw-away head's side task (`--hear`, `--see`): `probe` (a module whose `.head` is its own)
+    trained on fresh inputs each step (`draw()` → inputs..., labels) and scored on fixed held-out
+    ones (`held`), the same each time for a seed."""
 
-    def __init__(self, model, args: argparse.Namespace):
-        import numpy as np
-
-        from bench.mini_audio_probe import TASKS, Hearer, batch
-
-        self.hearer = Hearer(model, args.hear_layers, len(TASKS[args.hear_task]))
-        self.batch, self.task, self.n = batch, args.hear_task, args.batch_size
-        self.rng, self.np_rng = random.Random(f"{args.seed}/hear"), np.random.default_rng([args.seed, 0])
-        self.held = batch(random.Random(f"{args.seed}/eval/heldout"), np.random.default_rng([args.seed, 1]),
-                          args.hear_task, "heldout", args.eval_n)
+    def __init__(self, probe, draw, held: tuple):
+        self.probe, self.draw, self.held = probe, draw, held
 
     def loss(self) -> torch.Tensor:
-        frames, real, labels = self.batch(self.rng, self.np_rng, self.task, "train", self.n, wide=True)
-        return torch.nn.functional.cross_entropy(self.hearer(frames, real), labels)
+        *inputs, labels = self.draw()
+        return torch.nn.functional.cross_entropy(self.probe(*inputs), labels)
 
     def accuracy(self) -> float:
         from bench.mini_reader_probe import probe_accuracy
 
-        return probe_accuracy(self.hearer, self.held)
+        return probe_accuracy(self.probe, self.held)
+
+
+def hearing(model, args: argparse.Namespace) -> Head:
+    """`--hear`: bench/mini_audio_probe.py's head on the first `--head-layers` layers, its loss on
+    `--batch-size` fresh training-voice clips a step (the wide pool) and its accuracy on `--eval-n`
+    fixed clips in the held-out voices (the same clips for a seed as the audio probe's)."""
+    import numpy as np
+
+    from bench.mini_audio_probe import TASKS, Hearer, batch
+
+    rng, np_rng = random.Random(f"{args.seed}/hear"), np.random.default_rng([args.seed, 0])
+    held = batch(random.Random(f"{args.seed}/eval/heldout"), np.random.default_rng([args.seed, 1]),
+                 args.hear_task, "heldout", args.eval_n)
+    return Head(Hearer(model, args.head_layers, len(TASKS[args.hear_task])),
+                lambda: batch(rng, np_rng, args.hear_task, "train", args.batch_size, wide=True), held)
+
+
+def seeing(model, args: argparse.Namespace) -> Head:
+    """`--see`: bench/mini_reader_probe.py's head on the first `--head-layers` layers naming the
+    shape of `--batch-size` fresh one-shape pictures a step (half in unnamed random fills, half in
+    training colour x shape pairs, as the reader probe draws them), scored on `--eval-n` fixed
+    pictures of held-out pairs (colour cannot stand in for shape there)."""
+    from bench.mini_reader_probe import Reader, batch
+
+    rng = random.Random(f"{args.seed}/see")
+    held = batch(random.Random(f"{args.seed}/eval/heldout"), ["heldout"] * args.eval_n)
+    return Head(Reader(model, args.head_layers),
+                lambda: batch(rng, [rng.choice(("free", "train")) for _ in range(args.batch_size)]), held)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -280,7 +304,10 @@ def main(argv: list[str] | None = None) -> None:
     keep_text.add_anchor_arguments(p)
     p.add_argument("--hear", type=float, default=0.0, metavar="W",
                    help="add W x the hearing head's loss on fresh clips (bench/mini_audio_probe.py) to each step's")
-    p.add_argument("--hear-layers", type=int, default=5, help="with --hear: the layers the head reads after")
+    p.add_argument("--see", type=float, default=0.0, metavar="W",
+                   help="add W x the shape-reading head's loss on fresh pictures (bench/mini_reader_probe.py)")
+    p.add_argument("--head-layers", "--hear-layers", type=int, default=5, dest="head_layers",
+                   help="with --hear or --see: the layers the head reads after")
     p.add_argument("--hear-task", choices=("word", "digit", "both", "beeps"), default="word",
                    help="with --hear: what the head names")
     p.add_argument("--pad-together", action="store_true",
@@ -309,14 +336,18 @@ def main(argv: list[str] | None = None) -> None:
                 "without --from-layer")
     if args.anchor_text < 0 or args.anchor_rows < 1:
         p.error(f"--anchor-text {args.anchor_text} / --anchor-rows {args.anchor_rows}: must be >= 0 / >= 1")
-    if args.hear < 0 or (args.hear and (args.from_layer or args.to_layer is not None or args.lr == 0)):
-        p.error(f"--hear {args.hear}: a weight >= 0, training every layer's adapter (no --from-layer / --to-layer, "
-                "--lr above 0)")
-    if args.hear and not (isinstance(n_layers, int) and 0 < args.hear_layers < n_layers):
-        p.error(f"--hear-layers {args.hear_layers}: must be above 0 and below the {n_layers} decoder layers")
-    if args.anchor_text and ((args.to_layer is None and not args.hear) or args.lr == 0):
+    for name, w in (("--hear", args.hear), ("--see", args.see)):
+        if w < 0 or (w and (args.from_layer or args.to_layer is not None or args.lr == 0)):
+            p.error(f"{name} {w}: a weight >= 0, training every layer's adapter (no --from-layer / --to-layer, "
+                    "--lr above 0)")
+    if args.hear and args.see:
+        p.error("--hear and --see: one head a stage")
+    head_task = args.hear or args.see
+    if head_task and not (isinstance(n_layers, int) and 0 < args.head_layers < n_layers):
+        p.error(f"--head-layers {args.head_layers}: must be above 0 and below the {n_layers} decoder layers")
+    if args.anchor_text and ((args.to_layer is None and not head_task) or args.lr == 0):
         p.error("--anchor-text holds the first layers' output on English: it needs --to-layer K "
-                "and an adapter, or --hear")
+                "and an adapter, or --hear / --see")
     if args.lr < 0 or args.full_lr < 0:
         p.error(f"--lr {args.lr} / --full-lr {args.full_lr}: must be >= 0")
     if args.lr == 0 and args.from_layer:
@@ -339,9 +370,10 @@ def main(argv: list[str] | None = None) -> None:
         kept = {n: m for n, m in lora_modules(model).items() if id(m.lora_A["default"].weight) in trained}
         bases = keep_text.keep_off_text(model, kept, tok, len(model.text.layers), args.keep_text)
     # before any step: the adapter is still zero
-    anchor = text_anchor(args, model, tok, args.hear_layers if args.hear else args.to_layer)
-    hearing = Hearing(model, args) if args.hear else None
-    head = list(hearing.hearer.head.parameters()) if hearing else []
+    anchor = text_anchor(args, model, tok, args.head_layers if head_task else args.to_layer)
+    side, weight = ((hearing(model, args), args.hear) if args.hear else (seeing(model, args), args.see) if args.see
+                    else (None, 0.0))
+    head = list(side.probe.head.parameters()) if side else []
     opt = torch.optim.AdamW([g for g in ({"params": embedders, "lr": args.full_lr},
                                          {"params": adapter + head, "lr": args.lr}) if g["params"]],
                             weight_decay=0.0)
@@ -408,7 +440,8 @@ def main(argv: list[str] | None = None) -> None:
                           **({"free_accuracy": round(accuracy(free_held), 3)} if free_held else {}),
                           "prose_perplexity": round(perplexity(model, prose_ids), 3),
                           **({"text_drift": anchor.drift()} if anchor else {}),
-                          **({"hear_heldout_accuracy": round(hearing.accuracy(), 3)} if hearing else {}),
+                          **({f"{'hear' if args.hear else 'see'}_heldout_accuracy": side.accuracy()}
+                             if side else {}),
                           "seconds": round(time.time() - t0)}), flush=True)
 
     schedule = linear_decay(opt, args.steps) if args.decay else None
@@ -419,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
                               [encode(r, args.mix.parent) for r in rng.sample(mix, n_mix)], args.pad_together)
         opt.zero_grad()
         (total / n + (anchor.weight * anchor.loss() if anchor else 0)
-         + (args.hear * hearing.loss() if hearing else 0)).backward()
+         + (weight * side.loss() if side else 0)).backward()
         opt.step()
         if schedule is not None:
             schedule.step()

@@ -851,8 +851,8 @@ def test_probe_to_layer_trains_only_the_first_layers_and_anchors_their_text(tmp_
 
 
 def test_probe_hear_adds_the_hearing_heads_loss(tmp_path, capsys, monkeypatch):
-    """bench/mini_probe.py `--hear W` (`Hearing`): the audio probe's head on the first
-    `--hear-layers` layers, its loss on fresh clips in the wide training voices (the head and
+    """bench/mini_probe.py `--hear W` (`hearing`): the audio probe's head on the first
+    `--head-layers` layers, its loss on fresh clips in the wide training voices (the head and
     those layers' adapter get a gradient, the later layers' none), its accuracy on fixed
     held-out-voice clips (the same each time: no training between); `--hear` beside
     `--from-layer`, `--to-layer` or `--lr 0`, a layer count the checkpoint lacks, or a negative
@@ -862,7 +862,8 @@ def test_probe_hear_adds_the_hearing_heads_loss(tmp_path, capsys, monkeypatch):
 
     import numpy as np
 
-    from bench.mini_probe import Hearing, main
+    from bench.mini_probe import hearing as make_hearing
+    from bench.mini_probe import main
     from bench.mmdata import sounds
     from bench.mmdata.vocab import HELDOUT_VOICES, WIDE_TRAIN_VOICES
     from unigemma.finetune.run import prepare
@@ -878,8 +879,8 @@ def test_probe_hear_adds_the_hearing_heads_loss(tmp_path, capsys, monkeypatch):
     model = mini.UnigemmaMini(ModelConfig.from_dict(mini.tiny_config()))
     randomize_reference(model, seed=4)
     prepare(model, LoraConfig(r=2, alpha=4))
-    args = argparse.Namespace(hear_layers=2, hear_task="word", batch_size=4, seed=0, eval_n=5)
-    hearing = Hearing(model, args)
+    args = argparse.Namespace(head_layers=2, hear_task="word", batch_size=4, seed=0, eval_n=5)
+    hearing = make_hearing(model, args)
     assert len(said) == 5 and all(v in HELDOUT_VOICES for v in said)
     said.clear()
     first = hearing.accuracy()
@@ -888,7 +889,7 @@ def test_probe_hear_adds_the_hearing_heads_loss(tmp_path, capsys, monkeypatch):
     assert len(said) == 4 and all(v in WIDE_TRAIN_VOICES for v in said) and torch.isfinite(loss)
     assert any(v not in HELDOUT_VOICES for v in said)
     loss.backward()
-    assert all(q.grad is not None for q in hearing.hearer.head.parameters())
+    assert all(q.grad is not None for q in hearing.probe.head.parameters())
     grads = {n_: q.grad for n_, q in model.named_parameters() if "lora_B" in n_}
     below = [n_ for n_ in grads if ".layers.0." in n_ or ".layers.1." in n_]
     assert below and all(grads[n_] is not None for n_ in below)
@@ -899,14 +900,60 @@ def test_probe_hear_adds_the_hearing_heads_loss(tmp_path, capsys, monkeypatch):
     for argv, says in ((["--hear", "1", "--from-layer", "5"], "--hear 1.0"),
                        (["--hear", "1", "--to-layer", "3"], "no --from-layer / --to-layer"),
                        (["--hear", "1", "--lr", "0"], "--lr above 0"), (["--hear", "-1"], "--hear -1.0"),
-                       (["--hear", "1", "--hear-layers", "7"], "--hear-layers 7"),
-                       (["--anchor-text", "10"], "needs --to-layer K and an adapter, or --hear")):
+                       (["--hear", "1", "--hear-layers", "7"], "--head-layers 7"),
+                       (["--see", "1", "--from-layer", "5"], "--see 1.0"), (["--see", "-1"], "--see -1.0"),
+                       (["--see", "1", "--hear", "1"], "one head a stage"),
+                       (["--see", "1", "--head-layers", "0"], "--head-layers 0"),
+                       (["--anchor-text", "10"], "needs --to-layer K and an adapter, or --hear / --see")):
         with pytest.raises(SystemExit):
             main(base + argv)
         assert says in capsys.readouterr().err
     with pytest.raises(SystemExit):  # taken together: what is named is the missing data
         main(base + ["--hear", "1", "--anchor-text", "10", "--model", str(tmp_path / "none")])
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_probe_see_adds_the_shape_readers_loss(monkeypatch):
+    """bench/mini_probe.py `--see W` (`seeing`): the reader probe's head on the first
+    `--head-layers` layers, its loss on fresh one-shape pictures of training pairs and unnamed fills
+    (never a held-out pair; the head and those layers' adapter get a gradient, the later layers'
+    none), its accuracy on fixed pictures of held-out pairs (the same each time)."""
+    import argparse
+
+    from bench import mini_reader_probe
+    from bench.mini_probe import seeing
+    from bench.mmdata.vocab import SHAPES
+    from unigemma.finetune.run import prepare
+    from unigemma.lora import LoraConfig
+
+    drawn = []
+    real_draw = mini_reader_probe.draw
+
+    def draw(rng, split):
+        drawn.append(split)
+        return real_draw(rng, split)
+
+    monkeypatch.setattr(mini_reader_probe, "draw", draw)
+    model = mini.UnigemmaMini(ModelConfig.from_dict(mini.tiny_config()))
+    randomize_reference(model, seed=5)
+    model.config.text.sliding_window = 80  # the probe's block is 64 tokens; the tiny window is 5
+    prepare(model, LoraConfig(r=2, alpha=4))
+    args = argparse.Namespace(head_layers=2, batch_size=6, seed=0, eval_n=5)
+    side = seeing(model, args)
+    *_, held = side.held
+    assert drawn == ["heldout"] * 5 and held.shape == (5,)
+    drawn.clear()
+    first = side.accuracy()
+    assert 0 <= first <= 1 and side.accuracy() == first and not drawn
+    loss = side.loss()
+    assert len(drawn) == 6 and set(drawn) <= {"train", "free"} and torch.isfinite(loss)
+    loss.backward()
+    assert all(q.grad is not None for q in side.probe.head.parameters())
+    grads = {n_: q.grad for n_, q in model.named_parameters() if "lora_B" in n_}
+    below = [n_ for n_ in grads if ".layers.0." in n_ or ".layers.1." in n_]
+    assert below and all(grads[n_] is not None for n_ in below)
+    assert all(g is None for n_, g in grads.items() if n_ not in below)
+    assert side.probe(*side.held[:2]).shape == (5, len(SHAPES))
 
 
 def test_probe_saves_its_stage_at_each_evaluation(tokenizers, tmp_path, monkeypatch, capsys):
