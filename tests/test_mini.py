@@ -850,6 +850,14 @@ def test_probe_to_layer_trains_only_the_first_layers_and_anchors_their_text(tmp_
         assert says in capsys.readouterr().err
 
 
+def assert_only_first_two_layers_adapted(model):
+    """After a side head's backward: layers 0 and 1's adapter got a gradient, no later layer's."""
+    grads = {n_: q.grad for n_, q in model.named_parameters() if "lora_B" in n_}
+    below = [n_ for n_ in grads if ".layers.0." in n_ or ".layers.1." in n_]
+    assert below and all(grads[n_] is not None for n_ in below)
+    assert all(g is None for n_, g in grads.items() if n_ not in below)
+
+
 def test_probe_hear_adds_the_hearing_heads_loss(tmp_path, capsys, monkeypatch):
     """bench/mini_probe.py `--hear W` (`hearing`): the audio probe's head on the first
     `--head-layers` layers, its loss on fresh clips in the wide training voices (the head and
@@ -890,10 +898,7 @@ def test_probe_hear_adds_the_hearing_heads_loss(tmp_path, capsys, monkeypatch):
     assert any(v not in HELDOUT_VOICES for v in said)
     loss.backward()
     assert all(q.grad is not None for q in hearing.probe.head.parameters())
-    grads = {n_: q.grad for n_, q in model.named_parameters() if "lora_B" in n_}
-    below = [n_ for n_ in grads if ".layers.0." in n_ or ".layers.1." in n_]
-    assert below and all(grads[n_] is not None for n_ in below)
-    assert all(g is None for n_, g in grads.items() if n_ not in below)
+    assert_only_first_two_layers_adapted(model)
 
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 7}}))
     base = ["--model", str(tmp_path), "--data", str(tmp_path), "--category", "spoken_word"]
@@ -949,10 +954,7 @@ def test_probe_see_adds_the_shape_readers_loss(monkeypatch):
     assert len(drawn) == 6 and set(drawn) <= {"train", "free"} and torch.isfinite(loss)
     loss.backward()
     assert all(q.grad is not None for q in side.probe.head.parameters())
-    grads = {n_: q.grad for n_, q in model.named_parameters() if "lora_B" in n_}
-    below = [n_ for n_ in grads if ".layers.0." in n_ or ".layers.1." in n_]
-    assert below and all(grads[n_] is not None for n_ in below)
-    assert all(g is None for n_, g in grads.items() if n_ not in below)
+    assert_only_first_two_layers_adapted(model)
     assert side.probe(*side.held[:2]).shape == (5, len(SHAPES))
 
 
