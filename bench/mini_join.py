@@ -29,6 +29,10 @@ modules keep 99% at rank 39 on average. Lossy: the model it makes is measured ag
 as the Seventh and Eighteenth looks merged a whole run at 0.65 and 0.7: a stage added on top of a joined
 adapter at S - 1 moves that stage's part to S times its trained size (README, Thirty-sixth look).
 
+`--layers L1,L2,...` keeps each stage's decoder layers `all` or `LO-HI` only: the shipped adapter's first
+five layers without its later ones (`--layers 0-4`), a model whose later layers never learned the
+recipe's named-colour -> shape prior (README, Fortieth look).
+
 `--dtype bfloat16` stores the joined factors in bfloat16 (half the bytes: a third stage joined onto
 the shipped r-32 adapter is r 48, over the package's 60 MB in float32); the join is checked in
 float32 first, and the rounding's own largest difference is printed beside it.
@@ -47,21 +51,49 @@ from pathlib import Path
 import torch
 
 
-def stage_parts(config, tensors: dict[str, torch.Tensor],
-                strength: float = 1.0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def stage_parts(config, tensors: dict[str, torch.Tensor], strength: float = 1.0,
+                layers: range | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """One adapter's (LoraConfig, tensors): module → its part (strength s B, A), its zero rank columns
     (B's column or A's row all zero: padding, an untrained layer) left out, and the modules with none
-    left; s is the config's own scaling for that module (alpha / r, rsLoRA's, the patterns')."""
+    left; s is the config's own scaling for that module (alpha / r, rsLoRA's, the patterns').
+    `layers`: only the decoder layers in it (None: every module)."""
     from unigemma.lora.peft import PREFIX
 
     out = {}
     for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
         module = key[:-len(".lora_A.weight")]
+        if layers is not None and layer_of(module) not in layers:
+            continue
         a, b = tensors[key].float(), tensors[module + ".lora_B.weight"].float()
         used = b.any(0) & a.any(1)  # a rank column adds B[:, i] A[i] = 0 unless both are nonzero
         if used.any():
             s = config.scaling_for(module.removeprefix(PREFIX), r=a.shape[0])
             out[module] = (strength * s * b[:, used], a[used])
+    return out
+
+
+def layer_of(module: str) -> int | None:
+    """The decoder layer a module's name sits in (`...layers.7.mlp.up_proj` → 7), else None."""
+    found = re.search(r"\.layers\.(\d+)\.", module)
+    return int(found.group(1)) if found else None
+
+
+def layer_ranges(spec: str | None, count: int) -> list[range | None]:
+    """`--layers`' each adapter's decoder layers: `all`, or `LO-HI` (both kept); ValueError naming
+    what is wrong."""
+    if spec is None:
+        return [None] * count
+    out = []
+    for item in spec.split(","):
+        if item == "all":
+            out.append(None)
+            continue
+        lo, sep, hi = item.partition("-")
+        if not (sep and lo.isdigit() and hi.isdigit() and int(lo) <= int(hi)):
+            raise ValueError(f"{item!r} is neither all nor LO-HI")
+        out.append(range(int(lo), int(hi) + 1))
+    if len(out) != count:
+        raise ValueError(f"{len(out)} layer ranges for {count} adapters")
     return out
 
 
@@ -152,7 +184,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="the stored embedders' (full_weights.safetensors, copied from the last --adapter)")
     p.add_argument("--strength", default=None, metavar="S1,S2,...",
                    help="each --adapter's merge strength, in their order (default: 1 each)")
+    p.add_argument("--layers", default=None, metavar="L1,L2,...",
+                   help="each --adapter's decoder layers kept, in their order: all, or LO-HI (both kept)")
     args = p.parse_args(argv)
+    try:
+        layers = layer_ranges(args.layers, len(args.adapter))
+    except ValueError as e:
+        p.error(f"--layers {args.layers}: {e}")
     try:
         strengths = [float(x) for x in args.strength.split(",")] if args.strength else [1.0] * len(args.adapter)
     except ValueError:
@@ -169,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     targets = [c.target_modules for c, _ in loaded]
     if any(t != targets[0] for t in targets):
         raise SystemExit(f"the adapters target different modules: {targets}")
-    stages = [stage_parts(c, t, k) for (c, t), k in zip(loaded, strengths)]
+    stages = [stage_parts(c, t, k, span) for (c, t), k, span in zip(loaded, strengths, layers)]
     tensors = join(stages)
     worst = largest_difference(stages, tensors)
     if worst > 1e-4:
@@ -191,8 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     embedders = load_file(str(args.adapter[-1] / FULL_FILE))
     save_file(stored(embedders, args.embedders_dtype), str(args.out / FULL_FILE), metadata={"format": "pt"})
     described = [{"adapter": str(a), "r": c.r, "lora_alpha": c.alpha, "modules": len(parts),
-                  **({"strength": k} if k != 1 else {})}
-                 for a, (c, _), parts, k in zip(args.adapter, loaded, stages, strengths)]
+                  **({"strength": k} if k != 1 else {}),
+                  **({"layers": f"{span.start}-{span.stop - 1}"} if span is not None else {})}
+                 for a, (c, _), parts, k, span in zip(args.adapter, loaded, stages, strengths, layers)]
     first_card = args.adapter[0] / "card.json"
     if first_card.is_file():
         card = {k: v for k, v in json.loads(first_card.read_text()).items() if k != "adapter_scale"}
