@@ -1307,44 +1307,10 @@ def test_join_stacks_staged_adapters_into_one_that_merges_the_same(tmp_path, cap
         assert torch.allclose(got[name], w, atol=1e-5), name
 
 
-def test_join_layers_keeps_each_stages_span(tmp_path, capsys):
-    """bench/mini_join.py --layers: a stage joined twice, its first layer kept from one copy and the
-    rest from the other, merges as that stage once (module by module in float32, no layer twice or
-    missing); each span is kept in the card's stages; a count that is not one per --adapter, or a
-    span that is neither all nor LO-HI, is a usage error naming --layers."""
-    import json
-    import shutil
-
-    from safetensors.torch import load_file
-
-    from bench.mini_join import layer_of, main
-
-    _, run = _tiny_run(tmp_path)
-    (run / "card.json").write_text('{"trained_steps": 7}')
-    shutil.copytree(run, tmp_path / "twin")
-    main(["--adapter", str(run), "--adapter", str(tmp_path / "twin"), "--layers", "0-0,1-99",
-          "--out", str(tmp_path / "joined")])
-    capsys.readouterr()
-    cfg = json.loads((run / "adapter_config.json").read_text())
-    s = cfg["lora_alpha"] / cfg["r"]
-    one, joined = (load_file(d / "adapter_model.safetensors") for d in (run, tmp_path / "joined"))
-    assert {layer_of(k) for k in one} == set(range(7))  # the tiny model's: 0 from one copy, 1-6 the other
-    for key in (k for k in one if k.endswith(".lora_A.weight")):
-        b_key = key.replace(".lora_A.", ".lora_B.")
-        assert torch.allclose(joined[b_key] @ joined[key], s * one[b_key] @ one[key], atol=1e-6), key
-    stages = json.loads((tmp_path / "joined" / "card.json").read_text())["stages"]
-    assert [st["layers"] for st in stages] == ["0-0", "1-99"]
-    for bad in ("0-0", "0-0,x", "0-0,3-1"):
-        with pytest.raises(SystemExit) as e:
-            main(["--adapter", str(run), "--adapter", str(tmp_path / "twin"), "--layers", bad,
-                  "--out", str(tmp_path / "bad")])
-        assert e.value.code == 2 and "--layers" in capsys.readouterr().err
-
-
-def test_join_strength_scales_each_stage(tmp_path, capsys):
-    """bench/mini_join.py --strength: a stage joined twice, at 1 and 0.5, merges as that stage's
-    B A times 1.5 (checked module by module in float32); the strengths are kept in the card's
-    stages; a count that is not one per --adapter, or not numbers, is a usage error naming it."""
+def _join_twice(tmp_path, capsys, option: str, value: str, bad: tuple[str, ...]):
+    """bench/mini_join.py on a tiny stage and its copy with `option value`: (the stage's scaling, its
+    tensors, the joined tensors, the joined card's stages), after checking each of `bad` is a usage
+    error naming `option` that writes nothing."""
     import json
     import shutil
 
@@ -1355,24 +1321,45 @@ def test_join_strength_scales_each_stage(tmp_path, capsys):
     _, run = _tiny_run(tmp_path)
     (run / "card.json").write_text('{"trained_steps": 7}')
     shutil.copytree(run, tmp_path / "twin")
-    main(["--adapter", str(run), "--adapter", str(tmp_path / "twin"), "--strength", "1,0.5",
-          "--out", str(tmp_path / "joined")])
+    adapters = ["--adapter", str(run), "--adapter", str(tmp_path / "twin")]
+    main([*adapters, option, value, "--out", str(tmp_path / "joined")])
     capsys.readouterr()
+    for wrong in bad:
+        with pytest.raises(SystemExit) as e:
+            main([*adapters, option, wrong, "--out", str(tmp_path / "bad")])
+        assert e.value.code == 2 and option in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
     cfg = json.loads((run / "adapter_config.json").read_text())
-    s = cfg["lora_alpha"] / cfg["r"]
     one, joined = (load_file(d / "adapter_model.safetensors") for d in (run, tmp_path / "joined"))
+    stages = json.loads((tmp_path / "joined" / "card.json").read_text())["stages"]
+    return cfg["lora_alpha"] / cfg["r"], one, joined, stages
+
+
+def test_join_layers_keeps_each_stages_span(tmp_path, capsys):
+    """bench/mini_join.py --layers: a stage joined twice, its first layer kept from one copy and the
+    rest from the other, merges as that stage once (module by module in float32, no layer twice or
+    missing); each span is kept in the card's stages; a count that is not one per --adapter, or a
+    span that is neither all nor LO-HI, is a usage error naming --layers."""
+    from bench.mini_join import layer_of
+
+    s, one, joined, stages = _join_twice(tmp_path, capsys, "--layers", "0-0,1-99", ("0-0", "0-0,x", "0-0,3-1"))
+    assert {layer_of(k) for k in one} == set(range(7))  # the tiny model's: 0 from one copy, 1-6 the other
+    for key in (k for k in one if k.endswith(".lora_A.weight")):
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        assert torch.allclose(joined[b_key] @ joined[key], s * one[b_key] @ one[key], atol=1e-6), key
+    assert [st["layers"] for st in stages] == ["0-0", "1-99"]
+
+
+def test_join_strength_scales_each_stage(tmp_path, capsys):
+    """bench/mini_join.py --strength: a stage joined twice, at 1 and 0.5, merges as that stage's
+    B A times 1.5 (checked module by module in float32); the strengths are kept in the card's
+    stages; a count that is not one per --adapter, or not numbers, is a usage error naming it."""
+    s, one, joined, stages = _join_twice(tmp_path, capsys, "--strength", "1,0.5", ("1", "1,x"))
     for key in (k for k in one if k.endswith(".lora_A.weight")):
         b_key = key.replace(".lora_A.", ".lora_B.")
         want = 1.5 * s * one[b_key] @ one[key]
         assert torch.allclose(joined[b_key] @ joined[key], want, atol=1e-6), key
-    stages = json.loads((tmp_path / "joined" / "card.json").read_text())["stages"]
     assert "strength" not in stages[0] and stages[1]["strength"] == 0.5
-    for bad in ("1", "1,x"):
-        with pytest.raises(SystemExit) as e:
-            main(["--adapter", str(run), "--adapter", str(tmp_path / "twin"), "--strength", bad,
-                  "--out", str(tmp_path / "bad")])
-        assert e.value.code == 2 and "--strength" in capsys.readouterr().err
-    assert not (tmp_path / "bad").exists()
 
 
 def test_join_energy_refactors_each_module_by_svd(tmp_path, capsys):
