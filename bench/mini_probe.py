@@ -16,7 +16,7 @@ chance is one over the number of answers), and the whole model's prose perplexit
 
 `--free-shapes N` trains the shape category on N colour-free pictures instead
 (bench/mmdata/free_shapes.py: one shape in an unnamed random colour, "What shape is this?"),
-made under `--data`, and also scores `--eval-n` further such pictures it never trained
+made under `--data` (any other category beside it trains on its own items as before), and also scores `--eval-n` further such pictures it never trained
 on ("free_accuracy"), beside the held-out items' named-colour questions. With `--single`, the
 same held-out pictures are also asked "What shape is this?" ("heldout_unnamed_accuracy"): where
 it is high and the named-colour question's low, the shape is read and the colour named in the
@@ -126,6 +126,20 @@ def one_question(path: Path, category: str, single: bool, own: bool = False) -> 
                               {"role": "assistant", "content": a}]}
                 for cat, q, a in asked(r, own) if cat == category]
     return out
+
+
+def free_shapes(data: Path, n: int, start: int = 0) -> list[dict]:
+    """`n` colour-free shape pictures from index `start`, made under `data`, as shape items."""
+    from bench.mini_train import free_shape_items
+
+    return [{**json.loads(x), "category": "shape"} for x in free_shape_items(data, n, start=start)]
+
+
+def with_free_shapes(train: list[dict], data: Path, n: int) -> list[dict]:
+    """`train` with its shape items swapped for `n` colour-free pictures: the shape then has to be read
+    from the outline, while the other categories' items stay (a stage that rebuilds every skill
+    without teaching shape by the colour a question names: README, "Forty-first look")."""
+    return [r for r in train if r["category"] != "shape"] + free_shapes(data, n)
 
 
 def categories(text: str) -> tuple[str, ...]:
@@ -316,8 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     add_decay_argument(p)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.free_shapes and args.category != ("shape",):
-        p.error("--free-shapes trains the shape category: use --category shape")
+    if args.free_shapes and "shape" not in args.category:
+        p.error("--free-shapes trains the shape category: --category must name shape")
     if args.free_shapes < 0:
         p.error(f"--free-shapes must be >= 0, got {args.free_shapes}")
     if args.mix is not None and not args.mix.is_file():
@@ -386,11 +400,8 @@ def main(argv: list[str] | None = None) -> None:
         held += some[:args.eval_n]
     free_held = []
     if args.free_shapes:
-        from bench.mini_train import free_shape_items
-
-        train = [{**json.loads(x), "category": "shape"} for x in free_shape_items(args.data, args.free_shapes)]
-        free_held = [{**json.loads(x), "category": "shape"}
-                     for x in free_shape_items(args.data, args.eval_n, start=args.free_shapes)]
+        train = with_free_shapes(train, args.data, args.free_shapes)
+        free_held = free_shapes(args.data, args.eval_n, start=args.free_shapes)
     unnamed = [unnamed_question(r) for r in held] if args.category == ("shape",) and args.single else []
     answers, first, candidates = {}, {}, {}  # per category: answers ranked among their own
     for c in args.category:

@@ -1019,6 +1019,31 @@ def test_probe_mix_arguments_are_checked_before_loading(tmp_path, capsys):
         assert says in capsys.readouterr().err
 
 
+def test_probe_free_shapes_replace_only_the_shape_items(tmp_path, capsys):
+    """bench/mini_probe.py `--free-shapes N` beside other categories: the shape items become N
+    colour-free pictures made under --data (no named colour in any question), every other
+    category's items stay as they were; without shape among the categories it is an argument error."""
+    import json
+
+    from bench.mini_probe import main, with_free_shapes
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"image_size": 96}))
+    train = [{"category": "colour", "answer": "red", "id": "c0"}, {"category": "count", "answer": "2", "id": "n0"},
+             {"category": "shape", "answer": "star", "id": "s0", "meta": {"pairs": [["red", "star"]]}}]
+    got = with_free_shapes(train, tmp_path, 5)
+    assert got[:2] == train[:2]
+    shapes = got[2:]
+    assert len(shapes) == 5 and all(r["category"] == "shape" and r["kind"] == "any_shape" for r in shapes)
+    for r in shapes:
+        asked = r["messages"][0]["content"]
+        assert (tmp_path / asked[0]["image"]).is_file()
+        assert "pairs" not in r["meta"] and r["answer"] == r["meta"]["shape"]
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 3}}))
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), "--data", str(tmp_path), "--category", "colour,count", "--free-shapes", "4"])
+    assert "--category must name shape" in capsys.readouterr().err
+
+
 def test_probe_mix_drop_takes_out_the_matching_questions_and_keeps_the_media():
     """bench/mini_probe.py `drop_questions`: a matching question goes with its answer; a dropped
     first question hands its picture to the next kept one; a line with none kept is dropped; text
