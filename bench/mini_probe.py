@@ -17,10 +17,11 @@ chance is one over the number of answers), and the whole model's prose perplexit
 `--free-shapes N` trains the shape category on N colour-free pictures instead
 (bench/mmdata/free_shapes.py: one shape in an unnamed random colour, "What shape is this?"),
 made under `--data` (any other category beside it trains on its own items as before), and also
-scores `--eval-n` further such pictures it never trained on ("free_accuracy"), beside the held-out items' named-colour questions. With `--single`, the
-same held-out pictures are also asked "What shape is this?" ("heldout_unnamed_accuracy"): where
-it is high and the named-colour question's low, the shape is read and the colour named in the
-question overrides it (README, "Tenth look").
+scores `--eval-n` further such pictures it never trained on ("free_accuracy"), beside the
+held-out items' named-colour questions. With `--single`, the same held-out pictures are also
+asked "What shape is this?" ("heldout_unnamed_accuracy"): where it is high and the named-colour
+question's low, the shape is read and the colour named in the question overrides it (README,
+"Tenth look").
 
 `--own-question` asks only the items of the category's own kind, each its own first question: the
 generator phrases a kind's question two ways (bench/mmdata/items.py), `questions` one, so a stage
