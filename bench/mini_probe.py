@@ -18,10 +18,11 @@ chance is one over the number of answers), and the whole model's prose perplexit
 (bench/mmdata/free_shapes.py: one shape in an unnamed random colour, "What shape is this?"),
 made under `--data` (any other category beside it trains on its own items as before), and also
 scores `--eval-n` further such pictures it never trained on ("free_accuracy"), beside the
-held-out items' named-colour questions. With `--single`, the same held-out pictures are also
-asked "What shape is this?" ("heldout_unnamed_accuracy"): where it is high and the named-colour
-question's low, the shape is read and the colour named in the question overrides it (README,
-"Tenth look").
+held-out items' named-colour questions. `--free-start I` takes them from the generator's index I
+(a later stage's fresh pictures: the ones before I were an earlier stage's). With `--single`, the
+same held-out pictures are also asked "What shape is this?" ("heldout_unnamed_accuracy"): where it
+is high and the named-colour question's low, the shape is read and the colour named in the
+question overrides it (README, "Tenth look").
 
 `--own-question` asks only the items of the category's own kind, each its own first question: the
 generator phrases a kind's question two ways (bench/mmdata/items.py), `questions` one, so a stage
@@ -136,11 +137,11 @@ def free_shapes(data: Path, n: int, start: int = 0) -> list[dict]:
     return [{**json.loads(x), "category": "shape"} for x in free_shape_items(data, n, start=start)]
 
 
-def with_free_shapes(train: list[dict], data: Path, n: int) -> list[dict]:
+def with_free_shapes(train: list[dict], data: Path, n: int, start: int = 0) -> list[dict]:
     """`train` with its shape items swapped for `n` colour-free pictures: the shape then has to be read
     from the outline, while the other categories' items stay (a stage that rebuilds every skill
     without teaching shape by the colour a question names: README, "Forty-first look")."""
-    return [r for r in train if r["category"] != "shape"] + free_shapes(data, n)
+    return [r for r in train if r["category"] != "shape"] + free_shapes(data, n, start)
 
 
 def categories(text: str) -> tuple[str, ...]:
@@ -302,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--free-shapes", type=int, default=0, metavar="N",
                    help="train on N colour-free shape pictures (category shape only)")
+    p.add_argument("--free-start", type=int, default=0, metavar="I",
+                   help="with --free-shapes: the pictures from the generator's index I (0: the first)")
     p.add_argument("--from-layer", type=int, default=0, metavar="K",
                    help="train only the adapter on layers K and up (K > 0 freezes the embedders too)")
     p.add_argument("--save", type=Path, default=None, metavar="DIR",
@@ -335,6 +338,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--free-shapes trains the shape category: --category must name shape")
     if args.free_shapes < 0:
         p.error(f"--free-shapes must be >= 0, got {args.free_shapes}")
+    if args.free_start < 0 or (args.free_start and not args.free_shapes):
+        p.error(f"--free-start must be >= 0 and goes with --free-shapes, got {args.free_start}")
     if args.mix is not None and not args.mix.is_file():
         p.error(f"--mix {args.mix}: not a file")
     if args.mix is not None and not 0 < args.mix_share < 1:
@@ -401,8 +406,8 @@ def main(argv: list[str] | None = None) -> None:
         held += some[:args.eval_n]
     free_held = []
     if args.free_shapes:
-        train = with_free_shapes(train, args.data, args.free_shapes)
-        free_held = free_shapes(args.data, args.eval_n, start=args.free_shapes)
+        train = with_free_shapes(train, args.data, args.free_shapes, args.free_start)
+        free_held = free_shapes(args.data, args.eval_n, start=args.free_start + args.free_shapes)
     unnamed = [unnamed_question(r) for r in held] if args.category == ("shape",) and args.single else []
     answers, first, candidates = {}, {}, {}  # per category: answers ranked among their own
     for c in args.category:

@@ -1022,7 +1022,8 @@ def test_probe_mix_arguments_are_checked_before_loading(tmp_path, capsys):
 def test_probe_free_shapes_replace_only_the_shape_items(tmp_path, capsys):
     """bench/mini_probe.py `--free-shapes N` beside other categories: the shape items become N
     colour-free pictures made under --data (no named colour in any question), every other
-    category's items stay as they were; without shape among the categories it is an argument error."""
+    category's items stay as they were; `--free-start I` takes the generator's pictures from index I;
+    without shape among the categories, or --free-start without --free-shapes, it is an argument error."""
     import json
 
     from bench.mini_probe import main, with_free_shapes
@@ -1038,10 +1039,16 @@ def test_probe_free_shapes_replace_only_the_shape_items(tmp_path, capsys):
         asked = r["messages"][0]["content"]
         assert (tmp_path / asked[0]["image"]).is_file()
         assert "pairs" not in r["meta"] and r["answer"] == r["meta"]["shape"]
+    later = with_free_shapes(train, tmp_path, 3, start=2)[2:]  # --free-start: the generator's pictures 2, 3, 4
+    assert [r["messages"][0]["content"][0]["image"] for r in later] == [
+        r["messages"][0]["content"][0]["image"] for r in shapes[2:]]
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 3}}))
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path), "--data", str(tmp_path), "--category", "colour,count", "--free-shapes", "4"])
     assert "--category must name shape" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), "--data", str(tmp_path), "--category", "shape", "--free-start", "4"])
+    assert "goes with --free-shapes" in capsys.readouterr().err
 
 
 def test_probe_mix_drop_takes_out_the_matching_questions_and_keeps_the_media():
