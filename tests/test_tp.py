@@ -151,6 +151,22 @@ def test_kv_heads_split_replicated_or_refused():
         local_config(cfg, 3)
 
 
+def test_exit_rank_runs_the_exit_handlers_flushes_and_keeps_the_status():
+    # a rank ends with os._exit (tp/group.py exit_rank: no finalization for gloo's threads to
+    # abort in), yet what sys.exit would do first still happens: an exit handler (rank 0's
+    # Leader.close sends "stop" from one) and output still in a buffer
+    code = ("import atexit, sys\n"
+            "from unigemma.tp.group import exit_rank\n"
+            "atexit.register(lambda: print('handler ran'))\n"
+            "sys.stdout.write('buffered, no newline')\n"
+            "sys.stderr.write('to stderr')\n"
+            "exit_rank(3)\n"
+            "print('not reached')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert (r.returncode, r.stdout, r.stderr) == (3, "buffered, no newlinehandler ran\n", "to stderr")
+
+
 def test_a_dead_rank_fails_the_served_requests_and_rank_0_exits(tmp_path):
     from unigemma.vocab import gemma4_vocab_gguf
 

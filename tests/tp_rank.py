@@ -106,4 +106,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from unigemma.tp.group import exit_rank
+
+    exit_rank(main())

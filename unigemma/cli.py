@@ -89,13 +89,13 @@ def tensor_parallel(args):
         raise UnigemmaError("--tp must be at least 1")
     if not args.model:
         raise UnigemmaError("--tp needs --model (every rank loads the same checkpoint)")
-    from .tp.group import init_group
+    from .tp.group import exit_rank, init_group
     from .tp.load import run_rank
 
     group = init_group(n, timeout_s=args.tp_timeout)
     if group.rank != 0:
-        raise SystemExit(run_rank(args.model, group, dtype=args.dtype, mmproj=args.mmproj,
-                                  dequantize=getattr(args, "dequantize", False), quant=getattr(args, "quant", None)))
+        exit_rank(run_rank(args.model, group, dtype=args.dtype, mmproj=args.mmproj,
+                           dequantize=getattr(args, "dequantize", False), quant=getattr(args, "quant", None)))
     return group
 
 
@@ -624,10 +624,15 @@ def main(argv=None) -> int:
          "quantize": cmd_quantize, "merge": cmd_merge, "plan": cmd_plan, "serve": cmd_serve, "pull": cmd_pull,
          "finetune": cmd_finetune,
          "ls": cmd_ls}[args.cmd](args)
+        code = 0
     except UnigemmaError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        code = 2
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from .tp.group import exit_rank  # rank 0 of --tp ends as the other ranks do (why: see there)
+
+        exit_rank(code)
+    return code
 
 
 if __name__ == "__main__":
