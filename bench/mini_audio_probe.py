@@ -2,7 +2,7 @@
 
     python -m bench.mini_audio_probe --model CHECKPOINT --task digit --layers 5 [--steps 400]
         [--batch-size 16] [--full-lr 1e-3] [--lr 5e-4] [--decay] [--eval-n 200] [--eval-every 50] [--keep-text EPS]
-        [--wide-voices] [--save DIR]
+        [--wide-voices] [--speed-perturb LO,HI] [--save DIR]
 
 The audio twin of bench/mini_reader_probe.py. The shipped mini names a held-out spoken digit 23%
 of the time and a spoken word 2%, no better on clips of its own training voices (README,
@@ -17,7 +17,8 @@ of the block's hidden states names the digit (10 classes), the word (bench/mmdat
 tone clip holds (1-5, the held-out split's pitches unseen).
 Trained: the audio embedder in full and LoRA (r 16) on those layers; every step's clips are
 fresh (synthesized then, none heard twice), in training voices (or pitches) only
-(`--wide-voices`: bench/mmdata/vocab.py's wider training pool, still none held out). Scored every
+(`--wide-voices`: bench/mmdata/vocab.py's wider training pool, still none held out;
+`--speed-perturb`: each clip resampled faster or slower, bench/mmdata/items.py `Voicing`). Scored every
 `--eval-every` steps on fixed clips it never trained on: unseen voices (the held-out split's
 accents and variants) and training voices; and the whole model's prose perplexity. One JSON line
 per evaluation. `--keep-text` and `--save` as bench/mini_reader_probe.py's; `--anchor-text W` adds W x
@@ -42,11 +43,11 @@ TASKS = {"digit": DIGITS, "word": WORDS, "both": DIGITS + WORDS, "beeps": ("1", 
 
 
 def clip(rng: random.Random, np_rng: np.random.Generator, task: str, split: str,
-         wide: bool = False) -> tuple[np.ndarray, int]:
+         voicing=None) -> tuple[np.ndarray, int]:
     """(16 kHz samples, label): one clip as bench/mmdata/items.py makes a `digit` / `spoken_word`
     / `beeps` item of `split` (its voices and tone pitches: the held-out split's are all unseen in
     training)."""
-    from bench.mmdata.items import _say, _tone_item, _voice
+    from bench.mmdata.items import Voicing, _say, _tone_item, _voice
 
     if task == "beeps":
         made = _tone_item("beeps", split, rng, np_rng, None, {})
@@ -55,15 +56,15 @@ def clip(rng: random.Random, np_rng: np.random.Generator, task: str, split: str,
         label = rng.randrange(len(DIGITS)) if rng.random() < 0.5 else len(DIGITS) + rng.randrange(len(WORDS))
     else:
         label = rng.randrange(len(TASKS[task]))
-    return _say(TASKS[task][label], _voice(rng, split, wide), rng, np_rng), label
+    return _say(TASKS[task][label], _voice(rng, split, voicing or Voicing()), rng, np_rng), label
 
 
 def batch(rng: random.Random, np_rng: np.random.Generator, task: str, split: str,
-          n: int, wide: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          n: int, voicing=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(frames [n, T, 640] zero-padded at the end, real [n, T] bool, labels [n]) of fresh clips."""
     from unigemma.processing.audio import preprocess_audio
 
-    clips = [clip(rng, np_rng, task, split, wide) for _ in range(n)]
+    clips = [clip(rng, np_rng, task, split, voicing) for _ in range(n)]
     frames = [torch.as_tensor(preprocess_audio(w).input_features).float() for w, _ in clips]
     T = max(len(f) for f in frames)
     out, real = torch.zeros(n, T, frames[0].shape[-1]), torch.zeros(n, T, dtype=torch.bool)
@@ -99,6 +100,8 @@ class Hearer(nn.Module):
 
 def main(argv: list[str] | None = None) -> None:
     from bench.mini_keep_text import project_
+    from bench.mmdata.generate import speed_range
+    from bench.mmdata.items import Voicing
     from bench.mini_reader_probe import check_arguments, first_layers_adapter, load_probed, probe_arguments, \
         reporter, save_run, text_anchor, train
     from unigemma.finetune.full import make_trainable
@@ -106,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     p = probe_arguments(__doc__, lr=5e-4)
     p.add_argument("--task", choices=sorted(TASKS), default="digit")
     p.add_argument("--wide-voices", action="store_true", help="train on bench/mmdata/vocab.py's wider voice pool")
+    p.add_argument("--speed-perturb", type=speed_range, metavar="LO,HI",
+                   help="training clips played LO-HI times faster (bench/mmdata/generate.py's option)")
     args = p.parse_args(argv)
     check_arguments(p, args)
     model, tokenizer, prose_ids = load_probed(args.model)
@@ -128,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     report = reporter("mini_audio_probe", args, bases, hearer, evals, "clips", "_voices_accuracy", model, prose_ids,
                       anchor, task=args.task, classes=len(TASKS[args.task]), chance=round(1 / len(TASKS[args.task]), 3))
 
-    train(hearer, lambda: batch(rng, np_rng, args.task, "train", args.batch_size, args.wide_voices), opt,
+    train(hearer, lambda: batch(rng, np_rng, args.task, "train", args.batch_size,
+                                        Voicing(args.wide_voices, args.speed_perturb)), opt,
           lambda: project_(kept, bases), args.steps, args.eval_every, report, anchor, args.decay)
     if args.save:
         save_run(model, lora, args.model, args.save)

@@ -62,6 +62,8 @@ def torchrun(argv: list[str], n: int = 2) -> None:
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
                         "-m", "unigemma", *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # each rank ends with os._exit (cli.main, tp/group.py exit_rank): rank 0's last report still arrives
+    assert r.stderr.count("adapter written to") == 1, r.stderr[-3000:]
 
 
 def losses(out: Path) -> dict[int, float]:

@@ -92,6 +92,35 @@ def test_wide_voices_add_training_voices_and_leave_the_heldout_split_alone(tmp_p
     generate.check_disjoint(widened["train"], widened["heldout"])
 
 
+def test_change_speed_raises_every_frequency_and_shortens_the_clip():
+    t = np.arange(sounds.RATE) / sounds.RATE
+    wave = np.sin(2 * np.pi * 440 * t).astype(np.float32)  # 1 s of 440 Hz
+    for speed in (0.85, 1.15):
+        out = sounds.change_speed(wave, speed)
+        assert out.dtype == np.float32 and abs(len(out) - sounds.RATE / speed) <= 2
+        peak = np.argmax(np.abs(np.fft.rfft(out))) * sounds.RATE / len(out)
+        assert abs(peak - 440 * speed) < 2, (speed, peak)
+    assert sounds.change_speed(wave, 1.0) is wave
+
+
+@NEEDS_ESPEAK
+def test_speed_perturbation_changes_training_speech_only(tmp_path):
+    counts = {"train": {"spoken_word": 12}, "heldout": {"spoken_word": 3}}
+    plain = generate.build(tmp_path / "plain", 0, counts, 96)
+    fast = generate.build(tmp_path / "fast", 0, counts, 96, speed=(0.85, 1.15))
+    speeds = [r["meta"]["speed"] for r in fast["train"]]
+    assert all(0.85 <= s <= 1.15 for s in speeds) and len(set(speeds)) > 1
+    assert fast["heldout"] == plain["heldout"] and not any("speed" in r["meta"] for r in fast["heldout"])
+    assert files(tmp_path / "fast" / "media" / "heldout") == files(tmp_path / "plain" / "media" / "heldout")
+    # voice, rate and pitch are drawn before the speed, so each item keeps them
+    for a, b in zip(plain["train"], fast["train"]):
+        assert [a["meta"][k] for k in ("voice", "wpm", "pitch")] == [b["meta"][k] for k in ("voice", "wpm", "pitch")]
+    assert files(tmp_path / "fast" / "media" / "train") != files(tmp_path / "plain" / "media" / "train")
+    assert json.loads((tmp_path / "fast" / "manifest.json").read_text())["speed"] == [0.85, 1.15]
+    with pytest.raises(SystemExit):
+        generate.main(["--out", str(tmp_path / "bad"), "--speed-perturb", "1.2,0.9"])
+
+
 def test_written_split_is_disjoint(small):
     out, _ = small
     train, held = (read_jsonl(out / f"{s}.jsonl") for s in ("train", "heldout"))

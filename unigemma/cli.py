@@ -11,6 +11,7 @@ gibberish; every step on the way to them is the real one. `--model` also takes a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -628,8 +629,11 @@ def main(argv=None) -> int:
     except UnigemmaError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        from .tp.group import exit_rank  # rank 0 of --tp ends as the other ranks do (why: see there)
+    # A rank torchrun started (--tp's rank 0, every rank of a distributed finetune, whose group is
+    # already left by now) ends as the other --tp ranks do; why: see exit_rank.
+    joined = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if joined or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .tp.group import exit_rank
 
         exit_rank(code)
     return code

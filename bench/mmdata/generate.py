@@ -14,7 +14,9 @@ how finely shapes and text are drawn. 144 px is 3 x 3 patches of 48: 9 tokens fo
 whose processor keeps small pictures as they are (issue 22's mini family may add that budget).
 
 `--wide-voices`: training items speak in vocab.WIDE_TRAIN_VOICES (125 voices instead of 24; the
-held-out split's items are the same bytes either way).
+held-out split's items are the same bytes either way). `--speed-perturb 0.85,1.15`: each training
+clip of speech resampled to play 0.85-1.15 times as fast, its pitch and formants as much higher, so
+one voice becomes many vocal tracts (the held-out split again untouched).
 
 Needs espeak-ng and the fonts of vocab.FONT_PACKAGES (Debian: apt-get install -y espeak-ng
 fonts-dejavu-core fonts-liberation fonts-freefont-ttf). Before writing, the held-out split is
@@ -74,9 +76,10 @@ def tool_versions() -> dict[str, str]:
 
 
 def build(out: Path, seed: int, counts: dict[str, dict[str, int]], size: int,
-          wide_voices: bool = False) -> dict[str, list[dict]]:
+          wide_voices: bool = False, speed: tuple[float, float] | None = None) -> dict[str, list[dict]]:
     """counts: split -> kind -> number of items. Returns split -> records (also written).
-    `wide_voices`: training items speak in vocab.WIDE_TRAIN_VOICES."""
+    `wide_voices`: training items speak in vocab.WIDE_TRAIN_VOICES; `speed`: their speech
+    speed-perturbed (items.Voicing)."""
     out.mkdir(parents=True, exist_ok=True)
     kinds = {k for per_kind in counts.values() for k, n in per_kind.items() if n}
     if kinds & {"digit", "spoken_word", "number", "match"}:
@@ -86,7 +89,7 @@ def build(out: Path, seed: int, counts: dict[str, dict[str, int]], size: int,
             raise SystemExit(f"espeak-ng or its voices missing: {missing} (Debian: apt-get install -y espeak-ng)")
     if "word" in kinds and vocab.missing_fonts():
         raise SystemExit(f"fonts missing: {vocab.missing_fonts()} (Debian: apt-get install -y {vocab.FONT_PACKAGES})")
-    records = {split: [items.make(kind, split, i, seed, out, size, wide_voices).record()
+    records = {split: [items.make(kind, split, i, seed, out, size, items.Voicing(wide_voices, speed)).record()
                        for kind, n in per_kind.items() for i in range(n)]
                for split, per_kind in counts.items()}
     check_disjoint(records.get("train", []), records.get("heldout", []))
@@ -94,13 +97,24 @@ def build(out: Path, seed: int, counts: dict[str, dict[str, int]], size: int,
         with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for r in recs:
                 f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
-    manifest = {"seed": seed, "image_size": size, "wide_voices": wide_voices, "tools": tool_versions(),
+    manifest = {"seed": seed, "image_size": size, "wide_voices": wide_voices, "speed": speed, "tools": tool_versions(),
                 "counts": {s: dict(Counter(r["kind"] for r in recs)) for s, recs in records.items()},
                 "heldout_axes": {"pairs": sorted(map(list, vocab.HELDOUT_PAIRS)), "fonts": list(vocab.HELDOUT_FONTS),
                                  "voices": list(vocab.HELDOUT_VOICES),
                                  "hz": list(vocab.tone_grid("heldout", vocab.LOW_HZ) + vocab.tone_grid("heldout", vocab.HIGH_HZ))}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return records
+
+
+def speed_range(text: str) -> tuple[float, float]:
+    """'0.85,1.15' -> (0.85, 1.15), for --speed-perturb."""
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give two speeds, LO,HI (e.g. 0.85,1.15)") from None
+    if not 0.5 <= lo <= hi <= 2.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0.5 <= LO <= HI <= 2")
+    return lo, hi
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=144, help="pictures are square, this many pixels a side")
     p.add_argument("--wide-voices", action="store_true",
                    help="training items speak in more voices (vocab.WIDE_TRAIN_VOICES; the held-out split's unchanged)")
+    p.add_argument("--speed-perturb", type=speed_range, metavar="LO,HI",
+                   help="training speech resampled to play LO-HI times faster (pitch and formants as much higher)")
     args = p.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     bad = [k for k in kinds if k not in vocab.KINDS]
@@ -123,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.image_size < 48:
         p.error("--image-size must be at least 48 (one patch)")
     counts = {"train": dict.fromkeys(kinds, args.train_per_kind), "heldout": dict.fromkeys(kinds, args.heldout_per_kind)}
-    recs = build(args.out, args.seed, counts, args.image_size, args.wide_voices)
+    recs = build(args.out, args.seed, counts, args.image_size, args.wide_voices, args.speed_perturb)
     print(json.dumps({s: len(r) for s, r in recs.items()}))
 
 

@@ -59,12 +59,26 @@ def _rngs(seed: int, split: str, kind: str, index: int) -> tuple[random.Random, 
     return random.Random(key), np.random.default_rng(list(key))
 
 
-def _voice(rng: random.Random, split: str, wide: bool = False) -> dict:
-    return {"voice": rng.choice(voices(split, wide)), "wpm": rng.randint(120, 210), "pitch": rng.randint(25, 75)}
+@dataclass(frozen=True)
+class Voicing:
+    """How a training item's speech is drawn; the held-out split ignores both.
+    wide: vocab.WIDE_TRAIN_VOICES instead of TRAIN_VOICES. speed: (lo, hi), each clip resampled to
+    play a uniform draw of that many times faster, its pitch and formants as many times higher
+    (speed perturbation, Ko et al. 2015: one synthesizer voice becomes a range of vocal tracts)."""
+    wide: bool = False
+    speed: tuple[float, float] | None = None
+
+
+def _voice(rng: random.Random, split: str, voicing: Voicing = Voicing()) -> dict:
+    v = {"voice": rng.choice(voices(split, voicing.wide)), "wpm": rng.randint(120, 210), "pitch": rng.randint(25, 75)}
+    if voicing.speed and split == "train":  # drawn only then, so every other item keeps its bytes
+        v["speed"] = round(rng.uniform(*voicing.speed), 3)
+    return v
 
 
 def _say(text: str, v: dict, rng, np_rng) -> np.ndarray:
-    return sounds.finish(sounds.speak(text, v["voice"], v["wpm"], v["pitch"]), rng, np_rng)
+    wave = sounds.speak(text, v["voice"], v["wpm"], v["pitch"])
+    return sounds.finish(sounds.change_speed(wave, v.get("speed", 1.0)), rng, np_rng)
 
 
 def _shapes(rng, split, n, distinct):
@@ -94,7 +108,7 @@ class Made:
     fmt: dict[str, str] = field(default_factory=dict)
 
 
-def _shapes_item(kind, split, rng, np_rng, size, meta, wide=False) -> Made:
+def _shapes_item(kind, split, rng, np_rng, size, meta, voicing=Voicing()) -> Made:
     n = {"colour": rng.randint(1, 3), "shape": rng.randint(1, 3), "count": rng.randint(1, 4),
          "description": rng.randint(1, 2)}.get(kind, 1)
     chosen = _shapes(rng, split, n, {"colour": "shape", "shape": "colour", "description": "shape"}.get(kind))
@@ -133,21 +147,21 @@ def _shapes_item(kind, split, rng, np_rng, size, meta, wide=False) -> Made:
     elif kind == "match":  # the picture's one shape, and a colour spoken: the same or another
         same = rng.random() < 0.5
         spoken = chosen[0][0] if same else rng.choice([c for c in COLOURS if c != chosen[0][0]])
-        v = _voice(rng, split, wide)
+        v = _voice(rng, split, voicing)
         meta.update(v, spoken=spoken)
         made.wave = _say(spoken, v, rng, np_rng)
         made.answer = "yes" if same else "no"
     return made
 
 
-def _text_item(kind, split, rng, np_rng, size, meta, wide=False) -> Made:
+def _text_item(kind, split, rng, np_rng, size, meta, voicing=Voicing()) -> Made:
     text = rng.choice(WORDS) if rng.random() < 0.6 else str(rng.randint(0, 9999))
     meta["font"] = rng.choice(fonts(split))
     return Made(text, pictures.text_picture(rng, text, meta["font"], size))
 
 
-def _speech_item(kind, split, rng, np_rng, size, meta, wide=False) -> Made:
-    v = _voice(rng, split, wide)
+def _speech_item(kind, split, rng, np_rng, size, meta, voicing=Voicing()) -> Made:
+    v = _voice(rng, split, voicing)
     meta.update(v)
     if kind == "digit":
         d = rng.randrange(10)
@@ -159,7 +173,7 @@ def _speech_item(kind, split, rng, np_rng, size, meta, wide=False) -> Made:
     return Made(answer, wave=_say(text, v, rng, np_rng))
 
 
-def _tone_item(kind, split, rng, np_rng, size, meta, wide=False) -> Made:
+def _tone_item(kind, split, rng, np_rng, size, meta, voicing=Voicing()) -> Made:
     high = rng.random() < 0.5
     hz = rng.choice(tone_grid(split, HIGH_HZ if high else LOW_HZ))
     count = rng.randint(1, 5) if kind == "beeps" else rng.randint(1, 3)
@@ -174,16 +188,16 @@ BUILDERS = {"colour": _shapes_item, "shape": _shapes_item, "count": _shapes_item
 assert set(BUILDERS) == set(KINDS)
 
 
-def make(kind: str, split: str, index: int, seed: int, out: Path, size: int, wide_voices: bool = False) -> Item:
-    """Build item `index` of `kind` for `split`, writing its media under out/media/split/kind/.
-    `wide_voices`: a training item speaks in vocab.WIDE_TRAIN_VOICES instead of TRAIN_VOICES."""
+def make(kind: str, split: str, index: int, seed: int, out: Path, size: int, voicing: Voicing = Voicing()) -> Item:
+    """Build item `index` of `kind` for `split`, writing its media under out/media/split/kind/;
+    a training item's speech drawn as `voicing` says."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; kinds are {KINDS}")
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     rng, np_rng = _rngs(seed, split, kind, index)
     meta: dict[str, Any] = {}
-    made = BUILDERS[kind](kind, split, rng, np_rng, size, meta, wide_voices)
+    made = BUILDERS[kind](kind, split, rng, np_rng, size, meta, voicing)
     rel, stem = Path("media") / split / kind, f"{index:05d}"
     (out / rel).mkdir(parents=True, exist_ok=True)
     media = []

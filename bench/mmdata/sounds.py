@@ -50,6 +50,14 @@ def speak(text: str, voice: str, wpm: int, pitch: int) -> np.ndarray:
     return wave[nz[0]:nz[-1] + 1] if len(nz) else wave
 
 
+def change_speed(wave: np.ndarray, speed: float) -> np.ndarray:
+    """`wave` played `speed` times faster: resampled to 1/speed of its samples, so at the same rate
+    every frequency (pitch, formants) is `speed` times higher and it lasts 1/speed as long."""
+    if speed == 1.0:
+        return wave
+    return soxr.resample(wave, RATE, RATE / speed).astype(np.float32)
+
+
 def tone(hz: float, seconds: float, rng: random.Random) -> np.ndarray:
     """A sine (or square-ish) beep with 5 ms fades so its edges do not click."""
     t = np.arange(int(seconds * RATE)) / RATE
