@@ -248,12 +248,13 @@ def hearing(model, args: argparse.Namespace) -> Head:
     import numpy as np
 
     from bench.mini_audio_probe import TASKS, Hearer, batch
+    from bench.mmdata.items import Voicing
 
     rng, np_rng = random.Random(f"{args.seed}/hear"), np.random.default_rng([args.seed, 0])
     held = batch(random.Random(f"{args.seed}/eval/heldout"), np.random.default_rng([args.seed, 1]),
                  args.hear_task, "heldout", args.eval_n)
     return Head(Hearer(model, args.head_layers, len(TASKS[args.hear_task])),
-                lambda: batch(rng, np_rng, args.hear_task, "train", args.batch_size, wide=True), held)
+                lambda: batch(rng, np_rng, args.hear_task, "train", args.batch_size, Voicing(wide=True)), held)
 
 
 def seeing(model, args: argparse.Namespace) -> Head:

@@ -1448,7 +1448,8 @@ def test_audio_probe_hears_training_voices_only_and_padding_changes_nothing(monk
 
     from bench.mini_audio_probe import Hearer, TASKS, batch
     from bench.mmdata import sounds
-    from bench.mmdata.vocab import HELDOUT_VOICES, HIGH_HZ, LOW_HZ, TRAIN_VOICES, tone_grid
+    from bench.mmdata.items import Voicing
+    from bench.mmdata.vocab import HELDOUT_VOICES, HIGH_HZ, LOW_HZ, TRAIN_VOICES, WIDE_TRAIN_VOICES, tone_grid
     from unigemma.finetune.run import prepare
     from unigemma.lora import LoraConfig
 
@@ -1466,6 +1467,11 @@ def test_audio_probe_hears_training_voices_only_and_padding_changes_nothing(monk
     said.clear()
     batch(random.Random(1), np.random.default_rng(1), "word", "heldout", 6)
     assert all(v in HELDOUT_VOICES for _, v in said) and len(said) == 6
+    said.clear()
+    sped, real_speed = [], sounds.change_speed  # --wide-voices --speed-perturb: the pool and the speeds reach the clips
+    monkeypatch.setattr(sounds, "change_speed", lambda wave, speed: sped.append(speed) or real_speed(wave, speed))
+    batch(random.Random(4), np.random.default_rng(4), "word", "train", 8, Voicing(wide=True, speed=(0.9, 1.1)))
+    assert all(v in WIDE_TRAIN_VOICES for _, v in said) and len(sped) == 8 and all(0.9 <= x <= 1.1 for x in sped)
     said.clear()
     _, _, ys = batch(random.Random(2), np.random.default_rng(2), "both", "train", 40)
     assert [TASKS["both"][y] for y in ys.tolist()] == [text for text, _ in said]
