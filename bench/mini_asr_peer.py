@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import sys
 import tempfile
 import time
 from collections import defaultdict
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -90,12 +90,18 @@ def main(argv: list[str] | None = None) -> None:
     kinds = args.kinds.split(",")
     if bad := [k for k in kinds if k not in CHOICES]:
         p.error(f"--kinds: {bad} not among {sorted(CHOICES)}")
+    if args.per_kind < 1:
+        p.error("--per-kind must be at least 1")
+    if not args.data.is_file():
+        p.error(f"--data {args.data}: not a file (give bench/mmdata's heldout.jsonl or train.jsonl)")
+    records = select(read_jsonl(args.data), args.per_kind, kinds)
+    if none := [k for k in kinds if not any(r["kind"] == k for r in records)]:
+        p.error(f"--data {args.data} has no items of {none}")
     if importlib.util.find_spec("pocketsphinx") is None:
         raise SystemExit("the peer needs pocketsphinx: pip install -e '.[bench]'")
-    records = select(read_jsonl(args.data), args.per_kind, kinds)
     out = {"bench": "mini_asr_peer", **machine(torch.get_num_threads()), "model": args.model,
            "data": str(args.data),
-           "peer": f"pocketsphinx {_version('pocketsphinx')} en-us, a JSGF grammar of the answers"}
+           "peer": f"pocketsphinx {version('pocketsphinx')} en-us, a JSGF grammar of the answers"}
     t0 = time.perf_counter()
     mini = predict(unigemma.load(args.model, dtype="float32"), records, args.data)
     out["mini_seconds"] = round(time.perf_counter() - t0, 1)
@@ -116,11 +122,5 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(out))
 
 
-def _version(dist: str) -> str:
-    from importlib.metadata import version
-
-    return version(dist)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

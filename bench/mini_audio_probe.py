@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench.mmdata.items import Voicing
 from bench.mmdata.vocab import DIGITS, WORDS
 
 # what is said (or, "beeps", how many beeps sound); the label is its index. "both": a digit or a
@@ -43,11 +44,11 @@ TASKS = {"digit": DIGITS, "word": WORDS, "both": DIGITS + WORDS, "beeps": ("1", 
 
 
 def clip(rng: random.Random, np_rng: np.random.Generator, task: str, split: str,
-         voicing=None) -> tuple[np.ndarray, int]:
+         voicing: Voicing = Voicing()) -> tuple[np.ndarray, int]:
     """(16 kHz samples, label): one clip as bench/mmdata/items.py makes a `digit` / `spoken_word`
     / `beeps` item of `split` (its voices and tone pitches: the held-out split's are all unseen in
     training)."""
-    from bench.mmdata.items import Voicing, _say, _tone_item, _voice
+    from bench.mmdata.items import _say, _tone_item, _voice
 
     if task == "beeps":
         made = _tone_item("beeps", split, rng, np_rng, None, {})
@@ -56,11 +57,11 @@ def clip(rng: random.Random, np_rng: np.random.Generator, task: str, split: str,
         label = rng.randrange(len(DIGITS)) if rng.random() < 0.5 else len(DIGITS) + rng.randrange(len(WORDS))
     else:
         label = rng.randrange(len(TASKS[task]))
-    return _say(TASKS[task][label], _voice(rng, split, voicing or Voicing()), rng, np_rng), label
+    return _say(TASKS[task][label], _voice(rng, split, voicing), rng, np_rng), label
 
 
 def batch(rng: random.Random, np_rng: np.random.Generator, task: str, split: str,
-          n: int, voicing=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          n: int, voicing: Voicing = Voicing()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(frames [n, T, 640] zero-padded at the end, real [n, T] bool, labels [n]) of fresh clips."""
     from unigemma.processing.audio import preprocess_audio
 
@@ -101,7 +102,6 @@ class Hearer(nn.Module):
 def main(argv: list[str] | None = None) -> None:
     from bench.mini_keep_text import project_
     from bench.mmdata.generate import speed_range
-    from bench.mmdata.items import Voicing
     from bench.mini_reader_probe import check_arguments, first_layers_adapter, load_probed, probe_arguments, \
         reporter, save_run, text_anchor, train
     from unigemma.finetune.full import make_trainable
@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     report = reporter("mini_audio_probe", args, bases, hearer, evals, "clips", "_voices_accuracy", model, prose_ids,
                       anchor, task=args.task, classes=len(TASKS[args.task]), chance=round(1 / len(TASKS[args.task]), 3))
 
-    train(hearer, lambda: batch(rng, np_rng, args.task, "train", args.batch_size,
-                                        Voicing(args.wide_voices, args.speed_perturb)), opt,
+    voicing = Voicing(args.wide_voices, args.speed_perturb)
+    train(hearer, lambda: batch(rng, np_rng, args.task, "train", args.batch_size, voicing), opt,
           lambda: project_(kept, bases), args.steps, args.eval_every, report, anchor, args.decay)
     if args.save:
         save_run(model, lora, args.model, args.save)

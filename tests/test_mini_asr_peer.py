@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from bench.mini_asr_peer import CHOICES, hear, recognizer, tally
+from bench.mini_asr_peer import CHOICES, hear, main, recognizer, tally
 from bench.mmdata import sounds, vocab
 
 
@@ -23,6 +23,18 @@ def test_tally_counts_exact_matches_per_voice():
 def test_each_kind_offers_the_answers_the_mini_is_scored_on():
     assert set(CHOICES["spoken_word"].values()) == set(vocab.WORDS)
     assert sorted(CHOICES["digit"].values()) == [str(d) for d in range(10)]
+
+
+def test_wrong_arguments_are_named_before_any_work(tmp_path, capsys):
+    only_pictures = tmp_path / "heldout.jsonl"
+    only_pictures.write_text('{"id": "a", "kind": "colour", "answer": "red", "meta": {}, "messages": []}\n')
+    for argv, named in ((["--data", str(tmp_path / "none.jsonl")], "not a file"),
+                        (["--data", str(only_pictures), "--kinds", "colour"], "--kinds"),
+                        (["--data", str(only_pictures), "--per-kind", "0"], "--per-kind"),
+                        (["--data", str(only_pictures)], "no items of ['spoken_word', 'digit']")):
+        with pytest.raises(SystemExit) as e:
+            main(["--model", str(tmp_path / "no-model"), *argv])
+        assert e.value.code == 2 and named in capsys.readouterr().err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pocketsphinx") is None,
